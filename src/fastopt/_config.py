@@ -1,0 +1,87 @@
+"""Thread control and build/runtime configuration."""
+import os
+import platform
+import sys
+
+from . import _dispatch, _runtime
+
+_thread_limit = 0
+
+
+def get_num_threads():
+    """Number of OpenMP threads fastopt's kernels use (at most) from this thread.
+
+    This is OpenMP's team size (``OMP_NUM_THREADS``, or a limit set through
+    threadpoolctl) capped by `set_num_threads`.  Small arrays run on one
+    thread whatever this says.
+    """
+    n = _runtime.max_threads()
+    return min(n, _thread_limit) if _thread_limit else n
+
+
+def set_num_threads(n):
+    """Cap the number of threads fastopt's kernels use; ``None`` or 0 removes the cap."""
+    global _thread_limit
+    if n is None:
+        n = 0
+    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 1 (or 0/None for no cap), got {n}")
+    _thread_limit = n
+    for module in _dispatch.MODULES.values():
+        module._set_thread_limit(n)
+
+
+def config():
+    """The facts `show_config` prints, as a dict."""
+    try:
+        from . import _build_config as b
+        build = {"openmp": b.OPENMP, "compiler": b.COMPILER_VERSION, "cflags": b.CFLAGS,
+                 "level_flags": b.LEVEL_FLAGS}
+    except ImportError:  # pragma: no cover - only for a tree built by hand
+        build = {"openmp": bool(_runtime.openmp_version()), "compiler": "unknown",
+                 "cflags": [], "level_flags": {}}
+    from . import __version__
+    return {
+        "version": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_levels": _runtime.cpu_levels(),
+        "simd_level": _dispatch.LEVEL,
+        "built_levels": _dispatch._built_levels(),
+        "simd_forced": os.environ.get("FASTOPT_SIMD") or None,
+        "openmp": build["openmp"] and bool(_runtime.openmp_version()),
+        "openmp_version": _runtime.openmp_version(),
+        "openmp_library": _runtime.openmp_library(),
+        "num_threads": get_num_threads(),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "compiler": build["compiler"],
+        "cflags": build["cflags"],
+        "level_flags": build["level_flags"],
+    }
+
+
+def show_config(file=None):
+    """Print the version, SIMD level, OpenMP runtime, thread count and build flags."""
+    c = config()
+    lines = [
+        f"fastopt {c['version']} (Python {c['python']}, {c['platform']})",
+        f"  SIMD level:    {c['simd_level']}"
+        + (" (forced by FASTOPT_SIMD)" if c["simd_forced"] else "")
+        + f"; CPU supports {', '.join(c['cpu_levels'])}; built {', '.join(c['built_levels'])}",
+    ]
+    if c["openmp"]:
+        lines.append(f"  OpenMP:        yes, version {c['openmp_version']}, "
+                     f"runtime {c['openmp_library'] or 'unknown'}")
+    else:
+        lines.append("  OpenMP:        NO - built without OpenMP, kernels run on one thread")
+    lines += [
+        f"  threads:       {c['num_threads']} (OMP_NUM_THREADS={c['omp_num_threads_env']})",
+        f"  compiler:      {c['compiler']}",
+        f"  flags:         {' '.join(c['cflags'])}",
+        f"  level flags:   {' '.join(c['level_flags'].get(c['simd_level'], [])) or '(none)'}",
+    ]
+    print("\n".join(lines), file=file or sys.stdout)
