@@ -86,6 +86,7 @@ class BuildExt(build_ext):
                 stacklevel=1)
             omp_c, omp_l = [], []
         for ext in self.extensions:
+            os.makedirs(os.path.dirname(self.get_ext_fullpath(ext.name)), exist_ok=True)
             level = getattr(ext, "simd_level", "baseline")
             ext.extra_compile_args = common + omp_c + levels.get(level, [])
             ext.extra_link_args = omp_l
