@@ -86,12 +86,19 @@ class BuildExt(build_ext):
                 stacklevel=1)
             omp_c, omp_l = [], []
         for ext in self.extensions:
-            os.makedirs(os.path.dirname(self.get_ext_fullpath(ext.name)), exist_ok=True)
             level = getattr(ext, "simd_level", "baseline")
             ext.extra_compile_args = common + omp_c + levels.get(level, [])
             ext.extra_link_args = omp_l
         self._write_build_config(openmp, common + omp_c, {lv: levels.get(lv, []) for lv in simd_levels()})
         super().build_extensions()
+
+    def copy_extensions_to_source(self):
+        # In-place builds: the per-level packages have no source directory.
+        build_py = self.get_finalized_command("build_py")
+        for ext in self.extensions:
+            package = ext.name.rsplit(".", 1)[0]
+            os.makedirs(build_py.get_package_dir(package), exist_ok=True)
+        super().copy_extensions_to_source()
 
     def _unix_openmp_flags(self):
         if sys.platform == "darwin":
