@@ -65,6 +65,7 @@ class BuildExt(build_ext):
     """Adds compiler-specific flags, probes OpenMP, records the build config."""
 
     def build_extensions(self):
+        self.force = True   # flags depend on the environment: never reuse stale objects
         ctype = self.compiler.compiler_type
         msvc = ctype == "msvc"
         if msvc:
@@ -72,7 +73,8 @@ class BuildExt(build_ext):
             omp_c, omp_l = ["/openmp"], []
             levels = MSVC_LEVELS
         else:
-            common = (["-O0", "-g"] if DEBUG else ["-O3"]) + [
+            # -g0: no debug info, so no build-machine paths in the binaries.
+            common = (["-O0", "-g"] if DEBUG else ["-O3", "-g0"]) + [
                 "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
                 "-Wno-unused-function", "-Wno-unreachable-code",
             ]
