@@ -107,6 +107,7 @@ def test_import_needs_no_compiler(tmp_path):
             "print(p[0])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=tmp_path, timeout=120,
-                       env=dict(os.environ, PATH=str(tmp_path), CC="false", CXX="false"))
+                       env=dict(os.environ, PATH=str(tmp_path), CC="false", CXX="false",
+                                PYTHONPATH=str(PKG.parent)))
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) == pytest.approx(0.999, abs=1e-6)
