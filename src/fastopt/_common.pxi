@@ -141,6 +141,9 @@ cdef inline double real(object x, str name) except? -1.0:
     cdef double v
     if type(x) is float:
         v = <double>x
+    elif isinstance(x, (str, bytes, bytearray)):
+        # float() would parse these: lr="1e-3" is a mistake, not a number
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     else:
         try:
             v = float(x)
