@@ -25,9 +25,12 @@ cdef enum Kind:
     RMSPROP = 1
     SGD = 2
 
-# Elements per thread below which an update stays on the calling thread
-# (measured: a 2-thread team costs ~2 us, ~32k float32 Adam elements' worth).
-DEF GRAIN = 32768
+# Bytes of parameter per thread below which an update stays on the calling
+# thread.  benchmarks/grain.py (2 cores): a second thread pays off for Adam
+# from ~16k float32 elements on a quiet machine, ~40k on a busy one; at 32k
+# (128 KiB) it gains 1.3x.  float64 elements cost 2-3x more, so a threshold
+# in bytes fits both dtypes (16k float64 elements: 1.6x).
+DEF GRAIN = 65536
 # Thread boundaries fall on whole 64-byte cache lines.
 DEF ALIGN = 16
 
@@ -176,8 +179,10 @@ cdef inline void segment_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi) n
 
 cdef void run_segments(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) noexcept nogil:
     """Update every segment; one parallel region, elements split evenly."""
-    cdef int nt = threads_for(total, GRAIN)
-    cdef Py_ssize_t k, lo, hi, a, b
+    cdef Py_ssize_t k, lo, hi, a, b, nbytes = 0
+    for k in range(nseg):
+        nbytes += segs[k].n * (8 if segs[k].is_double else 4)
+    cdef int nt = threads_for(nbytes, GRAIN)
     if nt == 1:
         for k in range(nseg):
             segment_range(&segs[k], 0, segs[k].n)
