@@ -363,11 +363,13 @@ def test_course_momentum_mapping(rng):
 
 @pytest.mark.parametrize("case", FULL, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_thread_count_does_not_change_results(case, dtype):
-    """Bit-identical results on 1, 2 and 3 threads (3: an odd split)."""
+@pytest.mark.parametrize("n", [300_007, 40_003])
+def test_thread_count_does_not_change_results(case, dtype, n):
+    """Bit-identical results on 1, 2 and 3 threads (3: an odd split; 40_003:
+    just above the size where a second thread starts)."""
     name, opts = case
     opt = OPTS[name]
-    base = opt.make(BIG, dtype, np.random.default_rng(7), opts)
+    base = opt.make(n, dtype, np.random.default_rng(7), opts)
     results = []
     for nt in (1, 2, 3):
         arrays = {k: None if a is None else a.copy() for k, a in base.items()}
@@ -385,7 +387,7 @@ def test_python_threads_run_concurrently_and_match_serial():
     """Kernels release the GIL: several Python threads updating different arrays
     at once get exactly the serial results."""
     cases = FULL + [("adam", dict()), ("sgd", dict(lr=0.1)), ("rmsprop", dict())]
-    sizes = [200_003, 1001, 70_001, 5]
+    sizes = [100_003, 1001, 50_001, 5]
     jobs = []
     for i, (name, opts) in enumerate(cases):
         arrays = OPTS[name].make(sizes[i % len(sizes)], np.float32,
@@ -396,7 +398,7 @@ def test_python_threads_run_concurrently_and_match_serial():
         opt, opts, arrays = job
         if barrier is not None:
             barrier.wait()
-        for step in range(1, 21):
+        for step in range(1, 11):
             opt.call(arrays, opts, step)
 
     serial = [{k: None if a is None else a.copy() for k, a in arrays.items()}
@@ -412,6 +414,25 @@ def test_python_threads_run_concurrently_and_match_serial():
     for (opt, opts, arrays), expected in zip(jobs, serial):
         for key in ["param"] + opt.needed(opts):
             np.testing.assert_array_equal(arrays[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize("case", FULL, ids=case_id)
+def test_no_temporary_arrays(case):
+    """A step allocates nothing array-sized (numpy reports its allocations
+    to tracemalloc)."""
+    import tracemalloc
+    name, opts = case
+    opt = OPTS[name]
+    arrays = opt.make(100_000, np.float32, np.random.default_rng(3), opts)
+    opt.call(arrays, opts, 1)
+    tracemalloc.start()
+    try:
+        for step in range(2, 6):
+            opt.call(arrays, opts, step)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 10_000, peak           # 100_000 float32 elements = 400 kB
 
 
 # ------------------------------------------------------ hypothesis -----------
