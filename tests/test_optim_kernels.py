@@ -306,7 +306,7 @@ def test_amsgrad_nan_in_state_propagates(dtype, rng):
 
 
 def test_empty_is_noop():
-    """Size 0: nothing to do, and nothing goes wrong with None-free empty states."""
+    """Size 0 with every option on: a no-op that accepts the empty states."""
     for name, opts in FULL:
         arrays = OPTS[name].make(0, np.float32, np.random.default_rng(0), opts)
         OPTS[name].call(arrays, opts, 1)
