@@ -89,8 +89,9 @@ cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
         v[i] = vi
         if ams:
             vm = vmax[i]
-            # torch.maximum: NaN in either operand gives NaN
-            vi = vi if (vi >= vm or vi != vi) else vm
+            # torch.maximum: NaN in either operand gives NaN.  `|`, not `or`:
+            # a short-circuit branch here keeps the loop from vectorizing.
+            vi = vi if ((vi >= vm) | (vi != vi)) else vm
             vmax[i] = vi
         p[i] = p[i] * decay - step_size * mi / (fsqrt(vi) / bc2s + eps)
 
@@ -98,13 +99,31 @@ cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
 cdef void rmsprop_range(floating *p, const floating *g, floating *sq, floating *buf,
                         floating *gavg, Py_ssize_t lo, Py_ssize_t hi,
                         const Coef *c) noexcept nogil:
+    # One loop testing `centered` and `momentum` (which decide the optional
+    # arrays read and written) did not vectorize except with both on: gcc
+    # stops unswitching a body this size.  With constant flags each inlined
+    # copy vectorizes (10-60x faster on float32).
+    if c.centered:
+        if c.momentum:
+            rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, True, True)
+        else:
+            rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, True, False)
+    elif c.momentum:
+        rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, False, True)
+    else:
+        rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, False, False)
+
+
+cdef inline void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *buf,
+                              floating *gavg, Py_ssize_t lo, Py_ssize_t hi, const Coef *c,
+                              const bint centered, const bint mom) noexcept nogil:
     # v = a*v + (1-a)*g*g;  centered: gbar = a*gbar + (1-a)*g, avg = sqrt(v - gbar^2)
     # else avg = sqrt(v);  avg += eps
     # momentum: b = mu*b + g/avg, p -= lr*b;  else p -= lr*g/avg
     cdef floating sign = -1 if c.maximize else 1
     cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr, eps = <floating>c.eps
     cdef floating a = <floating>c.alpha, ca = <floating>c.one_minus_alpha, mu = <floating>c.mu
-    cdef bint l2 = c.l2, centered = c.centered, mom = c.momentum
+    cdef bint l2 = c.l2
     cdef floating gi, vi, ga, avg, b
     cdef Py_ssize_t i
     for i in range(lo, hi):
