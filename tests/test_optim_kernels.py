@@ -86,7 +86,7 @@ class Opt:
     def __init__(self, name, kernel, ref, states, optional):
         self.name, self.kernel, self.ref = name, kernel, ref
         self.states = states          # state array names, reference order
-        self.optional = optional      # {state name: option that requires it}
+        self.optional = optional      # {state name: options -> is it used}
 
     def needed(self, opts):
         return [s for s in self.states if s not in self.optional or self.optional[s](opts)]
