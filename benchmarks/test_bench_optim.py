@@ -12,6 +12,11 @@ Each member checks one update against the ``numpy`` one before it is timed.
 ``extra_info`` records the effective bandwidth (bytes the update must move /
 median time); the ``copy`` group is a memory-copy probe to compare it with.
 
+fastopt runs on all of OpenMP's threads.  When other processes keep the cores
+busy, its spinning worker threads compete with them and a 2-thread call can
+stall for whole scheduler ticks (4-16 ms): compare with a run under
+``OMP_NUM_THREADS=1`` before reading anything into a multi-thread time.
+
     PYTHONPATH=src python -m pytest benchmarks/test_bench_optim.py --benchmark-columns=median,ops
     PYTHONPATH=src python -m pytest benchmarks/test_bench_optim.py --benchmark-disable   # smoke
 """
