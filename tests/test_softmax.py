@@ -108,6 +108,17 @@ def test_exp_special_values(dtype):
     np.testing.assert_array_equal(_kernels._exp(y), np.concatenate([_kernels._exp(y[i:i + 1]) for i in range(37)]))
 
 
+def test_log_float64():
+    x = np.concatenate([np.linspace(0.5, 2.0, 400_001), np.linspace(1.0, 60_000.0, 400_001),
+                        np.geomspace(1e-300, 1e300, 200_001), np.geomspace(5e-324, 2.2e-308, 2_001)])
+    got, exact = _kernels._log(x), np.log(x)
+    err = np.abs(got - exact) / np.spacing(np.abs(exact))
+    assert err[exact != 0].max() <= 2.0 and (got[exact == 0] == 0).all()
+    special = np.array([0.0, -0.0, -1.0, np.inf, -np.inf, np.nan, 1.0])
+    got = _kernels._log(special)
+    np.testing.assert_array_equal(got, [-np.inf, -np.inf, np.nan, np.inf, np.nan, np.nan, 0.0])
+
+
 # --------------------------------------------------- softmax, log_softmax ---
 
 SHAPES_AXES = [((1,), 0), ((7,), -1), ((5, 3), -1), ((5, 3), 0), ((4, 70), 1),

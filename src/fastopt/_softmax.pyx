@@ -31,7 +31,7 @@
 #   before `nogil`; nothing is written when a check fails.
 include "_common.pxi"
 
-from libc.math cimport INFINITY, NAN, log
+from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 from libc.stdlib cimport malloc, free
 from cython.parallel cimport prange
@@ -40,13 +40,15 @@ import numpy as np
 cdef extern from "_vmath.h" nogil:
     float fastopt_expf(float x)
     double fastopt_exp(double x)
+    double fastopt_log(double x)
 
 # Independent accumulators of the max/sum reductions (fixed: same result at every level).
 DEF LANES = 16
 # Elements of a row per chunk (partial sums per chunk, combined in order).  8 KiB-16 KiB: in L1.
 DEF CHUNK = 2048
-# Rows with fewer classes go through the blocked small-C path.
+# Rows with fewer classes go through the blocked small-C path, SMALL_ROWS at a time.
 DEF SMALL_C = 64
+DEF SMALL_ROWS = 256
 # Elements per thread below which a kernel stays on the calling thread.
 DEF GRAIN = 8192
 # Columns per block in the strided (non-last axis) kernel.
@@ -67,14 +69,15 @@ cdef floating span_max(const floating *x, Py_ssize_t n) noexcept nogil:
     cdef floating m[LANES]
     cdef floating v, r = -INFINITY
     cdef Py_ssize_t i, j, nb = n - n % LANES
-    for j in range(LANES):
-        m[j] = -INFINITY
-    for i in range(0, nb, LANES):
+    if nb > 0:                      # (short rows skip the lanes: same result)
         for j in range(LANES):
-            v = x[i + j]
-            m[j] = v if v > m[j] else m[j]
-    for j in range(LANES):
-        r = m[j] if m[j] > r else r
+            m[j] = -INFINITY
+        for i in range(0, nb, LANES):
+            for j in range(LANES):
+                v = x[i + j]
+                m[j] = v if v > m[j] else m[j]
+        for j in range(LANES):
+            r = m[j] if m[j] > r else r
     for i in range(nb, n):
         r = x[i] if x[i] > r else r
     return r
@@ -85,13 +88,14 @@ cdef double span_sum(const floating *e, Py_ssize_t n) noexcept nogil:
     cdef double acc[LANES]
     cdef double s = 0.0
     cdef Py_ssize_t i, j, nb = n - n % LANES
-    for j in range(LANES):
-        acc[j] = 0.0
-    for i in range(0, nb, LANES):
+    if nb > 0:
         for j in range(LANES):
-            acc[j] = acc[j] + <double>e[i + j]
-    for j in range(LANES):
-        s = s + acc[j]
+            acc[j] = 0.0
+        for i in range(0, nb, LANES):
+            for j in range(LANES):
+                acc[j] = acc[j] + <double>e[i + j]
+        for j in range(LANES):
+            s = s + acc[j]
     for i in range(nb, n):
         s = s + <double>e[i]
     return s
@@ -225,11 +229,10 @@ cdef void chunk_part(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi, f
         pt.dot = span_dot(<const floating *>j.w + lo if j.w != NULL else NULL, x, n, m, False)
 
 
-cdef double row_coef(const Job *j, Py_ssize_t i, floating m, Part tot,
+cdef double row_coef(const Job *j, Py_ssize_t i, floating m, Part tot, double log_s,
                      double *loss) noexcept nogil:
-    """From row i's totals: its loss (cross-entropy) and the coefficient that
-    the chunk writes use (log S; 1/S; Q*scale/S)."""
-    cdef double log_s = log(tot.s)
+    """From row i's totals (and log S): its loss (cross-entropy) and the
+    coefficient that the chunk writes use (log S; 1/S; Q*scale/S)."""
     cdef double eps = j.eps, wy, dy, q
     cdef int64_t y
     if j.mode == LOG_SOFTMAX:
@@ -330,7 +333,7 @@ cdef void one_row(const Job *j, Py_ssize_t i, floating *scratch, floating *qbuf)
         tot.s += pt.s
         tot.dot += pt.dot
         tot.qsum += pt.qsum
-    coef = row_coef(j, i, m, tot, &j.loss[i])
+    coef = row_coef(j, i, m, tot, fastopt_log(tot.s), &j.loss[i])
     if writes(j):
         for k in range(j.nchunk):
             lo = k * CHUNK
@@ -341,36 +344,46 @@ cdef void one_row(const Job *j, Py_ssize_t i, floating *scratch, floating *qbuf)
 cdef void small_rows(const Job *j, Py_ssize_t r0, Py_ssize_t r1, floating *scratch,
                      floating *qbuf) noexcept nogil:
     """Rows [r0, r1) with C < SMALL_C: the same arithmetic as one_row, but exp
-    runs over a block of rows at once (one vectorized loop)."""
-    cdef Py_ssize_t c = j.c, rows = max(CHUNK // c, 1)
-    cdef Py_ssize_t b0, b1, i, k
-    cdef floating mrow[CHUNK]
+    and log run over a block of rows at once (vectorized loops): with few
+    classes, per-row scalar work would dominate."""
+    cdef Py_ssize_t c = j.c, rows = min(max(CHUNK // c, 1), SMALL_ROWS)
+    cdef Py_ssize_t b0, b1, i, k, r
+    cdef floating mrow[SMALL_ROWS]
+    cdef Part part[SMALL_ROWS]
+    cdef double sums[SMALL_ROWS]
+    cdef double logs[SMALL_ROWS]
     cdef floating *e
-    cdef floating *ei
-    cdef const floating *xi
-    cdef Part pt
+    cdef floating *er
+    cdef const floating *xr
     cdef double coef
     b0 = r0
     while b0 < r1:
         b1 = min(b0 + rows, r1)
         e = exp_dest(j, b0, 0, scratch)          # rows b0..b1 are contiguous there
         for i in range(b0, b1):
-            xi = <const floating *>j.x + i * c
-            ei = e + (i - b0) * c
-            mrow[i - b0] = span_max(xi, c)
+            r = i - b0
+            xr = <const floating *>j.x + i * c
+            er = e + r * c
+            mrow[r] = span_max(xr, c)
             for k in range(c):
-                ei[k] = xi[k] - mrow[i - b0]
+                er[k] = xr[k] - mrow[r]
         for k in range((b1 - b0) * c):
             e[k] = vexp(e[k])
         for i in range(b0, b1):
+            r = i - b0
+            chunk_part(j, i, 0, c, mrow[r], e + r * c, &part[r], qbuf)
+            sums[r] = part[r].s
+        for r in range(b1 - b0):
+            logs[r] = fastopt_log(sums[r])
+        for i in range(b0, b1):
+            r = i - b0
             if ignored(j, i):
                 ignored_row(j, <floating *>j.out, i, 0, c)
                 j.loss[i] = 0.0
                 continue
-            chunk_part(j, i, 0, c, mrow[i - b0], e + (i - b0) * c, &pt, qbuf)
-            coef = row_coef(j, i, mrow[i - b0], pt, &j.loss[i])
+            coef = row_coef(j, i, mrow[r], part[r], logs[r], &j.loss[i])
             if writes(j):
-                chunk_write(j, i, 0, c, mrow[i - b0], coef, qbuf)
+                chunk_write(j, i, 0, c, mrow[r], coef, qbuf)
         b0 = b1
 
 
@@ -427,7 +440,7 @@ cdef double piece_coef(const Job *j, Py_ssize_t i, floating *m, double *loss) no
         tot.s += j.part[i * j.nchunk + k].s
         tot.dot += j.part[i * j.nchunk + k].dot
         tot.qsum += j.part[i * j.nchunk + k].qsum
-    return row_coef(j, i, m[0], tot, loss)
+    return row_coef(j, i, m[0], tot, fastopt_log(tot.s), loss)
 
 
 cdef void piece_write(const floating *x, const Job *j, Py_ssize_t it) noexcept nogil:
@@ -517,7 +530,7 @@ cdef void col_block(const floating *x, floating *out, Py_ssize_t c, Py_ssize_t i
                 orow[jj] = v
                 s[jj] = s[jj] + <double>v
     for jj in range(nb):
-        a[jj] = <floating>log(s[jj]) if log_out else <floating>(1.0 / s[jj])
+        a[jj] = <floating>fastopt_log(s[jj]) if log_out else <floating>(1.0 / s[jj])
     for k in range(c):
         xr = x + base + k * inner
         orow = out + base + k * inner
@@ -695,6 +708,23 @@ def softmax(x, axis=-1, out=None):
     Parameters as in `log_softmax`.
     """
     return _softmax_any(x, axis, out, SOFTMAX)
+
+
+cdef void log_array(const double *x, double *out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = fastopt_log(x[i])
+
+
+def _log(x):
+    """log of every element of a float64 array with fastopt's log (a test hook)."""
+    cdef cnp.ndarray xa = readable(float_array(x, "x"))
+    if cnp.PyArray_TYPE(xa) != cnp.NPY_FLOAT64:
+        raise TypeError("x must have dtype float64")
+    cdef cnp.ndarray o = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT64, 0)
+    with nogil:
+        log_array(<const double *>cnp.PyArray_DATA(xa), <double *>cnp.PyArray_DATA(o), cnp.PyArray_SIZE(xa))
+    return o
 
 
 def _exp(x):

@@ -1,4 +1,4 @@
-/* Vectorizable exp for float and double.
+/* Vectorizable exp (float and double) and log (double).
  *
  * libm's exp is an opaque call per element, so gcc cannot vectorize a loop
  * that uses it (without -ffast-math, which fastopt never uses).  These are
@@ -20,7 +20,14 @@
  *   each a normal power of two), so results in the subnormal range are
  *   rounded once, like any other product, instead of being flushed.
  *
- * Special values: x is first clamped to [LO, HI] (a compare-and-select that
+ * log(x) (double; one per softmax row, but many rows are short): x = 2^k m,
+ * m in [sqrt(2)/2, sqrt(2)), f = m - 1, s = f/(2+f), and
+ *   log(m) = 2 atanh(s) = f - f^2/2 + s (f^2/2 + R),  R = sum_n 2 s^(2n)/(2n+1)
+ * (the series to n = 10: truncation < 1e-17), log(x) = k ln2 + log(m) with
+ * the same ln2 split.  Subnormal x is scaled by 2^54 first; 0 gives -inf,
+ * +inf gives +inf, x < 0 and NaN give NaN.  Accuracy <= 2 ulp.
+ *
+ * Special values of exp: x is first clamped to [LO, HI] (a compare-and-select that
  * keeps NaN).  Above HI the result overflows to +inf, +inf gives +inf; below
  * LO every result is 0 (exp(LO) is below half the smallest subnormal), -inf
  * gives 0; NaN gives NaN.  Accuracy (tests/test_softmax.py checks it against
@@ -103,6 +110,48 @@ static inline double fastopt_exp(double x)
     s1.i = (k1 + 1023) << 52;               /* k in [-1077, 1025]: k1, k - k1 in [-539, 513] */
     s2.i = (ki - k1 + 1023) << 52;
     return (p * s1.f) * s2.f;
+}
+
+static inline double fastopt_log(double x)
+{
+    const double LN2_HI = 6.93147180369123816490e-01;
+    const double LN2_LO = 1.90821492927058770002e-10;
+    const double TWO52 = 4503599627370496.0;
+    const int64_t SQRT_HALF = INT64_C(0x3fe6a09e667f3bcd);   /* bits of sqrt(2)/2 */
+    fastopt_f64bits u, m, kb;
+    double k, f, s, z, hfsq, r, y;
+    int64_t ix;
+    int small = x < 2.2250738585072014e-308;                  /* subnormal (or <= 0) */
+
+    u.f = small ? x * 18014398509481984.0 : x;                /* 2^54 */
+    /* Move m's range to [sqrt(2)/2, sqrt(2)): the exponent field of
+     * ix = bits(x) + (bits(1) - bits(sqrt(2)/2)) is k + 1023. */
+    ix = u.i + (INT64_C(0x3ff0000000000000) - SQRT_HALF);
+    m.i = (ix & INT64_C(0x000fffffffffffff)) + SQRT_HALF;
+    /* k as a double without an int64 -> double conversion (none below AVX-512) */
+    kb.i = INT64_C(0x4330000000000000) | ((ix >> 52) & 0x7ff);
+    k = (kb.f - TWO52) - (small ? 1077.0 : 1023.0);
+    f = m.f - 1.0;
+    s = f / (2.0 + f);
+    z = s * s;
+    /* R = sum_{n=1..10} 2 z^n / (2n+1) */
+    r = 0.09523809523809523;
+    r = r * z + 0.10526315789473684;
+    r = r * z + 0.11764705882352941;
+    r = r * z + 0.13333333333333333;
+    r = r * z + 0.15384615384615385;
+    r = r * z + 0.18181818181818182;
+    r = r * z + 0.2222222222222222;
+    r = r * z + 0.2857142857142857;
+    r = r * z + 0.4;
+    r = r * z + 0.6666666666666666;
+    r = r * z;
+    hfsq = 0.5 * f * f;
+    y = k * LN2_HI - ((hfsq - (s * (hfsq + r) + k * LN2_LO)) - f);
+    y = x == 0.0 ? -1.0 / 0.0 : y;
+    y = x < 0.0 ? 0.0 / 0.0 : y;
+    y = x > 1.7976931348623157e308 ? x : y;                    /* +inf */
+    return x != x ? x : y;
 }
 
 #endif
