@@ -96,6 +96,21 @@ def test_exp_float64_dense():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_exp_nonpositive_variant(dtype):
+    """The kernels' exp for x <= 0 (x - max): same accuracy, subnormals rounded."""
+    lo = -104.0 if dtype == np.float32 else -746.0
+    x = np.concatenate([np.linspace(lo, 0.0, 1_000_003), [-0.0, -np.inf, np.nan, lo - 1]]).astype(dtype)
+    got = _kernels._exp(x, nonpositive=True)
+    exact = np.exp(x.astype(np.float64))
+    tiny = np.finfo(dtype).smallest_subnormal
+    assert np.isnan(got[-2]) and (got[-3] == 0) and (got[-1] == 0) and got[-4] == 1
+    normal = exact >= np.finfo(dtype).tiny
+    assert ulp_error(got[normal], exact[normal], dtype).max() <= (1.0 if dtype == np.float32 else 2.0)
+    assert np.abs(got[:-4][~normal[:-4]] - exact[:-4][~normal[:-4]]).max() <= tiny
+    np.testing.assert_array_equal(got[normal], _kernels._exp(x[normal]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_exp_special_values(dtype):
     big = 88.8 if dtype == np.float32 else 709.8
     x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, big, 1e30, -1e30, -2000.0], dtype)

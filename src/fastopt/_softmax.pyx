@@ -8,9 +8,9 @@
 #   magnitude keep their precision.
 # * exp is the cost: `_vmath.h` has a branch-free exp that gcc vectorizes when
 #   it is inlined in a loop (libm's is an opaque call per element).
-# * Reductions (max, sums) use LANES independent accumulators (i mod LANES),
-#   combined in a fixed order: gcc vectorizes them without reassociating, and
-#   the result is the same at every SIMD level.
+# * Reductions (max, sums; in `_vmath.h`) use 16 independent accumulators
+#   (i mod 16), combined in a fixed order: vectorized without reassociating,
+#   and the result is the same at every SIMD level.
 # * A row is processed in CHUNK-element chunks; a chunk's partial sums are
 #   combined in chunk order.  Usually one thread owns a row and does all its
 #   passes while the row is in cache (max; exp, stored into the gradient
@@ -40,10 +40,15 @@ import numpy as np
 cdef extern from "_vmath.h" nogil:
     float fastopt_expf(float x)
     double fastopt_exp(double x)
+    float fastopt_expf_nonpos(float x)
+    double fastopt_exp_nonpos(double x)
     double fastopt_log(double x)
+    # lane reductions: fixed order, the same at every SIMD level
+    float fastopt_max_f(const float *x, Py_ssize_t n)
+    double fastopt_max_d(const double *x, Py_ssize_t n)
+    double fastopt_dot_f(const float *w, const float *x, float m, Py_ssize_t n, int skip_zero)
+    double fastopt_dot_d(const double *w, const double *x, double m, Py_ssize_t n, int skip_zero)
 
-# Independent accumulators of the max/sum reductions (fixed: same result at every level).
-DEF LANES = 16
 # Elements of a row per chunk (partial sums per chunk, combined in order).  8 KiB-16 KiB: in L1.
 DEF CHUNK = 2048
 # Rows with fewer classes go through the blocked small-C path, SMALL_ROWS at a time.
@@ -58,79 +63,34 @@ DEF COLS = 64
 # ------------------------------------------------------------ primitives ---
 
 cdef inline floating vexp(floating x) noexcept nogil:
+    """exp(x) for x <= 0 or NaN (all that softmax needs: x - max)."""
     if floating is float:
-        return fastopt_expf(x)
+        return fastopt_expf_nonpos(x)
     else:
-        return fastopt_exp(x)
+        return fastopt_exp_nonpos(x)
 
 
-cdef floating span_max(const floating *x, Py_ssize_t n) noexcept nogil:
+cdef inline floating span_max(const floating *x, Py_ssize_t n) noexcept nogil:
     """max of x[0:n]; NaN is skipped here (it propagates through the sum)."""
-    cdef floating m[LANES]
-    cdef floating v, r = -INFINITY
-    cdef Py_ssize_t i, j, nb = n - n % LANES
-    if nb > 0:                      # (short rows skip the lanes: same result)
-        for j in range(LANES):
-            m[j] = -INFINITY
-        for i in range(0, nb, LANES):
-            for j in range(LANES):
-                v = x[i + j]
-                m[j] = v if v > m[j] else m[j]
-        for j in range(LANES):
-            r = m[j] if m[j] > r else r
-    for i in range(nb, n):
-        r = x[i] if x[i] > r else r
-    return r
+    if floating is float:
+        return fastopt_max_f(x, n)
+    else:
+        return fastopt_max_d(x, n)
 
 
-cdef double span_sum(const floating *e, Py_ssize_t n) noexcept nogil:
-    """sum of e[0:n] in double: LANES accumulators, then in order."""
-    cdef double acc[LANES]
-    cdef double s = 0.0
-    cdef Py_ssize_t i, j, nb = n - n % LANES
-    if nb > 0:
-        for j in range(LANES):
-            acc[j] = 0.0
-        for i in range(0, nb, LANES):
-            for j in range(LANES):
-                acc[j] = acc[j] + <double>e[i + j]
-        for j in range(LANES):
-            s = s + acc[j]
-    for i in range(nb, n):
-        s = s + <double>e[i]
-    return s
-
-
-cdef double span_dot(const floating *w, const floating *x, Py_ssize_t n, floating m,
-                     bint skip_zero) noexcept nogil:
+cdef inline double span_dot(const floating *w, const floating *x, Py_ssize_t n, floating m,
+                            bint skip_zero) noexcept nogil:
     """sum_i w_i (x_i - m) in double (w NULL: all ones).  skip_zero: a term
     with w_i = 0 is 0 even where x_i = -inf (otherwise 0 * -inf = NaN)."""
-    cdef double acc[LANES]
-    cdef double s = 0.0, d
-    cdef Py_ssize_t i, j, nb = n - n % LANES
-    for j in range(LANES):
-        acc[j] = 0.0
-    if w == NULL:
-        for i in range(0, nb, LANES):
-            for j in range(LANES):
-                acc[j] = acc[j] + <double>(x[i + j] - m)
-    elif skip_zero:
-        for i in range(0, nb, LANES):
-            for j in range(LANES):
-                d = <double>w[i + j] * <double>(x[i + j] - m)
-                acc[j] = acc[j] + (d if w[i + j] != 0 else 0.0)
+    if floating is float:
+        return fastopt_dot_f(w, x, m, n, skip_zero)
     else:
-        for i in range(0, nb, LANES):
-            for j in range(LANES):
-                acc[j] = acc[j] + <double>w[i + j] * <double>(x[i + j] - m)
-    for j in range(LANES):
-        s = s + acc[j]
-    for i in range(nb, n):
-        if w == NULL:
-            s = s + <double>(x[i] - m)
-        elif not skip_zero or w[i] != 0:
-            s = s + <double>w[i] * <double>(x[i] - m)
-    return s
+        return fastopt_dot_d(w, x, m, n, skip_zero)
+
+
+cdef inline double span_sum(const floating *e, Py_ssize_t n) noexcept nogil:
+    """sum of e[0:n] in double."""
+    return span_dot(e, <const floating *>NULL, n, 0, False)
 
 
 cdef void span_exp(const floating *x, floating *e, Py_ssize_t n, floating m) noexcept nogil:
@@ -558,10 +518,17 @@ cdef void run_cols(const floating *x, floating *out, Py_ssize_t outer, Py_ssize_
         col_block(x, out, c, inner, o, j0, min(COLS, inner - j0), log_out)
 
 
-cdef void exp_array(const floating *x, floating *out, Py_ssize_t n) noexcept nogil:
+cdef void exp_array(const floating *x, floating *out, Py_ssize_t n, bint nonpos) noexcept nogil:
     cdef Py_ssize_t i
-    for i in range(n):
-        out[i] = vexp(x[i])
+    if nonpos:
+        for i in range(n):
+            out[i] = vexp(x[i])
+    elif floating is float:
+        for i in range(n):
+            out[i] = fastopt_expf(x[i])
+    else:
+        for i in range(n):
+            out[i] = fastopt_exp(x[i])
 
 
 cdef double ordered_sum(const double *v, Py_ssize_t n) noexcept nogil:
@@ -727,17 +694,18 @@ def _log(x):
     return o
 
 
-def _exp(x):
-    """exp of every element with fastopt's vectorized exp (a test hook)."""
+def _exp(x, bint nonpositive=False):
+    """exp of every element with fastopt's vectorized exp (a test hook);
+    `nonpositive`: the variant for x <= 0 that the kernels use."""
     cdef cnp.ndarray xa = readable(float_array(x, "x"))
     cdef cnp.ndarray o = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa),
                                            cnp.PyArray_TYPE(xa), 0)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(xa)
     with nogil:
         if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64:
-            exp_array(<const double *>cnp.PyArray_DATA(xa), <double *>cnp.PyArray_DATA(o), n)
+            exp_array(<const double *>cnp.PyArray_DATA(xa), <double *>cnp.PyArray_DATA(o), n, nonpositive)
         else:
-            exp_array(<const float *>cnp.PyArray_DATA(xa), <float *>cnp.PyArray_DATA(o), n)
+            exp_array(<const float *>cnp.PyArray_DATA(xa), <float *>cnp.PyArray_DATA(o), n, nonpositive)
     return o
 
 

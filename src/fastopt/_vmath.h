@@ -1,4 +1,5 @@
-/* Vectorizable exp (float and double) and log (double).
+/* Vectorizable exp (float and double) and log (double), and the lane
+ * reductions (max, sums) of the softmax kernels.
  *
  * libm's exp is an opaque call per element, so gcc cannot vectorize a loop
  * that uses it (without -ffast-math, which fastopt never uses).  These are
@@ -16,9 +17,11 @@
  * - exp(r) = 1 + r + r^2 * P(r): float, P of degree 4 fitted for minimal
  *   relative error on [-ln2/2, ln2/2] (truncation error 3e-9 = 0.03 ulp);
  *   double, Taylor to degree 13 (truncation error 5e-18).
- * - 2^k is applied as two exact multiplications by 2^k1 and 2^k2 (k1 + k2 = k,
- *   each a normal power of two), so results in the subnormal range are
- *   rounded once, like any other product, instead of being flushed.
+ * - 2^k is applied as two multiplications by normal powers of two: 2^k1 and
+ *   2^k2 (k1 + k2 = k), or, for x <= 0 (`_nonpos`, softmax's x - max),
+ *   2^(k+64) and 2^-64 (float; 2^(k+512) and 2^-512 for double).  The first
+ *   is exact, so results in the subnormal range are rounded once, like any
+ *   other product, instead of being flushed.
  *
  * log(x) (double; one per softmax row, but many rows are short): x = 2^k m,
  * m in [sqrt(2)/2, sqrt(2)), f = m - 1, s = f/(2+f), and
@@ -38,12 +41,12 @@
 #define FASTOPT_VMATH_H
 #include <stdint.h>
 
-typedef union { float f; int32_t i; } fastopt_f32bits;
-typedef union { double f; int64_t i; } fastopt_f64bits;
+typedef union { float f; int32_t i; uint32_t u; } fastopt_f32bits;
+typedef union { double f; int64_t i; uint64_t u; } fastopt_f64bits;
 
-static inline float fastopt_expf(float x)
+/* exp(x) for x in [-104, 89] (nonpos: x <= 0, so k <= 0). */
+static inline float fastopt_expf_core(float x, const int nonpos)
 {
-    const float LO = -104.0f, HI = 89.0f;   /* exp(-104) < 2^-150; exp(89) > FLT_MAX */
     const float LOG2E = 1.44269504088896341f;
     const float SHIFT = 12582912.0f;        /* 1.5 * 2^23 */
     const float LN2_HI = 0.693359375f;      /* 355/512: k*LN2_HI exact for |k| < 2^15 */
@@ -52,11 +55,8 @@ static inline float fastopt_expf(float x)
     float k, r, p;
     int32_t ki, k1;
 
-    x = x < LO ? LO : x;
-    x = x > HI ? HI : x;
     t.f = x * LOG2E + SHIFT;
     k = t.f - SHIFT;                        /* round(x / ln2), exactly */
-    ki = t.i - 0x4b400000;                  /* ... as an integer: bits(t) - bits(SHIFT) */
     r = x - k * LN2_HI;
     r = r - k * LN2_LO;
     p = 1.3814602e-3f;
@@ -65,15 +65,37 @@ static inline float fastopt_expf(float x)
     p = p * r + 1.6666521e-1f;
     p = p * r + 4.9999994e-1f;
     p = (p * (r * r) + r) + 1.0f;
+    if (nonpos) {
+        /* k in [-150, 0]: 2^(k+64) is normal; its exponent field k + 191 is
+         * the low 9 bits of bits(t) + 191 (bits(t) = bits(SHIFT) + k, and
+         * bits(SHIFT) = 0 mod 512). */
+        s1.u = (t.u + 191u) << 23;
+        return (p * s1.f) * 5.42101086e-20f;   /* 2^-64 */
+    }
+    ki = t.i - 0x4b400000;                  /* k as an integer: bits(t) - bits(SHIFT) */
     k1 = ki >> 1;                           /* k in [-150, 129]: k1, k - k1 in [-75, 65] */
     s1.i = (k1 + 127) << 23;
     s2.i = (ki - k1 + 127) << 23;
     return (p * s1.f) * s2.f;
 }
 
-static inline double fastopt_exp(double x)
+static inline float fastopt_expf(float x)
 {
-    const double LO = -746.0, HI = 710.0;   /* exp(-746) < 2^-1075; exp(710) > DBL_MAX */
+    x = x < -104.0f ? -104.0f : x;          /* exp(-104) < 2^-150: rounds to 0 */
+    x = x > 89.0f ? 89.0f : x;              /* exp(89) > FLT_MAX: +inf */
+    return fastopt_expf_core(x, 0);
+}
+
+/* exp(x) for x <= 0 or NaN (softmax's x - max): one scaling step fewer. */
+static inline float fastopt_expf_nonpos(float x)
+{
+    x = x < -104.0f ? -104.0f : x;
+    return fastopt_expf_core(x, 1);
+}
+
+/* exp(x) for x in [-746, 710] (nonpos: x <= 0). */
+static inline double fastopt_exp_core(double x, const int nonpos)
+{
     const double LOG2E = 1.4426950408889634074;
     const double SHIFT = 6755399441055744.0;  /* 1.5 * 2^52 */
     const double LN2_HI = 6.93147180369123816490e-01;  /* 32 significant bits */
@@ -82,15 +104,8 @@ static inline double fastopt_exp(double x)
     double k, r, p;
     int64_t ki, k1;
 
-    x = x < LO ? LO : x;
-    x = x > HI ? HI : x;
     t.f = x * LOG2E + SHIFT;
     k = t.f - SHIFT;
-    ki = t.i - INT64_C(0x4338000000000000);
-    /* k1 = round(k/2), taken the same way: a 64-bit arithmetic shift would
-     * not vectorize below AVX-512. */
-    t1.f = k * 0.5 + SHIFT;
-    k1 = t1.i - INT64_C(0x4338000000000000);
     r = x - k * LN2_HI;
     r = r - k * LN2_LO;
     /* Taylor series 1/n!, n = 13 .. 2 */
@@ -107,9 +122,32 @@ static inline double fastopt_exp(double x)
     p = p * r + 1.6666666666666666e-01;
     p = p * r + 0.5;
     p = (p * (r * r) + r) + 1.0;
+    if (nonpos) {
+        /* k in [-1077, 0]: 2^(k+512) is normal, exponent field k + 1535 */
+        s1.u = (t.u + UINT64_C(1535)) << 52;
+        return (p * s1.f) * 7.4583407312002067e-155;   /* 2^-512 */
+    }
+    ki = t.i - INT64_C(0x4338000000000000);
+    /* k1 = round(k/2), taken the same way: a 64-bit arithmetic shift would
+     * not vectorize below AVX-512. */
+    t1.f = k * 0.5 + SHIFT;
+    k1 = t1.i - INT64_C(0x4338000000000000);
     s1.i = (k1 + 1023) << 52;               /* k in [-1077, 1025]: k1, k - k1 in [-539, 513] */
     s2.i = (ki - k1 + 1023) << 52;
     return (p * s1.f) * s2.f;
+}
+
+static inline double fastopt_exp(double x)
+{
+    x = x < -746.0 ? -746.0 : x;            /* exp(-746) < 2^-1075: rounds to 0 */
+    x = x > 710.0 ? 710.0 : x;              /* exp(710) > DBL_MAX: +inf */
+    return fastopt_exp_core(x, 0);
+}
+
+static inline double fastopt_exp_nonpos(double x)
+{
+    x = x < -746.0 ? -746.0 : x;
+    return fastopt_exp_core(x, 1);
 }
 
 static inline double fastopt_log(double x)
@@ -153,5 +191,130 @@ static inline double fastopt_log(double x)
     y = x > 1.7976931348623157e308 ? x : y;                    /* +inf */
     return x != x ? x : y;
 }
+
+/* ------------------------------------------------------- lane reductions ---
+ * max and sums over x[0:n] with FASTOPT_LANES = 16 independent accumulators
+ * (element i goes to lane i % 16 for i < n - n % 16; the rest is added in
+ * order after the lanes are combined in lane order).  The order is fixed, so
+ * every SIMD level (and the scalar fallback) gives the same bits.  gcc does
+ * not vectorize such reductions itself without -ffast-math (it may not
+ * reorder them), so the lanes are written with vector extensions. */
+#define FASTOPT_LANES 16
+
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(FASTOPT_SCALAR_LANES)
+#include <string.h>
+typedef float fastopt_f8 __attribute__((vector_size(32)));
+typedef int32_t fastopt_i8 __attribute__((vector_size(32)));
+typedef double fastopt_d8 __attribute__((vector_size(64)));
+typedef int64_t fastopt_l8 __attribute__((vector_size(64)));
+
+/* (macros, not functions: no vector-valued function ABI involved) */
+/* 8 lanes from p (any alignment) */
+#define FASTOPT_LOAD(V, p) __extension__ ({ V v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define fastopt_load_f8(p) FASTOPT_LOAD(fastopt_f8, p)
+#define fastopt_load_d8(p) FASTOPT_LOAD(fastopt_d8, p)
+/* 8 lanes as doubles */
+#define fastopt_wide_f(p) __builtin_convertvector(fastopt_load_f8(p), fastopt_d8)
+#define fastopt_wide_d(p) fastopt_load_d8(p)
+/* lane-wise v > m ? v : m (v, m: variables) */
+#define FASTOPT_VMAX(V, I, v, m) ((V)((((I)((v) > (m))) & (I)(v)) | (~((I)((v) > (m))) & (I)(m))))
+#define fastopt_vmax_f(v, m) FASTOPT_VMAX(fastopt_f8, fastopt_i8, v, m)
+#define fastopt_vmax_d(v, m) FASTOPT_VMAX(fastopt_d8, fastopt_l8, v, m)
+#define FASTOPT_VECTOR_LANES 1
+#else
+#define FASTOPT_VECTOR_LANES 0
+#endif
+
+/* T: element type, S: suffix (f, d), V: 8-lane vector of T */
+#define FASTOPT_REDUCTIONS(T, S, V)                                                    \
+static inline T fastopt_max_##S(const T *x, ptrdiff_t n)                                \
+{                                                                                       \
+    ptrdiff_t i, j, nb = n - n % FASTOPT_LANES;                                         \
+    T r = -(T)INFINITY, m[FASTOPT_LANES];                                               \
+    if (nb > 0) {                                                                       \
+        FASTOPT_MAX_LANES(T, S, V)                                                      \
+        for (j = 0; j < FASTOPT_LANES; j++) r = m[j] > r ? m[j] : r;                    \
+    }                                                                                   \
+    for (i = nb; i < n; i++) r = x[i] > r ? x[i] : r;                                   \
+    return r;                                                                           \
+}                                                                                       \
+/* sum_i w_i (x_i - m) in double; w NULL: sum_i (x_i - m); x NULL: sum_i w_i.         \
+ * skip_zero: a term with w_i == 0 is 0 even if x_i - m is infinite. */                \
+static inline double fastopt_dot_##S(const T *w, const T *x, T m, ptrdiff_t n,         \
+                                     int skip_zero)                                     \
+{                                                                                       \
+    ptrdiff_t i, j, nb = n - n % FASTOPT_LANES;                                         \
+    double s = 0.0, acc[FASTOPT_LANES], t;                                              \
+    if (nb > 0) {                                                                       \
+        FASTOPT_DOT_LANES(T, S, V)                                                      \
+        for (j = 0; j < FASTOPT_LANES; j++) s = s + acc[j];                             \
+    }                                                                                   \
+    for (i = nb; i < n; i++) {                                                          \
+        t = x == NULL ? (double)w[i] : w == NULL ? (double)(x[i] - m)                   \
+            : (double)w[i] * (double)(x[i] - m);                                        \
+        s = s + (skip_zero && w != NULL && w[i] == 0 ? 0.0 : t);                        \
+    }                                                                                   \
+    return s;                                                                           \
+}
+
+#if FASTOPT_VECTOR_LANES
+#define FASTOPT_MAX_LANES(T, S, V)                                                      \
+    V m0, m1;                                                                           \
+    m0 = m1 = (V){0} - (T)INFINITY;                                                     \
+    for (i = 0; i < nb; i += FASTOPT_LANES) {                                           \
+        V v0 = fastopt_load_##S##8(x + i), v1 = fastopt_load_##S##8(x + i + 8);        \
+        m0 = fastopt_vmax_##S(v0, m0);                                                  \
+        m1 = fastopt_vmax_##S(v1, m1);                                                  \
+    }                                                                                   \
+    memcpy(m, &m0, sizeof m0);                                                          \
+    memcpy(m + 8, &m1, sizeof m1);
+/* the three cases as separate loops (no per-element branch) */
+#define FASTOPT_DOT_LANES(T, S, V)                                                      \
+    fastopt_d8 a0 = {0}, a1 = {0}, t0, t1;                                              \
+    if (x == NULL) {                                                                    \
+        for (i = 0; i < nb; i += FASTOPT_LANES) {                                       \
+            a0 = a0 + fastopt_wide_##S(w + i);                                          \
+            a1 = a1 + fastopt_wide_##S(w + i + 8);                                      \
+        }                                                                               \
+    } else if (w == NULL) {                                                             \
+        for (i = 0; i < nb; i += FASTOPT_LANES) {                                       \
+            a0 = a0 + FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i) - m);                \
+            a1 = a1 + FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i + 8) - m);            \
+        }                                                                               \
+    } else {                                                                            \
+        for (i = 0; i < nb; i += FASTOPT_LANES) {                                       \
+            t0 = fastopt_wide_##S(w + i) * FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i) - m);      \
+            t1 = fastopt_wide_##S(w + i + 8) * FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i + 8) - m); \
+            if (skip_zero) {                                                            \
+                t0 = (fastopt_d8)((fastopt_l8)t0 & (fastopt_wide_##S(w + i) != 0));     \
+                t1 = (fastopt_d8)((fastopt_l8)t1 & (fastopt_wide_##S(w + i + 8) != 0)); \
+            }                                                                           \
+            a0 = a0 + t0;                                                               \
+            a1 = a1 + t1;                                                               \
+        }                                                                               \
+    }                                                                                   \
+    memcpy(acc, &a0, sizeof a0);                                                        \
+    memcpy(acc + 8, &a1, sizeof a1);
+#define FASTOPT_WIDEN_f(v) __builtin_convertvector((v), fastopt_d8)
+#define FASTOPT_WIDEN_d(v) (v)
+#else
+#define FASTOPT_MAX_LANES(T, S, V)                                                      \
+    for (j = 0; j < FASTOPT_LANES; j++) m[j] = -(T)INFINITY;                            \
+    for (i = 0; i < nb; i += FASTOPT_LANES)                                             \
+        for (j = 0; j < FASTOPT_LANES; j++) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
+#define FASTOPT_DOT_LANES(T, S, V)                                                      \
+    for (j = 0; j < FASTOPT_LANES; j++) acc[j] = 0.0;                                   \
+    for (i = 0; i < nb; i += FASTOPT_LANES)                                             \
+        for (j = 0; j < FASTOPT_LANES; j++) {                                           \
+            t = x == NULL ? (double)w[i + j] : w == NULL ? (double)(x[i + j] - m)       \
+                : (double)w[i + j] * (double)(x[i + j] - m);                            \
+            acc[j] = acc[j] + (skip_zero && w != NULL && w[i + j] == 0 ? 0.0 : t);      \
+        }
+#endif
+
+#include <math.h>
+#include <stddef.h>
+FASTOPT_REDUCTIONS(float, f, fastopt_f8)
+FASTOPT_REDUCTIONS(double, d, fastopt_d8)
 
 #endif
