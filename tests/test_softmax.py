@@ -158,8 +158,8 @@ def test_log_softmax_and_softmax(rng, dtype, shape, axis):
 @pytest.mark.parametrize("fn", ["log_softmax", "softmax"])
 def test_softmax_out_and_in_place(rng, dtype, fn):
     f = getattr(fastopt, fn)
-    for axis in (-1, 0):
-        x = rng.standard_normal((9, 33)).astype(dtype)
+    for shape, axis in (((9, 33), -1), ((9, 33), 0), ((3, 9000), -1), ((70, 80), -1)):
+        x = rng.standard_normal(shape).astype(dtype)
         expect = f(x, axis=axis)
         out = np.full_like(x, 7.0)
         assert f(x, axis=axis, out=out) is out
@@ -313,6 +313,17 @@ def test_cross_entropy_empty_batch(dtype):
         assert np.isnan(loss) and g.shape == (0, 5)
         assert fastopt.cross_entropy(x, target, reduction="sum") == 0.0
         assert fastopt.cross_entropy(x, target, reduction="none").shape == (0,)
+
+
+def test_cross_entropy_no_classes():
+    x = np.zeros((3, 0))
+    loss, g = fastopt.cross_entropy(x, np.zeros((3, 0)), reduction="none", return_grad=True)
+    np.testing.assert_array_equal(loss, 0.0)
+    assert g.shape == (3, 0)
+    assert fastopt.cross_entropy(x, np.zeros((3, 0))) == 0.0
+    assert np.isnan(fastopt.cross_entropy(x, np.full(3, -100)))
+    with pytest.raises(ValueError, match=r"target\[0\] = 0 is out of range"):
+        fastopt.cross_entropy(x, np.zeros(3, np.int64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

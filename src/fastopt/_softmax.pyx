@@ -3,11 +3,13 @@
 # Design
 # ------
 # * Every row (the class axis) is reduced in the same fixed way: its max M,
-#   then S = sum exp(x - M) accumulated in double, then log S once per row
-#   (libm), and outputs as (x - M) - log S, in that order, so logits of any
-#   magnitude keep their precision.
+#   then S = sum exp(x - M) accumulated in double, then log S once per row,
+#   and outputs as (x - M) - log S, in that order, so logits of any magnitude
+#   keep their precision.
 # * exp is the cost: `_vmath.h` has a branch-free exp that gcc vectorizes when
-#   it is inlined in a loop (libm's is an opaque call per element).
+#   it is inlined in a loop (libm's is an opaque call per element), and a
+#   branch-free log (one per row, but short rows are many).  Being our own,
+#   they also give the same bits on every platform and SIMD level.
 # * Reductions (max, sums; in `_vmath.h`) use 16 independent accumulators
 #   (i mod 16), combined in a fixed order: vectorized without reassociating,
 #   and the result is the same at every SIMD level.
@@ -18,7 +20,7 @@
 #   pieces are spread over threads in three parallel steps instead, computing
 #   exactly the same partial sums: results never depend on the thread count.
 # * Rows with few classes (C < SMALL_C) are handled in blocks of rows so that
-#   exp runs over a whole block (a vectorized loop, not a 10-element tail).
+#   exp and log run over a whole block (vectorized loops, not per-row tails).
 # * softmax/log_softmax over a non-last axis view the array as
 #   (outer, C, inner) and vectorize across `inner` (contiguous), no transpose.
 # * cross_entropy follows torch.nn.functional.cross_entropy.  Per row it uses
@@ -31,9 +33,8 @@
 #   before `nogil`; nothing is written when a check fails.
 include "_common.pxi"
 
-from libc.math cimport INFINITY, NAN
+from libc.math cimport INFINITY
 from libc.stdint cimport int64_t
-from libc.stdlib cimport malloc, free
 from cython.parallel cimport prange
 import numpy as np
 
@@ -80,7 +81,7 @@ cdef inline floating span_max(const floating *x, Py_ssize_t n) noexcept nogil:
 
 cdef inline double span_dot(const floating *w, const floating *x, Py_ssize_t n, floating m,
                             bint skip_zero) noexcept nogil:
-    """sum_i w_i (x_i - m) in double (w NULL: all ones).  skip_zero: a term
+    """sum_i w_i (x_i - m) in double (w NULL: all ones; x NULL: sum_i w_i).  skip_zero: a term
     with w_i = 0 is 0 even where x_i = -inf (otherwise 0 * -inf = NaN)."""
     if floating is float:
         return fastopt_dot_f(w, x, m, n, skip_zero)
@@ -426,11 +427,12 @@ cdef void run_pieces(const floating *x, const Job *j, int nt) noexcept nogil:
     if writes(j):
         for it in prange(pieces, num_threads=nt, schedule="static"):
             piece_write(x, j, it)
-    for i in range(j.n):
-        if ignored(j, i):
-            j.loss[i] = 0.0
-        else:
-            piece_coef(j, i, &m, &j.loss[i])
+    if j.mode == XENT:
+        for i in range(j.n):
+            if ignored(j, i):
+                j.loss[i] = 0.0
+            else:
+                piece_coef(j, i, &m, &j.loss[i])
 
 
 cdef void run_rows(const Job *j) noexcept nogil:
@@ -603,11 +605,9 @@ cdef cnp.ndarray _softmax_any(object x, object axis, object out, int mode):
         inner *= dims[k]
     cdef Job j
     cdef bint is_double = cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64
-    cdef cnp.ndarray loss
     if outer * c * inner == 0:
         return o
     if inner == 1:
-        loss = cnp.PyArray_EMPTY(1, [outer], cnp.NPY_FLOAT64, 0)   # unused rows' slots
         j.mode = mode
         j.is_double = is_double
         j.n = outer
@@ -618,7 +618,7 @@ cdef cnp.ndarray _softmax_any(object x, object axis, object out, int mode):
         j.y = NULL
         j.t = NULL
         j.w = NULL
-        j.loss = <double *>cnp.PyArray_DATA(loss)
+        j.loss = NULL                        # (cross-entropy only)
         bufs = piece_buffers(&j)
         with nogil:
             run_rows(&j)
@@ -853,7 +853,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         with nogil:
             run_rows(&j)
     elif n > 0:
-        rows[:] = NAN                       # no classes: log(0) - ...
+        rows[:] = 0.0                       # no classes: an empty sum (as PyTorch)
     if reduction == "none":
         loss = rows.astype(x.dtype)
     else:
