@@ -487,3 +487,36 @@ def test_cross_entropy_bad_input(rng, dtype):
     bad(ValueError, "grad_out is read-only", x, y, return_grad=True, grad_out=ro)
     bad(ValueError, "logits and grad_out overlap", x, y, return_grad=True, grad_out=x)
     snap.assert_unchanged()
+
+
+_LEVEL_SCRIPT = """
+import sys, numpy as np, fastopt
+rng = np.random.default_rng(5)
+out = []
+for n, c in [(3, 9000), (64, 300), (500, 10)]:
+    for dtype in (np.float32, np.float64):
+        x = (rng.standard_normal((n, c)) * 5).astype(dtype)
+        y = rng.integers(0, c, n)
+        t = rng.random((n, c)).astype(dtype)
+        out.append(fastopt.cross_entropy(x, y, return_grad=True, label_smoothing=0.1)[1])
+        out.append(fastopt.cross_entropy(x, t, reduction="none", return_grad=True)[0])
+        out.append(fastopt.log_softmax(x, axis=0))
+        out.append(fastopt.softmax(x))
+sys.stdout.write(b"".join(a.tobytes() for a in out).hex())
+"""
+
+
+def test_same_bits_at_every_simd_level():
+    import os
+    import subprocess
+    import sys
+    from fastopt import _dispatch, _runtime
+    levels = [lv for lv in _dispatch._built_levels() if lv in _runtime.cpu_levels()]
+    if len(levels) < 2:
+        pytest.skip("only one SIMD level built for this CPU")
+    results = {}
+    for level in levels:
+        env = dict(os.environ, FASTOPT_SIMD=level)
+        results[level] = subprocess.run([sys.executable, "-c", _LEVEL_SCRIPT], env=env, check=True,
+                                        capture_output=True, text=True).stdout
+    assert len(set(results.values())) == 1, list(results)
