@@ -38,6 +38,9 @@ from libc.stdint cimport int64_t
 from cython.parallel cimport prange
 import numpy as np
 
+cdef extern from "_omp.h" nogil:
+    int omp_get_num_threads()
+
 cdef extern from "_vmath.h" nogil:
     float fastopt_expf(float x)
     double fastopt_exp(double x)
@@ -452,7 +455,8 @@ cdef void run_rows(const Job *j) noexcept nogil:
             rows_range(<const float *>j.x, j, 0, j.n)
         return
     with parallel(num_threads=nt):
-        split(j.n, nt, threadid(), 1, &lo, &hi)
+        # the team may be smaller than asked (e.g. inside another parallel region)
+        split(j.n, omp_get_num_threads(), threadid(), 1, &lo, &hi)
         if j.is_double:
             rows_range(<const double *>j.x, j, lo, hi)
         else:
