@@ -713,13 +713,16 @@ def _exp(x, bint nonpositive=False):
     return o
 
 
+INT64_MAX = 2**63 - 1
+
+
 cdef cnp.ndarray class_targets(object target, Py_ssize_t n):
     """Class indices of any integer dtype as a contiguous int64 array."""
     cdef cnp.ndarray t = <cnp.ndarray>target
     if t.dtype.kind not in "iu":
         raise TypeError(f"target of shape ({n},) must hold integer class indices, got dtype {t.dtype}")
-    if t.dtype == np.uint64 and n > 0 and t.max() > np.iinfo(np.int64).max:
-        i = int(np.argmax(t > np.iinfo(np.int64).max))
+    if t.dtype == np.uint64 and n > 0 and t.max() > INT64_MAX:
+        i = int(np.argmax(t > INT64_MAX))
         raise ValueError(f"target[{i}] = {int(t[i])} is out of range")
     return np.ascontiguousarray(t, dtype=np.int64)
 
@@ -802,7 +805,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
         raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
     ignore_index = ignore_index.__index__()
-    if not np.iinfo(np.int64).min <= ignore_index <= np.iinfo(np.int64).max:
+    if not -INT64_MAX - 1 <= ignore_index <= INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if t is not None and ignore_index >= 0:
         raise ValueError("ignore_index is not supported with probability targets "
