@@ -203,36 +203,45 @@ static inline double fastopt_log(double x)
 
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(FASTOPT_SCALAR_LANES)
 #include <string.h>
-typedef float fastopt_f8 __attribute__((vector_size(32)));
-typedef int32_t fastopt_i8 __attribute__((vector_size(32)));
-typedef double fastopt_d8 __attribute__((vector_size(64)));
-typedef int64_t fastopt_l8 __attribute__((vector_size(64)));
+/* Vectors of the target's native width (wider generic vectors are lowered
+ * badly, through the stack); the lanes stay i % 16 whatever the width. */
+#if defined(__AVX512F__)
+#define FASTOPT_VBYTES 64
+#elif defined(__AVX__)
+#define FASTOPT_VBYTES 32
+#else
+#define FASTOPT_VBYTES 16
+#endif
+typedef float fastopt_vf __attribute__((vector_size(FASTOPT_VBYTES)));
+typedef int32_t fastopt_vfm __attribute__((vector_size(FASTOPT_VBYTES)));
+typedef double fastopt_vd __attribute__((vector_size(FASTOPT_VBYTES)));
+typedef int64_t fastopt_vdm __attribute__((vector_size(FASTOPT_VBYTES)));
+typedef float fastopt_vh __attribute__((vector_size(FASTOPT_VBYTES / 2)));  /* as many floats as a fastopt_vd has doubles */
+#define FASTOPT_ND (FASTOPT_VBYTES / 8)
 
 /* (macros, not functions: no vector-valued function ABI involved) */
-/* 8 lanes from p (any alignment) */
+/* a vector from p (any alignment) */
 #define FASTOPT_LOAD(V, p) __extension__ ({ V v_; memcpy(&v_, (p), sizeof v_); v_; })
-#define fastopt_load_f8(p) FASTOPT_LOAD(fastopt_f8, p)
-#define fastopt_load_d8(p) FASTOPT_LOAD(fastopt_d8, p)
-/* 8 lanes as doubles */
-#define fastopt_wide_f(p) __builtin_convertvector(fastopt_load_f8(p), fastopt_d8)
-#define fastopt_wide_d(p) fastopt_load_d8(p)
-/* lane-wise v > m ? v : m (v, m: variables) */
-#define FASTOPT_VMAX(V, I, v, m) ((V)((((I)((v) > (m))) & (I)(v)) | (~((I)((v) > (m))) & (I)(m))))
-#define fastopt_vmax_f(v, m) FASTOPT_VMAX(fastopt_f8, fastopt_i8, v, m)
-#define fastopt_vmax_d(v, m) FASTOPT_VMAX(fastopt_d8, fastopt_l8, v, m)
+/* FASTOPT_ND elements as doubles: p[k], and p[k] - m computed in the element type */
+#define FASTOPT_WIDE_f(p) __builtin_convertvector(FASTOPT_LOAD(fastopt_vh, p), fastopt_vd)
+#define FASTOPT_WIDE_d(p) FASTOPT_LOAD(fastopt_vd, p)
+#define FASTOPT_WIDE_DIFF_f(p, m) __builtin_convertvector(FASTOPT_LOAD(fastopt_vh, p) - (m), fastopt_vd)
+#define FASTOPT_WIDE_DIFF_d(p, m) (FASTOPT_LOAD(fastopt_vd, p) - (m))
+/* lane-wise v > m ? v : m (v, m: variables; M: the mask type) */
+#define FASTOPT_VMAX(V, M, v, m) ((V)((((M)((v) > (m))) & (M)(v)) | (~((M)((v) > (m))) & (M)(m))))
 #define FASTOPT_VECTOR_LANES 1
 #else
 #define FASTOPT_VECTOR_LANES 0
 #endif
 
-/* T: element type, S: suffix (f, d), V: 8-lane vector of T */
-#define FASTOPT_REDUCTIONS(T, S, V)                                                    \
+/* T: element type, S: suffix (f, d), V: native vector of T, M: its mask type */
+#define FASTOPT_REDUCTIONS(T, S, V, M)                                                  \
 static inline T fastopt_max_##S(const T *x, ptrdiff_t n)                                \
 {                                                                                       \
     ptrdiff_t i, j, nb = n - n % FASTOPT_LANES;                                         \
     T r = -(T)INFINITY, m[FASTOPT_LANES];                                               \
     if (nb > 0) {                                                                       \
-        FASTOPT_MAX_LANES(T, S, V)                                                      \
+        FASTOPT_MAX_LANES(T, S, V, M)                                                   \
         for (j = 0; j < FASTOPT_LANES; j++) r = m[j] > r ? m[j] : r;                    \
     }                                                                                   \
     for (i = nb; i < n; i++) r = x[i] > r ? x[i] : r;                                   \
@@ -246,7 +255,7 @@ static inline double fastopt_dot_##S(const T *w, const T *x, T m, ptrdiff_t n,  
     ptrdiff_t i, j, nb = n - n % FASTOPT_LANES;                                         \
     double s = 0.0, acc[FASTOPT_LANES], t;                                              \
     if (nb > 0) {                                                                       \
-        FASTOPT_DOT_LANES(T, S, V)                                                      \
+        FASTOPT_DOT_LANES(T, S)                                                         \
         for (j = 0; j < FASTOPT_LANES; j++) s = s + acc[j];                             \
     }                                                                                   \
     for (i = nb; i < n; i++) {                                                          \
@@ -258,51 +267,43 @@ static inline double fastopt_dot_##S(const T *w, const T *x, T m, ptrdiff_t n,  
 }
 
 #if FASTOPT_VECTOR_LANES
-#define FASTOPT_MAX_LANES(T, S, V)                                                      \
-    V m0, m1;                                                                           \
-    m0 = m1 = (V){0} - (T)INFINITY;                                                     \
-    for (i = 0; i < nb; i += FASTOPT_LANES) {                                           \
-        V v0 = fastopt_load_##S##8(x + i), v1 = fastopt_load_##S##8(x + i + 8);        \
-        m0 = fastopt_vmax_##S(v0, m0);                                                  \
-        m1 = fastopt_vmax_##S(v1, m1);                                                  \
-    }                                                                                   \
-    memcpy(m, &m0, sizeof m0);                                                          \
-    memcpy(m + 8, &m1, sizeof m1);
+#define FASTOPT_MAX_LANES(T, S, V, M)                                                   \
+    V mv[FASTOPT_LANES * sizeof(T) / FASTOPT_VBYTES], a_;                               \
+    const ptrdiff_t per = FASTOPT_VBYTES / sizeof(T), nv = FASTOPT_LANES / per;         \
+    ptrdiff_t v;                                                                        \
+    for (v = 0; v < nv; v++) mv[v] = (V){0} - (T)INFINITY;                              \
+    for (i = 0; i < nb; i += FASTOPT_LANES)                                             \
+        for (v = 0; v < nv; v++) {                                                      \
+            a_ = FASTOPT_LOAD(V, x + i + v * per);                                      \
+            mv[v] = FASTOPT_VMAX(V, M, a_, mv[v]);                                      \
+        }                                                                               \
+    memcpy(m, mv, sizeof mv);
 /* the three cases as separate loops (no per-element branch) */
-#define FASTOPT_DOT_LANES(T, S, V)                                                      \
-    fastopt_d8 a0 = {0}, a1 = {0}, t0, t1;                                              \
-    if (x == NULL) {                                                                    \
-        for (i = 0; i < nb; i += FASTOPT_LANES) {                                       \
-            a0 = a0 + fastopt_wide_##S(w + i);                                          \
-            a1 = a1 + fastopt_wide_##S(w + i + 8);                                      \
-        }                                                                               \
-    } else if (w == NULL) {                                                             \
-        for (i = 0; i < nb; i += FASTOPT_LANES) {                                       \
-            a0 = a0 + FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i) - m);                \
-            a1 = a1 + FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i + 8) - m);            \
-        }                                                                               \
-    } else {                                                                            \
-        for (i = 0; i < nb; i += FASTOPT_LANES) {                                       \
-            t0 = fastopt_wide_##S(w + i) * FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i) - m);      \
-            t1 = fastopt_wide_##S(w + i + 8) * FASTOPT_WIDEN_##S(fastopt_load_##S##8(x + i + 8) - m); \
-            if (skip_zero) {                                                            \
-                t0 = (fastopt_d8)((fastopt_l8)t0 & (fastopt_wide_##S(w + i) != 0));     \
-                t1 = (fastopt_d8)((fastopt_l8)t1 & (fastopt_wide_##S(w + i + 8) != 0)); \
+#define FASTOPT_DOT_LANES(T, S)                                                         \
+    fastopt_vd av[FASTOPT_LANES / FASTOPT_ND], t_;                                      \
+    ptrdiff_t v, p;                                                                     \
+    for (v = 0; v < FASTOPT_LANES / FASTOPT_ND; v++) av[v] = (fastopt_vd){0};           \
+    for (i = 0; i < nb; i += FASTOPT_LANES)                                             \
+        for (v = 0; v < FASTOPT_LANES / FASTOPT_ND; v++) {                              \
+            p = i + v * FASTOPT_ND;                                                     \
+            if (x == NULL) {                                                            \
+                t_ = FASTOPT_WIDE_##S(w + p);                                           \
+            } else if (w == NULL) {                                                     \
+                t_ = FASTOPT_WIDE_DIFF_##S(x + p, m);                                   \
+            } else {                                                                    \
+                t_ = FASTOPT_WIDE_##S(w + p) * FASTOPT_WIDE_DIFF_##S(x + p, m);         \
+                if (skip_zero)                                                          \
+                    t_ = (fastopt_vd)((fastopt_vdm)t_ & (FASTOPT_WIDE_##S(w + p) != 0)); \
             }                                                                           \
-            a0 = a0 + t0;                                                               \
-            a1 = a1 + t1;                                                               \
+            av[v] = av[v] + t_;                                                         \
         }                                                                               \
-    }                                                                                   \
-    memcpy(acc, &a0, sizeof a0);                                                        \
-    memcpy(acc + 8, &a1, sizeof a1);
-#define FASTOPT_WIDEN_f(v) __builtin_convertvector((v), fastopt_d8)
-#define FASTOPT_WIDEN_d(v) (v)
+    memcpy(acc, av, sizeof av);
 #else
-#define FASTOPT_MAX_LANES(T, S, V)                                                      \
+#define FASTOPT_MAX_LANES(T, S, V, M)                                                   \
     for (j = 0; j < FASTOPT_LANES; j++) m[j] = -(T)INFINITY;                            \
     for (i = 0; i < nb; i += FASTOPT_LANES)                                             \
         for (j = 0; j < FASTOPT_LANES; j++) m[j] = x[i + j] > m[j] ? x[i + j] : m[j];
-#define FASTOPT_DOT_LANES(T, S, V)                                                      \
+#define FASTOPT_DOT_LANES(T, S)                                                         \
     for (j = 0; j < FASTOPT_LANES; j++) acc[j] = 0.0;                                   \
     for (i = 0; i < nb; i += FASTOPT_LANES)                                             \
         for (j = 0; j < FASTOPT_LANES; j++) {                                           \
@@ -314,7 +315,12 @@ static inline double fastopt_dot_##S(const T *w, const T *x, T m, ptrdiff_t n,  
 
 #include <math.h>
 #include <stddef.h>
-FASTOPT_REDUCTIONS(float, f, fastopt_f8)
-FASTOPT_REDUCTIONS(double, d, fastopt_d8)
+#if !FASTOPT_VECTOR_LANES
+typedef float fastopt_vf;           /* unused by the scalar lanes */
+typedef double fastopt_vd;
+typedef int fastopt_vfm, fastopt_vdm;
+#endif
+FASTOPT_REDUCTIONS(float, f, fastopt_vf, fastopt_vfm)
+FASTOPT_REDUCTIONS(double, d, fastopt_vd, fastopt_vdm)
 
 #endif
