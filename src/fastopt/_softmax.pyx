@@ -512,6 +512,8 @@ cdef void run_cols(const floating *x, floating *out, Py_ssize_t outer, Py_ssize_
                    Py_ssize_t inner, bint log_out) noexcept nogil:
     cdef Py_ssize_t per = (inner + COLS - 1) // COLS, it, o, j0
     cdef int nt = threads_for(outer * c * inner, GRAIN)
+    if nt > outer * per:            # one block per thread at most
+        nt = <int>(outer * per)
     if nt == 1:
         for it in range(outer * per):
             o = it // per
