@@ -39,6 +39,8 @@
  */
 #ifndef FASTOPT_VMATH_H
 #define FASTOPT_VMATH_H
+#include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef union { float f; int32_t i; uint32_t u; } fastopt_f32bits;
@@ -186,8 +188,8 @@ static inline double fastopt_log(double x)
     r = r * z;
     hfsq = 0.5 * f * f;
     y = k * LN2_HI - ((hfsq - (s * (hfsq + r) + k * LN2_LO)) - f);
-    y = x == 0.0 ? -1.0 / 0.0 : y;
-    y = x < 0.0 ? 0.0 / 0.0 : y;
+    y = x == 0.0 ? -(double)INFINITY : y;
+    y = x < 0.0 ? (double)NAN : y;
     y = x > 1.7976931348623157e308 ? x : y;                    /* +inf */
     return x != x ? x : y;
 }
@@ -313,8 +315,6 @@ static inline double fastopt_dot_##S(const T *w, const T *x, T m, ptrdiff_t n,  
         }
 #endif
 
-#include <math.h>
-#include <stddef.h>
 #if !FASTOPT_VECTOR_LANES
 typedef float fastopt_vf;           /* unused by the scalar lanes */
 typedef double fastopt_vd;
