@@ -1,2 +1,875 @@
-# placeholder
+# Log-softmax, softmax and cross-entropy (loss and gradient in one kernel).
+#
+# Design
+# ------
+# * Every row (the class axis) is reduced in the same fixed way: its max M,
+#   then S = sum exp(x - M) accumulated in double, then log S once per row,
+#   and outputs as (x - M) - log S, in that order, so logits of any magnitude
+#   keep their precision.
+# * exp is the cost: `_vmath.h` has a branch-free exp that gcc vectorizes when
+#   it is inlined in a loop (libm's is an opaque call per element), and a
+#   branch-free log (one per row, but short rows are many).  Being our own,
+#   they also give the same bits on every platform and SIMD level.
+# * Reductions (max, sums; in `_vmath.h`) use 16 independent accumulators
+#   (i mod 16), combined in a fixed order: vectorized without reassociating,
+#   and the result is the same at every SIMD level.
+# * A row is processed in CHUNK-element chunks; a chunk's partial sums are
+#   combined in chunk order.  Usually one thread owns a row and does all its
+#   passes while the row is in cache (max; exp, stored into the gradient
+#   buffer, and sum; scale).  When there are few long rows, the (row, chunk)
+#   pieces are spread over threads in three parallel steps instead, computing
+#   exactly the same partial sums: results never depend on the thread count.
+# * Rows with few classes (C < SMALL_C) are handled in blocks of rows so that
+#   exp and log run over a whole block (vectorized loops, not per-row tails).
+# * softmax/log_softmax over a non-last axis view the array as
+#   (outer, C, inner) and vectorize across `inner` (contiguous), no transpose.
+# * cross_entropy follows torch.nn.functional.cross_entropy.  Per row it uses
+#   a weighted target distribution q (sum Q):
+#       class index y:  q_c = (1-eps) w_y [c == y] + (eps/C) w_c
+#       probabilities:  q_c = w_c ((1-eps) t_c + eps/C)
+#   loss_i = -sum_c q_c logp_c = Q log S - sum_c q_c (x_c - M)
+#   dlogits_i = (softmax_i Q - q) * scale, scale = 1/D for 'mean', else 1.
+# * The `def` functions validate everything (including every class index)
+#   before `nogil`; nothing is written when a check fails.
 include "_common.pxi"
+
+from libc.math cimport INFINITY
+from libc.stdint cimport int64_t
+from cython.parallel cimport prange
+import numpy as np
+
+cdef extern from "_omp.h" nogil:
+    int omp_get_num_threads()
+
+cdef extern from "_vmath.h" nogil:
+    float fastopt_expf(float x)
+    double fastopt_exp(double x)
+    float fastopt_expf_nonpos(float x)
+    double fastopt_exp_nonpos(double x)
+    double fastopt_log(double x)
+    # lane reductions: fixed order, the same at every SIMD level
+    float fastopt_max_f(const float *x, Py_ssize_t n)
+    double fastopt_max_d(const double *x, Py_ssize_t n)
+    double fastopt_dot_f(const float *w, const float *x, float m, Py_ssize_t n, int skip_zero)
+    double fastopt_dot_d(const double *w, const double *x, double m, Py_ssize_t n, int skip_zero)
+
+# Elements of a row per chunk (partial sums per chunk, combined in order).  8 KiB-16 KiB: in L1.
+DEF CHUNK = 2048
+# Rows with fewer classes go through the blocked small-C path, SMALL_ROWS at a time.
+DEF SMALL_C = 64
+DEF SMALL_ROWS = 256
+# Elements per thread below which a kernel stays on the calling thread.
+DEF GRAIN = 8192
+# Columns per block in the strided (non-last axis) kernel.
+DEF COLS = 64
+
+
+# ------------------------------------------------------------ primitives ---
+
+cdef inline floating vexp(floating x) noexcept nogil:
+    """exp(x) for x <= 0 or NaN (all that softmax needs: x - max)."""
+    if floating is float:
+        return fastopt_expf_nonpos(x)
+    else:
+        return fastopt_exp_nonpos(x)
+
+
+cdef inline floating span_max(const floating *x, Py_ssize_t n) noexcept nogil:
+    """max of x[0:n]; NaN is skipped here (it propagates through the sum)."""
+    if floating is float:
+        return fastopt_max_f(x, n)
+    else:
+        return fastopt_max_d(x, n)
+
+
+cdef inline double span_dot(const floating *w, const floating *x, Py_ssize_t n, floating m,
+                            bint skip_zero) noexcept nogil:
+    """sum_i w_i (x_i - m) in double (w NULL: all ones; x NULL: sum_i w_i).  skip_zero: a term
+    with w_i = 0 is 0 even where x_i = -inf (otherwise 0 * -inf = NaN)."""
+    if floating is float:
+        return fastopt_dot_f(w, x, m, n, skip_zero)
+    else:
+        return fastopt_dot_d(w, x, m, n, skip_zero)
+
+
+cdef inline double span_sum(const floating *e, Py_ssize_t n) noexcept nogil:
+    """sum of e[0:n] in double."""
+    return span_dot(e, <const floating *>NULL, n, 0, False)
+
+
+cdef void span_exp(const floating *x, floating *e, Py_ssize_t n, floating m) noexcept nogil:
+    # e = exp(x - m)
+    cdef Py_ssize_t i
+    for i in range(n):
+        e[i] = vexp(x[i] - m)
+
+
+# ------------------------------------------------------------------- rows ---
+
+cdef enum Mode:
+    LOG_SOFTMAX = 0
+    SOFTMAX = 1
+    XENT = 2
+
+
+ctypedef struct Part:
+    double s        # sum exp(x_c - M)
+    double dot      # sum q_c (x_c - M) over the classes that need it
+    double qsum     # sum q_c (probability targets)
+
+
+ctypedef struct Job:
+    int mode
+    bint is_double
+    Py_ssize_t n, c, nchunk
+    const void *x           # (N, C) rows
+    void *out               # log_softmax/softmax output, or dlogits (NULL: loss only)
+    # cross-entropy
+    const int64_t *y        # class indices (N,), or NULL
+    const void *t           # class probabilities (N, C), or NULL
+    const void *w           # class weights (C,), or NULL
+    int64_t ignore
+    double eps              # label smoothing
+    double wsum             # sum of the weights (C without weights)
+    double scale            # gradient scale: 1/D for 'mean', else 1
+    double *loss            # per-row loss (N,)
+    # few long rows: partials per (row, chunk), row-major
+    double *pmax
+    Part *part
+
+
+cdef inline bint ignored(const Job *j, Py_ssize_t i) noexcept nogil:
+    return j.mode == XENT and j.y != NULL and j.y[i] == j.ignore
+
+
+cdef inline double weight_at(const floating *w, Py_ssize_t c) noexcept nogil:
+    return <double>w[c] if w != NULL else 1.0
+
+
+cdef void q_chunk(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi,
+                  floating *q) noexcept nogil:
+    # probability targets: q_c = w_c * ((1-eps) t_c + eps/C) for c in [lo, hi)
+    cdef const floating *t = <const floating *>j.t + i * j.c
+    cdef const floating *w = <const floating *>j.w
+    cdef floating a = <floating>(1.0 - j.eps), b = <floating>(j.eps / j.c)
+    cdef Py_ssize_t c
+    if j.eps == 0:
+        for c in range(lo, hi):
+            q[c - lo] = t[c]
+    else:
+        for c in range(lo, hi):
+            q[c - lo] = t[c] * a + b
+    if w != NULL:
+        for c in range(lo, hi):
+            q[c - lo] = q[c - lo] * w[c]
+
+
+cdef inline floating *exp_dest(const Job *j, Py_ssize_t i, Py_ssize_t lo,
+                               floating *scratch) noexcept nogil:
+    """Where exp(x - M) of row i from class lo goes: the output when it is
+    scaled in place later (softmax, dlogits), else scratch."""
+    if j.out != NULL and j.mode != LOG_SOFTMAX:
+        return <floating *>j.out + i * j.c + lo
+    return scratch
+
+
+cdef void chunk_part(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi, floating m,
+                     const floating *e, Part *pt, floating *qbuf) noexcept nogil:
+    """Partial sums of row i over classes [lo, hi), given e = exp(x - m) there."""
+    cdef const floating *x = <const floating *>j.x + i * j.c + lo
+    cdef Py_ssize_t n = hi - lo
+    pt.s = span_sum(e, n)
+    pt.dot = 0.0
+    pt.qsum = 0.0
+    if j.mode != XENT:
+        return
+    if j.t != NULL:
+        # 0 * log(0) = 0: a class with q_c = 0 adds nothing, even at x_c = -inf
+        q_chunk(j, i, lo, hi, qbuf)
+        pt.dot = span_dot(qbuf, x, n, m, True)
+        pt.qsum = span_sum(qbuf, n)
+    elif j.eps != 0:
+        # smoothing term sum_c w_c (x_c - M); w_c * -inf is -inf or NaN, as in PyTorch
+        pt.dot = span_dot(<const floating *>j.w + lo if j.w != NULL else NULL, x, n, m, False)
+
+
+cdef double row_coef(const Job *j, Py_ssize_t i, floating m, Part tot, double log_s,
+                     double *loss) noexcept nogil:
+    """From row i's totals (and log S): its loss (cross-entropy) and the
+    coefficient that the chunk writes use (log S; 1/S; Q*scale/S)."""
+    cdef double eps = j.eps, wy, dy, q
+    cdef int64_t y
+    if j.mode == LOG_SOFTMAX:
+        return log_s
+    if j.mode == SOFTMAX:
+        return 1.0 / tot.s
+    if j.y != NULL:
+        y = j.y[i]
+        wy = weight_at(<const floating *>j.w, y)
+        dy = <double>(<const floating *>j.x)[i * j.c + y] - <double>m
+        # -w_y logp_y,  logp_y = (x_y - M) - log S
+        loss[0] = -wy * (dy - log_s)
+        q = wy
+        if eps != 0:
+            # (1-eps) nll + eps/C * sum_c -w_c logp_c
+            loss[0] = (1.0 - eps) * loss[0] + eps / j.c * (j.wsum * log_s - tot.dot)
+            q = (1.0 - eps) * wy + eps / j.c * j.wsum
+    else:
+        loss[0] = tot.qsum * log_s - tot.dot
+        q = tot.qsum
+    return q * j.scale / tot.s
+
+
+cdef void chunk_write(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi, floating m,
+                      double coef, floating *qbuf) noexcept nogil:
+    """Write the outputs of row i over classes [lo, hi)."""
+    cdef const floating *x = <const floating *>j.x + i * j.c
+    cdef floating *o = <floating *>j.out + i * j.c
+    cdef const floating *w = <const floating *>j.w
+    cdef floating a = <floating>coef, b, sc = <floating>j.scale
+    cdef Py_ssize_t c, y
+    if j.mode == LOG_SOFTMAX:
+        for c in range(lo, hi):
+            o[c] = (x[c] - m) - a
+    elif j.mode == SOFTMAX:
+        for c in range(lo, hi):
+            o[c] = o[c] * a
+    elif j.t != NULL:
+        # dlogits = (softmax Q - q) * scale,  o holds exp(x - M)
+        q_chunk(j, i, lo, hi, qbuf)
+        for c in range(lo, hi):
+            o[c] = o[c] * a - qbuf[c - lo] * sc
+    else:
+        if j.eps == 0:
+            for c in range(lo, hi):
+                o[c] = o[c] * a
+        else:
+            b = <floating>(j.eps / j.c * j.scale)
+            if w == NULL:
+                for c in range(lo, hi):
+                    o[c] = o[c] * a - b
+            else:
+                for c in range(lo, hi):
+                    o[c] = o[c] * a - b * w[c]
+        y = j.y[i]
+        if lo <= y < hi:
+            o[y] = o[y] - <floating>((1.0 - j.eps) * weight_at(w, y) * j.scale)
+
+
+cdef inline void ignored_row(const Job *j, floating *out, Py_ssize_t i, Py_ssize_t lo,
+                             Py_ssize_t hi) noexcept nogil:
+    # an ignored row has a zero gradient
+    cdef floating *o = out + i * j.c
+    cdef Py_ssize_t c
+    if out != NULL:
+        for c in range(lo, hi):
+            o[c] = 0
+
+
+cdef inline bint writes(const Job *j) noexcept nogil:
+    return j.out != NULL
+
+
+cdef void one_row(const Job *j, Py_ssize_t i, floating *scratch, floating *qbuf) noexcept nogil:
+    """All passes over row i on this thread, chunk by chunk."""
+    cdef const floating *x = <const floating *>j.x + i * j.c
+    cdef floating m = -INFINITY, mk
+    cdef floating *e
+    cdef Part tot, pt
+    cdef double coef
+    cdef Py_ssize_t k, lo, hi
+    if ignored(j, i):
+        ignored_row(j, <floating *>j.out, i, 0, j.c)
+        j.loss[i] = 0.0
+        return
+    for k in range(j.nchunk):
+        lo = k * CHUNK
+        hi = min(lo + CHUNK, j.c)
+        mk = span_max(x + lo, hi - lo)
+        m = mk if mk > m else m
+    tot.s = tot.dot = tot.qsum = 0.0
+    for k in range(j.nchunk):
+        lo = k * CHUNK
+        hi = min(lo + CHUNK, j.c)
+        e = exp_dest(j, i, lo, scratch)
+        span_exp(x + lo, e, hi - lo, m)
+        chunk_part(j, i, lo, hi, m, e, &pt, qbuf)
+        tot.s += pt.s
+        tot.dot += pt.dot
+        tot.qsum += pt.qsum
+    coef = row_coef(j, i, m, tot, fastopt_log(tot.s), &j.loss[i])
+    if writes(j):
+        for k in range(j.nchunk):
+            lo = k * CHUNK
+            hi = min(lo + CHUNK, j.c)
+            chunk_write(j, i, lo, hi, m, coef, qbuf)
+
+
+cdef void small_rows(const Job *j, Py_ssize_t r0, Py_ssize_t r1, floating *scratch,
+                     floating *qbuf) noexcept nogil:
+    """Rows [r0, r1) with C < SMALL_C: the same arithmetic as one_row, but exp
+    and log run over a block of rows at once (vectorized loops): with few
+    classes, per-row scalar work would dominate."""
+    cdef Py_ssize_t c = j.c, rows = min(max(CHUNK // c, 1), SMALL_ROWS)
+    cdef Py_ssize_t b0, b1, i, k, r
+    cdef floating mrow[SMALL_ROWS]
+    cdef Part part[SMALL_ROWS]
+    cdef double sums[SMALL_ROWS]
+    cdef double logs[SMALL_ROWS]
+    cdef floating *e
+    cdef floating *er
+    cdef const floating *xr
+    cdef double coef
+    b0 = r0
+    while b0 < r1:
+        b1 = min(b0 + rows, r1)
+        e = exp_dest(j, b0, 0, scratch)          # rows b0..b1 are contiguous there
+        for i in range(b0, b1):
+            r = i - b0
+            xr = <const floating *>j.x + i * c
+            er = e + r * c
+            mrow[r] = span_max(xr, c)
+            for k in range(c):
+                er[k] = xr[k] - mrow[r]
+        for k in range((b1 - b0) * c):
+            e[k] = vexp(e[k])
+        for i in range(b0, b1):
+            r = i - b0
+            chunk_part(j, i, 0, c, mrow[r], e + r * c, &part[r], qbuf)
+            sums[r] = part[r].s
+        for r in range(b1 - b0):
+            logs[r] = fastopt_log(sums[r])
+        for i in range(b0, b1):
+            r = i - b0
+            if ignored(j, i):
+                ignored_row(j, <floating *>j.out, i, 0, c)
+                j.loss[i] = 0.0
+                continue
+            coef = row_coef(j, i, mrow[r], part[r], logs[r], &j.loss[i])
+            if writes(j):
+                chunk_write(j, i, 0, c, mrow[r], coef, qbuf)
+        b0 = b1
+
+
+cdef void rows_range(const floating *x, const Job *j, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    cdef floating scratch[CHUNK]
+    cdef floating qbuf[CHUNK]
+    cdef Py_ssize_t i
+    if j.c < SMALL_C:
+        small_rows(j, r0, r1, scratch, qbuf)
+    else:
+        for i in range(r0, r1):
+            one_row(j, i, scratch, qbuf)
+
+
+# Few long rows: the (row, chunk) pieces in three parallel steps.
+
+cdef void piece_max(const floating *x, const Job *j, Py_ssize_t it) noexcept nogil:
+    cdef Py_ssize_t i = it // j.nchunk, lo = (it % j.nchunk) * CHUNK
+    cdef Py_ssize_t hi = min(lo + CHUNK, j.c)
+    if not ignored(j, i):
+        j.pmax[it] = span_max(x + i * j.c + lo, hi - lo)
+
+
+cdef inline floating piece_row_max(const floating *x, const Job *j, Py_ssize_t i) noexcept nogil:
+    cdef floating m = -INFINITY, mk
+    cdef Py_ssize_t k
+    for k in range(j.nchunk):
+        mk = <floating>j.pmax[i * j.nchunk + k]
+        m = mk if mk > m else m
+    return m
+
+
+cdef void piece_sums(const floating *x, const Job *j, Py_ssize_t it) noexcept nogil:
+    cdef floating scratch[CHUNK]
+    cdef floating qbuf[CHUNK]
+    cdef Py_ssize_t i = it // j.nchunk, lo = (it % j.nchunk) * CHUNK
+    cdef Py_ssize_t hi = min(lo + CHUNK, j.c)
+    cdef floating m
+    cdef floating *e
+    if ignored(j, i):
+        return
+    m = piece_row_max(x, j, i)
+    e = exp_dest(j, i, lo, scratch)
+    span_exp(x + i * j.c + lo, e, hi - lo, m)
+    chunk_part(j, i, lo, hi, m, e, &j.part[it], qbuf)
+
+
+cdef double piece_coef(const Job *j, Py_ssize_t i, floating *m, double *loss) noexcept nogil:
+    cdef Part tot
+    cdef Py_ssize_t k
+    m[0] = piece_row_max(<const floating *>j.x, j, i)
+    tot.s = tot.dot = tot.qsum = 0.0
+    for k in range(j.nchunk):
+        tot.s += j.part[i * j.nchunk + k].s
+        tot.dot += j.part[i * j.nchunk + k].dot
+        tot.qsum += j.part[i * j.nchunk + k].qsum
+    return row_coef(j, i, m[0], tot, fastopt_log(tot.s), loss)
+
+
+cdef void piece_write(const floating *x, const Job *j, Py_ssize_t it) noexcept nogil:
+    cdef floating qbuf[CHUNK]
+    cdef Py_ssize_t i = it // j.nchunk, lo = (it % j.nchunk) * CHUNK
+    cdef Py_ssize_t hi = min(lo + CHUNK, j.c)
+    cdef floating m
+    cdef double coef, loss
+    if ignored(j, i):
+        ignored_row(j, <floating *>j.out, i, lo, hi)
+        return
+    coef = piece_coef(j, i, &m, &loss)
+    chunk_write(j, i, lo, hi, m, coef, qbuf)
+
+
+cdef void run_pieces(const floating *x, const Job *j, int nt) noexcept nogil:
+    cdef Py_ssize_t it, i, pieces = j.n * j.nchunk
+    cdef floating m
+    for it in prange(pieces, num_threads=nt, schedule="static"):
+        piece_max(x, j, it)
+    for it in prange(pieces, num_threads=nt, schedule="static"):
+        piece_sums(x, j, it)
+    if writes(j):
+        for it in prange(pieces, num_threads=nt, schedule="static"):
+            piece_write(x, j, it)
+    if j.mode == XENT:
+        for i in range(j.n):
+            if ignored(j, i):
+                j.loss[i] = 0.0
+            else:
+                piece_coef(j, i, &m, &j.loss[i])
+
+
+cdef void run_rows(const Job *j) noexcept nogil:
+    """Every row of the job, on as many threads as the work warrants."""
+    cdef int nt = threads_for(j.n * j.c, GRAIN)
+    cdef Py_ssize_t lo, hi
+    if nt > 1 and j.nchunk > 1 and j.n < 4 * nt:
+        if j.is_double:
+            run_pieces(<const double *>j.x, j, nt)
+        else:
+            run_pieces(<const float *>j.x, j, nt)
+        return
+    if nt == 1:
+        if j.is_double:
+            rows_range(<const double *>j.x, j, 0, j.n)
+        else:
+            rows_range(<const float *>j.x, j, 0, j.n)
+        return
+    with parallel(num_threads=nt):
+        # the team may be smaller than asked (e.g. inside another parallel region)
+        split(j.n, omp_get_num_threads(), threadid(), 1, &lo, &hi)
+        if j.is_double:
+            rows_range(<const double *>j.x, j, lo, hi)
+        else:
+            rows_range(<const float *>j.x, j, lo, hi)
+
+
+# -------------------------------------------------------- strided axis ---
+
+cdef void col_block(const floating *x, floating *out, Py_ssize_t c, Py_ssize_t inner,
+                    Py_ssize_t o, Py_ssize_t j0, Py_ssize_t nb, bint log_out) noexcept nogil:
+    """Columns j0..j0+nb of slab o of an (outer, C, inner) array: softmax over
+    C for each column, vectorized across the (contiguous) columns."""
+    cdef floating m[COLS]
+    cdef double s[COLS]
+    cdef floating a[COLS]
+    cdef floating v
+    cdef Py_ssize_t base = o * c * inner + j0, k, jj
+    cdef const floating *xr
+    cdef floating *orow
+    for jj in range(nb):
+        m[jj] = -INFINITY
+        s[jj] = 0.0
+    for k in range(c):
+        xr = x + base + k * inner
+        for jj in range(nb):
+            v = xr[jj]
+            m[jj] = v if v > m[jj] else m[jj]
+    for k in range(c):
+        xr = x + base + k * inner
+        orow = out + base + k * inner
+        if log_out:
+            for jj in range(nb):
+                s[jj] = s[jj] + <double>vexp(xr[jj] - m[jj])
+        else:
+            for jj in range(nb):
+                v = vexp(xr[jj] - m[jj])
+                orow[jj] = v
+                s[jj] = s[jj] + <double>v
+    for jj in range(nb):
+        a[jj] = <floating>fastopt_log(s[jj]) if log_out else <floating>(1.0 / s[jj])
+    for k in range(c):
+        xr = x + base + k * inner
+        orow = out + base + k * inner
+        if log_out:
+            for jj in range(nb):
+                orow[jj] = (xr[jj] - m[jj]) - a[jj]
+        else:
+            for jj in range(nb):
+                orow[jj] = orow[jj] * a[jj]
+
+
+cdef void run_cols(const floating *x, floating *out, Py_ssize_t outer, Py_ssize_t c,
+                   Py_ssize_t inner, bint log_out) noexcept nogil:
+    cdef Py_ssize_t per = (inner + COLS - 1) // COLS, it, o, j0
+    cdef int nt = threads_for(outer * c * inner, GRAIN)
+    if nt > outer * per:            # one block per thread at most
+        nt = <int>(outer * per)
+    if nt == 1:
+        for it in range(outer * per):
+            o = it // per
+            j0 = (it % per) * COLS
+            col_block(x, out, c, inner, o, j0, min(COLS, inner - j0), log_out)
+        return
+    for it in prange(outer * per, num_threads=nt, schedule="static"):
+        o = it // per
+        j0 = (it % per) * COLS
+        col_block(x, out, c, inner, o, j0, min(COLS, inner - j0), log_out)
+
+
+cdef void exp_array(const floating *x, floating *out, Py_ssize_t n, bint nonpos) noexcept nogil:
+    cdef Py_ssize_t i
+    if nonpos:
+        for i in range(n):
+            out[i] = vexp(x[i])
+    elif floating is float:
+        for i in range(n):
+            out[i] = fastopt_expf(x[i])
+    else:
+        for i in range(n):
+            out[i] = fastopt_exp(x[i])
+
+
+cdef double ordered_sum(const double *v, Py_ssize_t n) noexcept nogil:
+    """sum of v in a fixed order (4 interleaved partial sums)."""
+    cdef double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+    cdef Py_ssize_t i, nb = n - n % 4
+    for i in range(0, nb, 4):
+        s0 += v[i]
+        s1 += v[i + 1]
+        s2 += v[i + 2]
+        s3 += v[i + 3]
+    for i in range(nb, n):
+        s0 += v[i]
+    return (s0 + s1) + (s2 + s3)
+
+
+cdef Py_ssize_t check_classes(const int64_t *y, Py_ssize_t n, Py_ssize_t c, int64_t ignore,
+                              const floating *w, double *total) noexcept nogil:
+    """Index of the first class index outside [0, C) (ignore_index excepted),
+    or -1; `total` = sum of w[y_i] over the rows not ignored (their count
+    without weights), in order."""
+    cdef Py_ssize_t i, count = 0
+    cdef int64_t v
+    cdef double tw = 0.0
+    for i in range(n):
+        v = y[i]
+        if v == ignore:
+            continue
+        if v < 0 or v >= c:
+            return i
+        count += 1
+        if w != NULL:
+            tw += <double>w[v]
+    total[0] = tw if w != NULL else <double>count
+    return -1
+
+
+# ------------------------------------------------------------ functional API ---
+
+cdef inline int norm_axis(object axis, int nd) except -100:
+    if isinstance(axis, bool) or not hasattr(axis, "__index__"):
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+    cdef object a = axis.__index__()
+    if not -nd <= a < nd:
+        raise np.exceptions.AxisError(f"axis {a} is out of bounds for an array of dimension {nd}")
+    return <int>(a + nd if a < 0 else a)
+
+
+cdef inline bint same_memory(cnp.ndarray a, cnp.ndarray b) noexcept:
+    return cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b)
+
+
+cdef cnp.ndarray _softmax_any(object x, object axis, object out, int mode):
+    cdef cnp.ndarray xa = float_array(x, "x")
+    cdef int nd = cnp.PyArray_NDIM(xa)
+    if nd == 0:
+        raise ValueError("x must have at least one dimension")
+    cdef int ax = norm_axis(axis, nd)
+    xa = readable(xa)
+    cdef cnp.ndarray o
+    if out is None:
+        o = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
+    else:
+        o = writable(like(out, "out", xa, "x"), "out")
+        if not same_memory(o, xa):           # out=x (in place) is allowed
+            check_disjoint([xa, o], ("x", "out"))
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(xa)
+    cdef Py_ssize_t outer = 1, inner = 1, c = dims[ax], k
+    for k in range(ax):
+        outer *= dims[k]
+    for k in range(ax + 1, nd):
+        inner *= dims[k]
+    cdef Job j
+    cdef bint is_double = cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64
+    if outer * c * inner == 0:
+        return o
+    if inner == 1:
+        j.mode = mode
+        j.is_double = is_double
+        j.n = outer
+        j.c = c
+        j.nchunk = (c + CHUNK - 1) // CHUNK
+        j.x = cnp.PyArray_DATA(xa)
+        j.out = cnp.PyArray_DATA(o)
+        j.y = NULL
+        j.t = NULL
+        j.w = NULL
+        j.loss = NULL                        # (cross-entropy only)
+        bufs = piece_buffers(&j)
+        with nogil:
+            run_rows(&j)
+    else:
+        with nogil:
+            if is_double:
+                run_cols(<const double *>cnp.PyArray_DATA(xa), <double *>cnp.PyArray_DATA(o),
+                         outer, c, inner, mode == LOG_SOFTMAX)
+            else:
+                run_cols(<const float *>cnp.PyArray_DATA(xa), <float *>cnp.PyArray_DATA(o),
+                         outer, c, inner, mode == LOG_SOFTMAX)
+    return o
+
+
+cdef object piece_buffers(Job *j):
+    """Partials for the few-long-rows schedule (only rows of several chunks)."""
+    j.pmax = NULL
+    j.part = NULL
+    if j.nchunk < 2:
+        return None
+    cdef cnp.ndarray b = np.empty(j.n * j.nchunk * 4, dtype=np.float64)
+    j.pmax = <double *>cnp.PyArray_DATA(b)
+    j.part = <Part *>(j.pmax + j.n * j.nchunk)
+    return b
+
+
+def log_softmax(x, axis=-1, out=None):
+    """log(softmax(x)) along `axis`, computed stably in one kernel.
+
+    ``out = (x - max) - log(sum(exp(x - max)))`` with the max and the sum
+    taken along `axis` (sum accumulated in double), as
+    ``torch.nn.functional.log_softmax``.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, at least 1-d
+    axis : int
+        The class axis (default: the last).
+    out : ndarray, optional
+        Like `x`, C-contiguous and writeable; may be `x` itself (in place).
+
+    Returns
+    -------
+    ndarray
+        `out`, or a new array like `x`.
+    """
+    return _softmax_any(x, axis, out, LOG_SOFTMAX)
+
+
+def softmax(x, axis=-1, out=None):
+    """softmax(x) along `axis`: ``exp(x - max) / sum(exp(x - max))``.
+
+    As ``torch.nn.functional.softmax``; the sum is accumulated in double.
+    Parameters as in `log_softmax`.
+    """
+    return _softmax_any(x, axis, out, SOFTMAX)
+
+
+cdef void log_array(const double *x, double *out, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = fastopt_log(x[i])
+
+
+def _log(x):
+    """log of every element of a float64 array with fastopt's log (a test hook)."""
+    cdef cnp.ndarray xa = readable(float_array(x, "x"))
+    if cnp.PyArray_TYPE(xa) != cnp.NPY_FLOAT64:
+        raise TypeError("x must have dtype float64")
+    cdef cnp.ndarray o = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT64, 0)
+    with nogil:
+        log_array(<const double *>cnp.PyArray_DATA(xa), <double *>cnp.PyArray_DATA(o), cnp.PyArray_SIZE(xa))
+    return o
+
+
+def _exp(x, bint nonpositive=False):
+    """exp of every element with fastopt's vectorized exp (a test hook);
+    `nonpositive`: the variant for x <= 0 that the kernels use."""
+    cdef cnp.ndarray xa = readable(float_array(x, "x"))
+    cdef cnp.ndarray o = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa),
+                                           cnp.PyArray_TYPE(xa), 0)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(xa)
+    with nogil:
+        if cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64:
+            exp_array(<const double *>cnp.PyArray_DATA(xa), <double *>cnp.PyArray_DATA(o), n, nonpositive)
+        else:
+            exp_array(<const float *>cnp.PyArray_DATA(xa), <float *>cnp.PyArray_DATA(o), n, nonpositive)
+    return o
+
+
+INT64_MAX = 2**63 - 1
+
+
+cdef cnp.ndarray class_targets(object target, Py_ssize_t n):
+    """Class indices of any integer dtype as a contiguous int64 array."""
+    cdef cnp.ndarray t = <cnp.ndarray>target
+    if t.dtype.kind not in "iu":
+        raise TypeError(f"target of shape ({n},) must hold integer class indices, got dtype {t.dtype}")
+    if t.dtype == np.uint64 and n > 0 and t.max() > INT64_MAX:
+        i = int(np.argmax(t > INT64_MAX))
+        raise ValueError(f"target[{i}] = {int(t[i])} is out of range")
+    return np.ascontiguousarray(t, dtype=np.int64)
+
+
+def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, return_grad=False, grad_out=None):
+    """Cross-entropy loss of logits against class indices or probabilities,
+    and optionally its gradient, in one fused kernel.
+
+    Follows ``torch.nn.functional.cross_entropy``.  With logp = log_softmax(logits)
+    and eps = `label_smoothing`, the loss of row i is::
+
+        class index y_i:  (1-eps) * (-w[y_i] logp[i, y_i]) + eps/C * sum_c(-w[c] logp[i, c])
+        probabilities:    sum_c -w[c] t'[i, c] logp[i, c],  t' = (1-eps) t + eps/C
+
+    (w = 1 without `weight`).  'mean' divides the sum over rows by the sum of
+    w[y_i] over the rows not ignored (class indices; NaN if all are ignored)
+    or by N (probabilities); 'sum' adds; 'none' returns the rows' losses
+    (0 for ignored rows).  The gradient is ``softmax * Q - q`` per row, where q
+    is the weighted target distribution above (Q its sum), divided by the
+    same denominator for 'mean'.
+
+    Parameters
+    ----------
+    logits : ndarray, float32 or float64, shape (N, C)
+    target : ndarray
+        Class indices, shape (N,), any integer dtype, each in [0, C) or equal
+        to `ignore_index`; or class probabilities, shape (N, C), the dtype of
+        `logits` (soft labels, or the one-hot Y).
+    weight : ndarray, optional
+        Class weights, shape (C,), the dtype of `logits`, finite and >= 0.
+    ignore_index : int
+        Rows whose class index equals it contribute nothing (class indices
+        only; must be negative with probabilities, as in PyTorch).
+    reduction : {'mean', 'sum', 'none'}
+    label_smoothing : float in [0, 1]
+    return_grad : bool
+        Also return d(loss)/d(logits).
+    grad_out : ndarray, optional
+        Where to write the gradient (like `logits`, C-contiguous, writeable);
+        requires ``return_grad=True``.
+
+    Returns
+    -------
+    loss : float, or ndarray of shape (N,) for reduction='none'
+        Sums are accumulated in double.
+    (loss, dlogits) when `return_grad` is True.
+
+    Notes
+    -----
+    A row with a NaN or +inf logit, or only -inf logits, gives NaN for that
+    row.  A -inf logit (a masked class) gives a finite loss and a zero
+    gradient for that class; with label smoothing the loss becomes +inf (NaN
+    if that class's weight is 0), as in PyTorch.  With probability targets a
+    class with t'[i, c] * w[c] = 0 adds 0 to the loss even at a -inf logit
+    (PyTorch computes 0 * -inf = NaN there).
+    """
+    cdef cnp.ndarray x = float_array(logits, "logits")
+    if cnp.PyArray_NDIM(x) != 2:
+        raise ValueError(f"logits must have shape (N, C), got shape {(<object>x).shape}")
+    x = readable(x)
+    cdef Py_ssize_t n = cnp.PyArray_DIM(x, 0), c = cnp.PyArray_DIM(x, 1)
+    cdef int typ = cnp.PyArray_TYPE(x)
+    if not cnp.PyArray_Check(target):
+        raise TypeError(f"target must be a numpy.ndarray, got {type(target).__name__}")
+    cdef cnp.ndarray y = None, t = None, w = None, g = None
+    cdef int tnd = cnp.PyArray_NDIM(<cnp.ndarray>target)
+    if tnd == 1 and cnp.PyArray_DIM(<cnp.ndarray>target, 0) == n:
+        y = class_targets(target, n)
+    elif tnd == 2:
+        t = readable(like(target, "target", x, "logits"))
+    else:
+        raise ValueError(f"target must have shape ({n},) (class indices) or {(n, c)} "
+                         f"(probabilities), got shape {(<object>target).shape}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    cdef double eps = real(label_smoothing, "label_smoothing")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {eps!r}")
+    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
+        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
+    ignore_index = ignore_index.__index__()
+    if not -INT64_MAX - 1 <= ignore_index <= INT64_MAX:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
+    if t is not None and ignore_index >= 0:
+        raise ValueError("ignore_index is not supported with probability targets "
+                         f"(got ignore_index={ignore_index})")
+    if weight is not None:
+        w = float_array(weight, "weight")
+        if cnp.PyArray_NDIM(w) != 1 or cnp.PyArray_DIM(w, 0) != c:
+            raise ValueError(f"weight must have shape ({c},), got shape {(<object>w).shape}")
+        if cnp.PyArray_TYPE(w) != typ:
+            raise TypeError(f"weight has dtype {w.dtype} but logits has dtype {x.dtype}")
+        w = readable(w)
+        if not np.all(w >= 0) or not np.all(np.isfinite(w)):
+            raise ValueError("weight must be finite and >= 0")
+    if grad_out is not None:
+        if not return_grad:
+            raise ValueError("grad_out requires return_grad=True")
+        g = writable(like(grad_out, "grad_out", x, "logits"), "grad_out")
+        check_disjoint([x, g, t, w], ("logits", "grad_out", "target", "weight"))
+    cdef Job j
+    j.mode = XENT
+    j.is_double = typ == cnp.NPY_FLOAT64
+    j.n = n
+    j.c = c
+    j.nchunk = (c + CHUNK - 1) // CHUNK
+    j.x = cnp.PyArray_DATA(x)
+    j.y = <const int64_t *>cnp.PyArray_DATA(y) if y is not None else NULL
+    j.t = cnp.PyArray_DATA(t) if t is not None else NULL
+    j.w = cnp.PyArray_DATA(w) if w is not None else NULL
+    j.ignore = ignore_index
+    j.eps = eps
+    cdef double denom = <double>n
+    cdef Py_ssize_t bad = -1
+    if y is not None:
+        with nogil:
+            if j.is_double:
+                bad = check_classes(j.y, n, c, j.ignore, <const double *>j.w, &denom)
+            else:
+                bad = check_classes(j.y, n, c, j.ignore, <const float *>j.w, &denom)
+        if bad >= 0:
+            raise ValueError(f"target[{bad}] = {j.y[bad]} is out of range: class indices "
+                             f"must be in [0, {c}) or equal ignore_index ({ignore_index})")
+    j.wsum = float(np.sum(w, dtype=np.float64)) if w is not None else <double>c
+    j.scale = 1.0 / denom if reduction == "mean" else 1.0
+    if return_grad and g is None:
+        g = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), typ, 0)
+    j.out = cnp.PyArray_DATA(g) if g is not None else NULL
+    cdef cnp.ndarray rows = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT64, 0)
+    j.loss = <double *>cnp.PyArray_DATA(rows)
+    bufs = piece_buffers(&j)
+    cdef double total = 0.0
+    if n > 0 and c > 0:
+        with nogil:
+            run_rows(&j)
+    elif n > 0:
+        rows[:] = 0.0                       # no classes: an empty sum (as PyTorch)
+    if reduction == "none":
+        loss = rows.astype(x.dtype)
+    else:
+        total = ordered_sum(j.loss, n)
+        if reduction == "mean":
+            total = total / denom
+        loss = total
+    if return_grad:
+        return loss, g
+    return loss
