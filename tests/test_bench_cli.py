@@ -212,10 +212,21 @@ def test_measure_returns_the_median_per_call():
 
 
 def test_compare_names_the_first_bad_element():
-    ref = [np.arange(6, dtype=np.float64).reshape(2, 3)]
-    got = ref[0].astype(np.float32)
-    assert bench.compare([got], ref, ("y",), np.float32) is None
+    r = np.arange(6, dtype=np.float64).reshape(2, 3) / 3
+    ref = bench.Reference([r], np.float32)
+    got = r.astype(np.float32)
+    assert bench.compare([got], ref, ("y",)) is None
     got[1, 2] = 7
-    assert bench.compare([got], ref, ("y",), np.float32).startswith("y[1, 2] = 7")
+    assert bench.compare([got], ref, ("y",)).startswith("y[1, 2] = 7")
     got[1, 2] = np.nan
-    assert "y[1, 2] = nan" in bench.compare([got], ref, ("y",), np.float32)
+    assert "y[1, 2] = nan" in bench.compare([got], ref, ("y",))
+    assert "shape" in bench.compare([got[0]], ref, ("y",))
+    assert bench.compare([got.astype(np.float64)], bench.Reference([r], np.float64),
+                         ("y",)) is not None                 # float64: float32 rounding is an error
+
+
+def test_more_threads_than_openmp_allows_is_noted(capsys):
+    assert bench.main(["--quick", "--threads", "512", "--kernels", "sgd", "--sizes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "--threads 512: fastopt can start at most" in out
+    assert fastopt.get_num_threads() < 512

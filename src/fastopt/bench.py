@@ -29,7 +29,9 @@ import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -129,18 +131,26 @@ def _rng():
     return np.random.default_rng(20240607)
 
 
-def _normal(rng, shape, dtype, scale=1.0, shift=0.0):
-    x = rng.standard_normal(shape, dtype=dtype)
-    x *= scale
+def _uniform(rng, shape, dtype, scale=1.0, shift=0.0):
+    """Values in [shift - scale, shift + scale) (uniform: quick to draw)."""
+    x = rng.random(shape, dtype=dtype)
+    x -= 0.5
+    x *= 2 * scale
     x += shift
     return x
+
+
+def _const(a):
+    """Mark an input no implementation may change: runs share it (see `fresh`)."""
+    a.flags.writeable = False
+    return a
 
 
 def _optimizer_inputs(shapes, dtype, nstate):
     """Parameters, two gradients (alternating between steps), zero state."""
     rng = _rng()
-    params = [_normal(rng, s, dtype, 0.1) for s in shapes]
-    grads = [[_normal(rng, s, dtype, 0.01) for s in shapes] for _ in range(2)]
+    params = [_uniform(rng, s, dtype, 0.1) for s in shapes]
+    grads = [[_const(_uniform(rng, s, dtype, 0.01)) for s in shapes] for _ in range(2)]
     state = [[np.zeros(s, dtype) for s in shapes] for _ in range(nstate)]
     return {"p": params, "g": grads, "s": state}
 
@@ -403,10 +413,11 @@ def _batchnorm_case(shape, axis):
     def make(dtype, peers):
         rng = _rng()
         c = shape[axis]
-        inputs = {"x": _normal(rng, shape, dtype, 2.0, 0.5),
-                  "gamma": _normal(rng, (c,), dtype, 0.2, 1.0),
-                  "beta": _normal(rng, (c,), dtype, 0.2),
-                  "dy": _normal(rng, shape, dtype)}
+        inputs = {"x": _uniform(rng, shape, dtype, 2.0, 0.5),
+                  "gamma": _uniform(rng, (c,), dtype, 0.2, 1.0),
+                  "beta": _uniform(rng, (c,), dtype, 0.2),
+                  "dy": _uniform(rng, shape, dtype)}
+        inputs = {k: _const(v) for k, v in inputs.items()}
         work = Work(inputs, numpy_, inplace, fast, ("y", "dx", "dgamma", "dbeta"), calls=1)
         if "torch" in peers:
             work.peers["torch F.batch_norm fwd+bwd"] = _torch_batchnorm(axis)
@@ -453,8 +464,8 @@ def _softmax_case(family, shape):
 
     def make(dtype, peers):
         rng = _rng()
-        inputs = {"x": _normal(rng, shape, dtype, 3.0),
-                  "target": rng.integers(0, shape[1], shape[0])}
+        inputs = {"x": _const(_uniform(rng, shape, dtype, 5.0)),
+                  "target": _const(rng.integers(0, shape[1], shape[0]))}
         names = ("log_softmax",) if family == "log_softmax" else ("loss", "dlogits")
         work = Work(inputs, numpy_, inplace, fast, names, calls=1)
         if "torch" in peers:
@@ -506,11 +517,20 @@ def available_peers(threads):
     return peers
 
 
+def _tensor(a):
+    """A torch tensor sharing `a`'s memory (read-only inputs too: torch warns
+    about those, but the peers never write to them)."""
+    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
 def _torch_adam(decoupled):
     def impl(s):
         import torch
-        ps = [torch.from_numpy(p).requires_grad_() for p in s["p"]]
-        gs = [[torch.from_numpy(g) for g in grads] for grads in s["g"]]
+        ps = [_tensor(p).requires_grad_() for p in s["p"]]
+        gs = [[_tensor(g) for g in grads] for grads in s["g"]]
         cls = torch.optim.AdamW if decoupled else torch.optim.Adam
         wd = WD_ADAMW if decoupled else 0.0
         opt = cls(ps, lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM, weight_decay=wd, fused=True)
@@ -562,10 +582,11 @@ def _torch_batchnorm(axis):
     def impl(s):
         import torch
         import torch.nn.functional as F
-        x = torch.from_numpy(s["x"]).requires_grad_()
-        w = torch.from_numpy(s["gamma"]).requires_grad_()
-        b = torch.from_numpy(s["beta"]).requires_grad_()
-        dy = torch.from_numpy(s["dy"])
+        # the inputs are read-only: autograd needs leaves of its own for x, w, b
+        x = _tensor(s["x"]).clone().requires_grad_()
+        w = _tensor(s["gamma"]).clone().requires_grad_()
+        b = _tensor(s["beta"]).clone().requires_grad_()
+        dy = _tensor(s["dy"])
         if axis == -1:      # NHWC array -> channels_last NCHW view, no copy
             to_nchw = (0, 3, 1, 2)
             xin, dy = x.permute(to_nchw), dy.permute(to_nchw)
@@ -586,14 +607,14 @@ def _torch_softmax(family):
     def impl(s):
         import torch
         import torch.nn.functional as F
-        x = torch.from_numpy(s["x"])
+        x = _tensor(s["x"])
         if family == "log_softmax":
             def step():
                 with torch.no_grad():
                     return (F.log_softmax(x, dim=-1).numpy(),)
             return step
-        x.requires_grad_()
-        target = torch.from_numpy(s["target"])
+        x = x.clone().requires_grad_()
+        target = _tensor(s["target"])
 
         def step():
             loss = F.cross_entropy(x, target)
@@ -610,7 +631,8 @@ def measure(step, budget, min_samples, max_samples=200):
 
     Calls are grouped into samples of ~budget/20 s (so short calls are not
     dominated by the timer), and samples are taken until `budget` seconds
-    have passed (at least `min_samples`).  The calibration calls warm up.
+    have passed (at least `min_samples`, or 3 of very slow calls).  The
+    calibration calls warm up.
     """
     n = 1
     target = budget / 20
@@ -623,7 +645,9 @@ def measure(step, budget, min_samples, max_samples=200):
             break
         n = min(n * 10, max(n + 1, int(n * 1.2 * target / max(dt, 1e-9))))
     samples, total = [], 0.0
-    while len(samples) < min_samples or (total < budget and len(samples) < max_samples):
+    # at least min_samples (but 3 will do for calls slower than budget/3)
+    while (len(samples) < 3 or len(samples) < min_samples and total < 3 * budget
+           or total < budget and len(samples) < max_samples):
         t0 = time.perf_counter()
         for _ in range(n):
             step()
@@ -634,10 +658,13 @@ def measure(step, budget, min_samples, max_samples=200):
 
 
 def fresh(obj, dtype=None):
-    """A deep copy of the arrays in `obj` (nested dicts/lists); floating arrays
-    converted to `dtype` if given."""
+    """A deep copy of the arrays in `obj` (nested dicts/lists), for one
+    implementation to update; read-only inputs are shared, not copied.
+    Floating arrays are converted to `dtype` if given."""
     if isinstance(obj, np.ndarray):
-        return obj.astype(dtype) if dtype is not None and obj.dtype.kind == "f" else obj.copy()
+        if dtype is not None and obj.dtype.kind == "f":
+            return obj.astype(dtype)
+        return obj if not obj.flags.writeable else obj.copy()
     if isinstance(obj, dict):
         return {k: fresh(v, dtype) for k, v in obj.items()}
     if isinstance(obj, list):
@@ -650,24 +677,38 @@ def tolerance(dtype):
     return (1e-4, 1e-5) if np.dtype(dtype) == np.float32 else (1e-10, 1e-12)
 
 
-def compare(got, ref, names, dtype):
-    """None if every result matches the float64 reference, else what differs."""
-    if len(got) != len(ref):
-        return f"returned {len(got)} results, expected {len(ref)}"
-    rtol, atol = tolerance(dtype)
-    for name, a, r in zip(names, got, ref):
+class Reference:
+    """Float64 reference results and the error allowed for each value:
+    rtol*|ref| + atol*max|ref| with the `tolerance` of the results' dtype."""
+
+    def __init__(self, arrays, dtype):
+        self.rtol, atol = tolerance(dtype)
+        self.arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
+        self.allowed = []
+        for r in self.arrays:
+            allowed = np.abs(r)
+            allowed *= self.rtol
+            allowed += atol * float(np.max(np.abs(r))) if r.size else 0.0
+            self.allowed.append(allowed)
+
+
+def compare(got, ref, names):
+    """None if every result matches the `Reference` `ref`, else what differs."""
+    if len(got) != len(ref.arrays):
+        return f"returned {len(got)} results, expected {len(ref.arrays)}"
+    for name, a, r, allowed in zip(names, got, ref.arrays, ref.allowed):
         a = np.asarray(a)
         if a.shape != r.shape:
             return f"{name} has shape {a.shape}, expected {r.shape}"
-        err = np.abs(a.astype(np.float64) - r)
-        scale = float(np.max(np.abs(r))) if r.size else 0.0
-        bad = ~(err <= rtol * np.abs(r) + atol * scale)
+        err = np.subtract(a, r, dtype=np.float64)
+        err = np.abs(err, out=err) if err.ndim else abs(err)
+        bad = ~(err <= allowed)         # NaN is bad
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             where = f"{name}[{', '.join(map(str, np.unravel_index(i, r.shape)))}]" \
                 if r.ndim else name
             return (f"{where} = {a.flat[i]:.7g}, NumPy reference {r.flat[i]:.7g} "
-                    f"({int(bad.sum())} of {bad.size} values beyond rtol={rtol:g})")
+                    f"({int(bad.sum())} of {bad.size} values beyond rtol={ref.rtol:g})")
     return None
 
 
@@ -687,14 +728,14 @@ class Result:
     error: Optional[str] = None        # why the result was not timed
 
 
-def run_impl(impl, work, ref, dtype, threads, budget, min_samples):
+def run_impl(impl, work, ref, threads, budget, min_samples):
     """Build, check and time one implementation on fresh copies of the inputs."""
     try:
         with fastopt_threads(threads):
             step = impl(fresh(work.inputs))
             for _ in range(work.calls):
                 out = step()
-            error = compare(out, ref, work.names, dtype)
+            error = compare(out, ref, work.names)
             if error:
                 return Result(error=error)
             return Result(time=measure(step, budget, min_samples))
@@ -703,19 +744,20 @@ def run_impl(impl, work, ref, dtype, threads, budget, min_samples):
         return Result(error=f"{type(exc).__name__}: {msg}")
 
 
-def reference(work):
-    """The straightforward NumPy results in float64, after `work.calls` steps."""
+def reference(work, dtype):
+    """The `Reference` for `dtype` results: the straightforward NumPy code
+    run in float64 on the same inputs, after `work.calls` steps."""
     step = work.numpy(fresh(work.inputs, np.float64))
     for _ in range(work.calls):
         out = step()
-    return [np.array(a, dtype=np.float64) for a in out]
+    return Reference(out, dtype)
 
 
 def run_case(case, opts, peers):
     """Every implementation of `case`: {column: Result}, extras, peers."""
     work = case.make(opts.dtype, peers)
-    ref = reference(work)
-    run = lambda impl, threads: run_impl(impl, work, ref, opts.dtype, threads,  # noqa: E731
+    ref = reference(work, opts.dtype)
+    run = lambda impl, threads: run_impl(impl, work, ref, threads,  # noqa: E731
                                          opts.budget, opts.min_samples)
     main = {"numpy": run(work.numpy, 1), "inplace": run(work.inplace, 1),
             "fastopt": run(work.fastopt, opts.threads)}
@@ -774,7 +816,7 @@ COLUMNS = [("case", 30, "<"), ("NumPy", 9, ">"), ("in-place", 9, ">"), ("fastopt
 
 
 def fmt_row(values):
-    return " ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(values, COLUMNS))
+    return " ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(values, COLUMNS)).rstrip()
 
 
 def summarize(case, main, extras, others, itemsize, probe):
@@ -833,27 +875,39 @@ def cpu_model():
     return platform.processor() or platform.machine()
 
 
+def _omp_env():
+    """The OpenMP environment variables that change timings, if set."""
+    keys = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_PROC_BIND")
+    found = [f"{k}={os.environ[k]}" for k in keys if os.environ.get(k)]
+    return f" [{' '.join(found)}]" if found else ""
+
+
 def header(opts, probe, probes, cfg, notes):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     omp = (f"OpenMP {cfg['openmp_version']} ({os.path.basename(cfg['openmp_library'] or '?')})"
            if cfg["openmp"] else "no OpenMP (one thread)")
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [
-        f"fastopt {cfg['version']} benchmark, {now}",
-        f"  CPU:      {cpu_model()}, {cpus} logical CPUs available ({platform.machine()})",
-        f"  fastopt:  SIMD {cfg['simd_level']}, {omp}, {opts.threads} thread(s)"
-        + ("; '1 thread' column: same kernel on one thread" if opts.threads > 1 else ""),
-        f"  NumPy:    {np.__version__} (its elementwise code and reductions run on one thread)",
-        f"  dtype:    {np.dtype(opts.dtype).name}; times are medians; 'vs X' = X time / fastopt time",
-        f"  memory:   probe {probe / 1e9:.1f} GB/s = best of {opts.threads}-thread NumPy streams "
-        f"over {opts.probe_mib} MiB arrays: copy {probes['copy'] / 1e9:.1f} GB/s (read+write), "
-        f"in-place add {probes['add'] / 1e9:.1f} GB/s (2 reads+write)",
-        "  GB/s:     compulsory traffic (every input read once, every output written once) "
-        "/ fastopt time; %probe above 100% means the data fits in cache",
-        "  check:    every result is compared with a float64 run of the NumPy code before it "
-        "is timed",
-    ]
-    return lines + [f"  note:     {n}" for n in notes]
+    items = [
+        ("CPU", f"{cpu_model()}, {cpus} logical CPUs available ({platform.machine()})"),
+        ("fastopt", f"SIMD {cfg['simd_level']}, {omp}{_omp_env()}, {opts.threads} thread(s)"
+         + ("; '1 thread': the same kernel on one thread, scaling = its time / fastopt's"
+            if opts.threads > 1 else "")),
+        ("NumPy", f"{np.__version__} (its elementwise code and reductions run on one thread)"),
+        ("times", f"{np.dtype(opts.dtype).name}, medians; 'vs X' = X's time / fastopt's time"),
+        ("memory", f"probe {probe / 1e9:.1f} GB/s: the better of two {opts.threads}-thread "
+         f"NumPy streams over {opts.probe_mib} MiB arrays, copy {probes['copy'] / 1e9:.1f} "
+         f"GB/s (read + write) and in-place add {probes['add'] / 1e9:.1f} GB/s "
+         "(2 reads + write)"),
+        ("GB/s", "compulsory traffic (every input read once, every output written once) / "
+         "fastopt's time; %probe over 100% means the data fits in cache"),
+        ("check", "every result is compared with a float64 run of the straightforward NumPy "
+         "code before it is timed"),
+    ] + [("note", n) for n in notes]
+    lines = [f"fastopt {cfg['version']} benchmark, {now}"]
+    for key, text in items:
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {key + ':':10}",
+                               subsequent_indent=" " * 12)
+    return lines
 
 
 # -------------------------------------------------------------------- CLI ---
@@ -1002,8 +1056,9 @@ def _run(args, families, sizes):
     cpus = os.cpu_count() or 1
     if load > 0.5 * cpus:
         notes.append(f"load average {load:.1f} on {cpus} CPUs: other programs are running, "
-                     "so times (multi-threaded ones most) are slower and noisier than on an "
-                     "idle machine")
+                     "so times are slower and noisier than on an idle machine; multi-threaded "
+                     "ones suffer most when OpenMP threads spin-wait (OMP_WAIT_POLICY=passive "
+                     "avoids that)")
     present = []
     for family in families:
         missing = [n for n in FAMILIES[family][0] if not hasattr(fastopt, n)]
@@ -1023,7 +1078,7 @@ def _run(args, families, sizes):
     opts = argparse.Namespace(dtype=np.dtype(args.dtype), threads=threads,
                               budget=0.03 if args.quick else 0.1,
                               min_samples=3 if args.quick else 5,
-                              probe_mib=64 if args.quick else 256)
+                              probe_mib=64 if args.quick else 128)
     cfg = fastopt.config()
     probe, probes = probe_bandwidth(threads, opts.probe_mib, 3 * opts.budget)
     for line in header(opts, probe, probes, cfg, notes):
