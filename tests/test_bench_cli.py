@@ -15,15 +15,27 @@ from fastopt import bench
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__)))
 
 
-def run_cli(*args):
+def start_cli(*args):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "fastopt", *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+    return subprocess.Popen([sys.executable, "-m", "fastopt", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli(*args):
+    return finish(start_cli(*args))
 
 
 @pytest.fixture
 def small(monkeypatch):
-    """Tiny shapes for the model/BatchNorm/softmax families and a small probe."""
+    """Tiny shapes for the model/BatchNorm/softmax families, a small probe, short timing."""
+    real_measure = bench.measure
+    monkeypatch.setattr(bench, "measure", lambda step, budget, min_samples:
+                        real_measure(step, 1e-3, 1))
     monkeypatch.setattr(bench, "MODELS", [("3 arrays", [(5, 3), (7,), (2, 2, 3)], True)])
     monkeypatch.setattr(bench, "BN_SHAPES", [((4, 3, 5, 5), 1, True), ((6, 2, 3, 4), -1, True),
                                              ((16, 5), 1, True)])
@@ -64,7 +76,7 @@ def test_json_has_the_expected_fields(tmp_path, small, capsys):
     assert str(path) in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args, words", [
+BAD_INPUT = [
     (["--kernels", "adam,bogus"], "bogus"),
     (["--kernels", ","], "--kernels"),
     (["--sizes", "10,abc"], "abc"),
@@ -77,9 +89,19 @@ def test_json_has_the_expected_fields(tmp_path, small, capsys):
     (["--json", "/nonexistent-dir/x/out.json"], "--json"),
     (["--json", "/"], "directory"),
     (["--bogus-option"], "--bogus-option"),
-])
-def test_bad_input_exits_2_with_one_line(args, words):
-    r = run_cli("bench", "--quick", *args)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs():
+    """All bad-input commands, started at once (each is a fresh interpreter)."""
+    procs = [start_cli("bench", "--quick", *args) for args, _ in BAD_INPUT]
+    return [finish(p) for p in procs]
+
+
+@pytest.mark.parametrize("k", range(len(BAD_INPUT)), ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line(bad_input_runs, k):
+    r, words = bad_input_runs[k], BAD_INPUT[k][1]
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0] and words in lines[0], r.stderr
@@ -113,7 +135,7 @@ def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
     assert "fastopt.demo" in capsys.readouterr().err
 
 
-def test_wrong_kernel_is_reported_failed(monkeypatch, capsys):
+def test_wrong_kernel_is_reported_failed(monkeypatch, small, capsys):
     real = fastopt.adam_step
 
     def wrong_adam_step(param, grad, exp_avg, exp_avg_sq, **kw):
@@ -128,7 +150,7 @@ def test_wrong_kernel_is_reported_failed(monkeypatch, capsys):
     assert "FAILED: 1 of 2 cases" in out                  # sgd still ok
 
 
-def test_kernel_raising_is_reported_failed(monkeypatch, capsys):
+def test_kernel_raising_is_reported_failed(monkeypatch, small, capsys):
     def broken(*args, **kw):
         raise RuntimeError("kernel exploded")
     monkeypatch.setattr(fastopt, "sgd_step", broken)
@@ -192,14 +214,14 @@ def test_every_family_runs_when_its_api_is_present(monkeypatch, small, tmp_path,
     assert model["extras"]["loop of adam_step calls"]["error"] is None
 
 
-def test_missing_family_is_skipped_with_a_note(monkeypatch, capsys):
+def test_missing_family_is_skipped_with_a_note(monkeypatch, small, capsys):
     monkeypatch.delattr(fastopt, "log_softmax", raising=False)
     assert bench.main(["--quick", "--kernels", "log_softmax,sgd", "--sizes", "10"]) == 0
     out = capsys.readouterr().out
     assert "log_softmax: skipped, fastopt.log_softmax is not in this build" in out
 
 
-def test_peers_absent_are_noted(monkeypatch, capsys):
+def test_peers_absent_are_noted(monkeypatch, small, capsys):
     monkeypatch.setattr(bench, "_import", lambda name: None)
     assert bench.main(["--quick", "--peers", "--kernels", "adam", "--sizes", "10"]) == 0
     assert "torch and numba not installed, skipped" in capsys.readouterr().out
@@ -225,7 +247,7 @@ def test_compare_names_the_first_bad_element():
                          ("y",)) is not None                 # float64: float32 rounding is an error
 
 
-def test_more_threads_than_openmp_allows_is_noted(capsys):
+def test_more_threads_than_openmp_allows_is_noted(small, capsys):
     assert bench.main(["--quick", "--threads", "512", "--kernels", "sgd", "--sizes", "10"]) == 0
     out = capsys.readouterr().out
     assert "--threads 512: fastopt can start at most" in out
