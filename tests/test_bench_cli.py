@@ -34,8 +34,8 @@ def run_cli(*args):
 def small(monkeypatch):
     """Tiny shapes for the model/BatchNorm/softmax families, a small probe, short timing."""
     real_measure = bench.measure
-    monkeypatch.setattr(bench, "measure", lambda step, budget, min_samples:
-                        real_measure(step, 1e-3, 1))
+    monkeypatch.setattr(bench, "measure", lambda step, budget, min_samples, **kw:
+                        real_measure(step, 1e-3, 1, **kw))
     monkeypatch.setattr(bench, "MODELS", [("3 arrays", [(5, 3), (7,), (2, 2, 3)], True)])
     monkeypatch.setattr(bench, "BN_SHAPES", [((4, 3, 5, 5), 1, True), ((6, 2, 3, 4), -1, True),
                                              ((16, 5), 1, True)])
