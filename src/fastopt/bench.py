@@ -1003,7 +1003,7 @@ def resolve(args):
     return families, sizes
 
 
-def write_plot(path, records):
+def write_plot(path, records, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1019,6 +1019,7 @@ def write_plot(path, records):
     ax.set_yticks(y, labels)
     ax.invert_yaxis()
     ax.set_xlabel("speedup of fastopt (x, log scale)")
+    ax.set_title(title, fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -1125,7 +1126,9 @@ def _run(args, families, sizes):
             json.dump(report, f, indent=1)
         print(f"results written to {args.json}")
     if args.plot and records:
-        write_plot(args.plot, records)
+        write_plot(args.plot, records,
+                   f"fastopt {cfg['version']} vs NumPy, {opts.dtype.name}, {threads} thread(s), "
+                   f"{cpu_model()}, {datetime.date.today().isoformat()}")
         print(f"speedup chart written to {args.plot}")
     return 1 if failed else 0
 
