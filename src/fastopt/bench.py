@@ -185,10 +185,6 @@ def _unpack(s):
     return s["p"][0], s["g"][0][0], s["g"][1][0], [a[0] for a in s["s"]]
 
 
-def _scratch_like(a):
-    return np.empty_like(a)
-
-
 def _adam_impls(family):
     hp = _adam_hp(family)
 
@@ -205,7 +201,7 @@ def _adam_impls(family):
 
     def inplace(s):
         p, g0, g1, (m, v) = _unpack(s)
-        work = _scratch_like(p)
+        work = np.empty_like(p)
         t = 0
 
         def step():
@@ -246,7 +242,7 @@ def _rmsprop_impls():
 
     def inplace(s):
         p, g0, g1, (sq,) = _unpack(s)
-        work = _scratch_like(p)
+        work = np.empty_like(p)
         t = 0
 
         def step():
@@ -283,7 +279,7 @@ def _sgd_impls():
 
     def inplace(s):
         p, g0, g1, (v,) = _unpack(s)
-        work = _scratch_like(p)
+        work = np.empty_like(p)
         t = 0
 
         def step():
@@ -922,19 +918,22 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv, prog):
     p = _Parser(prog=prog, description="Time fastopt's kernels against NumPy on this machine; "
-                "every result is checked against NumPy first.")
+                "every result is checked against NumPy first.",
+                epilog="exit status: 0 all results match NumPy, 1 a result did not match "
+                "(FAILED in the table), 2 bad input")
+    sci = lambda sizes: ",".join(f"{n:.0e}".replace("e+0", "e") for n in sizes)  # noqa: E731
     p.add_argument("--quick", action="store_true",
                    help="fewer cases and shorter timing (a few seconds)")
     p.add_argument("--sizes", metavar="N,N,...",
                    help="element counts for the one-array optimizer kernels "
-                        f"(default {','.join(f'{n:.0e}' for n in SIZES)}; "
-                        f"--quick: {','.join(f'{n:.0e}' for n in QUICK_SIZES)})")
+                        f"(default {sci(SIZES)}; --quick: {sci(QUICK_SIZES)})")
     p.add_argument("--kernels", metavar="NAME,...",
                    help=f"kernel families to run (default all): {', '.join(FAMILIES)}")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads for fastopt (default: all OpenMP allows); with N > 1 a "
                         "1-thread column shows the scaling")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of every array (default float32)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH.png",
                    help="bar chart of the speedups (needs matplotlib)")
