@@ -880,7 +880,13 @@ def _omp_env():
     return f" [{' '.join(found)}]" if found else ""
 
 
-def header(opts, probe, probes, cfg, notes):
+def _wrap(key, text):
+    return textwrap.wrap(text, 100, initial_indent=f"  {key + ':':10}",
+                         subsequent_indent=" " * 12)
+
+
+def header(opts, cfg, notes):
+    """The report's first lines: machine, settings, legend, notes."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     omp = (f"OpenMP {cfg['openmp_version']} ({os.path.basename(cfg['openmp_library'] or '?')})"
            if cfg["openmp"] else "no OpenMP (one thread)")
@@ -892,10 +898,6 @@ def header(opts, probe, probes, cfg, notes):
             if opts.threads > 1 else "")),
         ("NumPy", f"{np.__version__} (its elementwise code and reductions run on one thread)"),
         ("times", f"{np.dtype(opts.dtype).name}, medians; 'vs X' = X's time / fastopt's time"),
-        ("memory", f"probe {probe / 1e9:.1f} GB/s: the better of two {opts.threads}-thread "
-         f"NumPy streams over {opts.probe_mib} MiB arrays (best of several runs), copy "
-         f"{probes['copy'] / 1e9:.1f} GB/s (read + write) and in-place add "
-         f"{probes['add'] / 1e9:.1f} GB/s (2 reads + write)"),
         ("GB/s", "compulsory traffic (every input read once, every output written once) / "
          "fastopt's time; %probe over 100% means the data fits in cache"),
         ("check", "every result is compared with a float64 run of the straightforward NumPy "
@@ -903,9 +905,15 @@ def header(opts, probe, probes, cfg, notes):
     ] + [("note", n) for n in notes]
     lines = [f"fastopt {cfg['version']} benchmark, {now}"]
     for key, text in items:
-        lines += textwrap.wrap(text, 100, initial_indent=f"  {key + ':':10}",
-                               subsequent_indent=" " * 12)
+        lines += _wrap(key, text)
     return lines
+
+
+def probe_line(opts, probe, probes):
+    return _wrap("memory", f"probe {probe / 1e9:.1f} GB/s: the better of two {opts.threads}-"
+                 f"thread NumPy streams over {opts.probe_mib} MiB arrays (best of several "
+                 f"runs), copy {probes['copy'] / 1e9:.1f} GB/s (read + write) and in-place add "
+                 f"{probes['add'] / 1e9:.1f} GB/s (2 reads + write)")
 
 
 # -------------------------------------------------------------------- CLI ---
@@ -1085,9 +1093,9 @@ def _run(args, families, sizes):
                               min_samples=3 if args.quick else 5,
                               probe_mib=64 if args.quick else 128)
     cfg = fastopt.config()
+    print("\n".join(header(opts, cfg, notes)), flush=True)
     probe, probes = probe_bandwidth(threads, opts.probe_mib, 3 * opts.budget)
-    for line in header(opts, probe, probes, cfg, notes):
-        print(line)
+    print("\n".join(probe_line(opts, probe, probes)))
     print()
     print(fmt_row([c[0] for c in COLUMNS]))
     sys.stdout.flush()
