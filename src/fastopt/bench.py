@@ -18,7 +18,8 @@ Design
   copies of the inputs once, and ``step()`` does one unit of work and returns
   the result arrays.  Optimizer steps alternate between two gradients so the
   compared result depends on every hyperparameter.
-* Times are medians of samples of repeated calls (`measure`).
+* Times are medians of samples of repeated calls (`measure`); the JSON
+  output also has the fastest sample (useful on a busy machine).
 """
 import argparse
 import contextlib
@@ -622,8 +623,8 @@ def _torch_softmax(family):
 
 # ---------------------------------------------------------------- running ---
 
-def measure(step, budget, min_samples, max_samples=200, best=False):
-    """Median (or with `best`, the least) seconds per call of `step()`.
+def measure(step, budget, min_samples, max_samples=200):
+    """(median, least) seconds per call of `step()` over the samples.
 
     Calls are grouped into samples of ~budget/20 s (so short calls are not
     dominated by the timer), and samples are taken until `budget` seconds
@@ -650,7 +651,7 @@ def measure(step, budget, min_samples, max_samples=200, best=False):
         dt = time.perf_counter() - t0
         samples.append(dt / n)
         total += dt
-    return min(samples) if best else statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
 def fresh(obj, dtype=None):
@@ -721,6 +722,7 @@ def fastopt_threads(n):
 @dataclass
 class Result:
     time: Optional[float] = None       # median seconds per call
+    best: Optional[float] = None       # the fastest sample's seconds per call
     error: Optional[str] = None        # why the result was not timed
 
 
@@ -734,7 +736,8 @@ def run_impl(impl, work, ref, threads, budget, min_samples):
             error = compare(out, ref, work.names)
             if error:
                 return Result(error=error)
-            return Result(time=measure(step, budget, min_samples))
+            median, best = measure(step, budget, min_samples)
+            return Result(time=median, best=best)
     except Exception as exc:        # a broken kernel must not stop the report
         msg = str(exc).splitlines()[0] if str(exc) else ""
         return Result(error=f"{type(exc).__name__}: {msg}")
@@ -785,8 +788,8 @@ def probe_bandwidth(threads, mib, budget):
 
         def add():
             list(pool.map(lambda c: np.add(c[0], c[1], out=c[0]), chunks))
-        copy_bw = 2 * dst.nbytes / measure(copy, budget, 5, best=True)
-        add_bw = 3 * dst.nbytes / measure(add, budget, 5, best=True)
+        copy_bw = 2 * dst.nbytes / measure(copy, budget, 5)[1]
+        add_bw = 3 * dst.nbytes / measure(add, budget, 5)[1]
     return max(copy_bw, add_bw), {"copy": copy_bw, "add": add_bw}
 
 
@@ -830,11 +833,14 @@ def summarize(case, main, extras, others, itemsize, probe):
         "speedup_vs_numpy": t["numpy"] / fo if fo and t["numpy"] else None,
         "speedup_vs_inplace": t["inplace"] / fo if fo and t["inplace"] else None,
         "scaling": t["fastopt_1t"] / fo if fo and t.get("fastopt_1t") else None,
+        "best_s": {k: r.best for k, r in main.items()},
         "bytes": case.traffic * itemsize if case.traffic else None,
         "gbps": gbps, "probe_fraction": gbps * 1e9 / probe if gbps else None,
         "ok": not failed, "errors": failed,
-        "extras": {k: {"time_s": r.time, "error": r.error} for k, r in extras.items()},
-        "peers": {k: {"time_s": r.time, "error": r.error} for k, r in others.items()},
+        "extras": {k: {"time_s": r.time, "best_s": r.best, "error": r.error}
+                   for k, r in extras.items()},
+        "peers": {k: {"time_s": r.time, "best_s": r.best, "error": r.error}
+                  for k, r in others.items()},
     }
     row = [f"  {case.label}", fmt_time(t["numpy"]), fmt_time(t["inplace"]),
            "FAILED" if main["fastopt"].error else fmt_time(fo),
