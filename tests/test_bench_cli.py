@@ -253,3 +253,11 @@ def test_more_threads_than_openmp_allows_is_noted(small, capsys):
     out = capsys.readouterr().out
     assert "--threads 512: fastopt can start at most" in out
     assert fastopt.get_num_threads() < 512
+
+
+def test_plot_writes_a_png(small, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "speedups.png"
+    assert bench.main(["--quick", "--kernels", "sgd", "--sizes", "10,100", "--plot",
+                       str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
