@@ -905,7 +905,8 @@ def header(opts, cfg, notes):
         ("NumPy", f"{np.__version__} (its elementwise code and reductions run on one thread)"),
         ("times", f"{np.dtype(opts.dtype).name}, medians; 'vs X' = X's time / fastopt's time"),
         ("GB/s", "compulsory traffic (every input read once, every output written once) / "
-         "fastopt's time; %probe over 100% means the data fits in cache"),
+         "fastopt's time; %probe over 100% means the data fits in cache, or that the kernel "
+         "streams memory faster than NumPy's copy and add (the probe is a lower bound)"),
         ("check", "every result is compared with a float64 run of the straightforward NumPy "
          "code before it is timed"),
     ] + [("note", n) for n in notes]
