@@ -673,6 +673,8 @@ cdef class FusedStep:
             a = &self.written[k - 1]
             b = &self.written[k]
             if b.lo < a.hi:
+                if (b.owner, b.slot) < (a.owner, a.slot):     # name them in order
+                    a, b = b, a
                 raise ValueError(f"{self.array_name(a.owner, a.slot)} and "
                                  f"{self.array_name(b.owner, b.slot)} overlap in memory")
 
