@@ -236,6 +236,7 @@ def test_state_arrays_are_zeros_like_params(rng):
         assert set(st) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
         for a in st.values():
             assert a.shape == p.shape and a.dtype == p.dtype and a.flags.c_contiguous
+            assert a.ctypes.data % 64 == 0 and a.flags.writeable
             assert not a.any()
 
 
@@ -586,6 +587,44 @@ def test_empty_and_zero_d_params_work(rng):
     opt.step([np.zeros(0, np.float32), np.array(2.0), np.zeros((0, 3))])
     assert params[1] == pytest.approx(1.4)
     assert list(opt.steps) == [1, 1, 1]
+
+
+# -------------------------------------------------------------- flat_views ---
+
+def test_flat_views_layout_and_training(rng):
+    init = make_params(rng, [(3, 5), (), (0,), (17,), (4, 10)], np.float64)
+    flat_p, params = fastopt.flat_views(init)
+    assert flat_p.ndim == 1 and flat_p.dtype == np.float64
+    for v, a in zip(params, init):
+        assert v.shape == a.shape and v.base is flat_p.base and v.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(v, a)
+    assert np.count_nonzero(flat_p) == sum(a.size for a in init)     # padding is zero
+    flat_g, grads = fastopt.flat_views(params, copy=False)
+    assert flat_g.shape == flat_p.shape and not flat_g.any()
+
+    opt = fastopt.Adam(params, lr=1e-2)
+    mirror = Mirror(opt, init, functional_step)
+    for _ in range(5):
+        for g in grads:
+            g[...] = rng.standard_normal(g.shape)
+        norm = np.linalg.norm(np.concatenate([g.ravel() for g in grads]))
+        assert fastopt.clip_grad_norm_(flat_g, 1.0) == pytest.approx(norm, rel=1e-12)
+        assert np.linalg.norm(flat_g) == pytest.approx(1.0, rel=1e-5)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert_same(opt, params, mirror)
+    assert np.count_nonzero(flat_p) == sum(a.size for a in init)     # padding never written
+
+
+def test_flat_views_bad_input():
+    with pytest.raises(ValueError, match="share one dtype"):
+        fastopt.flat_views([np.zeros(2), np.zeros(2, np.float32)])
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        fastopt.flat_views([np.zeros(2, np.int32)])
+    with pytest.raises(TypeError, match="copy=True needs arrays"):
+        fastopt.flat_views([(2, 3)], dtype=np.float32)
+    flat, views = fastopt.flat_views([(2, 3), ()], dtype=np.float32, copy=False)
+    assert [v.shape for v in views] == [(2, 3), ()] and flat.dtype == np.float32
 
 
 # ---------------------------------------------------------- clip_grad_norm_ ---

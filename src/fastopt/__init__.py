@@ -10,11 +10,11 @@ rmsprop_step = _optim_kernels.rmsprop_step
 sgd_step = _optim_kernels.sgd_step
 clip_grad_norm_ = _optim_kernels.clip_grad_norm_
 
-from .optim import SGD, RMSprop, Adam, AdamW
+from .optim import SGD, RMSprop, Adam, AdamW, flat_views
 from . import lr_scheduler
 
 __all__ = [
     "adam_step", "adamw_step", "rmsprop_step", "sgd_step", "clip_grad_norm_",
-    "SGD", "RMSprop", "Adam", "AdamW", "lr_scheduler",
+    "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler",
     "get_num_threads", "set_num_threads", "show_config", "config",
 ]

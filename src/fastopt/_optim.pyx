@@ -508,6 +508,14 @@ cdef int cmp_interval(const void *a, const void *b) noexcept nogil:
     return x.slot - y.slot
 
 
+# State arrays start on 64-byte boundaries (cache lines, AVX-512 vectors).
+DEF STATE_ALIGN = 64
+
+
+cdef inline Py_ssize_t padded(Py_ssize_t nbytes) noexcept:
+    return (nbytes + STATE_ALIGN - 1) // STATE_ALIGN * STATE_ALIGN
+
+
 cdef dict KINDS = {"adam": ADAM, "rmsprop": RMSPROP, "sgd": SGD}
 # State slots s1, s2, s3 of a Segment, by kind (names as in PyTorch's state).
 cdef tuple SLOT_NAMES = (("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -536,6 +544,13 @@ cdef double group_num(dict g, str key, Py_ssize_t gi, double lo, double hi,
     if hi == INFINITY:
         raise ValueError(f"{name} must be >= {lo:g}, got {v!r}")
     raise ValueError(f"{name} must be in [{lo:g}, {hi:g}{']' if hi_closed else ')'}, got {v!r}")
+
+
+cdef double group_beta(object x, Py_ssize_t gi, int k) except? -1.0:
+    """betas[k] of a group, in [0, 1) (the error message is built only on failure)."""
+    if type(x) is float and 0.0 <= <double>x < 1.0:
+        return <double>x
+    return in_unit(x, f"param_groups[{gi}]['betas'][{k}]")
 
 
 cdef bint group_flag(dict g, str key, Py_ssize_t gi) except -1:
@@ -646,6 +661,21 @@ cdef class FusedStep:
         cdef cnp.npy_intp nsteps = n
         self.steps_arr = <cnp.ndarray>cnp.PyArray_ZEROS(1, &nsteps, cnp.NPY_INT64, 0)
         self.steps = <int64_t *>cnp.PyArray_DATA(self.steps_arr)
+        # Each state slot is one zeroed buffer with every array at a 64-byte
+        # aligned offset, in parameter order: a step streams each state
+        # through memory in one direction, and it is one allocation, not n.
+        cdef list buffers = [None, None, None]
+        cdef Py_ssize_t nbytes, total_bytes
+        for k in range(3):
+            total_bytes = 0
+            for i in range(n):
+                if self.has[3 * group_of[i] + k]:
+                    total_bytes += padded(cnp.PyArray_NBYTES(<cnp.ndarray>self.params[i]))
+            if total_bytes:
+                buf = np.zeros(total_bytes + STATE_ALIGN, np.uint8)
+                buffers[k] = buf[(-buf.ctypes.data) % STATE_ALIGN:]
+        cdef Py_ssize_t[3] offset
+        offset[0] = offset[1] = offset[2] = 0
         cdef list st
         cdef cnp.ndarray s
         cdef Py_ssize_t nw = 0
@@ -659,8 +689,10 @@ cdef class FusedStep:
             for k in range(3):
                 self.ptr[4 * i + 1 + k] = NULL
                 if self.has[3 * g + k]:
-                    s = <cnp.ndarray>cnp.PyArray_ZEROS(cnp.PyArray_NDIM(p), cnp.PyArray_DIMS(p),
-                                          cnp.PyArray_TYPE(p), 0)
+                    nbytes = cnp.PyArray_NBYTES(p)
+                    s = buffers[k][offset[k]:offset[k] + nbytes].view(p.dtype).reshape(
+                        (<object>p).shape)
+                    offset[k] += padded(nbytes)
                     st[k] = s
                     self.ptr[4 * i + 1 + k] = cnp.PyArray_DATA(s)
                     self.add_written(&nw, s, i, 1 + k)
@@ -738,8 +770,8 @@ cdef class FusedStep:
                 if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                     raise TypeError(f"param_groups[{gi}]['betas'] must be a tuple of two "
                                     f"numbers, got {betas!r}")
-                h.beta1 = in_unit(betas[0], f"param_groups[{gi}]['betas'][0]")
-                h.beta2 = in_unit(betas[1], f"param_groups[{gi}]['betas'][1]")
+                h.beta1 = group_beta(betas[0], gi, 0)
+                h.beta2 = group_beta(betas[1], gi, 1)
                 h.eps = group_num(g, "eps", gi, 0.0, INFINITY, False)
                 h.amsgrad = group_flag(g, "amsgrad", gi)
                 h.decoupled = group_flag(g, "decoupled_weight_decay", gi)

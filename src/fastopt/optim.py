@@ -49,7 +49,69 @@ import numpy as np
 
 from ._dispatch import optim as _kernels
 
-__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW"]
+__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "flat_views"]
+
+_ALIGN = 64     # bytes; each view of `flat_views` starts on a cache line
+
+
+def flat_views(arrays, dtype=None, copy=True):
+    """One contiguous buffer holding every array, and views of it shaped like them.
+
+    A flat-buffer layout for a model: make the parameters (and the
+    gradients) views into one array, so a step streams through memory in
+    one pass and `clip_grad_norm_` can take the flat gradient buffer::
+
+        flat_p, params = fastopt.flat_views(initial_params)
+        flat_g, grads = fastopt.flat_views(params, copy=False)   # zeros
+        opt = fastopt.Adam(params)
+        ...                         # backward writes into grads (out=...)
+        fastopt.clip_grad_norm_(flat_g, 1.0)
+        opt.step(grads)
+
+    The optimizer's state arrays are laid out the same way already (each
+    state kind in one buffer, in parameter order), so the whole update is
+    contiguous streams.  Each view starts at a 64-byte boundary; the few
+    padding elements between views are zero and never written by fastopt
+    (they add nothing to a norm).
+
+    Parameters
+    ----------
+    arrays : sequence of ndarray (or of shapes, with `dtype` and copy=False)
+    dtype : dtype, optional
+        Of the buffer; default: the arrays' common dtype (float32/float64).
+    copy : bool
+        Copy the arrays' values in (default) or leave the buffer zeroed.
+
+    Returns
+    -------
+    flat : ndarray, 1-d
+    views : list of ndarray
+        ``views[i]`` has the shape of ``arrays[i]`` and shares memory with `flat`.
+    """
+    arrays = list(arrays)
+    shapes = [np.shape(a) if isinstance(a, np.ndarray) else tuple(a) for a in arrays]
+    if dtype is None:
+        dtypes = {a.dtype for a in arrays if isinstance(a, np.ndarray)}
+        if len(dtypes) != 1:
+            raise ValueError("arrays must share one dtype (or pass dtype=...), got "
+                             f"{sorted(str(d) for d in dtypes) or 'shapes only'}")
+        dtype = dtypes.pop()
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    if copy and not all(isinstance(a, np.ndarray) for a in arrays):
+        raise TypeError("copy=True needs arrays, not shapes")
+    per_line = _ALIGN // dtype.itemsize
+    sizes = [math.prod(s) for s in shapes]
+    starts = np.cumsum([0] + [-(-n // per_line) * per_line for n in sizes])
+    raw = np.zeros(int(starts[-1]) + per_line, dtype)
+    skip = (-raw.ctypes.data) % _ALIGN // dtype.itemsize
+    flat = raw[skip:skip + int(starts[-1])]
+    views = [flat[o:o + n].reshape(s) for o, n, s in zip(starts, sizes, shapes)]
+    if copy:
+        for v, a in zip(views, arrays):
+            v[...] = a
+    return flat, views
 
 
 class Optimizer:
