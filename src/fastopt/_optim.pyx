@@ -477,6 +477,9 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
 #   about once per group.
 # * Mixed float32/float64 parameters go through the same call: every segment
 #   carries its own dtype.
+# * The state arrays are views into one zeroed buffer per state kind, in
+#   parameter order, each on a 64-byte boundary: one allocation, and a step
+#   streams every state through memory in one direction.
 
 from libc.stdlib cimport qsort
 from libc.stdint cimport int64_t, uintptr_t
@@ -534,6 +537,8 @@ cdef double group_num(dict g, str key, Py_ssize_t gi, double lo, double hi,
     cdef double v
     if type(x) is float:
         v = <double>x
+    elif type(x) is int:
+        v = float(x)
     else:
         v = real(x, f"param_groups[{gi}][{key!r}]")
     if isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi)):
@@ -573,7 +578,8 @@ cdef class FusedStep:
         The param-group index of every parameter (non-decreasing not needed).
     slots : list of tuple of 3 bool
         Per group: which of the kind's three state arrays its parameters get
-        (see `SLOT_NAMES`); they are allocated here, zero-filled.
+        (see `SLOT_NAMES`); they are allocated here, zero-filled, as
+        64-byte-aligned views into one buffer per slot.
     """
     cdef readonly int kind
     cdef readonly Py_ssize_t n, ngroups
@@ -614,6 +620,8 @@ cdef class FusedStep:
         PyMem_Free(self.written)
 
     def __init__(self, str kind, list params, list group_of, list slots):
+        if self.ptr != NULL:
+            raise RuntimeError("FusedStep is already initialized")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
         self.kind = KINDS[kind]
