@@ -721,3 +721,25 @@ def test_clip_grad_norm_bad_input_changes_nothing(rng):
         with pytest.raises(exc, match=msg):
             fastopt.clip_grad_norm_(*args)
         snap.assert_unchanged()
+
+
+def test_optimizers_in_several_python_threads(rng):
+    # step() releases the GIL; optimizers over different arrays run concurrently
+    # and give the serial results.
+    from concurrent.futures import ThreadPoolExecutor
+    shapes = [(300,), (20, 20), (7,)]
+    inits = [make_params(rng, shapes, np.float32) for _ in range(4)]
+    grads = [[make_grads(rng, inits[0]) for _ in range(20)] for _ in range(4)]
+
+    def train(k, params):
+        opt = fastopt.Adam(params, lr=1e-2, amsgrad=True)
+        for g in grads[k]:
+            opt.step(g)
+        return params
+
+    serial = [train(k, [p.copy() for p in inits[k]]) for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda k: train(k, [p.copy() for p in inits[k]]), range(4)))
+    for a, b in zip(serial, threaded):
+        for p, q in zip(a, b):
+            np.testing.assert_array_equal(p, q)

@@ -842,11 +842,11 @@ cdef class FusedStep:
         if self.busy:
             raise RuntimeError("step() called concurrently on the same optimizer")
         self.parse_groups(groups)
+        # A private copy of the list: the arrays it references stay alive
+        # while the GIL is released, whatever other threads do to `grads`.
         cdef list gl
-        if type(grads) is list:
-            gl = <list>grads
-        elif type(grads) is tuple:
-            gl = list(<tuple>grads)
+        if type(grads) is list or type(grads) is tuple:
+            gl = list(grads)
         else:
             raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
         if len(gl) != self.n:
