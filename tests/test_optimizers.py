@@ -743,3 +743,25 @@ def test_optimizers_in_several_python_threads(rng):
     for a, b in zip(serial, threaded):
         for p, q in zip(a, b):
             np.testing.assert_array_equal(p, q)
+
+
+def test_step_is_not_reentrant(rng):
+    # Validation can run Python code (here a number's __float__); a step of the
+    # same optimizer started from there is refused, and the outer step is whole.
+    p = rng.standard_normal(5)
+    g = rng.standard_normal(5)
+    p0 = p.copy()
+    opt = fastopt.SGD([p], lr=0.1)
+    inner = []
+
+    class Rate:
+        def __float__(self):
+            with pytest.raises(RuntimeError, match="concurrently"):
+                opt.step([g])
+            inner.append(True)
+            return 0.1
+
+    opt.param_groups[0]["lr"] = Rate()
+    opt.step([g])
+    assert inner == [True]
+    np.testing.assert_allclose(p, p0 - 0.1 * g, rtol=1e-15)

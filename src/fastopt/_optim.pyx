@@ -815,6 +815,8 @@ cdef class FusedStep:
 
     def check_groups(self, groups):
         """Validate param groups' hyperparameters (raises like `step`)."""
+        if self.busy:
+            raise RuntimeError("check_groups() called during a step of the same optimizer")
         self.parse_groups(groups)
 
     # ----------------------------------------------------------------- step
@@ -839,19 +841,7 @@ cdef class FusedStep:
         parameter (and its state and step count) untouched.  `groups` are the
         param-group dicts, read for this step's hyperparameters.
         """
-        if self.busy:
-            raise RuntimeError("step() called concurrently on the same optimizer")
-        self.parse_groups(groups)
-        # A private copy of the list: the arrays it references stay alive
-        # while the GIL is released, whatever other threads do to `grads`.
         cdef list gl
-        if type(grads) is list or type(grads) is tuple:
-            gl = list(grads)
-        else:
-            raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
-        if len(gl) != self.n:
-            raise ValueError(f"expected {self.n} grads (one per parameter, in order; "
-                             f"None skips a parameter), got {len(gl)}")
         cdef Py_ssize_t i, k, j, nact = 0, total = 0
         cdef object gobj
         cdef cnp.ndarray ga, p
@@ -859,52 +849,68 @@ cdef class FusedStep:
         cdef Segment *s
         cdef uintptr_t glo
         cdef int t
-        for i in range(self.n):
-            gobj = gl[i]
-            if gobj is None:
-                continue
-            p = <cnp.ndarray>self.params[i]
-            if not cnp.PyArray_Check(gobj):
-                raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, "
-                                f"got {type(gobj).__name__}")
-            ga = <cnp.ndarray>gobj
-            t = cnp.PyArray_TYPE(p)
-            if cnp.PyArray_TYPE(ga) != t:
-                raise TypeError(f"grads[{i}] has dtype {ga.dtype} but params[{i}] has dtype {p.dtype}")
-            if not same_shape(ga, p):
-                raise ValueError(f"grads[{i}] has shape {(<object>ga).shape} but params[{i}] "
-                                 f"has shape {(<object>p).shape}")
-            if not cnp.PyArray_ISWRITEABLE(p):
-                raise ValueError(f"params[{i}] is read-only and cannot be updated in place")
-            if not (cnp.PyArray_IS_C_CONTIGUOUS(ga) and cnp.PyArray_ISALIGNED(ga)):
-                ga = cnp.PyArray_NewCopy(ga, cnp.NPY_CORDER)
-                if keep is None:
-                    keep = []
-                keep.append(ga)
-            elif cnp.PyArray_NBYTES(ga) > 0:
-                glo = <uintptr_t>cnp.PyArray_DATA(ga)
-                j = self.find_written(glo, glo + <uintptr_t>cnp.PyArray_NBYTES(ga))
-                if j >= 0:
-                    raise ValueError(f"grads[{i}] overlaps "
-                                     f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
-                                     "in memory")
-            s = &self.segs[nact]
-            s.param = self.ptr[4 * i]
-            s.grad = cnp.PyArray_DATA(ga)
-            s.s1 = self.ptr[4 * i + 1]
-            s.s2 = self.ptr[4 * i + 2]
-            s.s3 = self.ptr[4 * i + 3]
-            s.n = cnp.PyArray_SIZE(p)
-            s.offset = total
-            s.is_double = t == cnp.NPY_FLOAT64
-            total += s.n
-            self.act[nact] = i
-            nact += 1
-        # Everything is valid: from here on nothing can fail.
+        # Busy from the first check to the end: the checks may run Python code
+        # (a custom number's __float__) that lets another thread in.
+        if self.busy:
+            raise RuntimeError("step() called concurrently on the same optimizer")
         self.busy = True
-        with nogil:
-            self.run(nact, total)
-        self.busy = False
+        try:
+            self.parse_groups(groups)
+            # A private copy of the list: the arrays it references stay alive
+            # while the GIL is released, whatever other threads do to `grads`.
+            if type(grads) is list or type(grads) is tuple:
+                gl = list(grads)
+            else:
+                raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
+            if len(gl) != self.n:
+                raise ValueError(f"expected {self.n} grads (one per parameter, in order; "
+                                 f"None skips a parameter), got {len(gl)}")
+            for i in range(self.n):
+                gobj = gl[i]
+                if gobj is None:
+                    continue
+                p = <cnp.ndarray>self.params[i]
+                if not cnp.PyArray_Check(gobj):
+                    raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, "
+                                    f"got {type(gobj).__name__}")
+                ga = <cnp.ndarray>gobj
+                t = cnp.PyArray_TYPE(p)
+                if cnp.PyArray_TYPE(ga) != t:
+                    raise TypeError(f"grads[{i}] has dtype {ga.dtype} but params[{i}] has dtype {p.dtype}")
+                if not same_shape(ga, p):
+                    raise ValueError(f"grads[{i}] has shape {(<object>ga).shape} but params[{i}] "
+                                     f"has shape {(<object>p).shape}")
+                if not cnp.PyArray_ISWRITEABLE(p):
+                    raise ValueError(f"params[{i}] is read-only and cannot be updated in place")
+                if not (cnp.PyArray_IS_C_CONTIGUOUS(ga) and cnp.PyArray_ISALIGNED(ga)):
+                    ga = cnp.PyArray_NewCopy(ga, cnp.NPY_CORDER)
+                    if keep is None:
+                        keep = []
+                    keep.append(ga)
+                elif cnp.PyArray_NBYTES(ga) > 0:
+                    glo = <uintptr_t>cnp.PyArray_DATA(ga)
+                    j = self.find_written(glo, glo + <uintptr_t>cnp.PyArray_NBYTES(ga))
+                    if j >= 0:
+                        raise ValueError(f"grads[{i}] overlaps "
+                                         f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
+                                         "in memory")
+                s = &self.segs[nact]
+                s.param = self.ptr[4 * i]
+                s.grad = cnp.PyArray_DATA(ga)
+                s.s1 = self.ptr[4 * i + 1]
+                s.s2 = self.ptr[4 * i + 2]
+                s.s3 = self.ptr[4 * i + 3]
+                s.n = cnp.PyArray_SIZE(p)
+                s.offset = total
+                s.is_double = t == cnp.NPY_FLOAT64
+                total += s.n
+                self.act[nact] = i
+                nact += 1
+            # Everything is valid: from here on nothing can fail.
+            with nogil:
+                self.run(nact, total)
+        finally:
+            self.busy = False
 
     cdef void run(self, Py_ssize_t nact, Py_ssize_t total) noexcept nogil:
         cdef Py_ssize_t k, i, nc = 0
