@@ -483,7 +483,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
 
 from libc.stdlib cimport qsort
 from libc.stdint cimport int64_t, uintptr_t
-from libc.math cimport fabs, INFINITY
+from libc.math cimport fabs, INFINITY, NAN
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cython.parallel cimport prange
 
@@ -985,6 +985,7 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
     cdef double acc[8]
     cdef Py_ssize_t i, j, n8 = n - n % 8
     cdef double a
+    cdef double tot[8]
     for j in range(8):
         acc[j] = 0.0
     if mode == NORM_2:
@@ -1002,13 +1003,24 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
         for i in range(n8, n):
             acc[i - n8] = acc[i - n8] + fabs(<double>x[i])
     elif mode == NORM_INF:
+        # The max alone drops NaN; the sum of |x| (terms >= 0, so never
+        # inf - inf) is NaN exactly when some x is.  Both vectorize.
+        for j in range(8):
+            tot[j] = 0.0
         for i in range(0, n8, 8):
             for j in range(8):
-                acc[j] = max_nan(fabs(<double>x[i + j]), acc[j])
+                a = fabs(<double>x[i + j])
+                acc[j] = a if a > acc[j] else acc[j]
+                tot[j] = tot[j] + a
         for i in range(n8, n):
-            acc[i - n8] = max_nan(fabs(<double>x[i]), acc[i - n8])
-        return max_nan(max_nan(max_nan(acc[0], acc[1]), max_nan(acc[2], acc[3])),
-                       max_nan(max_nan(acc[4], acc[5]), max_nan(acc[6], acc[7])))
+            a = fabs(<double>x[i])
+            acc[i - n8] = a if a > acc[i - n8] else acc[i - n8]
+            tot[i - n8] = tot[i - n8] + a
+        for j in range(8):
+            if tot[j] != tot[j]:
+                return NAN
+        return max(max(max(acc[0], acc[1]), max(acc[2], acc[3])),
+                   max(max(acc[4], acc[5]), max(acc[6], acc[7])))
     else:
         for i in range(n):
             acc[i % 8] = acc[i % 8] + pow(fabs(<double>x[i]), p)
