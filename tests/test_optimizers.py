@@ -648,6 +648,15 @@ def test_clip_grad_norm_matches_numpy(p, dtype, rng):
         np.testing.assert_allclose(g, c, **tol(dtype))
 
 
+def test_clip_grad_norm_mixed_dtypes(rng):
+    grads = [rng.standard_normal(40_000).astype(np.float32), rng.standard_normal((30, 3)),
+             rng.standard_normal(17).astype(np.float32)]
+    total_ref, clipped = clip_reference(grads, 2.0, 2.0)
+    assert fastopt.clip_grad_norm_(grads, 2.0) == pytest.approx(total_ref, rel=1e-12)
+    for g, c in zip(grads, clipped):
+        np.testing.assert_allclose(g, c, **tol(g.dtype))
+
+
 def test_clip_grad_norm_below_max_leaves_grads_unchanged(rng):
     grads = make_grads(rng, make_params(rng, [(30,), (4, 4)], np.float32))
     snap = Snapshot(*grads)
