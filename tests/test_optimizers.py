@@ -336,9 +336,13 @@ def test_strided_grads_are_read_correctly(rng):
 
 def test_tuple_of_grads_and_generator_params(rng):
     params = make_params(rng, [(5,), (6,)], np.float64)
-    opt = fastopt.SGD(p for p in params)
-    opt.step(tuple(make_grads(rng, params)))
-    assert list(opt.steps) == [0, 0]   # SGD without momentum keeps no count
+    before = [p.copy() for p in params]
+    opt = fastopt.SGD((p for p in params), lr=0.5)
+    grads = tuple(make_grads(rng, params))
+    opt.step(grads)
+    for p, b, g in zip(params, before, grads):
+        np.testing.assert_allclose(p, b - 0.5 * g, rtol=1e-15)
+    assert list(opt.steps) == [0, 0]   # SGD counts momentum updates only
 
 
 def test_one_vs_two_threads_identical(rng):
