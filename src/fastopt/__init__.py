@@ -1,20 +1,32 @@
-"""fastopt: fused, OpenMP-parallel CPU kernels for training neural networks from NumPy."""
+"""fastopt: fused, OpenMP-parallel CPU kernels for training neural networks from NumPy.
+
+Functional kernels update arrays in place (``adam_step``, ``batch_norm_forward``,
+``cross_entropy``...); optimizer objects (``Adam``, ``SGD``...) update a whole
+list of parameter arrays in one native call.  ``show_config()`` tells which
+SIMD build and OpenMP runtime are in use.
+"""
 __version__ = "0.1.0"
 
+from ._config import config, get_num_threads, set_num_threads, show_config
 from ._dispatch import optim as _optim_kernels
 from ._dispatch import softmax as _softmax_kernels
-from ._config import get_num_threads, set_num_threads, show_config, config
 
 adam_step = _optim_kernels.adam_step
 adamw_step = _optim_kernels.adamw_step
 rmsprop_step = _optim_kernels.rmsprop_step
 sgd_step = _optim_kernels.sgd_step
+clip_grad_norm_ = _optim_kernels.clip_grad_norm_
+
 log_softmax = _softmax_kernels.log_softmax
 softmax = _softmax_kernels.softmax
 cross_entropy = _softmax_kernels.cross_entropy
 
+from . import lr_scheduler
+from .optim import SGD, Adam, AdamW, RMSprop, flat_views
+
 __all__ = [
-    "adam_step", "adamw_step", "rmsprop_step", "sgd_step",
+    "adam_step", "adamw_step", "rmsprop_step", "sgd_step", "clip_grad_norm_",
+    "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler",
     "log_softmax", "softmax", "cross_entropy",
     "get_num_threads", "set_num_threads", "show_config", "config",
 ]

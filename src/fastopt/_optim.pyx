@@ -479,3 +479,722 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     fill_segment(&s, p, g, buf, None, None, &c)
     with nogil:
         run_segments(&s, 1, s.n)
+
+
+# ======================================================= fused optimizer ===
+#
+# `FusedStep` is the native half of the optimizer objects in `optim.py`.  It
+# holds a fixed list of parameter arrays and owns their state arrays; its
+# `step` validates the gradients and the param-group hyperparameters, fills a
+# C array of `Segment`s and per-array `Coef`s, and calls `run_segments` once
+# with the GIL released: one native call and one parallel region per step,
+# whatever the number of arrays.
+#
+# * Everything is checked before anything is written (no partial step).
+# * The per-array work on the Python side of a step is a handful of C-API
+#   calls (type, shape, flags, one binary search for overlap with the arrays
+#   that are written), so a step over hundreds of small arrays costs
+#   microseconds, not a Python loop.
+# * Per-array step counts (PyTorch's state["step"]): an array whose gradient
+#   is None is skipped and its count does not advance.  Consecutive arrays
+#   sharing (group, step) share one Coef, so the bias-correction pow()s run
+#   about once per group.
+# * Mixed float32/float64 parameters go through the same call: every segment
+#   carries its own dtype.
+# * The state arrays are views into one zeroed buffer per state kind, in
+#   parameter order, each on a 64-byte boundary: one allocation, and a step
+#   streams every state through memory in one direction.
+
+from libc.stdlib cimport qsort
+from libc.stdint cimport int64_t, uintptr_t
+from libc.math cimport fabs, INFINITY, NAN
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cython.parallel cimport prange
+
+import numpy as np
+
+ctypedef struct Hyper:
+    double lr, beta1, beta2, eps, weight_decay, alpha, momentum, dampening
+    bint amsgrad, decoupled, centered, nesterov, maximize
+
+
+ctypedef struct Interval:       # bytes [lo, hi) of one array that is written
+    uintptr_t lo
+    uintptr_t hi
+    Py_ssize_t owner            # parameter index
+    int slot                    # 0: the parameter, 1..3: a state array
+
+
+cdef int cmp_interval(const void *a, const void *b) noexcept nogil:
+    cdef const Interval *x = <const Interval *>a
+    cdef const Interval *y = <const Interval *>b
+    if x.lo != y.lo:
+        return -1 if x.lo < y.lo else 1
+    if x.owner != y.owner:
+        return -1 if x.owner < y.owner else 1
+    return x.slot - y.slot
+
+
+# State arrays start on 64-byte boundaries (cache lines, AVX-512 vectors).
+DEF STATE_ALIGN = 64
+
+
+cdef inline Py_ssize_t padded(Py_ssize_t nbytes) noexcept:
+    return (nbytes + STATE_ALIGN - 1) // STATE_ALIGN * STATE_ALIGN
+
+
+cdef dict KINDS = {"adam": ADAM, "rmsprop": RMSPROP, "sgd": SGD}
+# State slots s1, s2, s3 of a Segment, by kind (names as in PyTorch's state).
+cdef tuple SLOT_NAMES = (("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                         ("square_avg", "momentum_buffer", "grad_avg"),
+                         ("momentum_buffer", None, None))
+
+
+cdef double group_num(dict g, str key, Py_ssize_t gi, double lo, double hi,
+                      bint hi_closed) except? -1.0:
+    """g[key], a finite number in [lo, hi) (or [lo, hi]); errors name the group."""
+    cdef object x
+    try:
+        x = g[key]
+    except KeyError:
+        raise KeyError(f"param_groups[{gi}] has no {key!r}") from None
+    cdef double v
+    if type(x) is float:
+        v = <double>x
+    elif type(x) is int:
+        v = float(x)
+    else:
+        v = real(x, f"param_groups[{gi}][{key!r}]")
+    if isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi)):
+        return v
+    cdef str name = f"param_groups[{gi}][{key!r}]"
+    if not isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v!r}")
+    if hi == INFINITY:
+        raise ValueError(f"{name} must be >= {lo:g}, got {v!r}")
+    raise ValueError(f"{name} must be in [{lo:g}, {hi:g}{']' if hi_closed else ')'}, got {v!r}")
+
+
+cdef double group_beta(object x, Py_ssize_t gi, int k) except? -1.0:
+    """betas[k] of a group, in [0, 1) (the error message is built only on failure)."""
+    if type(x) is float and 0.0 <= <double>x < 1.0:
+        return <double>x
+    return in_unit(x, f"param_groups[{gi}]['betas'][{k}]")
+
+
+cdef bint group_flag(dict g, str key, Py_ssize_t gi) except -1:
+    try:
+        return bool(g[key])
+    except KeyError:
+        raise KeyError(f"param_groups[{gi}] has no {key!r}") from None
+
+
+cdef class FusedStep:
+    """Native state of an optimizer over a fixed list of parameter arrays.
+
+    Parameters
+    ----------
+    kind : {"adam", "rmsprop", "sgd"}
+    params : list of ndarray
+        float32/float64, C-contiguous, aligned, writeable, pairwise disjoint
+        in memory, each at most once.  Updated in place by `step`.
+    group_of : list of int
+        The param-group index of every parameter (non-decreasing not needed).
+    slots : list of tuple of 3 bool
+        Per group: which of the kind's three state arrays its parameters get
+        (see `SLOT_NAMES`); they are allocated here, zero-filled, as
+        64-byte-aligned views into one buffer per slot.
+    """
+    cdef readonly int kind
+    cdef readonly Py_ssize_t n, ngroups
+    cdef readonly list params
+    cdef readonly list states       # per parameter: [s1, s2, s3] (None if absent)
+    cdef cnp.ndarray steps_arr      # int64 per parameter
+    cdef int64_t *steps
+    cdef void **ptr                 # 4 per parameter: param, s1, s2, s3
+    cdef int *group
+    cdef Py_ssize_t *act            # parameter index of each active segment
+    cdef bint *has                  # 3 per group: every parameter has slot k
+    cdef Hyper *hyper
+    cdef Segment *segs
+    cdef Coef *coefs
+    cdef Interval *written          # sorted by address
+    cdef Py_ssize_t nwritten
+    cdef bint busy
+
+    def __cinit__(self):
+        self.steps = NULL
+        self.ptr = NULL
+        self.group = NULL
+        self.act = NULL
+        self.has = NULL
+        self.hyper = NULL
+        self.segs = NULL
+        self.coefs = NULL
+        self.written = NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self.ptr)
+        PyMem_Free(self.group)
+        PyMem_Free(self.act)
+        PyMem_Free(self.has)
+        PyMem_Free(self.hyper)
+        PyMem_Free(self.segs)
+        PyMem_Free(self.coefs)
+        PyMem_Free(self.written)
+
+    def __init__(self, str kind, list params, list group_of, list slots):
+        if self.ptr != NULL:
+            raise RuntimeError("FusedStep is already initialized")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+        self.kind = KINDS[kind]
+        cdef Py_ssize_t n = len(params), ng = len(slots), i, k, g
+        if len(group_of) != n:
+            raise ValueError("group_of must have one entry per parameter")
+        # Parameters: float, updatable in place, each at most once.
+        cdef cnp.ndarray p
+        cdef dict seen = {}
+        for i in range(n):
+            p = writable(float_array(params[i], f"params[{i}]"), f"params[{i}]")
+            if id(p) in seen:
+                raise ValueError(f"params[{seen[id(p)]}] and params[{i}] are the same array "
+                                 "(a parameter may appear only once)")
+            seen[id(p)] = i
+            g = group_of[i]
+            if not 0 <= g < ng:
+                raise ValueError(f"group_of[{i}] = {g} is not a group index")
+        cdef tuple names = SLOT_NAMES[self.kind]
+        for g in range(ng):
+            for k in range(3):
+                if slots[g][k] and names[k] is None:
+                    raise ValueError(f"this optimizer has no state slot {k}")
+        # Allocate everything before building any state, so a MemoryError
+        # leaves nothing half-made.
+        self.ptr = <void **>PyMem_Malloc(4 * max(n, 1) * sizeof(void *))
+        self.group = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
+        self.act = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
+        self.has = <bint *>PyMem_Malloc(3 * max(ng, 1) * sizeof(bint))
+        self.hyper = <Hyper *>PyMem_Malloc(max(ng, 1) * sizeof(Hyper))
+        self.segs = <Segment *>PyMem_Malloc(max(n, 1) * sizeof(Segment))
+        self.coefs = <Coef *>PyMem_Malloc(max(n, 1) * sizeof(Coef))
+        self.written = <Interval *>PyMem_Malloc(4 * max(n, 1) * sizeof(Interval))
+        if (self.ptr == NULL or self.group == NULL or self.act == NULL or self.has == NULL
+                or self.hyper == NULL or self.segs == NULL or self.coefs == NULL
+                or self.written == NULL):
+            raise MemoryError()
+        for g in range(ng):
+            for k in range(3):
+                self.has[3 * g + k] = bool(slots[g][k])
+        self.n = n
+        self.ngroups = ng
+        self.params = list(params)
+        self.states = []
+        cdef cnp.npy_intp nsteps = n
+        self.steps_arr = <cnp.ndarray>cnp.PyArray_ZEROS(1, &nsteps, cnp.NPY_INT64, 0)
+        self.steps = <int64_t *>cnp.PyArray_DATA(self.steps_arr)
+        # Each state slot is one zeroed buffer with every array at a 64-byte
+        # aligned offset, in parameter order: a step streams each state
+        # through memory in one direction, and it is one allocation, not n.
+        cdef list buffers = [None, None, None]
+        cdef Py_ssize_t nbytes, total_bytes
+        for k in range(3):
+            total_bytes = 0
+            for i in range(n):
+                if self.has[3 * group_of[i] + k]:
+                    total_bytes += padded(cnp.PyArray_NBYTES(<cnp.ndarray>self.params[i]))
+            if total_bytes:
+                buf = np.zeros(total_bytes + STATE_ALIGN, np.uint8)
+                buffers[k] = buf[(-buf.ctypes.data) % STATE_ALIGN:]
+        cdef Py_ssize_t[3] offset
+        offset[0] = offset[1] = offset[2] = 0
+        cdef list st
+        cdef cnp.ndarray s
+        cdef Py_ssize_t nw = 0
+        for i in range(n):
+            p = <cnp.ndarray>self.params[i]
+            g = group_of[i]
+            self.group[i] = <int>g
+            self.ptr[4 * i] = cnp.PyArray_DATA(p)
+            self.add_written(&nw, p, i, 0)
+            st = [None, None, None]
+            for k in range(3):
+                self.ptr[4 * i + 1 + k] = NULL
+                if self.has[3 * g + k]:
+                    nbytes = cnp.PyArray_NBYTES(p)
+                    s = buffers[k][offset[k]:offset[k] + nbytes].view(p.dtype).reshape(
+                        (<object>p).shape)
+                    offset[k] += padded(nbytes)
+                    st[k] = s
+                    self.ptr[4 * i + 1 + k] = cnp.PyArray_DATA(s)
+                    self.add_written(&nw, s, i, 1 + k)
+            self.states.append(st)
+        self.nwritten = nw
+        qsort(self.written, nw, sizeof(Interval), cmp_interval)
+        cdef Interval *a
+        cdef Interval *b
+        for k in range(1, nw):
+            a = &self.written[k - 1]
+            b = &self.written[k]
+            if b.lo < a.hi:
+                if (b.owner, b.slot) < (a.owner, a.slot):     # name them in order
+                    a, b = b, a
+                raise ValueError(f"{self.array_name(a.owner, a.slot)} and "
+                                 f"{self.array_name(b.owner, b.slot)} overlap in memory")
+
+    cdef void add_written(self, Py_ssize_t *nw, cnp.ndarray a, Py_ssize_t owner, int slot):
+        cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(a)
+        if nbytes == 0:
+            return
+        cdef Interval *iv = &self.written[nw[0]]
+        iv.lo = <uintptr_t>cnp.PyArray_DATA(a)
+        iv.hi = iv.lo + <uintptr_t>nbytes
+        iv.owner = owner
+        iv.slot = slot
+        nw[0] += 1
+
+    cdef str array_name(self, Py_ssize_t i, int slot):
+        if slot == 0:
+            return f"params[{i}]"
+        return f"state[{i}][{SLOT_NAMES[self.kind][slot - 1]!r}]"
+
+    cdef Py_ssize_t find_written(self, uintptr_t lo, uintptr_t hi) noexcept:
+        """Index of a written interval overlapping [lo, hi), or -1."""
+        cdef Py_ssize_t a = 0, b = self.nwritten, m
+        # last interval whose start is < hi
+        while a < b:
+            m = (a + b) // 2
+            if self.written[m].lo < hi:
+                a = m + 1
+            else:
+                b = m
+        if a > 0 and self.written[a - 1].hi > lo:
+            return a - 1
+        return -1
+
+    # ------------------------------------------------------ hyperparameters
+
+    cdef int parse_groups(self, object groups) except -1:
+        """Validate every group's hyperparameters into self.hyper."""
+        cdef list gl = groups if type(groups) is list else list(groups)
+        if len(gl) != self.ngroups:
+            raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
+                             "(groups cannot be added or removed after construction)")
+        cdef Py_ssize_t gi
+        cdef dict g
+        cdef Hyper *h
+        cdef object betas
+        cdef bint *has
+        for gi in range(self.ngroups):
+            if type(gl[gi]) is not dict:
+                raise TypeError(f"param_groups[{gi}] must be a dict, got {type(gl[gi]).__name__}")
+            g = <dict>gl[gi]
+            h = &self.hyper[gi]
+            has = &self.has[3 * gi]
+            h.lr = group_num(g, "lr", gi, 0.0, INFINITY, False)
+            h.weight_decay = group_num(g, "weight_decay", gi, 0.0, INFINITY, False)
+            h.maximize = group_flag(g, "maximize", gi)
+            if self.kind == ADAM:
+                try:
+                    betas = g["betas"]
+                except KeyError:
+                    raise KeyError(f"param_groups[{gi}] has no 'betas'") from None
+                if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+                    raise TypeError(f"param_groups[{gi}]['betas'] must be a tuple of two "
+                                    f"numbers, got {betas!r}")
+                h.beta1 = group_beta(betas[0], gi, 0)
+                h.beta2 = group_beta(betas[1], gi, 1)
+                h.eps = group_num(g, "eps", gi, 0.0, INFINITY, False)
+                h.amsgrad = group_flag(g, "amsgrad", gi)
+                h.decoupled = group_flag(g, "decoupled_weight_decay", gi)
+                if h.amsgrad and not has[2]:
+                    raise ValueError(f"param_groups[{gi}]['amsgrad'] was False at construction, "
+                                     "so there is no max_exp_avg_sq state: construct the "
+                                     "optimizer with amsgrad=True")
+            elif self.kind == RMSPROP:
+                h.alpha = group_num(g, "alpha", gi, 0.0, 1.0, False)
+                h.eps = group_num(g, "eps", gi, 0.0, INFINITY, False)
+                h.momentum = group_num(g, "momentum", gi, 0.0, INFINITY, False)
+                h.centered = group_flag(g, "centered", gi)
+                if h.momentum > 0 and not has[1]:
+                    raise ValueError(f"param_groups[{gi}]['momentum'] was 0 at construction, "
+                                     "so there is no momentum_buffer state: construct the "
+                                     "optimizer with momentum > 0")
+                if h.centered and not has[2]:
+                    raise ValueError(f"param_groups[{gi}]['centered'] was False at construction, "
+                                     "so there is no grad_avg state: construct the "
+                                     "optimizer with centered=True")
+            else:
+                h.momentum = group_num(g, "momentum", gi, 0.0, INFINITY, False)
+                h.dampening = group_num(g, "dampening", gi, 0.0, 1.0, True)
+                h.nesterov = group_flag(g, "nesterov", gi)
+                if h.nesterov and (h.momentum <= 0 or h.dampening != 0):
+                    raise ValueError(f"param_groups[{gi}]: nesterov=True requires "
+                                     "momentum > 0 and dampening == 0")
+                if h.momentum != 0 and not has[0]:
+                    raise ValueError(f"param_groups[{gi}]['momentum'] was 0 at construction, "
+                                     "so there is no momentum_buffer state: construct the "
+                                     "optimizer with momentum > 0")
+        return 0
+
+    def check_groups(self, groups):
+        """Validate param groups' hyperparameters (raises like `step`)."""
+        if self.busy:
+            raise RuntimeError("check_groups() called during a step of the same optimizer")
+        self.parse_groups(groups)
+
+    # ----------------------------------------------------------------- step
+
+    cdef void fill_coef(self, Coef *c, const Hyper *h, int64_t step) noexcept nogil:
+        if self.kind == ADAM:
+            adam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
+                      h.amsgrad, h.maximize, <double>step)
+        elif self.kind == RMSPROP:
+            rmsprop_coef(c, h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.centered,
+                         h.maximize)
+        else:
+            # `step` counts momentum updates: at 0 the buffer is set to g.
+            sgd_coef(c, h.lr, h.momentum, h.dampening, h.nesterov, h.weight_decay,
+                     h.maximize, step == 1)
+
+    def step(self, grads, groups):
+        """Update every parameter whose gradient is not None, in one native call.
+
+        `grads` is a list (or tuple) with one entry per parameter, in order:
+        an ndarray of the parameter's dtype and shape, or None to leave that
+        parameter (and its state and step count) untouched.  `groups` are the
+        param-group dicts, read for this step's hyperparameters.
+        """
+        cdef list gl
+        cdef Py_ssize_t i, k, j, nact = 0, total = 0
+        cdef object gobj
+        cdef cnp.ndarray ga, p
+        cdef list keep = None          # contiguous copies of strided grads
+        cdef Segment *s
+        cdef uintptr_t glo
+        cdef int t
+        # Busy from the first check to the end: the checks may run Python code
+        # (a custom number's __float__) that lets another thread in.
+        if self.busy:
+            raise RuntimeError("step() called concurrently on the same optimizer")
+        self.busy = True
+        try:
+            self.parse_groups(groups)
+            # A private copy of the list: the arrays it references stay alive
+            # while the GIL is released, whatever other threads do to `grads`.
+            if type(grads) is list or type(grads) is tuple:
+                gl = list(grads)
+            else:
+                raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
+            if len(gl) != self.n:
+                raise ValueError(f"expected {self.n} grads (one per parameter, in order; "
+                                 f"None skips a parameter), got {len(gl)}")
+            for i in range(self.n):
+                gobj = gl[i]
+                if gobj is None:
+                    continue
+                p = <cnp.ndarray>self.params[i]
+                if not cnp.PyArray_Check(gobj):
+                    raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, "
+                                    f"got {type(gobj).__name__}")
+                ga = <cnp.ndarray>gobj
+                t = cnp.PyArray_TYPE(p)
+                if cnp.PyArray_TYPE(ga) != t:
+                    raise TypeError(f"grads[{i}] has dtype {ga.dtype} but params[{i}] has dtype {p.dtype}")
+                if not same_shape(ga, p):
+                    raise ValueError(f"grads[{i}] has shape {(<object>ga).shape} but params[{i}] "
+                                     f"has shape {(<object>p).shape}")
+                if not cnp.PyArray_ISWRITEABLE(p):
+                    raise ValueError(f"params[{i}] is read-only and cannot be updated in place")
+                if not (cnp.PyArray_IS_C_CONTIGUOUS(ga) and cnp.PyArray_ISALIGNED(ga)):
+                    ga = cnp.PyArray_NewCopy(ga, cnp.NPY_CORDER)
+                    if keep is None:
+                        keep = []
+                    keep.append(ga)
+                elif cnp.PyArray_NBYTES(ga) > 0:
+                    glo = <uintptr_t>cnp.PyArray_DATA(ga)
+                    j = self.find_written(glo, glo + <uintptr_t>cnp.PyArray_NBYTES(ga))
+                    if j >= 0:
+                        raise ValueError(f"grads[{i}] overlaps "
+                                         f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
+                                         "in memory")
+                s = &self.segs[nact]
+                s.param = self.ptr[4 * i]
+                s.grad = cnp.PyArray_DATA(ga)
+                s.s1 = self.ptr[4 * i + 1]
+                s.s2 = self.ptr[4 * i + 2]
+                s.s3 = self.ptr[4 * i + 3]
+                s.n = cnp.PyArray_SIZE(p)
+                s.offset = total
+                s.is_double = t == cnp.NPY_FLOAT64
+                total += s.n
+                self.act[nact] = i
+                nact += 1
+            # Everything is valid: from here on nothing can fail.
+            with nogil:
+                self.run(nact, total)
+        finally:
+            self.busy = False
+
+    cdef void run(self, Py_ssize_t nact, Py_ssize_t total) noexcept nogil:
+        cdef Py_ssize_t k, i, nc = 0
+        cdef int g, prev_g = -1
+        cdef int64_t st, prev_st = -1
+        cdef bint counts
+        cdef const Hyper *h
+        for k in range(nact):
+            i = self.act[k]
+            g = self.group[i]
+            h = &self.hyper[g]
+            # SGD counts only momentum updates (the buffer's first-step rule);
+            # Adam and RMSprop count every update, as PyTorch's state["step"].
+            counts = self.kind != SGD or h.momentum != 0
+            st = self.steps[i] + 1 if counts else self.steps[i]
+            if g != prev_g or st != prev_st:
+                self.fill_coef(&self.coefs[nc], h, st)
+                nc += 1
+                prev_g = g
+                prev_st = st
+            self.segs[k].coef = &self.coefs[nc - 1]
+            if counts:
+                self.steps[i] = st
+        run_segments(self.segs, nact, total)
+
+    # ---------------------------------------------------------- step counts
+
+    def get_steps(self):
+        """A copy of the per-parameter step counts (int64)."""
+        return self.steps_arr.copy()
+
+    def set_steps(self, steps):
+        """Replace the per-parameter step counts (validated first)."""
+        a = np.asarray(steps)
+        if a.shape != (self.n,):
+            raise ValueError(f"steps must have shape ({self.n},), got {a.shape}")
+        if a.dtype.kind not in "iu" or (a.size and a.min() < 0):
+            raise ValueError("steps must be non-negative integers")
+        self.steps_arr[...] = a
+
+
+# ===================================================== gradient clipping ===
+#
+# The global norm of a list of arrays, in one parallel pass.  The work is cut
+# into fixed chunks of NORM_CHUNK elements inside each array (independent of
+# the thread count); each chunk's partial (sum of |x|^p, or max |x|) is
+# accumulated in double with 8 interleaved accumulators combined in a fixed
+# order, and the partials are combined serially in chunk order.  So the norm
+# is bit-identical on any number of threads.
+
+DEF NORM_CHUNK = 16384
+
+cdef enum NormKind:
+    NORM_2 = 0
+    NORM_1 = 1
+    NORM_INF = 2
+    NORM_P = 3
+
+ctypedef struct Chunk:
+    void *data
+    Py_ssize_t n
+    bint is_double
+
+
+cdef inline double max_nan(double a, double b) noexcept nogil:
+    """max(a, b); NaN in either gives NaN (torch's max of |x|)."""
+    return a if (a > b or a != a) else b
+
+
+cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noexcept nogil:
+    # 2: sum x^2;  1: sum |x|;  inf: max |x|;  p: sum |x|^p   (all in double)
+    cdef double acc[8]
+    cdef Py_ssize_t i, j, n8 = n - n % 8
+    cdef double a
+    cdef double tot[8]
+    for j in range(8):
+        acc[j] = 0.0
+    if mode == NORM_2:
+        for i in range(0, n8, 8):
+            for j in range(8):
+                a = <double>x[i + j]
+                acc[j] = acc[j] + a * a
+        for i in range(n8, n):
+            a = <double>x[i]
+            acc[i - n8] = acc[i - n8] + a * a
+    elif mode == NORM_1:
+        for i in range(0, n8, 8):
+            for j in range(8):
+                acc[j] = acc[j] + fabs(<double>x[i + j])
+        for i in range(n8, n):
+            acc[i - n8] = acc[i - n8] + fabs(<double>x[i])
+    elif mode == NORM_INF:
+        # The max alone drops NaN; the sum of |x| (terms >= 0, so never
+        # inf - inf) is NaN exactly when some x is.  Both vectorize.
+        for j in range(8):
+            tot[j] = 0.0
+        for i in range(0, n8, 8):
+            for j in range(8):
+                a = fabs(<double>x[i + j])
+                acc[j] = a if a > acc[j] else acc[j]
+                tot[j] = tot[j] + a
+        for i in range(n8, n):
+            a = fabs(<double>x[i])
+            acc[i - n8] = a if a > acc[i - n8] else acc[i - n8]
+            tot[i - n8] = tot[i - n8] + a
+        for j in range(8):
+            if tot[j] != tot[j]:
+                return NAN
+        return max(max(max(acc[0], acc[1]), max(acc[2], acc[3])),
+                   max(max(acc[4], acc[5]), max(acc[6], acc[7])))
+    else:
+        for i in range(n):
+            acc[i % 8] = acc[i % 8] + pow(fabs(<double>x[i]), p)
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+
+
+cdef inline double chunk_value(const Chunk *c, int mode, double p) noexcept nogil:
+    if c.is_double:
+        return chunk_norm(<const double *>c.data, c.n, mode, p)
+    return chunk_norm(<const float *>c.data, c.n, mode, p)
+
+
+cdef void scale_range(floating *x, Py_ssize_t n, double coef) noexcept nogil:
+    cdef floating c = <floating>coef
+    cdef Py_ssize_t i
+    for i in range(n):
+        x[i] = x[i] * c
+
+
+cdef inline void scale_chunk(const Chunk *c, double coef) noexcept nogil:
+    if c.is_double:
+        scale_range(<double *>c.data, c.n, coef)
+    else:
+        scale_range(<float *>c.data, c.n, coef)
+
+
+def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
+    """Clip the global norm of a list of gradients in place; return the norm.
+
+    Follows ``torch.nn.utils.clip_grad_norm_``: the p-norm of all elements of
+    all arrays together (`norm_type` p > 0, or ``inf`` for max |x|) is
+    computed in double; if it exceeds `max_norm`, every array is multiplied
+    by ``max_norm / (total_norm + 1e-6)`` (cast to the array's dtype).  A
+    NaN/inf norm scales by NaN/0 as PyTorch does, unless
+    `error_if_nonfinite`.  The norm is identical whatever the thread count.
+
+    Parameters
+    ----------
+    grads : ndarray or sequence of (ndarray or None)
+        float32/float64, C-contiguous, writeable, disjoint; None is skipped.
+    max_norm : float
+        >= 0.
+    norm_type : float
+        p > 0 or ``inf``.
+    error_if_nonfinite : bool
+        Raise RuntimeError (and scale nothing) if the norm is NaN or inf.
+
+    Returns
+    -------
+    float
+        The total norm before clipping.
+    """
+    cdef list arrays = []
+    cdef list names = []
+    cdef Py_ssize_t i
+    if cnp.PyArray_Check(grads):
+        grads = [grads]
+    for i, a in enumerate(grads):
+        if a is None:
+            continue
+        arrays.append(writable(float_array(a, f"grads[{i}]"), f"grads[{i}]"))
+        names.append(f"grads[{i}]")
+    cdef double mx = at_least(max_norm, "max_norm", 0.0)
+    cdef double p
+    try:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise TypeError(f"norm_type must be a number, got {norm_type!r}") from None
+    if not (p > 0):
+        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
+    cdef int mode = (NORM_INF if p == INFINITY else NORM_2 if p == 2.0
+                     else NORM_1 if p == 1.0 else NORM_P)
+    cdef Py_ssize_t na = len(arrays)
+    # Disjoint (each is scaled exactly once): sort by address, check neighbours.
+    cdef Interval *iv = <Interval *>PyMem_Malloc(max(na, 1) * sizeof(Interval))
+    if iv == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t nw = 0, k, nchunks = 0, total = 0, lo
+    cdef cnp.ndarray arr
+    try:
+        for i in range(na):
+            arr = <cnp.ndarray>arrays[i]
+            total += cnp.PyArray_SIZE(arr)
+            nchunks += (cnp.PyArray_SIZE(arr) + NORM_CHUNK - 1) // NORM_CHUNK
+            if cnp.PyArray_NBYTES(arr) == 0:
+                continue
+            iv[nw].lo = <uintptr_t>cnp.PyArray_DATA(arr)
+            iv[nw].hi = iv[nw].lo + <uintptr_t>cnp.PyArray_NBYTES(arr)
+            iv[nw].owner = i
+            iv[nw].slot = 0
+            nw += 1
+        qsort(iv, nw, sizeof(Interval), cmp_interval)
+        for k in range(1, nw):
+            if iv[k].lo < iv[k - 1].hi:
+                raise ValueError(f"{names[min(iv[k - 1].owner, iv[k].owner)]} and "
+                                 f"{names[max(iv[k - 1].owner, iv[k].owner)]} overlap in memory")
+    finally:
+        PyMem_Free(iv)
+    cdef Chunk *chunks = <Chunk *>PyMem_Malloc(max(nchunks, 1) * sizeof(Chunk))
+    cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
+    cdef Py_ssize_t m, itemsize
+    cdef double tot = 0.0, coef
+    cdef int nt
+    cdef bint is_double
+    cdef char *base
+    try:
+        if chunks == NULL or part == NULL:
+            raise MemoryError()
+        k = 0
+        for i in range(na):
+            arr = <cnp.ndarray>arrays[i]
+            m = cnp.PyArray_SIZE(arr)
+            is_double = cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64
+            itemsize = 8 if is_double else 4
+            base = <char *>cnp.PyArray_DATA(arr)
+            for lo in range(0, m, NORM_CHUNK):
+                chunks[k].data = base + lo * itemsize
+                chunks[k].n = min(NORM_CHUNK, m - lo)
+                chunks[k].is_double = is_double
+                k += 1
+        with nogil:
+            nt = threads_for(total, GRAIN)
+            if nt == 1:
+                for k in range(nchunks):
+                    part[k] = chunk_value(&chunks[k], mode, p)
+            else:
+                for k in prange(nchunks, num_threads=nt, schedule="static"):
+                    part[k] = chunk_value(&chunks[k], mode, p)
+            for k in range(nchunks):
+                tot = max_nan(tot, part[k]) if mode == NORM_INF else tot + part[k]
+            if mode == NORM_2:
+                tot = sqrt(tot)
+            elif mode == NORM_P:
+                tot = pow(tot, 1.0 / p)
+        if error_if_nonfinite and not isfinite(tot):
+            raise RuntimeError(
+                f"The total norm of order {p} for gradients is non-finite, so it cannot "
+                "be clipped. To disable this error and scale the gradients by the "
+                "non-finite norm anyway, set error_if_nonfinite=False")
+        coef = mx / (tot + 1e-6)
+        if not (coef >= 1.0):      # clamp(max=1); NaN scales by NaN as in PyTorch
+            with nogil:
+                if nt == 1:
+                    for k in range(nchunks):
+                        scale_chunk(&chunks[k], coef)
+                else:
+                    for k in prange(nchunks, num_threads=nt, schedule="static"):
+                        scale_chunk(&chunks[k], coef)
+    finally:
+        PyMem_Free(chunks)
+        PyMem_Free(part)
+    return tot
+

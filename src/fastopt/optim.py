@@ -1,0 +1,443 @@
+"""Optimizer objects: SGD, RMSprop, Adam, AdamW over a list of NumPy arrays.
+
+Each optimizer updates *every* parameter array in one native call with one
+parallel region per ``step`` (the work is split by elements across arrays),
+giving exactly the results of the functional kernels (`adam_step`, ...)
+applied array by array.  Constructor names and defaults follow
+``torch.optim``::
+
+    opt = fastopt.Adam([W1, b1, W2, b2], lr=1e-3)
+    opt = fastopt.AdamW([{"params": weights},
+                         {"params": biases, "weight_decay": 0.0}], lr=1e-3)
+    for X, y in batches:
+        grads = backward(X, y)          # [dW1, db1, dW2, db2], same order
+        opt.step(grads)
+
+Differences from PyTorch, because NumPy arrays carry no ``.grad``:
+
+* ``step(grads)`` takes the gradients, in the order of the parameters
+  (groups in order, then parameters in order within a group).  An entry may
+  be None: that parameter is skipped (its state and step count do not move),
+  as PyTorch skips parameters whose ``.grad`` is None.
+* ``opt.state`` is a list with one dict of state arrays per parameter
+  (PyTorch keys it by tensor).  The arrays are owned by the optimizer and
+  updated in place; do not replace them (``load_state_dict`` copies into
+  them).
+* Hyperparameters in ``opt.param_groups`` may be changed between steps and
+  are validated at every step (a bad value raises and nothing is updated).
+  Options that need a state array (``amsgrad``, RMSprop's ``momentum`` and
+  ``centered``, SGD's ``momentum``) must be on at construction to be turned
+  on later.  The parameter lists themselves are fixed at construction.
+* Parameters may mix float32 and float64; each array is updated in its own
+  precision (scalars in double), all in the same call.
+
+State dicts are flat dicts of NumPy arrays and numbers, so they save with
+``np.savez``::
+
+    np.savez(path, **opt.state_dict())
+    opt.load_state_dict(dict(np.load(path)))
+
+Keys: ``"optimizer"`` (the class name), ``"param_groups.<g>.<name>"`` for
+every hyperparameter of group g (``"param_groups.<g>.params"`` holds the
+parameter indices), ``"state.<i>.step"`` and ``"state.<i>.<state name>"``
+for parameter i.  Loading checks everything first and changes nothing when
+the dict does not match.
+"""
+import math
+
+import numpy as np
+
+from ._dispatch import optim as _kernels
+
+__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "flat_views"]
+
+_ALIGN = 64     # bytes; each view of `flat_views` starts on a cache line
+
+
+def flat_views(arrays, dtype=None, copy=True):
+    """One contiguous buffer holding every array, and views of it shaped like them.
+
+    A flat-buffer layout for a model: make the parameters (and the
+    gradients) views into one array, so a step streams through memory in
+    one pass and `clip_grad_norm_` can take the flat gradient buffer::
+
+        flat_p, params = fastopt.flat_views(initial_params)
+        flat_g, grads = fastopt.flat_views(params, copy=False)   # zeros
+        opt = fastopt.Adam(params)
+        ...                         # backward writes into grads (out=...)
+        fastopt.clip_grad_norm_(flat_g, 1.0)
+        opt.step(grads)
+
+    The optimizer's state arrays are laid out the same way already (each
+    state kind in one buffer, in parameter order), so the whole update is
+    contiguous streams.  Each view starts at a 64-byte boundary; the few
+    padding elements between views are zero and never written by fastopt
+    (they add nothing to a norm).
+
+    Parameters
+    ----------
+    arrays : sequence of ndarray (or of shapes, with `dtype` and copy=False)
+    dtype : dtype, optional
+        Of the buffer; default: the arrays' common dtype (float32/float64).
+    copy : bool
+        Copy the arrays' values in (default) or leave the buffer zeroed.
+
+    Returns
+    -------
+    flat : ndarray, 1-d
+    views : list of ndarray
+        ``views[i]`` has the shape of ``arrays[i]`` and shares memory with `flat`.
+    """
+    arrays = list(arrays)
+    shapes = [np.shape(a) if isinstance(a, np.ndarray) else tuple(a) for a in arrays]
+    if dtype is None:
+        dtypes = {a.dtype for a in arrays if isinstance(a, np.ndarray)}
+        if len(dtypes) != 1:
+            raise ValueError("arrays must share one dtype (or pass dtype=...), got "
+                             f"{sorted(str(d) for d in dtypes) or 'shapes only'}")
+        dtype = dtypes.pop()
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+    if copy and not all(isinstance(a, np.ndarray) for a in arrays):
+        raise TypeError("copy=True needs arrays, not shapes")
+    per_line = _ALIGN // dtype.itemsize
+    sizes = [math.prod(s) for s in shapes]
+    starts = np.cumsum([0] + [-(-n // per_line) * per_line for n in sizes])
+    raw = np.zeros(int(starts[-1]) + per_line, dtype)
+    skip = (-raw.ctypes.data) % _ALIGN // dtype.itemsize
+    flat = raw[skip:skip + int(starts[-1])]
+    views = [flat[o:o + n].reshape(s) for o, n, s in zip(starts, sizes, shapes)]
+    if copy:
+        for v, a in zip(views, arrays):
+            v[...] = a
+    return flat, views
+
+
+class Optimizer:
+    """Base class: param groups, native state, state dicts.
+
+    Subclasses set `_kind` (the native kernel family), `_slot_names` (the
+    state arrays, in native slot order) and `_slots(group)` (which of those
+    a group needs).
+    """
+
+    _kind = None
+    _slot_names = ()
+
+    def __init__(self, params, defaults):
+        self.defaults = dict(defaults)
+        groups = _as_groups(params)
+        self.param_groups = []
+        for group in groups:
+            group = {**self.defaults, **group}
+            if isinstance(group.get("betas"), list):
+                group["betas"] = tuple(group["betas"])
+            self.param_groups.append(group)
+        flat, group_of = [], []
+        for gi, group in enumerate(self.param_groups):
+            flat.extend(group["params"])
+            group_of.extend([gi] * len(group["params"]))
+        if not flat:
+            raise ValueError("optimizer got an empty parameter list")
+        slots = [self._slots(g) for g in self.param_groups]
+        self._fused = _kernels.FusedStep(self._kind, flat, group_of, slots)
+        # Reject bad hyperparameters now, as PyTorch does, not at the first step.
+        self._fused.check_groups(self.param_groups)
+        self.state = [
+            {name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
+            for st in self._fused.states
+        ]
+
+    def _slots(self, group):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, grads):
+        """Update every parameter in place from `grads` (one per parameter, in
+        order; None skips a parameter).  Everything is validated first: on an
+        error nothing is updated."""
+        self._fused.step(grads, self.param_groups)
+
+    @property
+    def lr(self):
+        """The learning rate of every group (setting it sets every group's)."""
+        lrs = {g["lr"] for g in self.param_groups}
+        if len(lrs) != 1:
+            raise ValueError("param groups have different learning rates; "
+                             "read them from opt.param_groups")
+        return self.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value):
+        for g in self.param_groups:
+            g["lr"] = value
+
+    @property
+    def steps(self):
+        """Per-parameter step counts (int64 array, a copy)."""
+        return self._fused.get_steps()
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__} ("]
+        for gi, g in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {gi}")
+            for k in sorted(g):
+                if k != "params":
+                    lines.append(f"    {k}: {g[k]}")
+        return "\n".join(lines + [")"])
+
+    # ------------------------------------------------------------ state dict
+
+    def state_dict(self):
+        """The optimizer's state as a flat dict of NumPy arrays and numbers.
+
+        Arrays are copies.  See the module docstring for the keys; the dict
+        saves with ``np.savez(path, **opt.state_dict())``.
+        """
+        out = {"optimizer": type(self).__name__}
+        index = 0
+        for gi, g in enumerate(self.param_groups):
+            for k, v in g.items():
+                if k == "params":
+                    v = np.arange(index, index + len(v), dtype=np.int64)
+                    index += len(g["params"])
+                out[f"param_groups.{gi}.{k}"] = v
+        steps = self._fused.get_steps()
+        for i, st in enumerate(self.state):
+            out[f"state.{i}.step"] = int(steps[i])
+            for name, arr in st.items():
+                out[f"state.{i}.{name}"] = arr.copy()
+        return out
+
+    def load_state_dict(self, state_dict):
+        """Restore a state from `state_dict` (as made by `state_dict`, possibly
+        through ``np.savez``/``np.load``).  Everything is checked before
+        anything changes: a dict for another optimizer type, another number of
+        groups or parameters, missing or extra keys, or state arrays of
+        another shape or dtype raise ValueError and leave this optimizer as
+        it was."""
+        sd = dict(state_dict)
+        kind = _scalar(sd.get("optimizer"), "optimizer")
+        if kind != type(self).__name__:
+            raise ValueError(f"state dict is for optimizer {kind!r}, not {type(self).__name__!r}")
+        expected = {"optimizer"}
+        # Param groups: same number, same parameter indices, same keys.
+        new_groups = []
+        index = 0
+        for gi, g in enumerate(self.param_groups):
+            prefix = f"param_groups.{gi}."
+            keys = {k[len(prefix):] for k in sd if k.startswith(prefix)}
+            if not keys:
+                raise ValueError(f"state dict has no param group {gi} "
+                                 f"(this optimizer has {len(self.param_groups)})")
+            required = set(self.defaults) | {"params"}
+            missing = required - keys
+            if missing:
+                raise ValueError(f"state dict is missing {sorted(prefix + k for k in missing)}")
+            idx = np.asarray(sd[prefix + "params"])
+            want = np.arange(index, index + len(g["params"]))
+            if idx.shape != want.shape or not np.array_equal(idx, want):
+                raise ValueError(f"{prefix}params holds parameters {idx.tolist()} but this "
+                                 f"optimizer's group {gi} has parameters {want.tolist()}")
+            index += len(g["params"])
+            new = {"params": g["params"]}
+            for k in keys - {"params"}:
+                new[k] = _value(sd[prefix + k], prefix + k)
+            new_groups.append(new)
+            expected |= {prefix + k for k in keys}
+        extra_groups = {k for k in sd if k.startswith("param_groups.") and k not in expected}
+        if extra_groups:
+            raise ValueError(f"state dict has param groups this optimizer lacks: "
+                             f"{sorted(extra_groups)[:5]}")
+        self._fused.check_groups(new_groups)
+        # Per-parameter state: the same arrays, shapes and dtypes.
+        steps = np.zeros(len(self.state), dtype=np.int64)
+        for i, st in enumerate(self.state):
+            key = f"state.{i}.step"
+            if key not in sd:
+                raise ValueError(f"state dict is missing {key!r}")
+            s = np.asarray(sd[key])
+            if s.shape != () or s.dtype.kind not in "iu" or s < 0:
+                raise ValueError(f"{key} must be a non-negative integer, got {sd[key]!r}")
+            steps[i] = s
+            expected.add(key)
+            for name, arr in st.items():
+                key = f"state.{i}.{name}"
+                if key not in sd:
+                    raise ValueError(f"state dict is missing {key!r}")
+                v = sd[key]
+                if not isinstance(v, np.ndarray) or v.shape != arr.shape or v.dtype != arr.dtype:
+                    raise ValueError(f"{key} must be an array of shape {arr.shape} and dtype "
+                                     f"{arr.dtype}, got {_describe(v)}")
+                expected.add(key)
+        extra = set(sd) - expected
+        if extra:
+            raise ValueError(f"state dict has keys this optimizer lacks: {sorted(extra)[:5]}")
+        # All checked: commit.
+        for i, st in enumerate(self.state):
+            for name, arr in st.items():
+                np.copyto(arr, sd[f"state.{i}.{name}"])
+        self._fused.set_steps(steps)
+        for g, new in zip(self.param_groups, new_groups):
+            g.clear()
+            g.update(new)
+
+
+def _as_groups(params):
+    """params (arrays or dicts) -> list of group dicts with a "params" list."""
+    if isinstance(params, np.ndarray):
+        raise TypeError("params must be a list of arrays or of param-group dicts, "
+                        "not a single array (wrap it in a list)")
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    if all(isinstance(p, dict) for p in params):
+        groups = []
+        for gi, g in enumerate(params):
+            if "params" not in g:
+                raise ValueError(f"param_groups[{gi}] has no 'params'")
+            ps = g["params"]
+            ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
+            groups.append({**g, "params": ps})
+        return groups
+    if any(isinstance(p, dict) for p in params):
+        raise TypeError("params must be all arrays or all param-group dicts")
+    return [{"params": params}]
+
+
+def _scalar(v, key):
+    if v is None:
+        raise ValueError(f"state dict has no {key!r}")
+    return np.asarray(v).item() if isinstance(v, np.ndarray) else v
+
+
+def _value(v, key):
+    """A hyperparameter from a state dict (0-d arrays -> numbers, 1-d -> tuples)."""
+    if isinstance(v, np.ndarray):
+        if v.ndim == 0:
+            return v.item()
+        if v.ndim == 1:
+            return tuple(v.tolist())
+        raise ValueError(f"{key} must be a number or a 1-d tuple, got an array of shape {v.shape}")
+    if isinstance(v, list):
+        return tuple(v)
+    return v
+
+
+def _describe(v):
+    if isinstance(v, np.ndarray):
+        return f"an array of shape {v.shape} and dtype {v.dtype}"
+    return repr(type(v).__name__)
+
+
+def _number(name, value, lo=0.0, hi=math.inf, hi_closed=False):
+    """Validate a constructor argument (PyTorch raises "Invalid ..." here too)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    ok = math.isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi))
+    if not ok:
+        rng = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+        raise ValueError(f"{name} must be {rng}, got {value!r}")
+    return value
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, as ``torch.optim.SGD``.
+
+    With g the gradient (negated if `maximize`)::
+
+        g += weight_decay * param
+        b = g                                    (momentum > 0, first update)
+        b = momentum * b + (1 - dampening) * g   (momentum > 0, later updates)
+        g = g + momentum * b if nesterov else b
+        param -= lr * g
+
+    The course's Momentum ``v = beta*v + (1 - beta)*dW`` is
+    ``momentum=beta, dampening=beta`` (apart from the first update, where
+    PyTorch and fastopt set ``b = g``).  ``state[i]["momentum_buffer"]``
+    exists when momentum > 0 at construction; the step count of SGD counts
+    momentum updates (0: the next one initializes the buffer).
+    """
+
+    _kind = "sgd"
+    _slot_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False):
+        _number("lr", lr)
+        _number("momentum", momentum)
+        _number("dampening", dampening, 0.0, 1.0, hi_closed=True)
+        _number("weight_decay", weight_decay)
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov,
+                                      maximize=maximize))
+
+    def _slots(self, group):
+        return (group["momentum"] != 0, False, False)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, as ``torch.optim.RMSprop`` (see `fastopt.rmsprop_step`).
+
+    State per parameter: ``square_avg``; ``momentum_buffer`` if momentum > 0
+    and ``grad_avg`` if centered (at construction).
+    """
+
+    _kind = "rmsprop"
+    _slot_names = ("square_avg", "momentum_buffer", "grad_avg")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
+                 centered=False, *, maximize=False):
+        _number("lr", lr)
+        _number("alpha", alpha, 0.0, 1.0)
+        _number("eps", eps)
+        _number("weight_decay", weight_decay)
+        _number("momentum", momentum)
+        super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+                                      momentum=momentum, centered=centered, maximize=maximize))
+
+    def _slots(self, group):
+        return (True, group["momentum"] > 0, bool(group["centered"]))
+
+
+class Adam(Optimizer):
+    """Adam, as ``torch.optim.Adam`` (see `fastopt.adam_step` for the formulas).
+
+    State per parameter: ``exp_avg``, ``exp_avg_sq`` and, with amsgrad,
+    ``max_exp_avg_sq``; bias corrections use the parameter's own step count.
+    ``decoupled_weight_decay=True`` is AdamW.
+    """
+
+    _kind = "adam"
+    _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False):
+        _number("lr", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a tuple of two numbers, got {betas!r}")
+        _number("betas[0]", betas[0], 0.0, 1.0)
+        _number("betas[1]", betas[1], 0.0, 1.0)
+        _number("eps", eps)
+        _number("weight_decay", weight_decay)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+                                      weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize,
+                                      decoupled_weight_decay=decoupled_weight_decay))
+
+    def _slots(self, group):
+        return (True, True, bool(group["amsgrad"]))
+
+
+class AdamW(Adam):
+    """AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay
+    (``param *= 1 - lr * weight_decay``), default weight_decay 1e-2."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True)

@@ -1,0 +1,780 @@
+"""fastopt.SGD / RMSprop / Adam / AdamW and clip_grad_norm_.
+
+Optimizer objects are checked two ways over 100-step trajectories:
+bit-for-bit against the functional kernels applied array by array, and
+against a float64 NumPy reference written from PyTorch's formulas.
+"""
+import numpy as np
+import pytest
+
+import fastopt
+from conftest import DTYPES, Snapshot, num_threads, tol
+
+# 0-d, empty, tiny and SIMD-tail arrays, plus one large enough that the
+# element split puts a thread boundary inside an array (> 2 x 32768 in all).
+SMALL_SHAPES = [(), (0,), (1,), (17,), (3, 5), (7, 1, 2)]
+BIG_SHAPES = SMALL_SHAPES + [(66, 1000), (9,)]
+
+CASES = [
+    (fastopt.Adam, {}),
+    (fastopt.Adam, {"weight_decay": 0.1, "lr": 1e-2}),
+    (fastopt.Adam, {"amsgrad": True, "betas": (0.8, 0.9)}),
+    (fastopt.Adam, {"maximize": True, "weight_decay": 0.01, "eps": 1e-3}),
+    (fastopt.Adam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    (fastopt.AdamW, {"lr": 1e-2}),
+    (fastopt.AdamW, {"amsgrad": True, "maximize": True}),
+    (fastopt.RMSprop, {}),
+    (fastopt.RMSprop, {"momentum": 0.9, "lr": 1e-3}),
+    (fastopt.RMSprop, {"centered": True, "alpha": 0.9}),
+    (fastopt.RMSprop, {"centered": True, "momentum": 0.5, "weight_decay": 0.1, "maximize": True}),
+    (fastopt.SGD, {"lr": 0.1}),
+    (fastopt.SGD, {"lr": 0.1, "momentum": 0.9}),
+    (fastopt.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.9}),
+    (fastopt.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    (fastopt.SGD, {"lr": 0.1, "momentum": 0.5, "maximize": True, "weight_decay": 0.1}),
+]
+CASE_IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
+            for cls, kw in CASES]
+
+
+def make_params(rng, shapes, dtype):
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def make_grads(rng, params):
+    return [rng.standard_normal(p.shape).astype(p.dtype) for p in params]
+
+
+def kind_of(opt):
+    return {"Adam": "adam", "AdamW": "adam", "RMSprop": "rmsprop", "SGD": "sgd"}[type(opt).__name__]
+
+
+def new_state(kind, p, h):
+    """The state arrays an optimizer with hyperparameters h keeps for p."""
+    z = lambda: np.zeros_like(p)  # noqa: E731
+    if kind == "adam":
+        st = {"exp_avg": z(), "exp_avg_sq": z()}
+        if h["amsgrad"]:
+            st["max_exp_avg_sq"] = z()
+    elif kind == "rmsprop":
+        st = {"square_avg": z()}
+        if h["momentum"] > 0:
+            st["momentum_buffer"] = z()
+        if h["centered"]:
+            st["grad_avg"] = z()
+    else:
+        st = {"momentum_buffer": z()} if h["momentum"] else {}
+    return st
+
+
+def functional_step(kind, p, g, st, step, h):
+    """One update of p with fastopt's functional kernels (step counts from 1)."""
+    if kind == "adam":
+        fastopt.adam_step(p, g, st["exp_avg"], st["exp_avg_sq"], step=step, lr=h["lr"],
+                          betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"],
+                          decoupled_weight_decay=h["decoupled_weight_decay"],
+                          amsgrad=h["amsgrad"], max_exp_avg_sq=st.get("max_exp_avg_sq"),
+                          maximize=h["maximize"])
+    elif kind == "rmsprop":
+        fastopt.rmsprop_step(p, g, st["square_avg"], lr=h["lr"], alpha=h["alpha"], eps=h["eps"],
+                             weight_decay=h["weight_decay"], momentum=h["momentum"],
+                             momentum_buffer=st.get("momentum_buffer"), centered=h["centered"],
+                             grad_avg=st.get("grad_avg"), maximize=h["maximize"])
+    else:
+        fastopt.sgd_step(p, g, st.get("momentum_buffer"), lr=h["lr"], momentum=h["momentum"],
+                         dampening=h["dampening"], nesterov=h["nesterov"],
+                         weight_decay=h["weight_decay"], maximize=h["maximize"],
+                         first_step=step == 1)
+
+
+def reference_step(kind, p, g, st, step, h):
+    """PyTorch's update rules in NumPy (float64 arrays, in place)."""
+    g = -g if h["maximize"] else g.copy()
+    if kind == "adam":
+        lr, (b1, b2), wd = h["lr"], h["betas"], h["weight_decay"]
+        if h["decoupled_weight_decay"]:
+            p *= 1 - lr * wd
+        else:
+            g += wd * p
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m[...] = b1 * m + (1 - b1) * g
+        v[...] = b2 * v + (1 - b2) * g * g
+        if h["amsgrad"]:
+            np.maximum(st["max_exp_avg_sq"], v, out=st["max_exp_avg_sq"])
+            v = st["max_exp_avg_sq"]
+        bc1, bc2 = 1 - b1 ** step, 1 - b2 ** step
+        p -= lr / bc1 * m / (np.sqrt(v) / np.sqrt(bc2) + h["eps"])
+    elif kind == "rmsprop":
+        a = h["alpha"]
+        g += h["weight_decay"] * p
+        sq = st["square_avg"]
+        sq[...] = a * sq + (1 - a) * g * g
+        if h["centered"]:
+            ga = st["grad_avg"]
+            ga[...] = a * ga + (1 - a) * g
+            avg = np.sqrt(sq - ga * ga) + h["eps"]
+        else:
+            avg = np.sqrt(sq) + h["eps"]
+        if h["momentum"] > 0:
+            b = st["momentum_buffer"]
+            b[...] = h["momentum"] * b + g / avg
+            p -= h["lr"] * b
+        else:
+            p -= h["lr"] * g / avg
+    else:
+        g += h["weight_decay"] * p
+        mu = h["momentum"]
+        if mu:
+            b = st["momentum_buffer"]
+            b[...] = g if step == 1 else mu * b + (1 - h["dampening"]) * g
+            g = g + mu * b if h["nesterov"] else b.copy()
+        p -= h["lr"] * g
+
+
+class Mirror:
+    """Replays an optimizer's steps array by array with `step_fn`."""
+
+    def __init__(self, opt, params, step_fn, dtype=None):
+        self.kind = kind_of(opt)
+        self.step_fn = step_fn
+        self.params = [p.astype(dtype or p.dtype) for p in params]
+        self.group_of = [gi for gi, g in enumerate(opt.param_groups) for _ in g["params"]]
+        self.state = [new_state(self.kind, p, opt.param_groups[gi])
+                      for p, gi in zip(self.params, self.group_of)]
+        self.steps = [0] * len(params)
+
+    def step(self, grads, groups):
+        for i, g in enumerate(grads):
+            if g is None:
+                continue
+            h = groups[self.group_of[i]]
+            if self.kind != "sgd" or h["momentum"]:
+                self.steps[i] += 1
+            g = g.astype(self.params[i].dtype)
+            self.step_fn(self.kind, self.params[i], g, self.state[i], self.steps[i], h)
+
+
+def assert_same(opt, params, mirror):
+    for i, (p, q) in enumerate(zip(params, mirror.params)):
+        np.testing.assert_array_equal(p, q, err_msg=f"params[{i}]")
+        for name, arr in opt.state[i].items():
+            np.testing.assert_array_equal(arr, mirror.state[i][name], err_msg=f"state[{i}][{name}]")
+
+
+# ------------------------------------------------------------ trajectories ---
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls,kwargs", CASES, ids=CASE_IDS)
+def test_100_steps_match_functional_kernels_and_numpy(cls, kwargs, dtype, rng):
+    params = make_params(rng, SMALL_SHAPES, dtype)
+    opt = cls(params, **kwargs)
+    mirror = Mirror(opt, params, functional_step)
+    ref = Mirror(opt, params, reference_step, dtype=np.float64)
+    for _ in range(100):
+        grads = make_grads(rng, params)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+        ref.step(grads, opt.param_groups)
+    assert_same(opt, params, mirror)                       # bit for bit
+    assert list(opt.steps) == mirror.steps
+    t = tol(dtype) if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    for i, (p, q) in enumerate(zip(params, ref.params)):
+        np.testing.assert_allclose(p, q, err_msg=f"params[{i}]", **t)
+        for name, arr in opt.state[i].items():
+            np.testing.assert_allclose(arr, ref.state[i][name], err_msg=f"state[{i}][{name}]", **t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls,kwargs", CASES, ids=CASE_IDS)
+def test_threaded_split_across_arrays_matches_functional_kernels(cls, kwargs, dtype, rng):
+    # > 65536 elements in all: two threads, one boundary inside the big array
+    params = make_params(rng, BIG_SHAPES, dtype)
+    opt = cls(params, **kwargs)
+    mirror = Mirror(opt, params, functional_step)
+    for _ in range(4):
+        grads = make_grads(rng, params)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert_same(opt, params, mirror)
+
+
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_first_step_sets_buffer_to_gradient(dampening, rng):
+    # torch.optim.SGD: the buffer is created as a copy of g (no dampening),
+    # and later b = mu*b + (1 - dampening)*g.
+    p = rng.standard_normal(10)
+    opt = fastopt.SGD([p], lr=0.1, momentum=0.9, dampening=dampening, weight_decay=0.5)
+    p0 = p.copy()
+    g1, g2 = rng.standard_normal(10), rng.standard_normal(10)
+    opt.step([g1])
+    d1 = g1 + 0.5 * p0
+    np.testing.assert_allclose(opt.state[0]["momentum_buffer"], d1, rtol=1e-15)
+    np.testing.assert_allclose(p, p0 - 0.1 * d1, rtol=1e-15)
+    p1 = p.copy()
+    opt.step([g2])
+    b2 = 0.9 * d1 + (1 - dampening) * (g2 + 0.5 * p1)
+    np.testing.assert_allclose(opt.state[0]["momentum_buffer"], b2, rtol=1e-14)
+    np.testing.assert_allclose(p, p1 - 0.1 * b2, rtol=1e-14)
+
+
+def test_defaults_follow_pytorch():
+    p = [np.zeros(3)]
+    assert fastopt.SGD(p).defaults == dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                                           nesterov=False, maximize=False)
+    assert fastopt.RMSprop(p).defaults == dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                                               momentum=0.0, centered=False, maximize=False)
+    adam = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+                maximize=False, decoupled_weight_decay=False)
+    assert fastopt.Adam(p).defaults == adam
+    assert fastopt.AdamW(p).defaults == dict(adam, weight_decay=1e-2, decoupled_weight_decay=True)
+
+
+def test_state_arrays_are_zeros_like_params(rng):
+    params = make_params(rng, SMALL_SHAPES, np.float32)
+    opt = fastopt.Adam(params, amsgrad=True)
+    for p, st in zip(params, opt.state):
+        assert set(st) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        for a in st.values():
+            assert a.shape == p.shape and a.dtype == p.dtype and a.flags.c_contiguous
+            assert a.ctypes.data % 64 == 0 and a.flags.writeable
+            assert not a.any()
+
+
+# ------------------------------------------- groups, hyperparameters, skips ---
+
+def test_param_groups_with_different_hyperparameters(rng):
+    w = make_params(rng, [(40, 30), (30, 10)], np.float32)
+    b = make_params(rng, [(30,), (10,)], np.float32)
+    opt = fastopt.AdamW([{"params": w}, {"params": b, "weight_decay": 0.0, "lr": 1e-2,
+                                         "betas": (0.5, 0.6)}], lr=3e-3)
+    assert opt.param_groups[0]["weight_decay"] == 1e-2 and opt.param_groups[1]["lr"] == 1e-2
+    params = w + b
+    mirror = Mirror(opt, params, functional_step)
+    for _ in range(100):
+        grads = make_grads(rng, params)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert_same(opt, params, mirror)
+
+
+@pytest.mark.parametrize("cls,kwargs", [(fastopt.Adam, {}), (fastopt.RMSprop, {"momentum": 0.5}),
+                                        (fastopt.SGD, {"momentum": 0.9})])
+def test_hyperparameters_change_between_steps(cls, kwargs, rng):
+    params = make_params(rng, [(50,), (3, 4)], np.float64)
+    opt = cls([{"params": params[:1]}, {"params": params[1:]}], **kwargs)
+    mirror = Mirror(opt, params, functional_step)
+    for k in range(100):
+        opt.lr = 1e-2 / (1 + k)
+        assert opt.lr == 1e-2 / (1 + k)
+        opt.param_groups[1]["weight_decay"] = 0.01 * (k % 3)
+        if cls is fastopt.Adam:
+            opt.param_groups[0]["betas"] = (0.9, 0.99 if k % 2 else 0.999)
+        grads = make_grads(rng, params)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert_same(opt, params, mirror)
+    opt.param_groups[1]["lr"] = 0.5
+    with pytest.raises(ValueError, match="different learning rates"):
+        opt.lr
+
+
+def test_none_grads_skip_params_and_their_step_counts(rng):
+    params = make_params(rng, [(20,), (5,), (3, 3)], np.float32)
+    opt = fastopt.Adam(params, lr=1e-2)
+    mirror = Mirror(opt, params, functional_step)
+    for k in range(30):
+        grads = make_grads(rng, params)
+        grads[k % 3] = None
+        if k == 7:
+            grads = [None, None, None]
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert list(opt.steps) == mirror.steps == [19, 20, 19]
+    assert_same(opt, params, mirror)
+    # step counts differ per array: bias corrections use each array's own count
+    opt.step([make_grads(rng, params)[0], None, None])
+    assert list(opt.steps) == [20, 20, 19]
+
+
+def test_sgd_momentum_switched_off_keeps_first_step_rule(rng):
+    # torch creates the buffer at the first update with momentum != 0.
+    params = make_params(rng, [(8,)], np.float64)
+    opt = fastopt.SGD(params, lr=0.1, momentum=0.9, dampening=0.3)
+    mirror = Mirror(opt, params, functional_step)
+    for k in range(6):
+        opt.param_groups[0]["momentum"] = 0.0 if k < 2 else 0.9
+        grads = make_grads(rng, params)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert list(opt.steps) == [4]
+    assert_same(opt, params, mirror)
+
+
+def test_mixed_float32_and_float64_params(rng):
+    params = make_params(rng, [(100,), (7,)], np.float32) + make_params(rng, [(40000,), (3,)], np.float64)
+    params.append(rng.standard_normal(30000).astype(np.float32))
+    opt = fastopt.Adam(params, lr=1e-2, amsgrad=True)
+    mirror = Mirror(opt, params, functional_step)
+    for _ in range(5):
+        grads = make_grads(rng, params)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert_same(opt, params, mirror)
+
+
+def test_strided_grads_are_read_correctly(rng):
+    params = make_params(rng, [(6, 5), (4,)], np.float32)
+    opt = fastopt.Adam(params)
+    mirror = Mirror(opt, params, functional_step)
+    big = rng.standard_normal((6, 10)).astype(np.float32)
+    grads = [big[:, ::2], rng.standard_normal(8).astype(np.float32)[::2]]
+    assert not grads[0].flags.c_contiguous
+    opt.step(grads)
+    mirror.step([np.ascontiguousarray(g) for g in grads], opt.param_groups)
+    assert_same(opt, params, mirror)
+
+
+def test_tuple_of_grads_and_generator_params(rng):
+    params = make_params(rng, [(5,), (6,)], np.float64)
+    before = [p.copy() for p in params]
+    opt = fastopt.SGD((p for p in params), lr=0.5)
+    grads = tuple(make_grads(rng, params))
+    opt.step(grads)
+    for p, b, g in zip(params, before, grads):
+        np.testing.assert_allclose(p, b - 0.5 * g, rtol=1e-15)
+    assert list(opt.steps) == [0, 0]   # SGD counts momentum updates only
+
+
+def test_one_vs_two_threads_identical(rng):
+    params = make_params(rng, [(70001,), (13,), (40000,)], np.float32)
+    grads = [make_grads(rng, params) for _ in range(5)]
+    results = []
+    for n in (1, 2):
+        ps = [p.copy() for p in params]
+        opt = fastopt.Adam(ps, lr=1e-2, weight_decay=0.1, amsgrad=True)
+        with num_threads(n):
+            for g in grads:
+                opt.step(g)
+        results.append(ps + [a for st in opt.state for a in st.values()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------ checkpoints ---
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (fastopt.Adam, {"amsgrad": True}), (fastopt.AdamW, {}),
+    (fastopt.RMSprop, {"centered": True, "momentum": 0.9}), (fastopt.SGD, {"momentum": 0.9}),
+])
+def test_checkpoint_round_trip_through_npz(cls, kwargs, rng, tmp_path):
+    shapes = [(30, 4), (), (0,), (7,)]
+    params = make_params(rng, shapes, np.float32)
+    grads = [make_grads(rng, params) for _ in range(20)]
+    opt = cls([{"params": params[:2]}, {"params": params[2:], "lr": 5e-3}], **kwargs)
+    for g in grads[:10]:
+        opt.step(g)
+    opt.param_groups[0]["lr"] = 2e-3         # hyperparameters are saved too
+    path = tmp_path / "ckpt.npz"
+    np.savez(path, **opt.state_dict())
+    saved_params = [p.copy() for p in params]
+    for g in grads[10:]:
+        opt.step(g)
+
+    params2 = saved_params
+    opt2 = cls([{"params": params2[:2]}, {"params": params2[2:]}], **kwargs)
+    with np.load(path) as f:
+        opt2.load_state_dict(dict(f))
+    assert opt2.param_groups[0]["lr"] == 2e-3 and opt2.param_groups[1]["lr"] == 5e-3
+    assert opt2.param_groups[0]["params"][0] is params2[0]
+    for g in grads[10:]:
+        opt2.step(g)
+    for p, q in zip(params, params2):
+        np.testing.assert_array_equal(p, q)
+    for st, st2 in zip(opt.state, opt2.state):
+        for k in st:
+            np.testing.assert_array_equal(st[k], st2[k])
+    np.testing.assert_array_equal(opt.steps, opt2.steps)
+
+
+def test_state_dict_keys_and_copies(rng):
+    params = make_params(rng, [(3,), (2,)], np.float64)
+    opt = fastopt.Adam(params)
+    opt.step(make_grads(rng, params))
+    sd = opt.state_dict()
+    assert sd["optimizer"] == "Adam"
+    assert sd["state.1.step"] == 1 and sd["param_groups.0.betas"] == (0.9, 0.999)
+    np.testing.assert_array_equal(sd["param_groups.0.params"], [0, 1])
+    assert set(k for k in sd if k.startswith("state.0.")) == {
+        "state.0.step", "state.0.exp_avg", "state.0.exp_avg_sq"}
+    before = sd["state.0.exp_avg"].copy()
+    opt.step(make_grads(rng, params))
+    np.testing.assert_array_equal(sd["state.0.exp_avg"], before)   # a copy
+
+
+def _bad_state_dicts(sd):
+    """(description, broken copy, message) for load_state_dict's checks."""
+    def edit(**changes):
+        d = dict(sd)
+        for k, v in changes.items():
+            if v is None:
+                del d[k.replace("__", ".")]
+            else:
+                d[k.replace("__", ".")] = v
+        return d
+    big = np.zeros((4, 4), np.float32)
+    return [
+        ("wrong type", edit(optimizer="SGD"), "for optimizer 'SGD'"),
+        ("missing state", edit(**{"state__1__exp_avg": None}), r"missing 'state.1.exp_avg'"),
+        ("missing step", edit(**{"state__0__step": None}), r"missing 'state.0.step'"),
+        ("missing group key", edit(**{"param_groups__0__eps": None}), "param_groups.0.eps"),
+        ("wrong shape", edit(**{"state__0__exp_avg": big}), r"state.0.exp_avg must be an array of shape \(3, 4\)"),
+        ("wrong dtype", edit(**{"state__0__exp_avg_sq": np.zeros((3, 4))}), "dtype float32"),
+        ("not an array", edit(**{"state__0__exp_avg_sq": 1.0}), "state.0.exp_avg_sq"),
+        ("bad step", edit(**{"state__1__step": -1}), "non-negative integer"),
+        ("extra key", edit(**{"state__0__max_exp_avg_sq": np.zeros((3, 4), np.float32)}), "lacks"),
+        ("extra group", edit(**{"param_groups__1__lr": 1.0}), "param groups this optimizer lacks"),
+        ("other params", edit(**{"param_groups__0__params": np.arange(3)}), "holds parameters"),
+        ("bad lr", edit(**{"param_groups__0__lr": np.nan}), r"param_groups\[0\]\['lr'\] must be finite"),
+        ("amsgrad", edit(**{"param_groups__0__amsgrad": True}), "amsgrad"),
+    ]
+
+
+def test_load_state_dict_mismatch_changes_nothing(rng):
+    params = make_params(rng, [(3, 4), (5,)], np.float32)
+    src = fastopt.Adam(params, lr=1e-2)
+    src.step(make_grads(rng, params))
+    sd = src.state_dict()
+    for k in list(sd):      # make the good dict differ from the target everywhere
+        if isinstance(sd[k], np.ndarray) and sd[k].dtype == np.float32:
+            sd[k] = sd[k] + 1
+
+    target_params = make_params(rng, [(3, 4), (5,)], np.float32)
+    opt = fastopt.Adam(target_params, lr=1e-3)
+    opt.step(make_grads(rng, target_params))
+    snap = Snapshot(*target_params, *[a for st in opt.state for a in st.values()])
+    groups = [dict(g) for g in opt.param_groups]
+    steps = opt.steps
+    for what, bad, msg in _bad_state_dicts(sd):
+        with pytest.raises((ValueError, TypeError), match=msg):
+            opt.load_state_dict(bad)
+        snap.assert_unchanged()
+        assert opt.param_groups == groups, what
+        np.testing.assert_array_equal(opt.steps, steps)
+    opt.load_state_dict(sd)                 # the untouched dict loads
+    assert opt.param_groups[0]["lr"] == 1e-2
+
+    two = fastopt.Adam([{"params": target_params[:1]}, {"params": target_params[1:]}])
+    with pytest.raises(ValueError, match="holds parameters"):
+        two.load_state_dict(sd)
+
+
+# --------------------------------------------------------------- bad input ---
+
+def _opt_and_snapshot(rng, cls=fastopt.Adam, **kw):
+    params = make_params(rng, [(4, 3), (5,), (6,)], np.float32)
+    opt = cls(params, **kw)
+    opt.step(make_grads(rng, params))
+    snap = Snapshot(*params, *[a for st in opt.state for a in st.values()])
+    return params, opt, snap
+
+
+def test_bad_grads_name_the_position_and_change_nothing(rng):
+    params, opt, snap = _opt_and_snapshot(rng)
+    steps = opt.steps
+    good = make_grads(rng, params)
+
+    def with_last(g):
+        return good[:2] + [g]
+    cases = [
+        (good[:2], ValueError, "expected 3 grads"),
+        (good + good[:1], ValueError, "expected 3 grads"),
+        (with_last(np.zeros(5, np.float32)), ValueError, r"grads\[2\] has shape \(5,\) but params\[2\] has shape \(6,\)"),
+        (with_last(np.zeros(6, np.float64)), TypeError, r"grads\[2\] has dtype float64 but params\[2\] has dtype float32"),
+        (with_last(np.zeros(6, np.int32)), TypeError, r"grads\[2\] has dtype int32"),
+        (with_last([0.0] * 6), TypeError, r"grads\[2\] must be a numpy.ndarray or None"),
+        (with_last(params[2]), ValueError, r"grads\[2\] overlaps params\[2\]"),
+        (with_last(opt.state[0]["exp_avg"].reshape(-1)[:6]), ValueError,
+         r"grads\[2\] overlaps state\[0\]\['exp_avg'\]"),
+        ("not a list", TypeError, "grads must be a list or tuple"),
+    ]
+    for grads, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            opt.step(grads)
+        snap.assert_unchanged()
+        np.testing.assert_array_equal(opt.steps, steps)
+
+
+@pytest.mark.parametrize("cls,key,value,msg", [
+    (fastopt.Adam, "lr", float("nan"), r"param_groups\[1\]\['lr'\] must be finite"),
+    (fastopt.Adam, "lr", -1.0, r"param_groups\[1\]\['lr'\] must be >= 0"),
+    (fastopt.Adam, "eps", float("inf"), r"param_groups\[1\]\['eps'\] must be finite"),
+    (fastopt.Adam, "weight_decay", -0.1, r"param_groups\[1\]\['weight_decay'\]"),
+    (fastopt.Adam, "betas", (0.9, 1.0), r"param_groups\[1\]\['betas'\]\[1\]"),
+    (fastopt.Adam, "betas", 0.9, r"param_groups\[1\]\['betas'\] must be a tuple"),
+    (fastopt.Adam, "lr", "fast", r"param_groups\[1\]\['lr'\] must be a real number"),
+    (fastopt.Adam, "amsgrad", True, "amsgrad=True"),
+    (fastopt.RMSprop, "alpha", 1.5, r"param_groups\[1\]\['alpha'\] must be in \[0, 1\)"),
+    (fastopt.RMSprop, "momentum", 0.9, "momentum > 0"),
+    (fastopt.RMSprop, "centered", True, "centered=True"),
+    (fastopt.SGD, "momentum", 0.9, "momentum > 0"),
+    (fastopt.SGD, "dampening", 2.0, r"param_groups\[1\]\['dampening'\] must be in \[0, 1\]"),
+    (fastopt.SGD, "nesterov", True, "nesterov=True requires"),
+])
+def test_bad_hyperparameters_change_nothing(cls, key, value, msg, rng):
+    params = make_params(rng, [(4, 3), (5,), (6,)], np.float32)
+    opt = cls([{"params": params[:2]}, {"params": params[2:]}])
+    opt.step(make_grads(rng, params))
+    snap = Snapshot(*params, *[a for st in opt.state for a in st.values()])
+    steps = opt.steps
+    opt.param_groups[1][key] = value
+    with pytest.raises((ValueError, TypeError), match=msg):
+        opt.step(make_grads(rng, params))
+    snap.assert_unchanged()
+    np.testing.assert_array_equal(opt.steps, steps)
+
+
+def test_missing_group_key_and_group_count(rng):
+    params, opt, snap = _opt_and_snapshot(rng)
+    del opt.param_groups[0]["eps"]
+    with pytest.raises(KeyError, match=r"param_groups\[0\] has no 'eps'"):
+        opt.step(make_grads(rng, params))
+    opt.param_groups[0]["eps"] = 1e-8
+    opt.param_groups.append({"params": [], **opt.defaults})
+    with pytest.raises(ValueError, match="expected 1 param groups"):
+        opt.step(make_grads(rng, params))
+    snap.assert_unchanged()
+
+
+def test_param_made_read_only_after_construction(rng):
+    params, opt, snap = _opt_and_snapshot(rng)
+    params[2].flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[2\] is read-only"):
+        opt.step(make_grads(rng, params))
+    snap.assert_unchanged()
+
+
+def test_bad_params_at_construction(rng):
+    a = rng.standard_normal((4, 6))
+    ro = a.copy()
+    ro.flags.writeable = False
+    cases = [
+        ([], ValueError, "empty parameter list"),
+        (a, TypeError, "not a single array"),
+        ([a, a.copy().T], ValueError, r"params\[1\] must be C-contiguous"),
+        ([a.copy(), ro], ValueError, r"params\[1\] is read-only"),
+        ([a.astype(np.int64)], TypeError, r"params\[0\] must have dtype float32 or float64"),
+        ([a.astype(np.float16)], TypeError, r"params\[0\] must have dtype"),
+        ([[1.0, 2.0]], TypeError, r"params\[0\] must be a numpy.ndarray"),
+        ([a, np.zeros(2), a], ValueError, r"params\[0\] and params\[2\] are the same array"),
+        ([a[1], a[:2]], ValueError, r"params\[0\] and params\[1\] overlap"),
+        ([a.reshape(-1)[2:8], a[1]], ValueError, r"params\[0\] and params\[1\] overlap"),
+        ([{"params": [a]}, {"params": [a]}], ValueError, "same array"),
+        ([{"params": [a]}, a], TypeError, "all arrays or all param-group dicts"),
+        ([{"lr": 1.0}], ValueError, r"param_groups\[0\] has no 'params'"),
+    ]
+    snap = Snapshot(a)
+    for params, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fastopt.Adam(params)
+    snap.assert_unchanged()
+    for kwargs, msg in [({"lr": -1.0}, "lr must be >= 0"), ({"betas": (1.0, 0.9)}, r"betas\[0\]"),
+                        ({"eps": float("nan")}, "eps"), ({"weight_decay": -1}, "weight_decay")]:
+        with pytest.raises(ValueError, match=msg):
+            fastopt.Adam([a], **kwargs)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: nesterov=True requires"):
+        fastopt.SGD([a], momentum=0.0, nesterov=True)
+
+
+def test_empty_and_zero_d_params_work(rng):
+    params = [np.zeros(0, np.float32), np.array(1.5), np.zeros((0, 3))]
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step([np.zeros(0, np.float32), np.array(2.0), np.zeros((0, 3))])
+    assert params[1] == pytest.approx(1.4)
+    assert list(opt.steps) == [1, 1, 1]
+
+
+# -------------------------------------------------------------- flat_views ---
+
+def test_flat_views_layout_and_training(rng):
+    init = make_params(rng, [(3, 5), (), (0,), (17,), (4, 10)], np.float64)
+    flat_p, params = fastopt.flat_views(init)
+    assert flat_p.ndim == 1 and flat_p.dtype == np.float64
+    for v, a in zip(params, init):
+        assert v.shape == a.shape and v.base is flat_p.base and v.ctypes.data % 64 == 0
+        np.testing.assert_array_equal(v, a)
+    assert np.count_nonzero(flat_p) == sum(a.size for a in init)     # padding is zero
+    flat_g, grads = fastopt.flat_views(params, copy=False)
+    assert flat_g.shape == flat_p.shape and not flat_g.any()
+
+    opt = fastopt.Adam(params, lr=1e-2)
+    mirror = Mirror(opt, init, functional_step)
+    for _ in range(5):
+        for g in grads:
+            g[...] = rng.standard_normal(g.shape)
+        norm = np.linalg.norm(np.concatenate([g.ravel() for g in grads]))
+        assert fastopt.clip_grad_norm_(flat_g, 1.0) == pytest.approx(norm, rel=1e-12)
+        assert np.linalg.norm(flat_g) == pytest.approx(1.0, rel=1e-5)
+        opt.step(grads)
+        mirror.step(grads, opt.param_groups)
+    assert_same(opt, params, mirror)
+    assert np.count_nonzero(flat_p) == sum(a.size for a in init)     # padding never written
+
+
+def test_flat_views_bad_input():
+    with pytest.raises(ValueError, match="share one dtype"):
+        fastopt.flat_views([np.zeros(2), np.zeros(2, np.float32)])
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        fastopt.flat_views([np.zeros(2, np.int32)])
+    with pytest.raises(TypeError, match="copy=True needs arrays"):
+        fastopt.flat_views([(2, 3)], dtype=np.float32)
+    flat, views = fastopt.flat_views([(2, 3), ()], dtype=np.float32, copy=False)
+    assert [v.shape for v in views] == [(2, 3), ()] and flat.dtype == np.float32
+
+
+# ---------------------------------------------------------- clip_grad_norm_ ---
+
+def clip_reference(grads, max_norm, p):
+    flat = np.concatenate([g.astype(np.float64).ravel() for g in grads])
+    total = np.linalg.norm(flat, ord=p)
+    coef = min(max_norm / (total + 1e-6), 1.0)
+    return total, [g * g.dtype.type(coef) for g in grads]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p", [2.0, 1.0, np.inf, 3.0])
+def test_clip_grad_norm_matches_numpy(p, dtype, rng):
+    grads = make_grads(rng, make_params(rng, BIG_SHAPES, dtype))
+    total_ref, clipped = clip_reference(grads, 0.5, p)
+    total = fastopt.clip_grad_norm_(grads, 0.5, norm_type=p)
+    assert isinstance(total, float)
+    np.testing.assert_allclose(total, total_ref, rtol=1e-12)
+    for g, c in zip(grads, clipped):
+        np.testing.assert_allclose(g, c, **tol(dtype))
+
+
+def test_clip_grad_norm_mixed_dtypes(rng):
+    grads = [rng.standard_normal(40_000).astype(np.float32), rng.standard_normal((30, 3)),
+             rng.standard_normal(17).astype(np.float32)]
+    total_ref, clipped = clip_reference(grads, 2.0, 2.0)
+    assert fastopt.clip_grad_norm_(grads, 2.0) == pytest.approx(total_ref, rel=1e-12)
+    for g, c in zip(grads, clipped):
+        np.testing.assert_allclose(g, c, **tol(g.dtype))
+
+
+def test_clip_grad_norm_below_max_leaves_grads_unchanged(rng):
+    grads = make_grads(rng, make_params(rng, [(30,), (4, 4)], np.float32))
+    snap = Snapshot(*grads)
+    total = fastopt.clip_grad_norm_(grads, 1e6)
+    assert total == pytest.approx(np.linalg.norm(np.concatenate([g.ravel() for g in grads])))
+    snap.assert_unchanged()
+
+
+def test_clip_grad_norm_one_vs_two_threads(rng):
+    grads = make_grads(rng, make_params(rng, [(100_003,), (17,), (60_000,), (5, 7)], np.float32))
+    out = []
+    for n in (1, 2):
+        gs = [g.copy() for g in grads]
+        for p in (2.0, 1.0, 3.0):
+            with num_threads(n):
+                out.append(fastopt.clip_grad_norm_(gs, 1e9, norm_type=p))
+        with num_threads(n):
+            out.append(fastopt.clip_grad_norm_(gs, 1.0))
+        out.extend(gs)
+    half = len(out) // 2
+    for a, b in zip(out[:half], out[half:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_clip_grad_norm_inputs(rng):
+    g = rng.standard_normal(10)
+    n = np.linalg.norm(g)
+    assert fastopt.clip_grad_norm_(g, 1.0) == pytest.approx(n, rel=1e-14)   # a single array
+    np.testing.assert_allclose(np.linalg.norm(g), 1.0 * n / (n + 1e-6), rtol=1e-14)
+    assert fastopt.clip_grad_norm_([], 1.0) == 0.0
+    h = rng.standard_normal(4)
+    assert fastopt.clip_grad_norm_([None, h, None], 1e3) == pytest.approx(np.linalg.norm(h), rel=1e-14)
+
+
+def test_clip_grad_norm_nonfinite(rng):
+    g = rng.standard_normal(10).astype(np.float32)
+    g[3] = np.nan
+    h = rng.standard_normal(5).astype(np.float32)
+    snap = Snapshot(g, h)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        fastopt.clip_grad_norm_([g, h], 1.0, error_if_nonfinite=True)
+    snap.assert_unchanged()
+    assert np.isnan(fastopt.clip_grad_norm_([g, h], 1.0))
+    assert np.isnan(h).all()                 # scaled by NaN, as torch does
+    g = np.array([1.0, np.inf, -2.0])
+    assert fastopt.clip_grad_norm_([g], 1.0, norm_type=np.inf) == np.inf
+    np.testing.assert_array_equal(g, [0.0, np.nan, -0.0])   # scaled by 0
+
+
+def test_clip_grad_norm_bad_input_changes_nothing(rng):
+    a = rng.standard_normal((4, 6))
+    b = rng.standard_normal(5)
+    ro = b.copy()
+    ro.flags.writeable = False
+    snap = Snapshot(a, b)
+    cases = [
+        (([b, a.T], 1.0), ValueError, r"grads\[1\] must be C-contiguous"),
+        (([b, ro], 1.0), ValueError, r"grads\[1\] is read-only"),
+        (([b, a.astype(np.int32)], 1.0), TypeError, r"grads\[1\] must have dtype"),
+        (([b, [1.0]], 1.0), TypeError, r"grads\[1\] must be a numpy.ndarray"),
+        (([a, b, a[1]], 1.0), ValueError, r"grads\[0\] and grads\[2\] overlap"),
+        (([a, b, a], 1.0), ValueError, r"grads\[0\] and grads\[2\] overlap"),
+        (([a, b], -1.0), ValueError, "max_norm must be >= 0"),
+        (([a, b], np.nan), ValueError, "max_norm must be finite"),
+        (([a, b], 1.0, 0.0), ValueError, "norm_type must be > 0"),
+        (([a, b], 1.0, -np.inf), ValueError, "norm_type must be > 0"),
+        (([a, b], 1.0, np.nan), ValueError, "norm_type must be > 0"),
+        (([a, b], 1.0, "fro"), TypeError, "norm_type must be a number"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fastopt.clip_grad_norm_(*args)
+        snap.assert_unchanged()
+
+
+def test_optimizers_in_several_python_threads(rng):
+    # step() releases the GIL; optimizers over different arrays run concurrently
+    # and give the serial results.
+    from concurrent.futures import ThreadPoolExecutor
+    shapes = [(300,), (20, 20), (7,)]
+    inits = [make_params(rng, shapes, np.float32) for _ in range(4)]
+    grads = [[make_grads(rng, inits[0]) for _ in range(20)] for _ in range(4)]
+
+    def train(k, params):
+        opt = fastopt.Adam(params, lr=1e-2, amsgrad=True)
+        for g in grads[k]:
+            opt.step(g)
+        return params
+
+    serial = [train(k, [p.copy() for p in inits[k]]) for k in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(lambda k: train(k, [p.copy() for p in inits[k]]), range(4)))
+    for a, b in zip(serial, threaded):
+        for p, q in zip(a, b):
+            np.testing.assert_array_equal(p, q)
+
+
+def test_step_is_not_reentrant(rng):
+    # Validation can run Python code (here a number's __float__); a step of the
+    # same optimizer started from there is refused, and the outer step is whole.
+    p = rng.standard_normal(5)
+    g = rng.standard_normal(5)
+    p0 = p.copy()
+    opt = fastopt.SGD([p], lr=0.1)
+    inner = []
+
+    class Rate:
+        def __float__(self):
+            with pytest.raises(RuntimeError, match="concurrently"):
+                opt.step([g])
+            inner.append(True)
+            return 0.1
+
+    opt.param_groups[0]["lr"] = Rate()
+    opt.step([g])
+    assert inner == [True]
+    np.testing.assert_allclose(p, p0 - 0.1 * g, rtol=1e-15)
