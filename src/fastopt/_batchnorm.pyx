@@ -358,137 +358,128 @@ cdef void merge_sums(const Plan *p, Py_ssize_t c0, Py_ssize_t c1,
             s2[c] = s2[c] + P2[u * C + c]
 
 
-# ---------------------------------------------------------------- forward ---
+# ------------------------------------------------------------------ drivers ---
 
-ctypedef struct Fwd:
-    double *mean          # (C,) batch mean (training) or running mean
-    double *invstd        # (C,) 1/sqrt(var + eps)
-    double *scale         # (C,) gamma*invstd
-    double *shift         # (C,) beta
-    double *P1            # (U*C,) per-box partials
-    double *P2
+ctypedef struct Job:
+    bint backward         # else the forward pass
+    bint stats            # run the first pass (forward: training; backward: always)
+    bint training         # backward: the training formula for dx
+    bint update           # forward: update the running statistics
     double momentum, eps
-    bint update
+    double *mean          # (C,) forward: the batch mean (out); backward: saved mean
+    double *invstd        # (C,) forward: out (holds M2 until finished); backward: saved
+    double *A             # (C,) second pass: out = A*z + B*(x - mean) + K
+    double *B             #      (forward: z unused, B = gamma*invstd, K = beta;
+    double *K             #       backward inference: B unused)
+    double *P1            # (U*C,) per-box partial results of the first pass
+    double *P2
 
 
-cdef void fwd_finish(const Plan *p, const Fwd *w, const floating *gamma,
+cdef void fwd_finish(const Plan *p, const Job *j, const floating *gamma,
                      const floating *beta, floating *rmean, floating *rvar,
                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Channels [c0, c1): merge the boxes, then invstd, the running stats and
-    the coefficients of the y pass.  On entry invstd holds M2."""
-    merge_stats(p, c0, c1, w.P1, w.P2, w.mean, w.invstd)
+    the coefficients of the y pass."""
+    merge_stats(p, c0, c1, j.P1, j.P2, j.mean, j.invstd)
     cdef Py_ssize_t c
-    cdef double m = <double>p.m, mom = w.momentum, m2
+    cdef double m = <double>p.m, mom = j.momentum, m2
     for c in range(c0, c1):
-        m2 = w.invstd[c]
-        w.invstd[c] = 1.0 / sqrt(m2 / m + w.eps)
-        w.scale[c] = <double>gamma[c] * w.invstd[c]
-        w.shift[c] = <double>beta[c]
-        if w.update:
+        m2 = j.invstd[c]
+        j.invstd[c] = 1.0 / sqrt(m2 / m + j.eps)
+        j.B[c] = <double>gamma[c] * j.invstd[c]
+        j.K[c] = <double>beta[c]
+        if j.update:
             # running = (1 - momentum)*running + momentum*batch (unbiased var)
-            rmean[c] = <floating>(mom * w.mean[c] + (1.0 - mom) * <double>rmean[c])
+            rmean[c] = <floating>(mom * j.mean[c] + (1.0 - mom) * <double>rmean[c])
             rvar[c] = <floating>(mom * (m2 / (m - 1.0)) + (1.0 - mom) * <double>rvar[c])
 
 
-cdef void forward_train(const Plan *p, const Fwd *w, const floating *x, floating *y,
-                        const floating *gamma, const floating *beta,
-                        floating *rmean, floating *rvar) noexcept nogil:
-    cdef Py_ssize_t b, c, k, U = p.U, nmc = (p.C + MERGE_C - 1) // MERGE_C
-    if p.nt == 1:
-        for b in range(p.nbox):
-            box_stats(p, x, b, w.P1, w.P2)
-        fwd_finish(p, w, gamma, beta, rmean, rvar, 0, p.C)
-        for b in range(p.nbox):
-            box_affine(p, x, <floating *>NULL, y, b, w.mean, NULL, w.scale, w.shift)
-    elif p.by_channel:
-        for c in prange(p.C, nogil=True, num_threads=p.nt, schedule="dynamic"):
-            for b in range(c * U, (c + 1) * U):
-                box_stats(p, x, b, w.P1, w.P2)
-            fwd_finish(p, w, gamma, beta, rmean, rvar, c, c + 1)
-            for b in range(c * U, (c + 1) * U):
-                box_affine(p, x, <floating *>NULL, y, b, w.mean, NULL, w.scale, w.shift)
-    else:
-        with parallel(num_threads=p.nt):
-            for b in prange(p.nbox, schedule="static"):
-                box_stats(p, x, b, w.P1, w.P2)
-            for k in prange(nmc, schedule="static"):
-                fwd_finish(p, w, gamma, beta, rmean, rvar, k * MERGE_C,
-                           min(p.C, (k + 1) * MERGE_C))
-            for b in prange(p.nbox, schedule="static"):
-                box_affine(p, x, <floating *>NULL, y, b, w.mean, NULL, w.scale, w.shift)
-
-
-cdef void forward_apply(const Plan *p, const Fwd *w, const floating *x,
-                        floating *y) noexcept nogil:
-    cdef Py_ssize_t b
-    if p.nt == 1:
-        for b in range(p.nbox):
-            box_affine(p, x, <floating *>NULL, y, b, w.mean, NULL, w.scale, w.shift)
-    else:
-        for b in prange(p.nbox, nogil=True, num_threads=p.nt, schedule="static"):
-            box_affine(p, x, <floating *>NULL, y, b, w.mean, NULL, w.scale, w.shift)
-
-
-# --------------------------------------------------------------- backward ---
-
-ctypedef struct Bwd:
-    const double *mean
-    const double *invstd
-    double *a             # (C,) coefficients of dx = a*dy + b*(x - mean) + k
-    double *b
-    double *k
-    double *P1
-    double *P2
-    bint training
-
-
-cdef void bwd_finish(const Plan *p, const Bwd *w, const floating *gamma,
+cdef void bwd_finish(const Plan *p, const Job *j, const floating *gamma,
                      floating *dgamma, floating *dbeta,
                      Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
     """Channels [c0, c1): dbeta = sum dy, dgamma = invstd*sum(dy*(x - mean));
     training: dx = g*invstd/m * (m*dy - dbeta - x_hat*dgamma), i.e.
-    a = g*invstd, b = -a*invstd*dgamma/m, k = -a*dbeta/m; inference: dx = a*dy."""
-    merge_sums(p, c0, c1, w.P1, w.P2, w.k, w.b)
+    A = g*invstd, B = -A*invstd*dgamma/m, K = -A*dbeta/m; inference: dx = A*dy."""
+    merge_sums(p, c0, c1, j.P1, j.P2, j.K, j.B)
     cdef Py_ssize_t c
     cdef double m = <double>p.m, db, dg, a
     for c in range(c0, c1):
-        db = w.k[c]
-        dg = w.b[c] * w.invstd[c]
+        db = j.K[c]
+        dg = j.B[c] * j.invstd[c]
         dbeta[c] = <floating>db
         dgamma[c] = <floating>dg
-        a = <double>gamma[c] * w.invstd[c]
-        w.a[c] = a
-        w.b[c] = -(a * w.invstd[c]) * dg / m
-        w.k[c] = -a * db / m
+        a = <double>gamma[c] * j.invstd[c]
+        j.A[c] = a
+        j.B[c] = -(a * j.invstd[c]) * dg / m
+        j.K[c] = -a * db / m
 
 
-cdef void backward(const Plan *p, const Bwd *w, const floating *x, const floating *dy,
-                   floating *dx, const floating *gamma, floating *dgamma,
-                   floating *dbeta) noexcept nogil:
-    cdef Py_ssize_t b, c, k, U = p.U, nmc = (p.C + MERGE_C - 1) // MERGE_C
-    cdef const double *B = w.b if w.training else NULL
-    if p.nt == 1:
-        for b in range(p.nbox):
-            box_grad_sums(p, x, dy, w.mean, b, w.P1, w.P2)
-        bwd_finish(p, w, gamma, dgamma, dbeta, 0, p.C)
-        for b in range(p.nbox):
-            box_affine(p, x, dy, dx, b, w.mean, w.a, B, w.k)
-    elif p.by_channel:
-        for c in prange(p.C, nogil=True, num_threads=p.nt, schedule="dynamic"):
-            for b in range(c * U, (c + 1) * U):
-                box_grad_sums(p, x, dy, w.mean, b, w.P1, w.P2)
-            bwd_finish(p, w, gamma, dgamma, dbeta, c, c + 1)
-            for b in range(c * U, (c + 1) * U):
-                box_affine(p, x, dy, dx, b, w.mean, w.a, B, w.k)
+cdef inline void finish(const Plan *p, const Job *j, const floating *gamma,
+                        const floating *beta, floating *r1, floating *r2,
+                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    if j.backward:
+        bwd_finish(p, j, gamma, r1, r2, c0, c1)
     else:
+        fwd_finish(p, j, gamma, beta, r1, r2, c0, c1)
+
+
+cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
+                            const floating *dy, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t b
+    for b in range(lo, hi):
+        if j.backward:
+            box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2)
+        else:
+            box_stats(p, x, b, j.P1, j.P2)
+
+
+cdef inline void second_pass(const Plan *p, const Job *j, const floating *x,
+                             const floating *dy, floating *out,
+                             Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    # Boxes in reverse order: the ones the first pass read last are still
+    # in the caches.
+    cdef const double *B = NULL if j.backward and not j.training else j.B
+    cdef Py_ssize_t b = hi
+    while b > lo:
+        b = b - 1
+        box_affine(p, x, dy, out, b, j.mean, j.A, B, j.K)
+
+
+cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy,
+              floating *out, const floating *gamma, const floating *beta,
+              floating *r1, floating *r2) noexcept nogil:
+    """Both passes of a forward (dy NULL; r1, r2 the running stats) or
+    backward (r1, r2 = dgamma, dbeta) call."""
+    cdef Py_ssize_t c, k, t, lo = 0, hi = 0, U = p.U
+    cdef Py_ssize_t nmc = (p.C + MERGE_C - 1) // MERGE_C
+    if not j.stats:
+        if p.nt == 1:
+            second_pass(p, j, x, dy, out, 0, p.nbox)
+        else:
+            for t in prange(p.nt, nogil=True, num_threads=p.nt, schedule="static", chunksize=1):
+                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                second_pass(p, j, x, dy, out, lo, hi)
+    elif p.by_channel:
+        # A channel's boxes are consecutive: both passes while it is cached.
+        for c in prange(p.C, nogil=True, num_threads=p.nt, schedule="dynamic"):
+            first_pass(p, j, x, dy, c * U, (c + 1) * U)
+            finish(p, j, gamma, beta, r1, r2, c, c + 1)
+            second_pass(p, j, x, dy, out, c * U, (c + 1) * U)
+    elif p.nt == 1:
+        first_pass(p, j, x, dy, 0, p.nbox)
+        finish(p, j, gamma, beta, r1, r2, 0, p.C)
+        second_pass(p, j, x, dy, out, 0, p.nbox)
+    else:
+        # Each thread takes the same range of boxes in both passes.
         with parallel(num_threads=p.nt):
-            for b in prange(p.nbox, schedule="static"):
-                box_grad_sums(p, x, dy, w.mean, b, w.P1, w.P2)
+            for t in prange(p.nt, schedule="static", chunksize=1):
+                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                first_pass(p, j, x, dy, lo, hi)
             for k in prange(nmc, schedule="static"):
-                bwd_finish(p, w, gamma, dgamma, dbeta, k * MERGE_C,
-                           min(p.C, (k + 1) * MERGE_C))
-            for b in prange(p.nbox, schedule="static"):
-                box_affine(p, x, dy, dx, b, w.mean, w.a, B, w.k)
+                finish(p, j, gamma, beta, r1, r2, k * MERGE_C, min(p.C, (k + 1) * MERGE_C))
+            for t in prange(p.nt, schedule="static", chunksize=1):
+                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                second_pass(p, j, x, dy, out, lo, hi)
 
 
 # ---------------------------------------------------------------- wrappers ---
@@ -653,54 +644,50 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
 
     cdef Plan p
     make_plan(&p, outer, C, inner, cnp.PyArray_ITEMSIZE(X), 1)
-    cdef cnp.ndarray work = np.empty(4 * C + (2 * p.U * C if train else 0), dtype=np.float64)
+    cdef cnp.ndarray mean = np.empty(C, dtype=np.float64)
+    cdef cnp.ndarray invstd = np.empty(C, dtype=np.float64)
+    cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if train else 0), dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
-    cdef Fwd w
-    w.mean = W
-    w.invstd = W + C
-    w.scale = W + 2 * C
-    w.shift = W + 3 * C
-    w.P1 = W + 4 * C
-    w.P2 = W + 4 * C + p.U * C
-    w.momentum = mom
-    w.eps = eps_
-    w.update = RM is not None
-    cdef cnp.ndarray rm64, rv64
+    cdef Job j
+    j.backward = False
+    j.stats = train
+    j.training = train
+    j.update = RM is not None
+    j.momentum = mom
+    j.eps = eps_
+    j.mean = <double *>cnp.PyArray_DATA(mean)
+    j.invstd = <double *>cnp.PyArray_DATA(invstd)
+    j.A = W
+    j.B = W + C
+    j.K = W + 2 * C
+    j.P1 = W + 3 * C
+    j.P2 = W + 3 * C + p.U * C
     if not train:
-        # Inference statistics, in double: the coefficients of the y pass.
-        rm64 = np.asarray(RM, dtype=np.float64)
-        rv64 = np.asarray(RV, dtype=np.float64)
-        work[:C] = rm64
-        work[C:2 * C] = 1.0 / np.sqrt(rv64 + eps_)
-        work[2 * C:3 * C] = G.astype(np.float64) * work[C:2 * C]
-        work[3 * C:4 * C] = Bt
+        # Inference: the running statistics, in double.
+        mean[:] = RM
+        np.divide(1.0, np.sqrt(np.add(RV, eps_, dtype=np.float64)), out=invstd)
+        work[C:2 * C] = invstd * G
+        work[2 * C:3 * C] = Bt
     cdef void *xp = cnp.PyArray_DATA(X)
     cdef void *yp = cnp.PyArray_DATA(Y)
     cdef void *gp = cnp.PyArray_DATA(G)
     cdef void *bp = cnp.PyArray_DATA(Bt)
     cdef void *rmp = cnp.PyArray_DATA(<cnp.ndarray>RM) if RM is not None else NULL
     cdef void *rvp = cnp.PyArray_DATA(<cnp.ndarray>RV) if RV is not None else NULL
-    cdef bint dbl = cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT64
     if outer * C * inner > 0:
         with nogil:
-            if train:
-                if dbl:
-                    forward_train(&p, &w, <const double *>xp, <double *>yp, <const double *>gp,
-                                  <const double *>bp, <double *>rmp, <double *>rvp)
-                else:
-                    forward_train(&p, &w, <const float *>xp, <float *>yp, <const float *>gp,
-                                  <const float *>bp, <float *>rmp, <float *>rvp)
+            if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT64:
+                run(&p, &j, <const double *>xp, <const double *>NULL, <double *>yp,
+                    <const double *>gp, <const double *>bp, <double *>rmp, <double *>rvp)
             else:
-                if dbl:
-                    forward_apply(&p, &w, <const double *>xp, <double *>yp)
-                else:
-                    forward_apply(&p, &w, <const float *>xp, <float *>yp)
+                run(&p, &j, <const float *>xp, <const float *>NULL, <float *>yp,
+                    <const float *>gp, <const float *>bp, <float *>rmp, <float *>rvp)
 
     cdef BatchNormContext ctx = BatchNormContext.__new__(BatchNormContext)
     ctx.x = X
     ctx.gamma = G
-    ctx.mean = work[:C].copy()
-    ctx.invstd = work[C:2 * C].copy()
+    ctx.mean = mean
+    ctx.invstd = invstd
     ctx.training = train
     ctx.axis = ax
     return Y, ctx
@@ -763,15 +750,18 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     make_plan(&p, outer, C, inner, cnp.PyArray_ITEMSIZE(X), 2)
     cdef cnp.ndarray work = np.empty(3 * C + 2 * p.U * C, dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
-    cdef Bwd w
-    w.mean = <const double *>cnp.PyArray_DATA(<cnp.ndarray>cx.mean)
-    w.invstd = <const double *>cnp.PyArray_DATA(<cnp.ndarray>cx.invstd)
-    w.a = W
-    w.b = W + C
-    w.k = W + 2 * C
-    w.P1 = W + 3 * C
-    w.P2 = W + 3 * C + p.U * C
-    w.training = cx.training
+    cdef Job j
+    j.backward = True
+    j.stats = True
+    j.training = cx.training
+    j.update = False
+    j.mean = <double *>cnp.PyArray_DATA(<cnp.ndarray>cx.mean)
+    j.invstd = <double *>cnp.PyArray_DATA(<cnp.ndarray>cx.invstd)
+    j.A = W
+    j.B = W + C
+    j.K = W + 2 * C
+    j.P1 = W + 3 * C
+    j.P2 = W + 3 * C + p.U * C
     cdef void *xp = cnp.PyArray_DATA(X)
     cdef void *dyp = cnp.PyArray_DATA(DY)
     cdef void *dxp = cnp.PyArray_DATA(DX)
@@ -781,9 +771,9 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     if outer * C * inner > 0:
         with nogil:
             if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT64:
-                backward(&p, &w, <const double *>xp, <const double *>dyp, <double *>dxp,
-                         <const double *>gp, <double *>dgp, <double *>dbp)
+                run(&p, &j, <const double *>xp, <const double *>dyp, <double *>dxp,
+                    <const double *>gp, <const double *>NULL, <double *>dgp, <double *>dbp)
             else:
-                backward(&p, &w, <const float *>xp, <const float *>dyp, <float *>dxp,
-                         <const float *>gp, <float *>dgp, <float *>dbp)
+                run(&p, &j, <const float *>xp, <const float *>dyp, <float *>dxp,
+                    <const float *>gp, <const float *>NULL, <float *>dgp, <float *>dbp)
     return DX, dgamma, dbeta
