@@ -392,3 +392,49 @@ def test_random_shapes(ndim, data, dtype, training, seed):
                           ref_backward(dy, x, gamma, mean, invstd, training, axis),
                           ("dx", "dgamma", "dbeta")):
         close(a, b, dtype, what)
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 16, 32, 32), 1), ((8, 3, 64, 64), 1),
+                                        ((8, 16, 16, 40), -1)])
+def test_no_temporaries_the_size_of_x(rng, shape, axis):
+    """With out= and dx_out=, scratch memory stays a small fraction of x."""
+    import tracemalloc
+    x, gamma, beta, rm, rv = make(rng, shape, axis, np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, dx = np.empty_like(x), np.empty_like(x)
+    tracemalloc.start()
+    try:
+        _, ctx = fastopt.batch_norm_forward(x, gamma, beta, rm, rv, axis=axis, out=y)
+        fastopt.batch_norm_backward(dy, ctx, dx_out=dx)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < x.nbytes / 8
+
+
+def test_same_bits_on_every_simd_level(rng):
+    """Fixed operation order and no FMA contraction: the portable build gives
+    the same bits as the one in use."""
+    import subprocess
+    import sys
+    code = (
+        "import numpy as np, fastopt, sys\n"
+        "rng = np.random.default_rng(7)\n"
+        "out = []\n"
+        "for shape, axis in [((4, 5, 40), 1), ((300, 7), 1), ((3, 6, 6, 9), -1)]:\n"
+        "    x = rng.standard_normal(shape) * 3 + 1\n"
+        "    C = shape[axis]\n"
+        "    y, ctx = fastopt.batch_norm_forward(x, np.ones(C) * 1.5, np.zeros(C) + 0.25, axis=axis)\n"
+        "    out += [y, ctx.mean, ctx.invstd]\n"
+        "    out += list(fastopt.batch_norm_backward(rng.standard_normal(shape), ctx))\n"
+        "sys.stdout.write(np.concatenate([a.ravel() for a in out]).tobytes().hex())\n"
+    )
+    import os
+    results = []
+    for level in ("baseline", ""):
+        env = dict(os.environ, FASTOPT_SIMD=level)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 0, run.stderr
+        results.append(run.stdout)
+    assert results[0] == results[1]
