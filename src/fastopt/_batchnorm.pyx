@@ -60,9 +60,10 @@ DEF CHUNK_C = 1024
 DEF LANES = 32
 # Elements per thread below which a call stays on the calling thread.
 DEF GRAIN = 32768
-# Segment layout: channels whose x (and dy) fit in this many bytes are
-# processed whole by one thread (both passes back to back).
-DEF CHANNEL_CACHE = 524288
+# Segment layout: when the arrays a channel reads (x; x and dy) take at most
+# this many bytes (half a 2 MiB L2), a thread takes whole channels and runs
+# both passes back to back.
+DEF CHANNEL_CACHE = 1048576
 # Channels per task when merging partial statistics.
 DEF MERGE_C = 64
 
@@ -84,9 +85,10 @@ ctypedef struct Box:
 
 
 cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                    Py_ssize_t itemsize, int passes) noexcept nogil:
-    """Cut (outer, C, inner) into boxes.  `passes` arrays of x's size are read
-    per pass (1 forward, 2 backward): used only to decide `by_channel`."""
+                    Py_ssize_t itemsize, int arrays) noexcept nogil:
+    """Cut (outer, C, inner) into boxes.  `arrays` like x are read (1 forward,
+    2 backward): used only to choose `by_channel`, which does not change
+    results."""
     p.outer = outer
     p.C = C
     p.inner = inner
@@ -112,7 +114,7 @@ cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
     p.U = ((outer + p.og - 1) // p.og) * p.ni
     p.nbox = p.nk * p.U
     p.nt = threads_for(outer * C * inner, GRAIN)
-    p.by_channel = (not p.rows and p.m * itemsize * passes <= CHANNEL_CACHE * 2
+    p.by_channel = (not p.rows and p.m * itemsize * arrays <= CHANNEL_CACHE
                     and (p.nt == 1 or C >= 4 * p.nt))
 
 
