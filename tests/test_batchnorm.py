@@ -26,6 +26,9 @@ CASES = [
     ((8, 3, 64, 64), 1),         # two threads, few channels: boxes in parallel
     ((4000, 40), 1),             # two threads, (N, C) with many rows
     ((8, 16, 16, 40), -1),       # two threads, NHWC
+    ((20001, 3), 1),             # two threads, few channels: rows taken in groups
+    ((37, 7, 1, 1), 1),          # groups of rows and an incomplete last group
+    ((5, 1030), 1),              # a last, narrower channel chunk
 ]
 IDS = [f"{s}-ax{a}" for s, a in CASES]
 
@@ -285,7 +288,8 @@ def test_empty_batch_inference(rng, shape, axis, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,axis", [((16, 16, 32, 32), 1), ((8, 3, 64, 64), 1),
                                         ((4000, 40), 1), ((8, 16, 16, 40), -1),
-                                        ((2, 3, 40000), 1), ((40, 3000), 1)])
+                                        ((2, 3, 40000), 1), ((40, 3000), 1),
+                                        ((20001, 3), 1), ((3000, 30), 1)])
 def test_thread_count_does_not_change_results(rng, shape, axis, dtype):
     x, gamma, beta, rm, rv = make(rng, shape, axis, dtype, loc=5.0)
     dy = rng.standard_normal(shape).astype(dtype)

@@ -13,7 +13,8 @@
 #       BOX elements in all;
 #     - row layout (small inner): a box is a block of `og` consecutive rows x
 #       a chunk of `cc` channels, about BOX elements; the loops run along the
-#       contiguous channel axis, so they vectorize across channels.
+#       contiguous channel axis, so they vectorize across channels (with few
+#       channels, over groups of rows: see "row layout" below).
 #   Boxes are numbered b = k*U + u: k the channel (chunk), u in [0, U) the
 #   box's place along the channel's reduction (the same U for every channel).
 # * Forward statistics: every box yields, per channel, (count, mean, M2) in
@@ -56,6 +57,9 @@ DEF SEGMENT_MIN = 16
 # Row layout: channels per box at most (so many channels with a small batch
 # still give several boxes).
 DEF CHUNK_C = 1024
+# Row layout with few channels: rows are taken R at a time so that the loops
+# along the contiguous axis run over up to GROUP_V values.
+DEF GROUP_V = 64
 # Independent accumulators per segment reduction.
 DEF LANES = 32
 # Elements per thread below which a call stays on the calling thread.
@@ -72,6 +76,7 @@ ctypedef struct Plan:
     Py_ssize_t outer, C, inner, m   # m = outer*inner values per channel
     bint rows                       # row layout (else segment layout)
     Py_ssize_t og, il, cc           # box extent along outer, inner, channels
+    Py_ssize_t R                    # row layout, inner == 1: rows per group
     Py_ssize_t ni                   # boxes along inner (segment layout)
     Py_ssize_t nk                   # channel chunks (= C in the segment layout)
     Py_ssize_t U                    # boxes per channel (chunk)
@@ -100,7 +105,11 @@ cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
         p.cc = min(C, CHUNK_C) if C > 0 else 1
         p.nk = (C + p.cc - 1) // p.cc
         p.og = max(1, BOX // max(1, p.cc * inner))
+        # Groups of R rows are contiguous only when a box holds every channel.
+        p.R = max(1, GROUP_V // p.cc) if inner == 1 and p.cc == C else 1
+        p.og = max(p.R, p.og - p.og % p.R)
     else:
+        p.R = 1
         p.cc = 1
         p.nk = C
         if inner >= BOX:
@@ -202,6 +211,160 @@ cdef inline void lanes_grad(const floating *x, const floating *dy, Py_ssize_t n,
         a2[k] += g * (<double>x[nw + k] - mean)
 
 
+# ------------------------------------------------------------- row layout ---
+# inner == 1: a box is rows [o0, o1) x channels [c0, c1).  Loops run along a
+# row (vectorized across channels) with one accumulator per channel.  With
+# few channels, R consecutive rows (contiguous: the box holds every channel)
+# form one run of V = R*nc values, with R accumulators per channel that are
+# added in a fixed order at the end of the box; a last incomplete group is
+# taken row by row.  Per-channel arrays are then repeated R times.
+
+cdef inline void repeat(const double *src, Py_ssize_t nc, Py_ssize_t R,
+                        double *dst) noexcept nogil:
+    cdef Py_ssize_t r, c
+    for r in range(R):
+        for c in range(nc):
+            dst[r * nc + c] = src[c]
+
+
+cdef inline void fold(const double *acc, Py_ssize_t nc, Py_ssize_t R,
+                      double *out) noexcept nogil:
+    # out[c] = acc[c] + acc[nc + c] + ... + acc[(R-1)*nc + c]
+    cdef Py_ssize_t r, c
+    cdef double t
+    for c in range(nc):
+        t = acc[c]
+        for r in range(1, R):
+            t = t + acc[r * nc + c]
+        out[c] = t
+
+
+cdef inline Py_ssize_t run_length(const Plan *p, Py_ssize_t o, Py_ssize_t o1,
+                                  Py_ssize_t nc) noexcept nogil:
+    """Values in the run starting at row o: a group of R rows or one row."""
+    return p.R * nc if o + p.R <= o1 else nc
+
+
+cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t n,
+                    double *mean, double *m2) noexcept nogil:
+    # mean = x0 + sum(x - x0)/n  (x0: the box's first row);  M2 = sum((x - mean)^2)
+    cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
+    cdef Py_ssize_t o, v, L
+    cdef double s_acc[GROUP_V]
+    cdef double s_rep[GROUP_V]
+    cdef double *acc = &s_acc[0] if R > 1 else mean + c0
+    cdef double *rep = &s_rep[0] if R > 1 else m2 + c0
+    cdef const floating *first = x + bx.o0 * C + c0
+    cdef const floating *run
+    cdef double d
+    for v in range(nc):
+        rep[v] = <double>first[v]
+    repeat(rep, nc, R, rep)
+    for v in range(V):
+        acc[v] = 0.0
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        run = x + o * C + c0
+        for v in range(L):
+            acc[v] += <double>run[v] - rep[v]
+        o = o + L // nc
+    if R > 1:
+        fold(acc, nc, R, acc)
+    for v in range(nc):
+        mean[c0 + v] = rep[v] + acc[v] / <double>n
+    if R > 1:
+        repeat(mean + c0, nc, R, rep)
+    else:
+        acc = m2 + c0
+        rep = mean + c0
+    for v in range(V):
+        acc[v] = 0.0
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        run = x + o * C + c0
+        for v in range(L):
+            d = <double>run[v] - rep[v]
+            acc[v] += d * d
+        o = o + L // nc
+    if R > 1:
+        fold(acc, nc, R, m2 + c0)
+
+
+cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
+                        const Box *bx, const double *mean,
+                        double *s1, double *s2) noexcept nogil:
+    # s1 = sum(dy);  s2 = sum(dy*(x - mean))
+    cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
+    cdef Py_ssize_t o, v, L, off
+    cdef double s_a1[GROUP_V]
+    cdef double s_a2[GROUP_V]
+    cdef double s_rep[GROUP_V]
+    cdef double *a1 = &s_a1[0] if R > 1 else s1 + c0
+    cdef double *a2 = &s_a2[0] if R > 1 else s2 + c0
+    cdef const double *rep = &s_rep[0] if R > 1 else mean + c0
+    cdef double g
+    if R > 1:
+        repeat(mean + c0, nc, R, s_rep)
+    for v in range(V):
+        a1[v] = 0.0
+        a2[v] = 0.0
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        off = o * C + c0
+        for v in range(L):
+            g = <double>dy[off + v]
+            a1[v] += g
+            a2[v] += g * (<double>x[off + v] - rep[v])
+        o = o + L // nc
+    if R > 1:
+        fold(a1, nc, R, s1 + c0)
+        fold(a2, nc, R, s2 + c0)
+
+
+cdef void row_affine(const Plan *p, const floating *x, const floating *z,
+                     floating *out, const Box *bx, const double *mean,
+                     const double *A, const double *B, const double *K) noexcept nogil:
+    cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R
+    cdef Py_ssize_t o, v, L, off
+    cdef double s_m[GROUP_V]
+    cdef double s_a[GROUP_V]
+    cdef double s_b[GROUP_V]
+    cdef double s_k[GROUP_V]
+    cdef const double *mu = mean + c0
+    cdef const double *a = A + c0 if A != NULL else NULL
+    cdef const double *b = B + c0 if B != NULL else NULL
+    cdef const double *k = K + c0
+    if R > 1:
+        repeat(mu, nc, R, s_m)
+        mu = s_m
+        repeat(k, nc, R, s_k)
+        k = s_k
+        if a != NULL:
+            repeat(a, nc, R, s_a)
+            a = s_a
+        if b != NULL:
+            repeat(b, nc, R, s_b)
+            b = s_b
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        off = o * C + c0
+        if z == NULL:
+            for v in range(L):
+                out[off + v] = <floating>(b[v] * (<double>x[off + v] - mu[v]) + k[v])
+        elif b == NULL:
+            for v in range(L):
+                out[off + v] = <floating>(a[v] * <double>z[off + v])
+        else:
+            for v in range(L):
+                out[off + v] = <floating>(a[v] * <double>z[off + v]
+                                          + b[v] * (<double>x[off + v] - mu[v]) + k[v])
+        o = o + L // nc
+
+
 # ------------------------------------------------------------- box passes ---
 
 cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
@@ -217,23 +380,7 @@ cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
     cdef double acc[LANES]
     cdef double shift, mu, d
     if inner == 1:
-        # Rows of C contiguous channels: vectorized across channels.
-        # mean = x0 + sum(x - x0)/n;  M2 = sum((x - mean)^2)
-        first = x + bx.o0 * C
-        for c in range(bx.c0, bx.c1):
-            mean[c] = 0.0
-            m2[c] = 0.0
-        for o in range(bx.o0, bx.o1):
-            row = x + o * C
-            for c in range(bx.c0, bx.c1):
-                mean[c] += <double>row[c] - <double>first[c]
-        for c in range(bx.c0, bx.c1):
-            mean[c] = <double>first[c] + mean[c] / <double>n
-        for o in range(bx.o0, bx.o1):
-            row = x + o * C
-            for c in range(bx.c0, bx.c1):
-                d = <double>row[c] - mean[c]
-                m2[c] += d * d
+        row_stats(p, x, &bx, n, mean, m2)
         return
     for c in range(bx.c0, bx.c1):
         shift = <double>x[(bx.o0 * C + c) * inner + bx.i0]
@@ -261,15 +408,7 @@ cdef void box_grad_sums(const Plan *p, const floating *x, const floating *dy,
     cdef double a2[LANES]
     cdef double g
     if inner == 1:
-        for c in range(bx.c0, bx.c1):
-            s1[c] = 0.0
-            s2[c] = 0.0
-        for o in range(bx.o0, bx.o1):
-            off = o * C
-            for c in range(bx.c0, bx.c1):
-                g = <double>dy[off + c]
-                s1[c] += g
-                s2[c] += g * (<double>x[off + c] - mean[c])
+        row_grad_sums(p, x, dy, &bx, mean, s1, s2)
         return
     for c in range(bx.c0, bx.c1):
         zero_lanes(a1)
@@ -292,18 +431,7 @@ cdef void box_affine(const Plan *p, const floating *x, const floating *z,
     cdef Py_ssize_t C = p.C, inner = p.inner, o, c, i, off
     cdef double a, bb, mu, k
     if inner == 1:
-        for o in range(bx.o0, bx.o1):
-            off = o * C
-            if z == NULL:
-                for c in range(bx.c0, bx.c1):
-                    out[off + c] = <floating>(B[c] * (<double>x[off + c] - mean[c]) + K[c])
-            elif B == NULL:
-                for c in range(bx.c0, bx.c1):
-                    out[off + c] = <floating>(A[c] * <double>z[off + c])
-            else:
-                for c in range(bx.c0, bx.c1):
-                    out[off + c] = <floating>(A[c] * <double>z[off + c]
-                                              + B[c] * (<double>x[off + c] - mean[c]) + K[c])
+        row_affine(p, x, z, out, &bx, mean, A, B, K)
         return
     for c in range(bx.c0, bx.c1):
         mu = mean[c]
