@@ -37,7 +37,9 @@
 #   thread takes whole channels and runs the second pass right after the
 #   first, while the channel is still cached (same boxes, same merge: same
 #   result bits).  Otherwise the passes run one after the other over all boxes
-#   in one parallel region.
+#   in one parallel region, each thread taking the same range of boxes in both
+#   passes, the second pass in reverse order so that it starts on the data
+#   the first pass left in the caches (L2, and the L3 for the rest).
 # * Arithmetic of the y and dx passes is in double (float32 inputs are widened
 #   and the result rounded once); the per-channel coefficients are computed in
 #   double once per call.  Saved statistics (ctx.mean, ctx.invstd) are float64.
