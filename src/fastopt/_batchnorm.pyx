@@ -377,10 +377,8 @@ cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
     cdef Py_ssize_t C = p.C, inner = p.inner, o, c, n = box_count(p, bx.u)
     cdef double *mean = P1 + bx.u * C
     cdef double *m2 = P2 + bx.u * C
-    cdef const floating *row
-    cdef const floating *first
     cdef double acc[LANES]
-    cdef double shift, mu, d
+    cdef double shift, mu
     if inner == 1:
         row_stats(p, x, &bx, n, mean, m2)
         return
@@ -408,7 +406,6 @@ cdef void box_grad_sums(const Plan *p, const floating *x, const floating *dy,
     cdef double *s2 = P2 + bx.u * C
     cdef double a1[LANES]
     cdef double a2[LANES]
-    cdef double g
     if inner == 1:
         row_grad_sums(p, x, dy, &bx, mean, s1, s2)
         return
@@ -759,7 +756,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     if train and outer * inner <= 1:
         raise ValueError("Expected more than 1 value per channel when training, "
                          f"got input of shape {shape}")
-    cdef cnp.ndarray Y
+    cdef cnp.ndarray Y = None
     if out is not None:
         Y = writable(like(out, "out", X, "x"), "out")
         no_overlap(Y, "out", [X, G, Bt, RM, RV],
@@ -771,7 +768,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     X = readable(X)
     G = readable(G)
     Bt = readable(Bt)
-    if out is None:
+    if Y is None:
         Y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
 
     cdef Plan p
@@ -862,12 +859,12 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     cdef cnp.ndarray X = <cnp.ndarray>cx.x
     cdef cnp.ndarray G = <cnp.ndarray>cx.gamma
     cdef cnp.ndarray DY = like(dy, "dy", X, "x")
-    cdef cnp.ndarray DX
+    cdef cnp.ndarray DX = None
     if dx_out is not None:
         DX = writable(like(dx_out, "dx_out", X, "x"), "dx_out")
         no_overlap(DX, "dx_out", [X, DY, G], ("x", "dy", "gamma"))
     DY = readable(DY)
-    if dx_out is None:
+    if DX is None:
         DX = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(X), cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
     cdef tuple shape = (<object>X).shape
     cdef int ax = cx.axis, nd = len(shape), i
