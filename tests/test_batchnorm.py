@@ -399,7 +399,8 @@ def test_random_shapes(ndim, data, dtype, training, seed):
 
 
 @pytest.mark.parametrize("shape,axis", [((16, 16, 32, 32), 1), ((8, 3, 64, 64), 1),
-                                        ((8, 16, 16, 40), -1)])
+                                        ((8, 16, 16, 40), -1), ((2048, 1024), 1),
+                                        ((256, 4, 8), -1)])
 def test_no_temporaries_the_size_of_x(rng, shape, axis):
     """With out= and dx_out=, scratch memory stays a small fraction of x."""
     import tracemalloc

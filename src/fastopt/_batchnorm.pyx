@@ -59,6 +59,9 @@ DEF SEGMENT_MIN = 16
 # Row layout: channels per box at most (so many channels with a small batch
 # still give several boxes).
 DEF CHUNK_C = 1024
+# Row layout: rows per box at least, so that the per-box partial results (two
+# doubles per channel) stay below a sixteenth of x's float32 size.
+DEF MIN_ROWS = 64
 # Row layout with few channels: rows are taken R at a time so that the loops
 # along the contiguous axis run over up to GROUP_V values.
 DEF GROUP_V = 64
@@ -104,9 +107,9 @@ cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
     if p.rows:
         p.il = inner
         p.ni = 1
-        p.cc = min(C, CHUNK_C) if C > 0 else 1
+        p.cc = max(1, min(C, CHUNK_C // max(1, inner)))
         p.nk = (C + p.cc - 1) // p.cc
-        p.og = max(1, BOX // max(1, p.cc * inner))
+        p.og = max(MIN_ROWS, BOX // max(1, p.cc * inner))
         # Groups of R rows are contiguous only when a box holds every channel.
         p.R = max(1, GROUP_V // p.cc) if inner == 1 and p.cc == C else 1
         p.og = max(p.R, p.og - p.og % p.R)
@@ -775,7 +778,8 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     make_plan(&p, outer, C, inner, cnp.PyArray_ITEMSIZE(X), 1)
     cdef cnp.ndarray mean = np.empty(C, dtype=np.float64)
     cdef cnp.ndarray invstd = np.empty(C, dtype=np.float64)
-    cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if train else 0), dtype=np.float64)
+    cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if train and p.U > 1 else 0),
+                                     dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
     cdef Job j
     j.backward = False
@@ -791,6 +795,10 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     j.K = W + 2 * C
     j.P1 = W + 3 * C
     j.P2 = W + 3 * C + p.U * C
+    if p.U == 1:
+        # One box per channel: its results are the statistics (merging is a copy).
+        j.P1 = j.mean
+        j.P2 = j.invstd
     if not train:
         # Inference: the running statistics, in double.
         mean[:] = RM
@@ -877,7 +885,7 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     cdef cnp.ndarray dbeta = cnp.PyArray_ZEROS(1, cnp.PyArray_DIMS(G), cnp.PyArray_TYPE(G), 0)
     cdef Plan p
     make_plan(&p, outer, C, inner, cnp.PyArray_ITEMSIZE(X), 2)
-    cdef cnp.ndarray work = np.empty(3 * C + 2 * p.U * C, dtype=np.float64)
+    cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if p.U > 1 else 0), dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
     cdef Job j
     j.backward = True
@@ -891,6 +899,9 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     j.K = W + 2 * C
     j.P1 = W + 3 * C
     j.P2 = W + 3 * C + p.U * C
+    if p.U == 1:
+        j.P1 = j.K     # merge_sums: K = sum dy, B = sum dy*(x - mean)
+        j.P2 = j.B
     cdef void *xp = cnp.PyArray_DATA(X)
     cdef void *dyp = cnp.PyArray_DATA(DY)
     cdef void *dxp = cnp.PyArray_DATA(DX)
