@@ -62,9 +62,12 @@ DEF CHUNK_C = 1024
 # Row layout: rows per box at least, so that the per-box partial results (two
 # doubles per channel) stay below a sixteenth of x's float32 size.
 DEF MIN_ROWS = 64
-# Row layout with few channels: rows are taken R at a time so that the loops
-# along the contiguous axis run over up to GROUP_V values.
-DEF GROUP_V = 64
+# Row layout: rows are taken R at a time so that the loops along the
+# contiguous axis run over up to GROUP_V values, i.e. at least 32 independent
+# 8-double accumulators: enough to hide the latency of their updates (with
+# one row of 64 channels at a time, that latency made the statistics pass
+# three times slower).
+DEF GROUP_V = 256
 # Independent accumulators per segment reduction.
 DEF LANES = 32
 # Elements per thread below which a call stays on the calling thread.
