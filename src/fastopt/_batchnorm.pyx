@@ -558,10 +558,21 @@ cdef inline void finish(const Plan *p, const Job *j, const floating *gamma,
         fwd_finish(p, j, gamma, beta, r1, r2, c0, c1)
 
 
+cdef inline Py_ssize_t nth_box(const Plan *p, Py_ssize_t i, bint in_memory_order) noexcept nogil:
+    """The i-th box in channel order (b = i) or in the order of x in memory
+    (outer group, then channel, then inner chunk): streams through x."""
+    if not in_memory_order:
+        return i
+    cdef Py_ssize_t j = i % p.ni, t = i // p.ni
+    return (t % p.nk) * p.U + (t // p.nk) * p.ni + j
+
+
 cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
-                            const floating *dy, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    cdef Py_ssize_t b
-    for b in range(lo, hi):
+                            const floating *dy, Py_ssize_t lo, Py_ssize_t hi,
+                            bint mem) noexcept nogil:
+    cdef Py_ssize_t i, b
+    for i in range(lo, hi):
+        b = nth_box(p, i, mem)
         if j.backward:
             box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2)
         else:
@@ -570,14 +581,14 @@ cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
 
 cdef inline void second_pass(const Plan *p, const Job *j, const floating *x,
                              const floating *dy, floating *out,
-                             Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+                             Py_ssize_t lo, Py_ssize_t hi, bint mem) noexcept nogil:
     # Boxes in reverse order: the ones the first pass read last are still
     # in the caches.
     cdef const double *B = NULL if j.backward and not j.training else j.B
-    cdef Py_ssize_t b = hi
-    while b > lo:
-        b = b - 1
-        box_affine(p, x, dy, out, b, j.mean, j.A, B, j.K)
+    cdef Py_ssize_t i = hi
+    while i > lo:
+        i = i - 1
+        box_affine(p, x, dy, out, nth_box(p, i, mem), j.mean, j.A, B, j.K)
 
 
 cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy,
@@ -589,32 +600,32 @@ cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy
     cdef Py_ssize_t nmc = (p.C + MERGE_C - 1) // MERGE_C
     if not j.stats:
         if p.nt == 1:
-            second_pass(p, j, x, dy, out, 0, p.nbox)
+            second_pass(p, j, x, dy, out, 0, p.nbox, True)
         else:
             for t in prange(p.nt, nogil=True, num_threads=p.nt, schedule="static", chunksize=1):
                 split(p.nbox, p.nt, t, 1, &lo, &hi)
-                second_pass(p, j, x, dy, out, lo, hi)
+                second_pass(p, j, x, dy, out, lo, hi, True)
     elif p.by_channel:
         # A channel's boxes are consecutive: both passes while it is cached.
         for c in prange(p.C, nogil=True, num_threads=p.nt, schedule="dynamic"):
-            first_pass(p, j, x, dy, c * U, (c + 1) * U)
+            first_pass(p, j, x, dy, c * U, (c + 1) * U, False)
             finish(p, j, gamma, beta, r1, r2, c, c + 1)
-            second_pass(p, j, x, dy, out, c * U, (c + 1) * U)
+            second_pass(p, j, x, dy, out, c * U, (c + 1) * U, False)
     elif p.nt == 1:
-        first_pass(p, j, x, dy, 0, p.nbox)
+        first_pass(p, j, x, dy, 0, p.nbox, True)
         finish(p, j, gamma, beta, r1, r2, 0, p.C)
-        second_pass(p, j, x, dy, out, 0, p.nbox)
+        second_pass(p, j, x, dy, out, 0, p.nbox, True)
     else:
         # Each thread takes the same range of boxes in both passes.
         with parallel(num_threads=p.nt):
             for t in prange(p.nt, schedule="static", chunksize=1):
                 split(p.nbox, p.nt, t, 1, &lo, &hi)
-                first_pass(p, j, x, dy, lo, hi)
+                first_pass(p, j, x, dy, lo, hi, True)
             for k in prange(nmc, schedule="static"):
                 finish(p, j, gamma, beta, r1, r2, k * MERGE_C, min(p.C, (k + 1) * MERGE_C))
             for t in prange(p.nt, schedule="static", chunksize=1):
                 split(p.nbox, p.nt, t, 1, &lo, &hi)
-                second_pass(p, j, x, dy, out, lo, hi)
+                second_pass(p, j, x, dy, out, lo, hi, True)
 
 
 # ---------------------------------------------------------------- wrappers ---
