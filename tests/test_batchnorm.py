@@ -22,7 +22,7 @@ CASES = [
     ((2, 3, 9000), 1),           # a channel's segment spans several boxes
     ((64, 8, 16, 16), 1),        # several outer groups per channel
     ((3, 2050), 1),              # more channels than one row-layout box holds
-    ((16, 16, 32, 32), 1),       # two threads, whole channels per thread
+    ((16, 16, 32, 32), 1),       # two threads, many channels
     ((8, 3, 64, 64), 1),         # two threads, few channels: boxes in parallel
     ((4000, 40), 1),             # two threads, (N, C) with many rows
     ((8, 16, 16, 40), -1),       # two threads, NHWC

@@ -32,14 +32,13 @@
 # * Passes over memory.  Forward: one statistics pass (each box read twice,
 #   the second time from cache) and one pass that reads x and writes y.
 #   Backward: one pass reading x and dy for the sums and one that reads them
-#   again and writes dx.  In the segment layout, when every channel fits in
-#   the L2 cache and there are enough channels to keep every thread busy, a
-#   thread takes whole channels and runs the second pass right after the
-#   first, while the channel is still cached (same boxes, same merge: same
-#   result bits).  Otherwise the passes run one after the other over all boxes
-#   in one parallel region, each thread taking the same range of boxes in both
-#   passes, the second pass in reverse order so that it starts on the data
-#   the first pass left in the caches (L2, and the L3 for the rest).
+#   again and writes dx.  Both passes run in one parallel region; the boxes
+#   are visited in the order of x in memory (streaming), each thread taking
+#   the same range of boxes in both passes, the second pass in reverse order
+#   so that it starts on the data the first pass left in the caches (L2, and
+#   the L3 for the rest).  (Running both passes per channel while the channel
+#   is in L2, which reads x from memory only once, measured slower in NCHW:
+#   a channel is many short strided segments.)
 # * Arithmetic of the y and dx passes is in double (float32 inputs are widened
 #   and the result rounded once); the per-channel coefficients are computed in
 #   double once per call.  Saved statistics (ctx.mean, ctx.invstd) are float64.
@@ -72,10 +71,6 @@ DEF GROUP_V = 256
 DEF LANES = 32
 # Elements per thread below which a call stays on the calling thread.
 DEF GRAIN = 32768
-# Segment layout: when the arrays a channel reads (x; x and dy) take at most
-# this many bytes (half a 2 MiB L2), a thread takes whole channels and runs
-# both passes back to back.
-DEF CHANNEL_CACHE = 1048576
 # Channels per task when merging partial statistics.
 DEF MERGE_C = 64
 
@@ -90,18 +85,14 @@ ctypedef struct Plan:
     Py_ssize_t U                    # boxes per channel (chunk)
     Py_ssize_t nbox                 # nk * U
     int nt                          # threads
-    bint by_channel                 # one thread per channel, passes back to back
 
 
 ctypedef struct Box:
     Py_ssize_t o0, o1, c0, c1, i0, i1, u
 
 
-cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
-                    Py_ssize_t itemsize, int arrays) noexcept nogil:
-    """Cut (outer, C, inner) into boxes.  `arrays` like x are read (1 forward,
-    2 backward): used only to choose `by_channel`, which does not change
-    results."""
+cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
+    """Cut (outer, C, inner) into boxes."""
     p.outer = outer
     p.C = C
     p.inner = inner
@@ -131,8 +122,6 @@ cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner,
     p.U = ((outer + p.og - 1) // p.og) * p.ni
     p.nbox = p.nk * p.U
     p.nt = threads_for(outer * C * inner, GRAIN)
-    p.by_channel = (not p.rows and p.m * itemsize * arrays <= CHANNEL_CACHE
-                    and (p.nt == 1 or C >= 4 * p.nt))
 
 
 cdef inline void box_of(const Plan *p, Py_ssize_t b, Box *x) noexcept nogil:
@@ -558,21 +547,18 @@ cdef inline void finish(const Plan *p, const Job *j, const floating *gamma,
         fwd_finish(p, j, gamma, beta, r1, r2, c0, c1)
 
 
-cdef inline Py_ssize_t nth_box(const Plan *p, Py_ssize_t i, bint in_memory_order) noexcept nogil:
-    """The i-th box in channel order (b = i) or in the order of x in memory
-    (outer group, then channel, then inner chunk): streams through x."""
-    if not in_memory_order:
-        return i
+cdef inline Py_ssize_t nth_box(const Plan *p, Py_ssize_t i) noexcept nogil:
+    """The i-th box in the order of x in memory: outer group, then channel
+    (chunk), then inner chunk."""
     cdef Py_ssize_t j = i % p.ni, t = i // p.ni
     return (t % p.nk) * p.U + (t // p.nk) * p.ni + j
 
 
 cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
-                            const floating *dy, Py_ssize_t lo, Py_ssize_t hi,
-                            bint mem) noexcept nogil:
+                            const floating *dy, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     cdef Py_ssize_t i, b
     for i in range(lo, hi):
-        b = nth_box(p, i, mem)
+        b = nth_box(p, i)
         if j.backward:
             box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2)
         else:
@@ -581,14 +567,14 @@ cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
 
 cdef inline void second_pass(const Plan *p, const Job *j, const floating *x,
                              const floating *dy, floating *out,
-                             Py_ssize_t lo, Py_ssize_t hi, bint mem) noexcept nogil:
+                             Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     # Boxes in reverse order: the ones the first pass read last are still
     # in the caches.
     cdef const double *B = NULL if j.backward and not j.training else j.B
     cdef Py_ssize_t i = hi
     while i > lo:
         i = i - 1
-        box_affine(p, x, dy, out, nth_box(p, i, mem), j.mean, j.A, B, j.K)
+        box_affine(p, x, dy, out, nth_box(p, i), j.mean, j.A, B, j.K)
 
 
 cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy,
@@ -596,36 +582,30 @@ cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy
               floating *r1, floating *r2) noexcept nogil:
     """Both passes of a forward (dy NULL; r1, r2 the running stats) or
     backward (r1, r2 = dgamma, dbeta) call."""
-    cdef Py_ssize_t c, k, t, lo = 0, hi = 0, U = p.U
+    cdef Py_ssize_t k, t, lo = 0, hi = 0
     cdef Py_ssize_t nmc = (p.C + MERGE_C - 1) // MERGE_C
     if not j.stats:
         if p.nt == 1:
-            second_pass(p, j, x, dy, out, 0, p.nbox, True)
+            second_pass(p, j, x, dy, out, 0, p.nbox)
         else:
             for t in prange(p.nt, nogil=True, num_threads=p.nt, schedule="static", chunksize=1):
                 split(p.nbox, p.nt, t, 1, &lo, &hi)
-                second_pass(p, j, x, dy, out, lo, hi, True)
-    elif p.by_channel:
-        # A channel's boxes are consecutive: both passes while it is cached.
-        for c in prange(p.C, nogil=True, num_threads=p.nt, schedule="dynamic"):
-            first_pass(p, j, x, dy, c * U, (c + 1) * U, False)
-            finish(p, j, gamma, beta, r1, r2, c, c + 1)
-            second_pass(p, j, x, dy, out, c * U, (c + 1) * U, False)
+                second_pass(p, j, x, dy, out, lo, hi)
     elif p.nt == 1:
-        first_pass(p, j, x, dy, 0, p.nbox, True)
+        first_pass(p, j, x, dy, 0, p.nbox)
         finish(p, j, gamma, beta, r1, r2, 0, p.C)
-        second_pass(p, j, x, dy, out, 0, p.nbox, True)
+        second_pass(p, j, x, dy, out, 0, p.nbox)
     else:
         # Each thread takes the same range of boxes in both passes.
         with parallel(num_threads=p.nt):
             for t in prange(p.nt, schedule="static", chunksize=1):
                 split(p.nbox, p.nt, t, 1, &lo, &hi)
-                first_pass(p, j, x, dy, lo, hi, True)
+                first_pass(p, j, x, dy, lo, hi)
             for k in prange(nmc, schedule="static"):
                 finish(p, j, gamma, beta, r1, r2, k * MERGE_C, min(p.C, (k + 1) * MERGE_C))
             for t in prange(p.nt, schedule="static", chunksize=1):
                 split(p.nbox, p.nt, t, 1, &lo, &hi)
-                second_pass(p, j, x, dy, out, lo, hi, True)
+                second_pass(p, j, x, dy, out, lo, hi)
 
 
 # ---------------------------------------------------------------- wrappers ---
@@ -789,7 +769,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
         Y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
 
     cdef Plan p
-    make_plan(&p, outer, C, inner, cnp.PyArray_ITEMSIZE(X), 1)
+    make_plan(&p, outer, C, inner)
     cdef cnp.ndarray mean = np.empty(C, dtype=np.float64)
     cdef cnp.ndarray invstd = np.empty(C, dtype=np.float64)
     cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if train and p.U > 1 else 0),
@@ -898,7 +878,7 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     cdef cnp.ndarray dgamma = cnp.PyArray_ZEROS(1, cnp.PyArray_DIMS(G), cnp.PyArray_TYPE(G), 0)
     cdef cnp.ndarray dbeta = cnp.PyArray_ZEROS(1, cnp.PyArray_DIMS(G), cnp.PyArray_TYPE(G), 0)
     cdef Plan p
-    make_plan(&p, outer, C, inner, cnp.PyArray_ITEMSIZE(X), 2)
+    make_plan(&p, outer, C, inner)
     cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if p.U > 1 else 0), dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
     cdef Job j
