@@ -51,7 +51,8 @@ from libc.math cimport sqrt
 from cython.parallel cimport prange
 import numpy as np
 
-# Values per box: a box is read twice in a row, so it must stay in L1/L2.
+# Values per box (row layout: at least MIN_ROWS rows, at most 64 Ki values):
+# a box is read twice in a row, so it must stay in L1/L2.
 DEF BOX = 8192
 # Inner sizes below this use the row layout.
 DEF SEGMENT_MIN = 16
