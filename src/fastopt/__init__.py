@@ -8,6 +8,7 @@ SIMD build and OpenMP runtime are in use.
 __version__ = "0.1.0"
 
 from ._config import config, get_num_threads, set_num_threads, show_config
+from ._dispatch import batchnorm as _batchnorm_kernels
 from ._dispatch import optim as _optim_kernels
 from ._dispatch import softmax as _softmax_kernels
 
@@ -16,6 +17,10 @@ adamw_step = _optim_kernels.adamw_step
 rmsprop_step = _optim_kernels.rmsprop_step
 sgd_step = _optim_kernels.sgd_step
 clip_grad_norm_ = _optim_kernels.clip_grad_norm_
+
+batch_norm_forward = _batchnorm_kernels.batch_norm_forward
+batch_norm_backward = _batchnorm_kernels.batch_norm_backward
+BatchNormContext = _batchnorm_kernels.BatchNormContext
 
 log_softmax = _softmax_kernels.log_softmax
 softmax = _softmax_kernels.softmax
@@ -27,6 +32,7 @@ from .optim import SGD, Adam, AdamW, RMSprop, flat_views
 __all__ = [
     "adam_step", "adamw_step", "rmsprop_step", "sgd_step", "clip_grad_norm_",
     "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler",
+    "batch_norm_forward", "batch_norm_backward", "BatchNormContext",
     "log_softmax", "softmax", "cross_entropy",
     "get_num_threads", "set_num_threads", "show_config", "config",
 ]

@@ -1,2 +1,914 @@
-# placeholder
+# Batch Normalization forward and backward, fused and OpenMP-parallel.
+#
+# Design
+# ------
+# * x is viewed as (outer, C, inner): outer = prod(shape[:axis]), inner =
+#   prod(shape[axis+1:]).  NCHW has a large inner (one contiguous segment of
+#   H*W values per (n, c)); NHWC and (N, C) have inner == 1 (rows of C
+#   contiguous channels).
+# * The work is cut into *boxes*, a FIXED partition that depends only on the
+#   shape (never on the thread count):
+#     - segment layout (inner >= SEGMENT_MIN): a box is one channel x a group
+#       of `og` consecutive outer indices x a chunk of `il` inner values, about
+#       BOX elements in all;
+#     - row layout (small inner): a box is a block of `og` consecutive rows x
+#       a chunk of `cc` channels, about BOX elements; the loops run along the
+#       contiguous channel axis, so they vectorize across channels (with few
+#       channels, over groups of rows: see "row layout" below).
+#   Boxes are numbered b = k*U + u: k the channel (chunk), u in [0, U) the
+#   box's place along the channel's reduction (the same U for every channel).
+# * Forward statistics: every box yields, per channel, (count, mean, M2) in
+#   double from two passes over the box while it is in cache (a shifted sum,
+#   then the sum of squared deviations from the box mean: never
+#   E[x^2] - E[x]^2).  The shift (the box's first value) makes a constant
+#   channel's deviations exactly zero.  The boxes of a channel are then merged
+#   in order u = 0, 1, ... with Chan's formula.  Backward sums (sum dy and
+#   sum dy*(x - mean)) use the same boxes, merged in the same fixed order.
+#   Every box is computed by one thread with a fixed order of operations, so
+#   the results are bit-identical for any number of threads.
+# * Reductions inside a segment keep LANES independent double accumulators
+#   (lane k takes the values i = k mod LANES): the compiler vectorizes them
+#   without reassociating anything (no -ffast-math), and the order is fixed.
+# * Passes over memory.  Forward: one statistics pass (each box read twice,
+#   the second time from cache) and one pass that reads x and writes y.
+#   Backward: one pass reading x and dy for the sums and one that reads them
+#   again and writes dx.  Both passes run in one parallel region; the boxes
+#   are visited in the order of x in memory (streaming), each thread taking
+#   the same range of boxes in both passes, the second pass in reverse order
+#   so that it starts on the data the first pass left in the caches (L2, and
+#   the L3 for the rest).  (Running both passes per channel while the channel
+#   is in L2, which reads x from memory only once, measured slower in NCHW:
+#   a channel is many short strided segments.)
+# * Arithmetic of the y and dx passes is in double (float32 inputs are widened
+#   and the result rounded once); the per-channel coefficients are computed in
+#   double once per call.  Saved statistics (ctx.mean, ctx.invstd) are float64.
+# * The `def` functions validate everything before `nogil`; nothing is
+#   written when a check fails.  Scratch (the per-box partial statistics, a
+#   few arrays of C doubles) is a small float64 array allocated per call.
 include "_common.pxi"
+
+from libc.math cimport sqrt
+from cython.parallel cimport prange
+import numpy as np
+
+# Values per box (row layout: at least MIN_ROWS rows, at most 64 Ki values):
+# a box is read twice in a row, so it must stay in L1/L2.
+DEF BOX = 8192
+# Inner sizes below this use the row layout.
+DEF SEGMENT_MIN = 16
+# Row layout: channels per box at most (so many channels with a small batch
+# still give several boxes).
+DEF CHUNK_C = 1024
+# Row layout: rows per box at least, so that the per-box partial results (two
+# doubles per channel) stay below a sixteenth of x's float32 size.
+DEF MIN_ROWS = 64
+# Row layout: rows are taken R at a time so that the loops along the
+# contiguous axis run over up to GROUP_V values, i.e. at least 32 independent
+# 8-double accumulators: enough to hide the latency of their updates (with
+# one row of 64 channels at a time, that latency made the statistics pass
+# three times slower).
+DEF GROUP_V = 256
+# Independent accumulators per segment reduction.
+DEF LANES = 32
+# Elements per thread below which a call stays on the calling thread.
+DEF GRAIN = 32768
+# Channels per task when merging partial statistics.
+DEF MERGE_C = 64
+
+
+ctypedef struct Plan:
+    Py_ssize_t outer, C, inner, m   # m = outer*inner values per channel
+    bint rows                       # row layout (else segment layout)
+    Py_ssize_t og, il, cc           # box extent along outer, inner, channels
+    Py_ssize_t R                    # row layout, inner == 1: rows per group
+    Py_ssize_t ni                   # boxes along inner (segment layout)
+    Py_ssize_t nk                   # channel chunks (= C in the segment layout)
+    Py_ssize_t U                    # boxes per channel (chunk)
+    Py_ssize_t nbox                 # nk * U
+    int nt                          # threads
+
+
+ctypedef struct Box:
+    Py_ssize_t o0, o1, c0, c1, i0, i1, u
+
+
+cdef void make_plan(Plan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil:
+    """Cut (outer, C, inner) into boxes."""
+    p.outer = outer
+    p.C = C
+    p.inner = inner
+    p.m = outer * inner
+    p.rows = inner < SEGMENT_MIN
+    if p.rows:
+        p.il = inner
+        p.ni = 1
+        p.cc = max(1, min(C, CHUNK_C // max(1, inner)))
+        p.nk = (C + p.cc - 1) // p.cc
+        p.og = max(MIN_ROWS, BOX // max(1, p.cc * inner))
+        # Groups of R rows are contiguous only when a box holds every channel.
+        p.R = max(1, GROUP_V // p.cc) if inner == 1 and p.cc == C else 1
+        p.og = max(p.R, p.og - p.og % p.R)
+    else:
+        p.R = 1
+        p.cc = 1
+        p.nk = C
+        if inner >= BOX:
+            p.il = BOX
+            p.og = 1
+        else:
+            p.il = inner
+            p.og = BOX // inner
+        p.ni = (inner + p.il - 1) // p.il
+    p.og = min(p.og, outer) if outer > 0 else 1
+    p.U = ((outer + p.og - 1) // p.og) * p.ni
+    p.nbox = p.nk * p.U
+    p.nt = threads_for(outer * C * inner, GRAIN)
+
+
+cdef inline void box_of(const Plan *p, Py_ssize_t b, Box *x) noexcept nogil:
+    cdef Py_ssize_t k = b // p.U, u = b % p.U
+    cdef Py_ssize_t g = u // p.ni, j = u % p.ni
+    x.u = u
+    x.c0 = k * p.cc
+    x.c1 = min(p.C, x.c0 + p.cc)
+    x.o0 = g * p.og
+    x.o1 = min(p.outer, x.o0 + p.og)
+    x.i0 = j * p.il
+    x.i1 = min(p.inner, x.i0 + p.il)
+
+
+cdef inline Py_ssize_t box_count(const Plan *p, Py_ssize_t u) noexcept nogil:
+    """Values per channel in the boxes at place u (the same for every channel)."""
+    cdef Py_ssize_t g = u // p.ni, j = u % p.ni
+    cdef Py_ssize_t o0 = g * p.og, i0 = j * p.il
+    return (min(p.outer, o0 + p.og) - o0) * (min(p.inner, i0 + p.il) - i0)
+
+
+# ------------------------------------------------------ segment reductions ---
+
+cdef inline void zero_lanes(double *acc) noexcept nogil:
+    cdef int k
+    for k in range(LANES):
+        acc[k] = 0.0
+
+
+cdef inline double sum_lanes(const double *acc) noexcept nogil:
+    # Pairwise, in a fixed order.
+    cdef double t[LANES]
+    cdef int k, w = LANES // 2
+    for k in range(LANES):
+        t[k] = acc[k]
+    while w >= 1:
+        for k in range(w):
+            t[k] = t[k] + t[k + w]
+        w = w // 2
+    return t[0]
+
+
+cdef inline void lanes_shifted(const floating *p, Py_ssize_t n, double shift,
+                               double *acc) noexcept nogil:
+    # acc[k] += sum over i = k (mod LANES) of (p[i] - shift)
+    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef int k
+    for i in range(0, nw, LANES):
+        for k in range(LANES):
+            acc[k] += <double>p[i + k] - shift
+    for k in range(n - nw):
+        acc[k] += <double>p[nw + k] - shift
+
+
+cdef inline void lanes_sqdev(const floating *p, Py_ssize_t n, double mean,
+                             double *acc) noexcept nogil:
+    # acc[k] += sum over i = k (mod LANES) of (p[i] - mean)^2
+    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef int k
+    cdef double d
+    for i in range(0, nw, LANES):
+        for k in range(LANES):
+            d = <double>p[i + k] - mean
+            acc[k] += d * d
+    for k in range(n - nw):
+        d = <double>p[nw + k] - mean
+        acc[k] += d * d
+
+
+cdef inline void lanes_grad(const floating *x, const floating *dy, Py_ssize_t n,
+                            double mean, double *a1, double *a2) noexcept nogil:
+    # a1[k] += sum dy;  a2[k] += sum dy*(x - mean)   (over i = k mod LANES)
+    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef int k
+    cdef double g
+    for i in range(0, nw, LANES):
+        for k in range(LANES):
+            g = <double>dy[i + k]
+            a1[k] += g
+            a2[k] += g * (<double>x[i + k] - mean)
+    for k in range(n - nw):
+        g = <double>dy[nw + k]
+        a1[k] += g
+        a2[k] += g * (<double>x[nw + k] - mean)
+
+
+# ------------------------------------------------------------- row layout ---
+# inner == 1: a box is rows [o0, o1) x channels [c0, c1).  Loops run along a
+# row (vectorized across channels) with one accumulator per channel.  With
+# few channels, R consecutive rows (contiguous: the box holds every channel)
+# form one run of V = R*nc values, with R accumulators per channel that are
+# added in a fixed order at the end of the box; a last incomplete group is
+# taken row by row.  Per-channel arrays are then repeated R times.
+
+cdef inline void repeat(const double *src, Py_ssize_t nc, Py_ssize_t R,
+                        double *dst) noexcept nogil:
+    cdef Py_ssize_t r, c
+    for r in range(R):
+        for c in range(nc):
+            dst[r * nc + c] = src[c]
+
+
+cdef inline void fold(const double *acc, Py_ssize_t nc, Py_ssize_t R,
+                      double *out) noexcept nogil:
+    # out[c] = acc[c] + acc[nc + c] + ... + acc[(R-1)*nc + c]
+    cdef Py_ssize_t r, c
+    cdef double t
+    for c in range(nc):
+        t = acc[c]
+        for r in range(1, R):
+            t = t + acc[r * nc + c]
+        out[c] = t
+
+
+cdef inline Py_ssize_t run_length(const Plan *p, Py_ssize_t o, Py_ssize_t o1,
+                                  Py_ssize_t nc) noexcept nogil:
+    """Values in the run starting at row o: a group of R rows or one row."""
+    return p.R * nc if o + p.R <= o1 else nc
+
+
+cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t n,
+                    double *mean, double *m2) noexcept nogil:
+    # mean = x0 + sum(x - x0)/n  (x0: the box's first row);  M2 = sum((x - mean)^2)
+    cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
+    cdef Py_ssize_t o, v, L
+    cdef double s_acc[GROUP_V]
+    cdef double s_rep[GROUP_V]
+    cdef double *acc = &s_acc[0] if R > 1 else mean + c0
+    cdef double *rep = &s_rep[0] if R > 1 else m2 + c0
+    cdef const floating *first = x + bx.o0 * C + c0
+    cdef const floating *run
+    cdef double d
+    for v in range(nc):
+        rep[v] = <double>first[v]
+    repeat(rep, nc, R, rep)
+    for v in range(V):
+        acc[v] = 0.0
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        run = x + o * C + c0
+        for v in range(L):
+            acc[v] += <double>run[v] - rep[v]
+        o = o + L // nc
+    if R > 1:
+        fold(acc, nc, R, acc)
+    for v in range(nc):
+        mean[c0 + v] = rep[v] + acc[v] / <double>n
+    if R > 1:
+        repeat(mean + c0, nc, R, rep)
+    else:
+        acc = m2 + c0
+        rep = mean + c0
+    for v in range(V):
+        acc[v] = 0.0
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        run = x + o * C + c0
+        for v in range(L):
+            d = <double>run[v] - rep[v]
+            acc[v] += d * d
+        o = o + L // nc
+    if R > 1:
+        fold(acc, nc, R, m2 + c0)
+
+
+cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
+                        const Box *bx, const double *mean,
+                        double *s1, double *s2) noexcept nogil:
+    # s1 = sum(dy);  s2 = sum(dy*(x - mean))
+    cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
+    cdef Py_ssize_t o, v, L, off
+    cdef double s_a1[GROUP_V]
+    cdef double s_a2[GROUP_V]
+    cdef double s_rep[GROUP_V]
+    cdef double *a1 = &s_a1[0] if R > 1 else s1 + c0
+    cdef double *a2 = &s_a2[0] if R > 1 else s2 + c0
+    cdef const double *rep = &s_rep[0] if R > 1 else mean + c0
+    cdef double g
+    if R > 1:
+        repeat(mean + c0, nc, R, s_rep)
+    for v in range(V):
+        a1[v] = 0.0
+        a2[v] = 0.0
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        off = o * C + c0
+        for v in range(L):
+            g = <double>dy[off + v]
+            a1[v] += g
+            a2[v] += g * (<double>x[off + v] - rep[v])
+        o = o + L // nc
+    if R > 1:
+        fold(a1, nc, R, s1 + c0)
+        fold(a2, nc, R, s2 + c0)
+
+
+cdef void row_affine(const Plan *p, const floating *x, const floating *z,
+                     floating *out, const Box *bx, const double *mean,
+                     const double *A, const double *B, const double *K) noexcept nogil:
+    cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R
+    cdef Py_ssize_t o, v, L, off
+    cdef double s_m[GROUP_V]
+    cdef double s_a[GROUP_V]
+    cdef double s_b[GROUP_V]
+    cdef double s_k[GROUP_V]
+    cdef const double *mu = mean + c0
+    cdef const double *a = A + c0 if A != NULL else NULL
+    cdef const double *b = B + c0 if B != NULL else NULL
+    cdef const double *k = K + c0
+    if R > 1:
+        repeat(mu, nc, R, s_m)
+        mu = s_m
+        repeat(k, nc, R, s_k)
+        k = s_k
+        if a != NULL:
+            repeat(a, nc, R, s_a)
+            a = s_a
+        if b != NULL:
+            repeat(b, nc, R, s_b)
+            b = s_b
+    o = bx.o0
+    while o < bx.o1:
+        L = run_length(p, o, bx.o1, nc)
+        off = o * C + c0
+        if z == NULL:
+            for v in range(L):
+                out[off + v] = <floating>(b[v] * (<double>x[off + v] - mu[v]) + k[v])
+        elif b == NULL:
+            for v in range(L):
+                out[off + v] = <floating>(a[v] * <double>z[off + v])
+        else:
+            for v in range(L):
+                out[off + v] = <floating>(a[v] * <double>z[off + v]
+                                          + b[v] * (<double>x[off + v] - mu[v]) + k[v])
+        o = o + L // nc
+
+
+# ------------------------------------------------------------- box passes ---
+
+cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
+                    double *P1, double *P2) noexcept nogil:
+    """Per channel of box b: its mean -> P1[u*C + c], its M2 -> P2[u*C + c]."""
+    cdef Box bx
+    box_of(p, b, &bx)
+    cdef Py_ssize_t C = p.C, inner = p.inner, o, c, n = box_count(p, bx.u)
+    cdef double *mean = P1 + bx.u * C
+    cdef double *m2 = P2 + bx.u * C
+    cdef double acc[LANES]
+    cdef double shift, mu
+    if inner == 1:
+        row_stats(p, x, &bx, n, mean, m2)
+        return
+    for c in range(bx.c0, bx.c1):
+        shift = <double>x[(bx.o0 * C + c) * inner + bx.i0]
+        zero_lanes(acc)
+        for o in range(bx.o0, bx.o1):
+            lanes_shifted(x + (o * C + c) * inner + bx.i0, bx.i1 - bx.i0, shift, acc)
+        mu = shift + sum_lanes(acc) / <double>n
+        zero_lanes(acc)
+        for o in range(bx.o0, bx.o1):
+            lanes_sqdev(x + (o * C + c) * inner + bx.i0, bx.i1 - bx.i0, mu, acc)
+        mean[c] = mu
+        m2[c] = sum_lanes(acc)
+
+
+cdef void box_grad_sums(const Plan *p, const floating *x, const floating *dy,
+                        const double *mean, Py_ssize_t b,
+                        double *P1, double *P2) noexcept nogil:
+    """Per channel of box b: sum(dy) -> P1[u*C + c], sum(dy*(x - mean)) -> P2."""
+    cdef Box bx
+    box_of(p, b, &bx)
+    cdef Py_ssize_t C = p.C, inner = p.inner, o, c, off
+    cdef double *s1 = P1 + bx.u * C
+    cdef double *s2 = P2 + bx.u * C
+    cdef double a1[LANES]
+    cdef double a2[LANES]
+    if inner == 1:
+        row_grad_sums(p, x, dy, &bx, mean, s1, s2)
+        return
+    for c in range(bx.c0, bx.c1):
+        zero_lanes(a1)
+        zero_lanes(a2)
+        for o in range(bx.o0, bx.o1):
+            off = (o * C + c) * inner + bx.i0
+            lanes_grad(x + off, dy + off, bx.i1 - bx.i0, mean[c], a1, a2)
+        s1[c] = sum_lanes(a1)
+        s2[c] = sum_lanes(a2)
+
+
+cdef void box_affine(const Plan *p, const floating *x, const floating *z,
+                     floating *out, Py_ssize_t b, const double *mean,
+                     const double *A, const double *B, const double *K) noexcept nogil:
+    """out = A*z + B*(x - mean) + K per channel over box b (z may be NULL: A
+    unused; B may be NULL: x unused).  Forward: y = scale*(x - mean) + beta;
+    backward: dx = a*dy + b*(x - mean) + k, or dx = a*dy in inference."""
+    cdef Box bx
+    box_of(p, b, &bx)
+    cdef Py_ssize_t C = p.C, inner = p.inner, o, c, i, off
+    cdef double a, bb, mu, k
+    if inner == 1:
+        row_affine(p, x, z, out, &bx, mean, A, B, K)
+        return
+    for c in range(bx.c0, bx.c1):
+        mu = mean[c]
+        k = K[c] if K != NULL else 0.0
+        a = A[c] if A != NULL else 0.0
+        bb = B[c] if B != NULL else 0.0
+        for o in range(bx.o0, bx.o1):
+            off = (o * C + c) * inner
+            if z == NULL:
+                for i in range(off + bx.i0, off + bx.i1):
+                    out[i] = <floating>(bb * (<double>x[i] - mu) + k)
+            elif B == NULL:
+                for i in range(off + bx.i0, off + bx.i1):
+                    out[i] = <floating>(a * <double>z[i])
+            else:
+                for i in range(off + bx.i0, off + bx.i1):
+                    out[i] = <floating>(a * <double>z[i] + bb * (<double>x[i] - mu) + k)
+
+
+# ------------------------------------------------------------------ merges ---
+
+cdef void merge_stats(const Plan *p, Py_ssize_t c0, Py_ssize_t c1,
+                      const double *P1, const double *P2,
+                      double *mean, double *m2) noexcept nogil:
+    """Chan's merge of the boxes' (count, mean, M2) in order u = 0, 1, ...:
+    d = mean_b - mean;  mean += d*n_b/n;  M2 += M2_b + d^2*n_a*n_b/n."""
+    cdef Py_ssize_t u, c, C = p.C
+    cdef double na = <double>box_count(p, 0), nb, n, f, g, d
+    for c in range(c0, c1):
+        mean[c] = P1[c]
+        m2[c] = P2[c]
+    for u in range(1, p.U):
+        nb = <double>box_count(p, u)
+        n = na + nb
+        f = nb / n
+        g = na * nb / n
+        for c in range(c0, c1):
+            d = P1[u * C + c] - mean[c]
+            mean[c] = mean[c] + d * f
+            m2[c] = m2[c] + P2[u * C + c] + d * d * g
+        na = n
+
+
+cdef void merge_sums(const Plan *p, Py_ssize_t c0, Py_ssize_t c1,
+                     const double *P1, const double *P2,
+                     double *s1, double *s2) noexcept nogil:
+    cdef Py_ssize_t u, c, C = p.C
+    for c in range(c0, c1):
+        s1[c] = P1[c]
+        s2[c] = P2[c]
+    for u in range(1, p.U):
+        for c in range(c0, c1):
+            s1[c] = s1[c] + P1[u * C + c]
+            s2[c] = s2[c] + P2[u * C + c]
+
+
+# ------------------------------------------------------------------ drivers ---
+
+ctypedef struct Job:
+    bint backward         # else the forward pass
+    bint stats            # run the first pass (forward: training; backward: always)
+    bint training         # backward: the training formula for dx
+    bint update           # forward: update the running statistics
+    double momentum, eps
+    double *mean          # (C,) forward: the batch mean (out); backward: saved mean
+    double *invstd        # (C,) forward: out (holds M2 until finished); backward: saved
+    double *A             # (C,) second pass: out = A*z + B*(x - mean) + K
+    double *B             #      (forward: z unused, B = gamma*invstd, K = beta;
+    double *K             #       backward inference: B unused)
+    double *P1            # (U*C,) per-box partial results of the first pass
+    double *P2
+
+
+cdef void fwd_finish(const Plan *p, const Job *j, const floating *gamma,
+                     const floating *beta, floating *rmean, floating *rvar,
+                     Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Channels [c0, c1): merge the boxes, then invstd, the running stats and
+    the coefficients of the y pass."""
+    merge_stats(p, c0, c1, j.P1, j.P2, j.mean, j.invstd)
+    cdef Py_ssize_t c
+    cdef double m = <double>p.m, mom = j.momentum, m2
+    for c in range(c0, c1):
+        m2 = j.invstd[c]
+        j.invstd[c] = 1.0 / sqrt(m2 / m + j.eps)
+        j.B[c] = <double>gamma[c] * j.invstd[c]
+        j.K[c] = <double>beta[c]
+        if j.update:
+            # running = (1 - momentum)*running + momentum*batch (unbiased var)
+            rmean[c] = <floating>(mom * j.mean[c] + (1.0 - mom) * <double>rmean[c])
+            rvar[c] = <floating>(mom * (m2 / (m - 1.0)) + (1.0 - mom) * <double>rvar[c])
+
+
+cdef void bwd_finish(const Plan *p, const Job *j, const floating *gamma,
+                     floating *dgamma, floating *dbeta,
+                     Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """Channels [c0, c1): dbeta = sum dy, dgamma = invstd*sum(dy*(x - mean));
+    training: dx = g*invstd/m * (m*dy - dbeta - x_hat*dgamma), i.e.
+    A = g*invstd, B = -A*invstd*dgamma/m, K = -A*dbeta/m; inference: dx = A*dy."""
+    merge_sums(p, c0, c1, j.P1, j.P2, j.K, j.B)
+    cdef Py_ssize_t c
+    cdef double m = <double>p.m, db, dg, a
+    for c in range(c0, c1):
+        db = j.K[c]
+        dg = j.B[c] * j.invstd[c]
+        dbeta[c] = <floating>db
+        dgamma[c] = <floating>dg
+        a = <double>gamma[c] * j.invstd[c]
+        j.A[c] = a
+        j.B[c] = -(a * j.invstd[c]) * dg / m
+        j.K[c] = -a * db / m
+
+
+cdef inline void finish(const Plan *p, const Job *j, const floating *gamma,
+                        const floating *beta, floating *r1, floating *r2,
+                        Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    if j.backward:
+        bwd_finish(p, j, gamma, r1, r2, c0, c1)
+    else:
+        fwd_finish(p, j, gamma, beta, r1, r2, c0, c1)
+
+
+cdef inline Py_ssize_t nth_box(const Plan *p, Py_ssize_t i) noexcept nogil:
+    """The i-th box in the order of x in memory: outer group, then channel
+    (chunk), then inner chunk."""
+    cdef Py_ssize_t j = i % p.ni, t = i // p.ni
+    return (t % p.nk) * p.U + (t // p.nk) * p.ni + j
+
+
+cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
+                            const floating *dy, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    cdef Py_ssize_t i, b
+    for i in range(lo, hi):
+        b = nth_box(p, i)
+        if j.backward:
+            box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2)
+        else:
+            box_stats(p, x, b, j.P1, j.P2)
+
+
+cdef inline void second_pass(const Plan *p, const Job *j, const floating *x,
+                             const floating *dy, floating *out,
+                             Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    # Boxes in reverse order: the ones the first pass read last are still
+    # in the caches.
+    cdef const double *B = NULL if j.backward and not j.training else j.B
+    cdef Py_ssize_t i = hi
+    while i > lo:
+        i = i - 1
+        box_affine(p, x, dy, out, nth_box(p, i), j.mean, j.A, B, j.K)
+
+
+cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy,
+              floating *out, const floating *gamma, const floating *beta,
+              floating *r1, floating *r2) noexcept nogil:
+    """Both passes of a forward (dy NULL; r1, r2 the running stats) or
+    backward (r1, r2 = dgamma, dbeta) call."""
+    cdef Py_ssize_t k, t, lo = 0, hi = 0
+    cdef Py_ssize_t nmc = (p.C + MERGE_C - 1) // MERGE_C
+    if not j.stats:
+        if p.nt == 1:
+            second_pass(p, j, x, dy, out, 0, p.nbox)
+        else:
+            for t in prange(p.nt, nogil=True, num_threads=p.nt, schedule="static", chunksize=1):
+                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                second_pass(p, j, x, dy, out, lo, hi)
+    elif p.nt == 1:
+        first_pass(p, j, x, dy, 0, p.nbox)
+        finish(p, j, gamma, beta, r1, r2, 0, p.C)
+        second_pass(p, j, x, dy, out, 0, p.nbox)
+    else:
+        # Each thread takes the same range of boxes in both passes.
+        with parallel(num_threads=p.nt):
+            for t in prange(p.nt, schedule="static", chunksize=1):
+                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                first_pass(p, j, x, dy, lo, hi)
+            for k in prange(nmc, schedule="static"):
+                finish(p, j, gamma, beta, r1, r2, k * MERGE_C, min(p.C, (k + 1) * MERGE_C))
+            for t in prange(p.nt, schedule="static", chunksize=1):
+                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                second_pass(p, j, x, dy, out, lo, hi)
+
+
+# ---------------------------------------------------------------- wrappers ---
+
+cdef class BatchNormContext:
+    """What `batch_norm_backward` needs from a `batch_norm_forward` call.
+
+    Attributes (read only)
+    ----------------------
+    x, gamma : ndarray
+        References to the forward inputs (not copies: do not modify them
+        before the backward pass).
+    mean, invstd : ndarray, float64, shape (C,)
+        The statistics used: the batch mean and 1/sqrt(var + eps) in training,
+        the running ones in inference.  Kept in float64 whatever x's dtype
+        (they are computed in double): backward then uses exactly the x_hat
+        of the forward pass.
+    training : bool
+    axis : int
+        The channel axis, normalized to >= 0.
+    """
+    cdef readonly object x, gamma, mean, invstd
+    cdef readonly bint training
+    cdef readonly int axis
+
+    def __repr__(self):
+        return (f"BatchNormContext(shape={self.x.shape}, dtype={self.x.dtype}, "
+                f"axis={self.axis}, training={self.training})")
+
+
+cdef inline cnp.ndarray channel_vector(object a, str name, cnp.ndarray x, Py_ssize_t C):
+    """A (C,) array with x's dtype."""
+    cdef cnp.ndarray arr = float_array(a, name)
+    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(x):
+        raise TypeError(f"{name} has dtype {arr.dtype} but x has dtype {x.dtype}")
+    if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != C:
+        raise ValueError(f"{name} must have shape ({C},) (the channels of x), "
+                         f"got {(<object>arr).shape}")
+    return arr
+
+
+cdef inline int channel_axis(object axis, int ndim) except -1:
+    if isinstance(axis, bool) or not hasattr(axis, "__index__"):
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+    cdef object a = axis.__index__()
+    if not -ndim <= a < ndim:
+        raise ValueError(f"axis {a} is out of bounds for x with {ndim} dimensions")
+    return <int>(a + ndim if a < 0 else a)
+
+
+cdef inline int no_overlap(cnp.ndarray w, str wname, list others, tuple names) except -1:
+    """The written array `w` shares no memory with any of `others`."""
+    cdef Py_ssize_t i
+    for i in range(len(others)):
+        check_disjoint([w, others[i]], (wname, names[i]))
+    return 0
+
+
+def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
+                       training=True, momentum=0.1, eps=1e-5, axis=1, out=None):
+    """Batch Normalization forward pass, fused and parallel.
+
+    Follows ``torch.nn.functional.batch_norm``.  Per channel c (index `axis`
+    of x), over the m values of the other axes::
+
+        training:   mean = sum(x)/m,  var = sum((x - mean)**2)/m   (biased)
+        inference:  mean = running_mean,  var = running_var
+        x_hat = (x - mean) / sqrt(var + eps)
+        y = gamma * x_hat + beta
+
+    In training, `running_mean` and `running_var` (if given) are updated in
+    place as PyTorch does::
+
+        running_mean = (1 - momentum)*running_mean + momentum*mean
+        running_var  = (1 - momentum)*running_var  + momentum*var*m/(m - 1)
+
+    Statistics are computed stably (per-block two-pass mean and sum of squared
+    deviations merged with Chan's formula, in double for float32), results
+    are identical for any number of threads, and a constant channel gives
+    x_hat = 0 exactly.  NaN or Inf in a channel of x propagate to that
+    channel of y, and in training make that channel's batch statistics, and
+    so its running_mean/running_var, NaN or Inf (other channels unaffected),
+    as in PyTorch.
+
+    Parameters
+    ----------
+    x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
+        At least 2-D.  Non-contiguous input is copied first.
+    gamma, beta : ndarray, shape (C,), x's dtype
+    running_mean, running_var : ndarray, shape (C,), x's dtype, optional
+        C-contiguous and writeable.  Required in inference; in training
+        give both or neither.
+    training : bool
+    momentum : float in [0, 1]
+    eps : float > 0
+    axis : int
+        The channel axis: 1 for NCHW / (N, C), -1 for channels-last (NHWC).
+    out : ndarray, optional
+        Receives y: like x, C-contiguous, writeable, not overlapping the inputs.
+
+    Returns
+    -------
+    y : ndarray
+        `out` if given.
+    ctx : BatchNormContext
+        For `batch_norm_backward`.
+
+    Raises
+    ------
+    ValueError
+        "Expected more than 1 value per channel when training" if training
+        with m <= 1; bad shapes, axis, momentum, eps or `out`.  Nothing is
+        written when an error is raised.
+    TypeError
+        Wrong types or dtypes.
+    """
+    cdef cnp.ndarray X = float_array(x, "x")
+    cdef int nd = cnp.PyArray_NDIM(X)
+    if nd < 2:
+        raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
+    cdef int ax = channel_axis(axis, nd)
+    cdef tuple shape = (<object>X).shape
+    cdef Py_ssize_t C = shape[ax], outer = 1, inner = 1, i
+    for i in range(ax):
+        outer *= <Py_ssize_t>shape[i]
+    for i in range(ax + 1, nd):
+        inner *= <Py_ssize_t>shape[i]
+    cdef cnp.ndarray G = channel_vector(gamma, "gamma", X, C)
+    cdef cnp.ndarray Bt = channel_vector(beta, "beta", X, C)
+    cdef object RM = None, RV = None
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("give both running_mean and running_var, or neither")
+    if running_mean is not None:
+        RM = writable(channel_vector(running_mean, "running_mean", X, C), "running_mean")
+        RV = writable(channel_vector(running_var, "running_var", X, C), "running_var")
+    cdef bint train = bool(training)
+    if not train and RM is None:
+        raise ValueError("training=False needs running_mean and running_var")
+    cdef double mom = real(momentum, "momentum")
+    if not 0.0 <= mom <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {mom!r}")
+    cdef double eps_ = real(eps, "eps")
+    if not eps_ > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps_!r}")
+    if train and outer * inner <= 1:
+        raise ValueError("Expected more than 1 value per channel when training, "
+                         f"got input of shape {shape}")
+    cdef cnp.ndarray Y = None
+    if out is not None:
+        Y = writable(like(out, "out", X, "x"), "out")
+        no_overlap(Y, "out", [X, G, Bt, RM, RV],
+                   ("x", "gamma", "beta", "running_mean", "running_var"))
+    if RM is not None:
+        no_overlap(RM, "running_mean", [X, G, Bt, RV], ("x", "gamma", "beta", "running_var"))
+        no_overlap(RV, "running_var", [X, G, Bt], ("x", "gamma", "beta"))
+
+    X = readable(X)
+    G = readable(G)
+    Bt = readable(Bt)
+    if Y is None:
+        Y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
+
+    cdef Plan p
+    make_plan(&p, outer, C, inner)
+    cdef cnp.ndarray mean = np.empty(C, dtype=np.float64)
+    cdef cnp.ndarray invstd = np.empty(C, dtype=np.float64)
+    cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if train and p.U > 1 else 0),
+                                     dtype=np.float64)
+    cdef double *W = <double *>cnp.PyArray_DATA(work)
+    cdef Job j
+    j.backward = False
+    j.stats = train
+    j.training = train
+    j.update = RM is not None
+    j.momentum = mom
+    j.eps = eps_
+    j.mean = <double *>cnp.PyArray_DATA(mean)
+    j.invstd = <double *>cnp.PyArray_DATA(invstd)
+    j.A = W
+    j.B = W + C
+    j.K = W + 2 * C
+    j.P1 = W + 3 * C
+    j.P2 = W + 3 * C + p.U * C
+    if p.U == 1:
+        # One box per channel: its results are the statistics (merging is a copy).
+        j.P1 = j.mean
+        j.P2 = j.invstd
+    if not train:
+        # Inference: the running statistics, in double.
+        mean[:] = RM
+        np.divide(1.0, np.sqrt(np.add(RV, eps_, dtype=np.float64)), out=invstd)
+        work[C:2 * C] = invstd * G
+        work[2 * C:3 * C] = Bt
+    cdef void *xp = cnp.PyArray_DATA(X)
+    cdef void *yp = cnp.PyArray_DATA(Y)
+    cdef void *gp = cnp.PyArray_DATA(G)
+    cdef void *bp = cnp.PyArray_DATA(Bt)
+    cdef void *rmp = cnp.PyArray_DATA(<cnp.ndarray>RM) if RM is not None else NULL
+    cdef void *rvp = cnp.PyArray_DATA(<cnp.ndarray>RV) if RV is not None else NULL
+    if outer * C * inner > 0:
+        with nogil:
+            if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT64:
+                run(&p, &j, <const double *>xp, <const double *>NULL, <double *>yp,
+                    <const double *>gp, <const double *>bp, <double *>rmp, <double *>rvp)
+            else:
+                run(&p, &j, <const float *>xp, <const float *>NULL, <float *>yp,
+                    <const float *>gp, <const float *>bp, <float *>rmp, <float *>rvp)
+
+    cdef BatchNormContext ctx = BatchNormContext.__new__(BatchNormContext)
+    ctx.x = X
+    ctx.gamma = G
+    ctx.mean = mean
+    ctx.invstd = invstd
+    ctx.training = train
+    ctx.axis = ax
+    return Y, ctx
+
+
+def batch_norm_backward(dy, ctx, *, dx_out=None):
+    """Batch Normalization backward pass, fused and parallel.
+
+    With x_hat = (x - mean)*invstd from the forward pass, per channel over
+    its m values::
+
+        dbeta  = sum(dy)
+        dgamma = sum(dy * x_hat)
+        training:   dx = gamma*invstd/m * (m*dy - dbeta - x_hat*dgamma)
+        inference:  dx = gamma*invstd * dy
+
+    (the gradients of ``torch.nn.functional.batch_norm``).  Sums are in double
+    in a fixed order: identical results for any number of threads.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to y: like x (non-contiguous input
+        is copied first).
+    ctx : BatchNormContext
+        From `batch_norm_forward`.
+    dx_out : ndarray, optional
+        Receives dx: like x, C-contiguous, writeable, not overlapping x, dy
+        or gamma.
+
+    Returns
+    -------
+    dx, dgamma, dbeta : ndarray
+        dx like x (`dx_out` if given); dgamma and dbeta of shape (C,), x's dtype.
+    """
+    if not isinstance(ctx, BatchNormContext):
+        raise TypeError(f"ctx must be the BatchNormContext returned by batch_norm_forward, "
+                        f"got {type(ctx).__name__}")
+    cdef BatchNormContext cx = <BatchNormContext>ctx
+    cdef cnp.ndarray X = <cnp.ndarray>cx.x
+    cdef cnp.ndarray G = <cnp.ndarray>cx.gamma
+    cdef cnp.ndarray DY = like(dy, "dy", X, "x")
+    cdef cnp.ndarray DX = None
+    if dx_out is not None:
+        DX = writable(like(dx_out, "dx_out", X, "x"), "dx_out")
+        no_overlap(DX, "dx_out", [X, DY, G], ("x", "dy", "gamma"))
+    DY = readable(DY)
+    if DX is None:
+        DX = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(X), cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
+    cdef tuple shape = (<object>X).shape
+    cdef int ax = cx.axis, nd = len(shape), i
+    cdef Py_ssize_t C = shape[ax], outer = 1, inner = 1
+    for i in range(ax):
+        outer *= <Py_ssize_t>shape[i]
+    for i in range(ax + 1, nd):
+        inner *= <Py_ssize_t>shape[i]
+    cdef cnp.ndarray dgamma = cnp.PyArray_ZEROS(1, cnp.PyArray_DIMS(G), cnp.PyArray_TYPE(G), 0)
+    cdef cnp.ndarray dbeta = cnp.PyArray_ZEROS(1, cnp.PyArray_DIMS(G), cnp.PyArray_TYPE(G), 0)
+    cdef Plan p
+    make_plan(&p, outer, C, inner)
+    cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if p.U > 1 else 0), dtype=np.float64)
+    cdef double *W = <double *>cnp.PyArray_DATA(work)
+    cdef Job j
+    j.backward = True
+    j.stats = True
+    j.training = cx.training
+    j.update = False
+    j.mean = <double *>cnp.PyArray_DATA(<cnp.ndarray>cx.mean)
+    j.invstd = <double *>cnp.PyArray_DATA(<cnp.ndarray>cx.invstd)
+    j.A = W
+    j.B = W + C
+    j.K = W + 2 * C
+    j.P1 = W + 3 * C
+    j.P2 = W + 3 * C + p.U * C
+    if p.U == 1:
+        j.P1 = j.K     # merge_sums: K = sum dy, B = sum dy*(x - mean)
+        j.P2 = j.B
+    cdef void *xp = cnp.PyArray_DATA(X)
+    cdef void *dyp = cnp.PyArray_DATA(DY)
+    cdef void *dxp = cnp.PyArray_DATA(DX)
+    cdef void *gp = cnp.PyArray_DATA(G)
+    cdef void *dgp = cnp.PyArray_DATA(dgamma)
+    cdef void *dbp = cnp.PyArray_DATA(dbeta)
+    if outer * C * inner > 0:
+        with nogil:
+            if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT64:
+                run(&p, &j, <const double *>xp, <const double *>dyp, <double *>dxp,
+                    <const double *>gp, <const double *>NULL, <double *>dgp, <double *>dbp)
+            else:
+                run(&p, &j, <const float *>xp, <const float *>dyp, <float *>dxp,
+                    <const float *>gp, <const float *>NULL, <float *>dgp, <float *>dbp)
+    return DX, dgamma, dbeta
