@@ -12,6 +12,7 @@ cnp.import_array()
 
 cdef extern from "_omp.h" nogil:
     int omp_get_max_threads()
+    int omp_get_num_threads()
 
 
 # ---------------------------------------------------------------- threads ---
@@ -46,7 +47,10 @@ cdef inline int threads_for(Py_ssize_t work, Py_ssize_t grain) noexcept nogil:
 cdef inline void split(Py_ssize_t n, int parts, int k, Py_ssize_t align,
                        Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
     """[lo, hi) is the k-th of `parts` contiguous chunks of range(n); inner
-    boundaries are multiples of `align` (whole cache lines per thread)."""
+    boundaries are multiples of `align` (whole cache lines per thread).
+    Inside a parallel region pass parts=omp_get_num_threads(), never the
+    team size asked for: OpenMP may start fewer threads (OMP_THREAD_LIMIT,
+    OMP_DYNAMIC, nesting) and the missing threads' chunks would be skipped."""
     cdef Py_ssize_t blocks = (n + align - 1) // align
     lo[0] = min((blocks * k // parts) * align, n)
     hi[0] = min((blocks * (k + 1) // parts) * align, n)
@@ -137,6 +141,9 @@ cdef inline double real(object x, str name) except? -1.0:
     cdef double v
     if type(x) is float:
         v = <double>x
+    elif isinstance(x, (str, bytes, bytearray)):
+        # float() would parse these: lr="1e-3" is a mistake, not a number
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
     else:
         try:
             v = float(x)
