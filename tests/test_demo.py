@@ -132,6 +132,15 @@ def test_main_bad_options(capsys):
     assert "unknown optimizer(s) ['nadam']" in capsys.readouterr().err
     assert demo.main(["--hidden", "64"]) == 2
     assert "--hidden must be two positive widths" in capsys.readouterr().err
+    assert demo.main(["--batch-size", "1"]) == 2
+    assert "--batch-size must be >= 2" in capsys.readouterr().err
+
+
+def test_train_rejects_batches_batchnorm_cannot_use():
+    X, y = np.zeros((10, 3), np.float32), np.arange(10) % 2
+    for bad in (1, 11):
+        with pytest.raises(ValueError, match="batch_size must be in"):
+            demo.train("adam", (X, y, X, y), batch_size=bad)
 
 
 def test_missing_matplotlib_is_a_clear_message(monkeypatch, capsys):

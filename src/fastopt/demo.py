@@ -220,15 +220,17 @@ def train(name, data, *, epochs=15, batch_size=64, lr=None, beta=None, decay=0.9
         ``costs`` (every mini-batch's loss), ``epoch_loss`` and ``test_acc``
         per epoch, ``seconds``, and the trained ``model``.
     """
-    from fastopt import lr_scheduler
-
     X_train, y_train, X_test, y_test = data
+    if not 2 <= batch_size <= len(X_train):
+        raise ValueError(f"batch_size must be in [2, {len(X_train)}] (BatchNorm needs "
+                         f"two examples per batch), got {batch_size}")
     out = sys.stdout if out is None else out
     lr = DEFAULT_LR[name] if lr is None else lr
     rng = np.random.default_rng(seed)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
     model = MLP((X_train.shape[1], *hidden, n_classes), rng, dtype=X_train.dtype)
     opt = make_optimizer(name, model.params, lr, beta)
+    from fastopt import lr_scheduler
     sched = lr_scheduler.ExponentialLR(opt, gamma=decay)
     hist = {"costs": [], "epoch_loss": [], "test_acc": [], "model": model}
     start = time.perf_counter()
@@ -376,6 +378,9 @@ def main(argv=None, prog="python -m fastopt demo"):
     if len(hidden) != 2 or min(hidden) < 1:
         print(f"error: --hidden must be two positive widths like 128,64, got {args.hidden!r}",
               file=sys.stderr)
+        return 2
+    if args.batch_size < 2 or args.epochs < 1 or args.search < 0:
+        print("error: --batch-size must be >= 2, --epochs >= 1 and --search >= 0", file=sys.stderr)
         return 2
     if args.plot:
         try:
