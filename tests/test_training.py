@@ -221,6 +221,18 @@ def test_ewa_update_matches_reference(dtype, n, beta, rng):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_ewa_update_rounds_like_the_formula_in_its_dtype(dtype, rng):
+    """beta and 1 - beta rounded to the dtype, then one multiply-add without
+    contraction: the same bits at every SIMD level as NumPy's two-step formula."""
+    avg = rng.standard_normal(100_003).astype(dtype)
+    x = rng.standard_normal(100_003).astype(dtype)
+    b, cb = dtype(0.937), dtype(1 - 0.937)
+    want = b * avg + cb * x
+    fastopt.ewa_update(avg, x, 0.937)
+    np.testing.assert_array_equal(avg, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_ewa_update_threads_identical(dtype, rng):
     avg0 = rng.standard_normal(1_000_003).astype(dtype)
     x = rng.standard_normal(1_000_003).astype(dtype)
