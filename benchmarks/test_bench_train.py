@@ -1,19 +1,20 @@
 """Training-loop kernels: fastopt against NumPy, float32.
 
-Groups, each with the members ``numpy`` (course-style code), ``numpy_inplace``
-(careful NumPy with ``out=``) and ``fastopt``:
+``python -m fastopt bench`` has no case for these, so their (short) NumPy
+code is here.  Groups, each with the members ``numpy`` (course-style code),
+``numpy_inplace`` (careful NumPy with ``out=``) and ``fastopt``:
 
-* ``take_rows-<batch>x<row>``: gather one mini-batch of rows from a data set
+* ``take_rows <batch>x<row>``: gather one mini-batch of rows from a data set
   of ~30-50 MB (``X[idx]`` / ``np.take(..., out=)`` / `fastopt.take_rows`);
-* ``epoch-<batch>``: one shuffled epoch of (X, y) mini-batches over a
+* ``epoch <batch>``: one shuffled epoch of (X, y) mini-batches over a
   (10000, 784) data set (``X[perm[k:k+b]]`` per batch / ``np.take`` into
   reused buffers / `fastopt.minibatches`);
-* ``ewa-<n>``: ``avg = beta*avg + (1-beta)*x`` / `fastopt.ewa_update`.
+* ``ewa <n>``: ``avg = beta*avg + (1-beta)*x`` / `fastopt.ewa_update`.
 
 Each member checks its result once against the ``numpy`` one before it is timed.
 
-    PYTHONPATH=src python -m pytest benchmarks/test_bench_train.py --benchmark-columns=median,ops
-    PYTHONPATH=src python -m pytest benchmarks/test_bench_train.py --benchmark-disable   # smoke
+    PYTHONPATH=src python -m pytest benchmarks/test_bench_train.py --benchmark-only \\
+        --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
 """
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ import fastopt
 
 DTYPE = np.float32
 BETA = 0.9
+METHODS = ["numpy", "numpy_inplace", "fastopt"]
 
 _data = {}
 
@@ -39,7 +41,6 @@ def dataset(rows, cols):
 
 GATHERS = {"64x784": (10_000, 784, 64), "512x784": (10_000, 784, 512),
            "256x3072": (4_000, 3072, 256)}
-METHODS = ["numpy", "numpy_inplace", "fastopt"]
 
 
 def gather(method, X, idx, out):
@@ -50,15 +51,16 @@ def gather(method, X, idx, out):
     return fastopt.take_rows(X, idx, out)
 
 
-@pytest.mark.parametrize("case", list(GATHERS))
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", list(GATHERS))
 def test_take_rows(benchmark, case, method):
     rows, cols, batch = GATHERS[case]
     X, _ = dataset(rows, cols)
     idx = np.random.default_rng(0).permutation(rows)[:batch]
     out = np.empty((batch, cols), dtype=DTYPE)
-    benchmark.group = f"take_rows-{case}"
     np.testing.assert_array_equal(gather(method, X, idx, out), X[idx])
+    benchmark.group = f"take_rows {case} float32"
+    benchmark.extra_info["bytes"] = 2 * out.nbytes       # rows read, batch written
     benchmark(gather, method, X, idx, out)
 
 
@@ -97,12 +99,12 @@ def epoch_fastopt(X, y, batch, seed):
 EPOCHS = {"numpy": epoch_numpy, "numpy_inplace": epoch_inplace, "fastopt": epoch_fastopt}
 
 
-@pytest.mark.parametrize("batch", [64, 512])
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("batch", [64, 512])
 def test_epoch(benchmark, batch, method):
     X, y = dataset(10_000, 784)
-    benchmark.group = f"epoch-{batch}"
     assert EPOCHS[method](X, y, batch, 1) == epoch_numpy(X, y, batch, 1)
+    benchmark.group = f"epoch {batch} float32"
     benchmark(EPOCHS[method], X, y, batch, 1)
 
 
@@ -128,16 +130,17 @@ def ewa_fastopt(s):
 EWAS = {"numpy": ewa_numpy, "numpy_inplace": ewa_inplace, "fastopt": ewa_fastopt}
 
 
-@pytest.mark.parametrize("size", list(EWA_SIZES))
 @pytest.mark.parametrize("method", METHODS)
-def test_ewa(benchmark, size, method):
+@pytest.mark.parametrize("size", list(EWA_SIZES))
+def test_ewa(benchmark, check_result, size, method):
     n = EWA_SIZES[size]
     rng = np.random.default_rng(n)
     avg, x = rng.standard_normal(n, dtype=DTYPE), rng.standard_normal(n, dtype=DTYPE)
-    benchmark.group = f"ewa-{size}"
-    ref = {"avg": avg.copy(), "x": x}
+    ref = {"avg": avg.astype(np.float64), "x": x.astype(np.float64)}
     ewa_numpy(ref)
-    s = {"avg": avg.copy(), "x": x, "tmp": np.empty_like(x)}
+    s = {"avg": avg, "x": x, "tmp": np.empty_like(x)}
     EWAS[method](s)
-    np.testing.assert_allclose(s["avg"], ref["avg"], rtol=1e-6, atol=1e-6)
+    check_result(s["avg"], ref["avg"], DTYPE)
+    benchmark.group = f"ewa n={n:,} float32"
+    benchmark.extra_info["bytes"] = 3 * x.nbytes       # avg and x read, avg written
     benchmark(EWAS[method], s)
