@@ -301,7 +301,9 @@ cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
     cdef double s_rep[GROUP_V]
     cdef double *a1 = &s_a1[0] if R > 1 else s1 + c0
     cdef double *a2 = &s_a2[0] if R > 1 else s2 + c0
-    cdef const double *rep = &s_rep[0] if R > 1 else mean + c0
+    cdef const double *rep = mean + c0
+    if R > 1:
+        rep = &s_rep[0]
     cdef double g
     if R > 1:
         repeat(mean + c0, nc, R, s_rep)

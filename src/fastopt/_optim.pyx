@@ -198,7 +198,7 @@ cdef inline void segment_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi) n
 
 cdef void run_segments(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) noexcept nogil:
     """Update every segment; one parallel region, elements split evenly."""
-    cdef Py_ssize_t k, lo, hi, a, b, nbytes = 0
+    cdef Py_ssize_t k, lo = 0, hi = 0, a = 0, b = 0, nbytes = 0   # (thread-private copies)
     for k in range(nseg):
         nbytes += segs[k].n * (8 if segs[k].is_double else 4)
     cdef int nt = threads_for(nbytes, GRAIN)
