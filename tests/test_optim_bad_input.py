@@ -289,6 +289,15 @@ def test_scalars_of_numpy_types_are_accepted():
         np.testing.assert_array_equal(a[name], b[name])
 
 
+def test_betas_may_be_a_list_as_in_pytorch():
+    k = KERNELS["adam"]
+    a, b = k.valid(), k.valid()
+    k.call(a, step=2, betas=[0.8, 0.99])
+    k.call(b, step=2, betas=(0.8, 0.99))
+    for name in k.arrays:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 # ------------------------------------------------ options and their states ---
 
 def test_amsgrad_requires_max_exp_avg_sq():

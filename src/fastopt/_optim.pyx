@@ -314,10 +314,10 @@ cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
         vmax = state_array(max_exp_avg_sq, "max_exp_avg_sq", p)
     cdef double k = step_count(step)
     cdef double lr_ = at_least(lr, "lr", 0.0)
-    if not isinstance(betas, tuple) or len(<tuple>betas) != 2:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise TypeError(f"betas must be a tuple of two numbers, got {betas!r}")
-    cdef double b1 = in_unit((<tuple>betas)[0], "betas[0]")
-    cdef double b2 = in_unit((<tuple>betas)[1], "betas[1]")
+    cdef double b1 = in_unit(betas[0], "betas[0]")
+    cdef double b2 = in_unit(betas[1], "betas[1]")
     cdef double eps_ = at_least(eps, "eps", 0.0)
     cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
     check_disjoint([p, g, m, v, vmax], ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
