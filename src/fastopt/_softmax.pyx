@@ -38,9 +38,6 @@ from libc.stdint cimport int64_t
 from cython.parallel cimport prange
 import numpy as np
 
-cdef extern from "_omp.h" nogil:
-    int omp_get_num_threads()
-
 cdef extern from "_vmath.h" nogil:
     float fastopt_expf(float x)
     double fastopt_exp(double x)
