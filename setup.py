@@ -17,6 +17,7 @@ import tempfile
 import textwrap
 import warnings
 
+import Cython
 import numpy as np
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -168,7 +169,9 @@ def extensions():
     base = cythonize(
         [Extension(f"fastopt.{m}", [os.path.join(SRC, m + ".pyx")], include_dirs=incl, define_macros=macros)
          for m in KERNEL_MODULES + ["_runtime"]],
-        compiler_directives=DIRECTIVES, quiet=True)
+        compiler_directives=DIRECTIVES, quiet=True,
+        # C generated for one NumPy/Cython pair never meets another's headers.
+        build_dir=os.path.join("build", f"cython-{Cython.__version__}-numpy-{np.__version__}"))
     exts = []
     for ext in base:
         family = ext.name.rsplit(".", 1)[1]
