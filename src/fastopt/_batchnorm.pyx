@@ -592,7 +592,8 @@ cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy
             second_pass(p, j, x, dy, out, 0, p.nbox)
         else:
             for t in prange(p.nt, nogil=True, num_threads=p.nt, schedule="static", chunksize=1):
-                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                lo = chunk_start(p.nbox, p.nt, t, 1)
+                hi = chunk_start(p.nbox, p.nt, t + 1, 1)
                 second_pass(p, j, x, dy, out, lo, hi)
     elif p.nt == 1:
         first_pass(p, j, x, dy, 0, p.nbox)
@@ -602,12 +603,14 @@ cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy
         # Each thread takes the same range of boxes in both passes.
         with parallel(num_threads=p.nt):
             for t in prange(p.nt, schedule="static", chunksize=1):
-                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                lo = chunk_start(p.nbox, p.nt, t, 1)
+                hi = chunk_start(p.nbox, p.nt, t + 1, 1)
                 first_pass(p, j, x, dy, lo, hi)
             for k in prange(nmc, schedule="static"):
                 finish(p, j, gamma, beta, r1, r2, k * MERGE_C, min(p.C, (k + 1) * MERGE_C))
             for t in prange(p.nt, schedule="static", chunksize=1):
-                split(p.nbox, p.nt, t, 1, &lo, &hi)
+                lo = chunk_start(p.nbox, p.nt, t, 1)
+                hi = chunk_start(p.nbox, p.nt, t + 1, 1)
                 second_pass(p, j, x, dy, out, lo, hi)
 
 

@@ -44,16 +44,20 @@ cdef inline int threads_for(Py_ssize_t work, Py_ssize_t grain) noexcept nogil:
     return nt
 
 
-cdef inline void split(Py_ssize_t n, int parts, int k, Py_ssize_t align,
-                       Py_ssize_t *lo, Py_ssize_t *hi) noexcept nogil:
-    """[lo, hi) is the k-th of `parts` contiguous chunks of range(n); inner
-    boundaries are multiples of `align` (whole cache lines per thread).
+cdef inline Py_ssize_t chunk_start(Py_ssize_t n, int parts, int k, Py_ssize_t align) noexcept nogil:
+    """Start of the k-th of `parts` contiguous chunks of range(n) (k = parts
+    gives n); inner boundaries are multiples of `align` (whole cache lines
+    per thread).  Thread t of a team works on
+    [chunk_start(n, nt, t, a), chunk_start(n, nt, t + 1, a)).
+
+    Assign the results to the loop's variables directly (``lo = chunk_start(...)``):
+    Cython makes a variable private to each thread only when the parallel
+    block assigns it, so bounds written through pointers would be shared.
     Inside a parallel region pass parts=omp_get_num_threads(), never the
     team size asked for: OpenMP may start fewer threads (OMP_THREAD_LIMIT,
     OMP_DYNAMIC, nesting) and the missing threads' chunks would be skipped."""
     cdef Py_ssize_t blocks = (n + align - 1) // align
-    lo[0] = min((blocks * k // parts) * align, n)
-    hi[0] = min((blocks * (k + 1) // parts) * align, n)
+    return min((blocks * k // parts) * align, n)
 
 
 # ----------------------------------------------------------------- checks ---

@@ -207,7 +207,8 @@ cdef void run_segments(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) n
             segment_range(&segs[k], 0, segs[k].n)
         return
     with parallel(num_threads=nt):
-        split(total, omp_get_num_threads(), threadid(), ALIGN, &lo, &hi)
+        lo = chunk_start(total, omp_get_num_threads(), threadid(), ALIGN)
+        hi = chunk_start(total, omp_get_num_threads(), threadid() + 1, ALIGN)
         # Segments are sorted by offset: skip those that end before lo.
         k = 0
         while k < nseg and segs[k].offset + segs[k].n <= lo:

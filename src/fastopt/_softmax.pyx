@@ -438,7 +438,7 @@ cdef void run_pieces(const floating *x, const Job *j, int nt) noexcept nogil:
 cdef void run_rows(const Job *j) noexcept nogil:
     """Every row of the job, on as many threads as the work warrants."""
     cdef int nt = threads_for(j.n * j.c, GRAIN)
-    cdef Py_ssize_t lo, hi
+    cdef Py_ssize_t lo = 0, hi = 0
     if nt > 1 and j.nchunk > 1 and j.n < 4 * nt:
         if j.is_double:
             run_pieces(<const double *>j.x, j, nt)
@@ -453,7 +453,8 @@ cdef void run_rows(const Job *j) noexcept nogil:
         return
     with parallel(num_threads=nt):
         # the team may be smaller than asked (e.g. inside another parallel region)
-        split(j.n, omp_get_num_threads(), threadid(), 1, &lo, &hi)
+        lo = chunk_start(j.n, omp_get_num_threads(), threadid(), 1)
+        hi = chunk_start(j.n, omp_get_num_threads(), threadid() + 1, 1)
         if j.is_double:
             rows_range(<const double *>j.x, j, lo, hi)
         else:

@@ -54,12 +54,13 @@ cdef inline void copy_rows(char *dst, const char *src, const int64_t *idx,
 cdef void gather_rows(char *dst, const char *src, const int64_t *idx,
                       Py_ssize_t n, Py_ssize_t rowbytes) noexcept nogil:
     cdef int nt = threads_for(n * rowbytes, GRAIN_BYTES)
-    cdef Py_ssize_t lo, hi
+    cdef Py_ssize_t lo = 0, hi = 0
     if nt == 1:
         copy_rows(dst, src, idx, 0, n, rowbytes)
         return
     with parallel(num_threads=nt):
-        split(n, omp_get_num_threads(), threadid(), 1, &lo, &hi)
+        lo = chunk_start(n, omp_get_num_threads(), threadid(), 1)
+        hi = chunk_start(n, omp_get_num_threads(), threadid() + 1, 1)
         copy_rows(dst, src, idx, lo, hi, rowbytes)
 
 
@@ -74,12 +75,13 @@ cdef inline void ewa_range(floating *avg, const floating *x, Py_ssize_t lo, Py_s
 cdef void ewa(floating *avg, const floating *x, Py_ssize_t n, double beta) noexcept nogil:
     cdef floating b = <floating>beta, cb = <floating>(1.0 - beta)
     cdef int nt = threads_for(n, GRAIN)
-    cdef Py_ssize_t lo, hi
+    cdef Py_ssize_t lo = 0, hi = 0
     if nt == 1:
         ewa_range(avg, x, 0, n, b, cb)
         return
     with parallel(num_threads=nt):
-        split(n, omp_get_num_threads(), threadid(), ALIGN, &lo, &hi)
+        lo = chunk_start(n, omp_get_num_threads(), threadid(), ALIGN)
+        hi = chunk_start(n, omp_get_num_threads(), threadid() + 1, ALIGN)
         ewa_range(avg, x, lo, hi, b, cb)
 
 

@@ -1,0 +1,110 @@
+"""Many repeated multi-threaded calls give exactly the one-thread result.
+
+A data race between the threads of a parallel region (for example chunk
+bounds that are shared instead of private) shows up only now and then, so
+each kernel is called many times on work just above its threading
+threshold, where a call is short and the threads start together."""
+import numpy as np
+import pytest
+
+import fastopt
+from conftest import num_threads
+
+REPEATS = 300
+
+
+def same_every_time(run, *, repeats=REPEATS):
+    """run() -> tuple of arrays; compares many 2-thread runs with a 1-thread run."""
+    if fastopt.get_num_threads() < 2:
+        pytest.skip("needs 2 OpenMP threads")
+    with num_threads(1):
+        expected = [a.copy() for a in run()]
+    for i in range(repeats):
+        got = run()
+        for e, g in zip(expected, got):
+            if not np.array_equal(e, g, equal_nan=True):
+                bad = int(np.sum(e != g))
+                pytest.fail(f"run {i}: {bad} of {e.size} values differ from the 1-thread result")
+
+
+@pytest.fixture
+def data():
+    r = np.random.default_rng(3)
+    return lambda *shape, dt=np.float32: r.standard_normal(shape).astype(dt)
+
+
+@pytest.mark.parametrize("n", [40_000, 100_003])
+def test_adam_step(data, n):
+    p0, g = data(n), data(n)
+    p, m, v = np.empty_like(p0), np.empty_like(p0), np.empty_like(p0)
+
+    def run():
+        p[...] = p0
+        m.fill(0.1)
+        v.fill(0.2)
+        fastopt.adam_step(p, g, m, v, step=3)
+        return p, m, v
+    same_every_time(run)
+
+
+def test_optimizer_step(data):
+    params = [data(300, 100), data(7), data(50_001)]
+    init = [a.copy() for a in params]
+    grads = [data(*a.shape) for a in params]
+
+    def run():
+        for a, b in zip(params, init):
+            a[...] = b
+        opt = fastopt.Adam(params, lr=0.1)
+        opt.step(grads)
+        return tuple(params)
+    same_every_time(run, repeats=100)
+
+
+def test_ewa_update(data):
+    x = data(200_001)
+    avg = np.empty_like(x)
+
+    def run():
+        avg.fill(1.0)
+        fastopt.ewa_update(avg, x, 0.9)
+        return (avg,)
+    same_every_time(run)
+
+
+def test_take_rows(data):
+    X = data(4000, 64)
+    idx = np.random.default_rng(0).permutation(4000)
+    out = np.empty_like(X)
+
+    def run():
+        fastopt.take_rows(X, idx, out)
+        return (out,)
+    same_every_time(run)
+
+
+@pytest.mark.parametrize("shape, axis", [((16, 32, 28, 28), 1), ((4096, 64), 1)])
+def test_batch_norm(data, shape, axis):
+    x, dy = data(*shape), data(*shape)
+    C = shape[axis]
+    gamma, beta = data(C), data(C)
+    y, dx = np.empty_like(x), np.empty_like(x)
+
+    def run():
+        _, ctx = fastopt.batch_norm_forward(x, gamma, beta, axis=axis, out=y)
+        _, dgamma, dbeta = fastopt.batch_norm_backward(dy, ctx, dx_out=dx)
+        return y, dx, dgamma, dbeta
+    same_every_time(run, repeats=100)
+
+
+@pytest.mark.parametrize("shape", [(512, 1000), (2, 60_000)])
+def test_cross_entropy(data, shape):
+    logits = data(*shape)
+    target = np.random.default_rng(1).integers(0, shape[1], shape[0])
+    grad = np.empty_like(logits)
+
+    def run():
+        loss, _ = fastopt.cross_entropy(logits, target, reduction="none",
+                                        return_grad=True, grad_out=grad)
+        return loss, grad
+    same_every_time(run, repeats=100)
