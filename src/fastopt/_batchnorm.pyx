@@ -616,6 +616,30 @@ cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy
 
 # ---------------------------------------------------------------- wrappers ---
 
+cdef inline void *data_or_null(object a):
+    return cnp.PyArray_DATA(<cnp.ndarray>a) if a is not None else NULL
+
+
+cdef void run_arrays(const Plan *p, const Job *j, cnp.ndarray x, object dy, cnp.ndarray out,
+                     cnp.ndarray gamma, object beta, object r1, object r2):
+    """`run` on validated arrays of x's dtype (None for the ones a call has not)."""
+    cdef void *xp = cnp.PyArray_DATA(x)
+    cdef void *dyp = data_or_null(dy)
+    cdef void *outp = cnp.PyArray_DATA(out)
+    cdef void *gp = cnp.PyArray_DATA(gamma)
+    cdef void *bp = data_or_null(beta)
+    cdef void *r1p = data_or_null(r1)
+    cdef void *r2p = data_or_null(r2)
+    cdef bint is_double = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT64
+    with nogil:
+        if is_double:
+            run(p, j, <const double *>xp, <const double *>dyp, <double *>outp,
+                <const double *>gp, <const double *>bp, <double *>r1p, <double *>r2p)
+        else:
+            run(p, j, <const float *>xp, <const float *>dyp, <float *>outp,
+                <const float *>gp, <const float *>bp, <float *>r1p, <float *>r2p)
+
+
 cdef class BatchNormContext:
     """What `batch_norm_backward` needs from a `batch_norm_forward` call.
 
@@ -805,20 +829,8 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
         np.divide(1.0, np.sqrt(np.add(RV, eps_, dtype=np.float64)), out=invstd)
         work[C:2 * C] = invstd * G
         work[2 * C:3 * C] = Bt
-    cdef void *xp = cnp.PyArray_DATA(X)
-    cdef void *yp = cnp.PyArray_DATA(Y)
-    cdef void *gp = cnp.PyArray_DATA(G)
-    cdef void *bp = cnp.PyArray_DATA(Bt)
-    cdef void *rmp = cnp.PyArray_DATA(<cnp.ndarray>RM) if RM is not None else NULL
-    cdef void *rvp = cnp.PyArray_DATA(<cnp.ndarray>RV) if RV is not None else NULL
     if outer * C * inner > 0:
-        with nogil:
-            if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT64:
-                run(&p, &j, <const double *>xp, <const double *>NULL, <double *>yp,
-                    <const double *>gp, <const double *>bp, <double *>rmp, <double *>rvp)
-            else:
-                run(&p, &j, <const float *>xp, <const float *>NULL, <float *>yp,
-                    <const float *>gp, <const float *>bp, <float *>rmp, <float *>rvp)
+        run_arrays(&p, &j, X, None, Y, G, Bt, RM, RV)
 
     cdef BatchNormContext ctx = BatchNormContext.__new__(BatchNormContext)
     ctx.x = X
@@ -902,18 +914,6 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     if p.U == 1:
         j.P1 = j.K     # merge_sums: K = sum dy, B = sum dy*(x - mean)
         j.P2 = j.B
-    cdef void *xp = cnp.PyArray_DATA(X)
-    cdef void *dyp = cnp.PyArray_DATA(DY)
-    cdef void *dxp = cnp.PyArray_DATA(DX)
-    cdef void *gp = cnp.PyArray_DATA(G)
-    cdef void *dgp = cnp.PyArray_DATA(dgamma)
-    cdef void *dbp = cnp.PyArray_DATA(dbeta)
     if outer * C * inner > 0:
-        with nogil:
-            if cnp.PyArray_TYPE(X) == cnp.NPY_FLOAT64:
-                run(&p, &j, <const double *>xp, <const double *>dyp, <double *>dxp,
-                    <const double *>gp, <const double *>NULL, <double *>dgp, <double *>dbp)
-            else:
-                run(&p, &j, <const float *>xp, <const float *>dyp, <float *>dxp,
-                    <const float *>gp, <const float *>NULL, <float *>dgp, <float *>dbp)
+        run_arrays(&p, &j, X, DY, DX, G, None, dgamma, dbeta)
     return DX, dgamma, dbeta
