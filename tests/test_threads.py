@@ -129,3 +129,40 @@ def test_show_config_thread_count_follows_the_cap():
 def test_show_config_prints_to_stdout(capsys):
     fastopt.show_config()
     assert "fastopt" in capsys.readouterr().out
+
+
+FORK_PROGRAM = r"""
+import multiprocessing as mp, sys
+import numpy as np, fastopt
+
+def work(seed):
+    r = np.random.default_rng(seed)
+    p = r.standard_normal(1_000_000).astype(np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    fastopt.adam_step(p, p.copy(), m, v, step=1)
+    x = r.standard_normal((64, 32, 30, 30)).astype(np.float32)
+    y, ctx = fastopt.batch_norm_forward(x, np.ones(32, np.float32), np.zeros(32, np.float32))
+    loss = fastopt.cross_entropy(r.standard_normal((256, 5000)).astype(np.float32),
+                                 r.integers(0, 5000, 256))
+    return float(p.sum()), float(y.sum()), loss, fastopt.get_num_threads()
+
+if __name__ == "__main__":
+    expected = [work(s)[:3] for s in range(3)]      # the parent uses its OpenMP threads first
+    with mp.get_context("fork").Pool(2) as pool:
+        got = pool.map(work, range(3))
+    assert [g[:3] for g in got] == expected, (got, expected)
+    print("child threads", {g[3] for g in got})
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_kernels_work_in_forked_children(tmp_path):
+    # GNU OpenMP's thread pool does not survive fork(): without care, the
+    # first parallel region in a child of a parent that used it never returns.
+    script = tmp_path / "fork_children.py"
+    script.write_text(FORK_PROGRAM)
+    here = os.path.dirname(os.path.dirname(fastopt.__file__))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, PYTHONPATH=here))
+    assert r.returncode == 0, r.stderr
+    assert "child threads" in r.stdout

@@ -6,6 +6,27 @@ import sys
 from . import _dispatch, _runtime
 
 _thread_limit = 0
+# True in a child process forked from a parent that may have used OpenMP:
+# GNU libgomp's thread pool does not survive fork(), and a parallel region in
+# the child would wait forever for the parent's threads, so kernels there run
+# on the calling thread.
+_forked_child = False
+
+
+def _apply_thread_limit():
+    limit = 1 if _forked_child else _thread_limit
+    for module in _dispatch.MODULES.values():
+        module._set_thread_limit(limit)
+
+
+def _after_fork_in_child():
+    global _forked_child
+    _forked_child = True
+    _apply_thread_limit()
+
+
+if hasattr(os, "register_at_fork") and "gomp" in _runtime.openmp_library():
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_num_threads():
@@ -13,9 +34,13 @@ def get_num_threads():
 
     This is OpenMP's team size (``OMP_NUM_THREADS``, or a limit set through
     threadpoolctl) capped by `set_num_threads`.  Small arrays run on one
-    thread whatever this says.
+    thread whatever this says.  In a process forked (``multiprocessing``
+    with the "fork" start method) from a parent that uses GNU OpenMP, it is
+    1: the parent's OpenMP threads do not exist in the child.
     """
     n = _runtime.max_threads()
+    if _forked_child:
+        return 1
     return min(n, _thread_limit) if _thread_limit else n
 
 
@@ -30,8 +55,7 @@ def set_num_threads(n):
     if n < 0:
         raise ValueError(f"n must be >= 1 (or 0/None for no cap), got {n}")
     _thread_limit = n
-    for module in _dispatch.MODULES.values():
-        module._set_thread_limit(n)
+    _apply_thread_limit()
 
 
 def config():
