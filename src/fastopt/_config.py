@@ -75,10 +75,10 @@ def config():
     try:
         from . import _build_config as b
         build = {"openmp": b.OPENMP, "compiler": b.COMPILER_VERSION, "cflags": b.CFLAGS,
-                 "level_flags": b.LEVEL_FLAGS}
+                 "level_flags": b.LEVEL_FLAGS, "sanitize": getattr(b, "SANITIZE", [])}
     except ImportError:  # pragma: no cover - only for a tree built by hand
         build = {"openmp": bool(_runtime.openmp_version()), "compiler": "unknown",
-                 "cflags": [], "level_flags": {}}
+                 "cflags": [], "level_flags": {}, "sanitize": []}
     from . import __version__
     return {
         "version": __version__,
@@ -97,6 +97,7 @@ def config():
         "compiler": build["compiler"],
         "cflags": build["cflags"],
         "level_flags": build["level_flags"],
+        "sanitize": build["sanitize"],
     }
 
 
@@ -120,4 +121,6 @@ def show_config(file=None):
         f"  flags:         {' '.join(c['cflags'])}",
         f"  level flags:   {' '.join(c['level_flags'].get(c['simd_level'], [])) or '(none)'}",
     ]
+    if c["sanitize"]:
+        lines.append(f"  sanitizers:    {', '.join(c['sanitize'])} (a test build, not for use)")
     print("\n".join(lines), file=file or sys.stdout)
