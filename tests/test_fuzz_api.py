@@ -174,7 +174,8 @@ def candidates(api, values):
                         in_place_ok = other in api.may_alias.get(key, ())   # (out=x)
                         if not in_place_ok:
                             out.append((f"{other} is {key}", _alias(key, other), "error"))
-                        if not (in_place_ok and v.size == 1):     # (then the same memory)
+                        if not (in_place_ok and v.size == 1) and \
+                                other not in api.view_alias_ok.get(key, ()):
                             out.append((f"{other} reversed view of {key}",
                                         _alias(key, other, True), "error"))
         elif role == "index":
@@ -227,7 +228,7 @@ class _One:
 
     def __init__(self, slot):
         self.slots = {"a": slot}
-        self.may_alias = {}
+        self.may_alias = self.view_alias_ok = {}
 
 
 def _with_first(a, value):
@@ -331,9 +332,14 @@ def bits(v):
 # ---------------------------------------------------------------- the APIs ---
 
 class Api:
-    def __init__(self, name, build, run, slots, errors=ERRORS, may_alias=None, **extra):
+    def __init__(self, name, build, run, slots, errors=ERRORS, may_alias=None,
+                 view_alias_ok=None, **extra):
         self.name, self.build, self.run, self.slots = name, build, run, slots
+        # may_alias: the same array is allowed (out=x in place); view_alias_ok:
+        # a strided view of the written array is allowed (the call copies it
+        # before anything is written: the forward pass's x for the backward)
         self.errors, self.may_alias = errors, may_alias or {}
+        self.view_alias_ok = view_alias_ok or {}
         self.__dict__.update(extra)
 
     def outputs(self, values, result):
@@ -843,7 +849,8 @@ APIS = [
     Api("batch_norm_forward", build_bn, run_bn, BN_SLOTS),
     Api("batch_norm_backward", build_bn_backward, run_bn_backward,
         dict(x=Slot("read", free_shape=True), dy=Slot("read"), dx_out=Slot("write", optional=True),
-             ctx=Slot("other", bad=[None, 42, ("x", "gamma"), "empty", "other shape"]))),
+             ctx=Slot("other", bad=[None, 42, ("x", "gamma"), "empty", "other shape"])),
+        view_alias_ok={"dx_out": ("x",)}),
     Api("log_softmax", build_softmax, lambda v: fastopt.log_softmax(**v), SOFTMAX_SLOTS,
         may_alias={"out": ("x",)}),
     Api("softmax", build_softmax, lambda v: fastopt.softmax(**v), SOFTMAX_SLOTS,
