@@ -7,6 +7,17 @@ best level the CPU supports.  Environment variables:
 FASTOPT_NATIVE=1     build one level with -march=native instead (not for wheels)
 FASTOPT_LEVELS=a,b   build only these levels (baseline is always built)
 FASTOPT_DEBUG=1      Cython bounds/wraparound checks on, -O0 -g
+FASTOPT_SANITIZE=address,undefined
+                     a sanitizer build (gcc or clang; for testing, never for a
+                     wheel): -fsanitize=<list> -fno-sanitize-recover=all
+                     -fno-omit-frame-pointer -O1 -g -fno-wrapv (so UBSan also
+                     sees signed overflow) instead of -O3 -g0, the sanitizer
+                     runtime linked, and the OpenMP probe built with the same
+                     flags (so OpenMP stays on).  Only the baseline level unless
+                     FASTOPT_LEVELS names more.  Python is not instrumented, so
+                     the runtime must be preloaded to import the build:
+                     tools/sanitize.sh builds a copy of the tree and runs the
+                     tests that way.
 """
 import os
 import platform
@@ -27,6 +38,7 @@ KERNEL_MODULES = ["_optim", "_batchnorm", "_softmax", "_train"]
 SRC = os.path.join("src", "fastopt")
 DEBUG = os.environ.get("FASTOPT_DEBUG") == "1"
 NATIVE = os.environ.get("FASTOPT_NATIVE") == "1"
+SANITIZE = [s.strip() for s in os.environ.get("FASTOPT_SANITIZE", "").split(",") if s.strip()]
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "x64")
 
 # Per-level flags on top of the common ones.  -ffp-contract=off keeps the
@@ -46,6 +58,8 @@ def simd_levels():
         return ["baseline"]
     wanted = os.environ.get("FASTOPT_LEVELS")
     levels = list(GCC_LEVELS)
+    if SANITIZE and not wanted:
+        return ["baseline"]
     if wanted:
         levels = [lv for lv in levels if lv == "baseline" or lv in wanted.split(",")]
     return levels
@@ -69,19 +83,33 @@ class BuildExt(build_ext):
         self.force = True   # flags depend on the environment: never reuse stale objects
         ctype = self.compiler.compiler_type
         msvc = ctype == "msvc"
+        san_c, san_l = [], []
         if msvc:
+            if SANITIZE:
+                raise SystemExit("FASTOPT_SANITIZE needs gcc or clang")
             common = ["/O2"] if not DEBUG else ["/Od", "/Zi"]
             omp_c, omp_l = ["/openmp"], []
             levels = MSVC_LEVELS
         else:
             # -g0: no debug info, so no build-machine paths in the binaries.
-            common = (["-O0", "-g"] if DEBUG else ["-O3", "-g0"]) + [
+            opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
+            if SANITIZE:
+                # Readable reports (frame pointers, line numbers), every report
+                # fatal; -fno-wrapv undoes Python's -fwrapv so that signed
+                # overflow is checked too.
+                flag = "-fsanitize=" + ",".join(SANITIZE)
+                opt = ["-O0" if DEBUG else "-O1", "-g", "-fno-omit-frame-pointer", "-fno-wrapv"]
+                san_c = [flag, "-fno-sanitize-recover=all"]
+                san_l = [flag]
+            common = opt + san_c + [
                 "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off",
                 "-Wno-unused-function", "-Wno-unreachable-code",
             ]
             omp_c, omp_l = self._unix_openmp_flags()
             levels = dict(GCC_LEVELS, native=["-march=native"])
-        openmp = self._try_openmp(omp_c, omp_l)
+        # The probe is compiled and linked with the same flags as the modules
+        # (a sanitizer-instrumented object does not link without the runtime).
+        openmp = self._try_openmp(san_c + omp_c, san_l + omp_l)
         if not openmp:
             warnings.warn(
                 "fastopt: the C compiler cannot build OpenMP code; kernels will "
@@ -91,7 +119,7 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             level = getattr(ext, "simd_level", "baseline")
             ext.extra_compile_args = common + omp_c + levels.get(level, [])
-            ext.extra_link_args = omp_l
+            ext.extra_link_args = omp_l + san_l
         self._write_build_config(openmp, common + omp_c, {lv: levels.get(lv, []) for lv in simd_levels()})
         super().build_extensions()
 
@@ -140,6 +168,7 @@ class BuildExt(build_ext):
             f"COMPILER_VERSION = {_compiler_version(self.compiler)!r}\n"
             f"CFLAGS = {cflags!r}\n"
             f"LEVEL_FLAGS = {level_flags!r}\n"
+            f"SANITIZE = {SANITIZE!r}\n"
             f"CYTHON_DIRECTIVES = {DIRECTIVES!r}\n"
         )
         targets = [os.path.join(SRC, "_build_config.py")]

@@ -47,3 +47,19 @@ class Snapshot:
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The adversarial cases of test_fuzz_api.py, counted (when it ran)."""
+    import sys
+    fuzz = sys.modules.get("test_fuzz_api")
+    if fuzz is None or not fuzz.COUNTS["cases"]:
+        return
+    c = fuzz.COUNTS
+    bad = c["accepted"] + c["wrong error"] + c["changed"] + c["misread"]
+    terminalreporter.write_line(
+        f"fuzz_api: {c['cases']} adversarial cases: {c['refused']} refused with "
+        f"TypeError/ValueError/IndexError and nothing changed, {c['converted']} equivalent "
+        f"inputs accepted with the plain call's bits; {bad} failed (accepted {c['accepted']}, "
+        f"other exception {c['wrong error']}, changed an array {c['changed']}, misread "
+        f"{c['misread']}); a crash or hang would have stopped the run")

@@ -536,7 +536,8 @@ def test_bad_hyperparameters_change_nothing(cls, key, value, msg, rng):
 def test_missing_group_key_and_group_count(rng):
     params, opt, snap = _opt_and_snapshot(rng)
     del opt.param_groups[0]["eps"]
-    with pytest.raises(KeyError, match=r"param_groups\[0\] has no 'eps'"):
+    # A ValueError naming the key (PyTorch's step would raise the dict's KeyError).
+    with pytest.raises(ValueError, match=r"param_groups\[0\] has no 'eps'"):
         opt.step(make_grads(rng, params))
     opt.param_groups[0]["eps"] = 1e-8
     opt.param_groups.append({"params": [], **opt.defaults})
@@ -724,7 +725,7 @@ def test_clip_grad_norm_bad_input_changes_nothing(rng):
         (([a, b, a[1]], 1.0), ValueError, r"grads\[0\] and grads\[2\] overlap"),
         (([a, b, a], 1.0), ValueError, r"grads\[0\] and grads\[2\] overlap"),
         (([a, b], -1.0), ValueError, "max_norm must be >= 0"),
-        (([a, b], np.nan), ValueError, "max_norm must be finite"),
+        (([a, b], np.nan), ValueError, "max_norm must be >= 0"),
         (([a, b], 1.0, 0.0), ValueError, "norm_type must be > 0"),
         (([a, b], 1.0, -np.inf), ValueError, "norm_type must be > 0"),
         (([a, b], 1.0, np.nan), ValueError, "norm_type must be > 0"),

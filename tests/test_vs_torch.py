@@ -140,3 +140,22 @@ def test_clip_grad_norm_matches_torch():
         np.testing.assert_allclose(total, float(ttotal), rtol=1e-12)
         for m, p_ in zip(mine, ps):
             np.testing.assert_allclose(m, p_.grad.numpy(), rtol=1e-12)
+
+
+def test_clip_grad_norm_infinite_max_norm_matches_torch():
+    """max_norm=inf, PyTorch's idiom for "compute the norm, scale nothing";
+    with a non-finite norm both scale by inf/inf = NaN."""
+    r = np.random.default_rng(5)
+    finite = [r.standard_normal(s) for s in [(3, 4), (5,)]]
+    infinite = [np.array([1.0, np.inf]), r.standard_normal(3)]
+    for grads in (finite, infinite):
+        for norm_type in (2.0, 1.0, float("inf")):
+            mine = [g.copy() for g in grads]
+            total = fastopt.clip_grad_norm_(mine, float("inf"), norm_type=norm_type)
+            ps = [torch.nn.Parameter(t(g)) for g in grads]
+            for p_, g in zip(ps, grads):
+                p_.grad = t(g)
+            ttotal = torch.nn.utils.clip_grad_norm_(ps, float("inf"), norm_type=norm_type)
+            np.testing.assert_allclose(total, float(ttotal), rtol=1e-12)
+            for m, p_ in zip(mine, ps):
+                np.testing.assert_allclose(m, p_.grad.numpy(), rtol=1e-12)

@@ -47,6 +47,7 @@
 #   few arrays of C doubles) is a small float64 array allocated per call.
 include "_common.pxi"
 
+cimport cython
 from libc.math cimport sqrt
 from cython.parallel cimport prange
 import numpy as np
@@ -640,29 +641,120 @@ cdef void run_arrays(const Plan *p, const Job *j, cnp.ndarray x, object dy, cnp.
                 <const float *>gp, <const float *>bp, <float *>r1p, <float *>r2p)
 
 
+cdef inline object read_only_view(object a):
+    cdef cnp.ndarray v = <cnp.ndarray>a.view()
+    cnp.PyArray_CLEARFLAGS(v, cnp.NPY_ARRAY_WRITEABLE)
+    return v
+
+
+@cython.final
+@cython.auto_pickle(False)
 cdef class BatchNormContext:
     """What `batch_norm_backward` needs from a `batch_norm_forward` call.
+
+    Made only by `batch_norm_forward` (``BatchNormContext()`` raises
+    TypeError; an empty context from ``BatchNormContext.__new__`` or
+    ``copy.copy`` is rejected by the backward pass).  The context records the
+    forward's shape, channel axis, dtype and blocking in C, and holds its own
+    views of the arrays it reads, which Python code never receives: reshaping
+    or resizing the caller's `x` or `gamma` after the forward pass cannot
+    change what the backward pass reads (their *values* are read, not
+    copied: do not modify them before the backward pass).
 
     Attributes (read only)
     ----------------------
     x, gamma : ndarray
-        References to the forward inputs (not copies: do not modify them
-        before the backward pass).
+        Read-only views of the arrays the forward pass read: the inputs
+        themselves when they were C-contiguous, aligned and in native byte
+        order, else the forward's private copies.  Each access returns a new
+        view.
     mean, invstd : ndarray, float64, shape (C,)
-        The statistics used: the batch mean and 1/sqrt(var + eps) in training,
-        the running ones in inference.  Kept in float64 whatever x's dtype
-        (they are computed in double): backward then uses exactly the x_hat
-        of the forward pass.
+        Read-only views of the statistics used: the batch mean and
+        1/sqrt(var + eps) in training, the running ones in inference.  Kept
+        in float64 whatever x's dtype (they are computed in double): backward
+        then uses exactly the x_hat of the forward pass.
     training : bool
     axis : int
         The channel axis, normalized to >= 0.
     """
-    cdef readonly object x, gamma, mean, invstd
+    cdef object _x, _gamma, _mean, _invstd     # never handed out
+    cdef tuple shape                           # x's shape at the forward pass
+    cdef void *xdata
+    cdef void *gdata
+    cdef void *mdata
+    cdef void *sdata
+    cdef int typenum
+    cdef Py_ssize_t outer, C, inner
+    cdef bint ready
     cdef readonly bint training
     cdef readonly int axis
 
+    def __init__(self, *args, **kwargs):
+        raise TypeError("BatchNormContext cannot be created directly: batch_norm_forward "
+                        "returns one")
+
+    cdef void record(self, cnp.ndarray x, cnp.ndarray gamma, cnp.ndarray mean,
+                     cnp.ndarray invstd, bint training, int axis, Py_ssize_t outer,
+                     Py_ssize_t C, Py_ssize_t inner):
+        self._x = (<object>x).view()
+        self._gamma = (<object>gamma).view()
+        # The statistics are written only by the forward pass: read-only from
+        # here on, so no view of them can be made writeable.
+        cnp.PyArray_CLEARFLAGS(mean, cnp.NPY_ARRAY_WRITEABLE)
+        cnp.PyArray_CLEARFLAGS(invstd, cnp.NPY_ARRAY_WRITEABLE)
+        self._mean = mean
+        self._invstd = invstd
+        self.shape = (<object>x).shape
+        self.xdata = cnp.PyArray_DATA(x)
+        self.gdata = cnp.PyArray_DATA(gamma)
+        self.mdata = cnp.PyArray_DATA(mean)
+        self.sdata = cnp.PyArray_DATA(invstd)
+        self.typenum = cnp.PyArray_TYPE(x)
+        self.outer = outer
+        self.C = C
+        self.inner = inner
+        self.training = training
+        self.axis = axis
+        self.ready = True
+
+    cdef int verify(self) except -1:
+        """The context is complete and its arrays are what the forward pass left."""
+        if not self.ready:
+            raise ValueError("ctx is an empty BatchNormContext: use the one returned by "
+                             "batch_norm_forward")
+        cdef cnp.ndarray x = <cnp.ndarray>self._x
+        cdef cnp.ndarray g = <cnp.ndarray>self._gamma
+        cdef cnp.ndarray m = <cnp.ndarray>self._mean
+        cdef cnp.ndarray s = <cnp.ndarray>self._invstd
+        if (cnp.PyArray_DATA(x) != self.xdata or cnp.PyArray_TYPE(x) != self.typenum
+                or (<object>x).shape != self.shape or not direct(x)
+                or cnp.PyArray_DATA(g) != self.gdata or cnp.PyArray_TYPE(g) != self.typenum
+                or cnp.PyArray_NDIM(g) != 1 or cnp.PyArray_DIM(g, 0) != self.C or not direct(g)
+                or cnp.PyArray_DATA(m) != self.mdata or cnp.PyArray_SIZE(m) != self.C
+                or cnp.PyArray_DATA(s) != self.sdata or cnp.PyArray_SIZE(s) != self.C):
+            raise ValueError("ctx was modified after batch_norm_forward")
+        return 0
+
+    @property
+    def x(self):
+        return read_only_view(self._x) if self.ready else None
+
+    @property
+    def gamma(self):
+        return read_only_view(self._gamma) if self.ready else None
+
+    @property
+    def mean(self):
+        return read_only_view(self._mean) if self.ready else None
+
+    @property
+    def invstd(self):
+        return read_only_view(self._invstd) if self.ready else None
+
     def __repr__(self):
-        return (f"BatchNormContext(shape={self.x.shape}, dtype={self.x.dtype}, "
+        if not self.ready:
+            return "BatchNormContext(empty)"
+        return (f"BatchNormContext(shape={self.shape}, dtype={(<object>self._x).dtype}, "
                 f"axis={self.axis}, training={self.training})")
 
 
@@ -678,9 +770,7 @@ cdef inline cnp.ndarray channel_vector(object a, str name, cnp.ndarray x, Py_ssi
 
 
 cdef inline int channel_axis(object axis, int ndim) except -1:
-    if isinstance(axis, bool) or not hasattr(axis, "__index__"):
-        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
-    cdef object a = axis.__index__()
+    cdef object a = integer(axis, "axis")
     if not -ndim <= a < ndim:
         raise ValueError(f"axis {a} is out of bounds for x with {ndim} dimensions")
     return <int>(a + ndim if a < 0 else a)
@@ -723,10 +813,11 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     Parameters
     ----------
     x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
-        At least 2-D.  Non-contiguous input is copied first.
+        At least 2-D.  Non-contiguous, unaligned or byte-swapped input is
+        copied first.
     gamma, beta : ndarray, shape (C,), x's dtype
     running_mean, running_var : ndarray, shape (C,), x's dtype, optional
-        C-contiguous and writeable.  Required in inference; in training
+        C-contiguous, aligned, writeable, native byte order.  Required in inference; in training
         give both or neither.
     training : bool
     momentum : float in [0, 1]
@@ -734,7 +825,8 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     axis : int
         The channel axis: 1 for NCHW / (N, C), -1 for channels-last (NHWC).
     out : ndarray, optional
-        Receives y: like x, C-contiguous, writeable, not overlapping the inputs.
+        Receives y: like x, C-contiguous, aligned, writeable, native byte
+        order, not overlapping the inputs.
 
     Returns
     -------
@@ -833,12 +925,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
         run_arrays(&p, &j, X, None, Y, G, Bt, RM, RV)
 
     cdef BatchNormContext ctx = BatchNormContext.__new__(BatchNormContext)
-    ctx.x = X
-    ctx.gamma = G
-    ctx.mean = mean
-    ctx.invstd = invstd
-    ctx.training = train
-    ctx.axis = ax
+    ctx.record(X, G, mean, invstd, train, ax, outer, C, inner)
     return Y, ctx
 
 
@@ -859,13 +946,14 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     Parameters
     ----------
     dy : ndarray
-        Gradient of the loss with respect to y: like x (non-contiguous input
-        is copied first).
+        Gradient of the loss with respect to y: the dtype and shape x had in
+        the forward pass (non-contiguous, unaligned or byte-swapped input is
+        copied first).
     ctx : BatchNormContext
         From `batch_norm_forward`.
     dx_out : ndarray, optional
-        Receives dx: like x, C-contiguous, writeable, not overlapping x, dy
-        or gamma.
+        Receives dx: like dy, C-contiguous, aligned, writeable, native byte
+        order, not overlapping x, dy or gamma.
 
     Returns
     -------
@@ -876,8 +964,10 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
         raise TypeError(f"ctx must be the BatchNormContext returned by batch_norm_forward, "
                         f"got {type(ctx).__name__}")
     cdef BatchNormContext cx = <BatchNormContext>ctx
-    cdef cnp.ndarray X = <cnp.ndarray>cx.x
-    cdef cnp.ndarray G = <cnp.ndarray>cx.gamma
+    cx.verify()
+    # Everything below uses the shapes and arrays the context recorded.
+    cdef cnp.ndarray X = <cnp.ndarray>cx._x
+    cdef cnp.ndarray G = <cnp.ndarray>cx._gamma
     cdef cnp.ndarray DY = like(dy, "dy", X, "x")
     cdef cnp.ndarray DX = None
     if dx_out is not None:
@@ -885,16 +975,11 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
         no_overlap(DX, "dx_out", [X, DY, G], ("x", "dy", "gamma"))
     DY = readable(DY)
     if DX is None:
-        DX = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(X), cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
-    cdef tuple shape = (<object>X).shape
-    cdef int ax = cx.axis, nd = len(shape), i
-    cdef Py_ssize_t C = shape[ax], outer = 1, inner = 1
-    for i in range(ax):
-        outer *= <Py_ssize_t>shape[i]
-    for i in range(ax + 1, nd):
-        inner *= <Py_ssize_t>shape[i]
-    cdef cnp.ndarray dgamma = cnp.PyArray_ZEROS(1, cnp.PyArray_DIMS(G), cnp.PyArray_TYPE(G), 0)
-    cdef cnp.ndarray dbeta = cnp.PyArray_ZEROS(1, cnp.PyArray_DIMS(G), cnp.PyArray_TYPE(G), 0)
+        DX = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(X), cnp.PyArray_DIMS(X), cx.typenum, 0)
+    cdef Py_ssize_t C = cx.C, outer = cx.outer, inner = cx.inner
+    cdef cnp.npy_intp nc = C
+    cdef cnp.ndarray dgamma = cnp.PyArray_ZEROS(1, &nc, cx.typenum, 0)
+    cdef cnp.ndarray dbeta = cnp.PyArray_ZEROS(1, &nc, cx.typenum, 0)
     cdef Plan p
     make_plan(&p, outer, C, inner)
     cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if p.U > 1 else 0), dtype=np.float64)
@@ -904,8 +989,8 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     j.stats = True
     j.training = cx.training
     j.update = False
-    j.mean = <double *>cnp.PyArray_DATA(<cnp.ndarray>cx.mean)
-    j.invstd = <double *>cnp.PyArray_DATA(<cnp.ndarray>cx.invstd)
+    j.mean = <double *>cx.mdata
+    j.invstd = <double *>cx.sdata
     j.A = W
     j.B = W + C
     j.K = W + 2 * C

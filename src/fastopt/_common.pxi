@@ -61,9 +61,23 @@ cdef inline Py_ssize_t chunk_start(Py_ssize_t n, int parts, int k, Py_ssize_t al
 
 
 # ----------------------------------------------------------------- checks ---
+# Rules, the same for every kernel:
+# * Arrays are float32/float64 (never silently cast); integer indices as
+#   documented per function.
+# * Arrays written in place must be C-contiguous, aligned, writeable and in
+#   native byte order (a TypeError for another byte order: the kernel would
+#   write native values into memory that is read as swapped).
+# * Arrays only read may be non-contiguous, unaligned or in the other byte
+#   order: `readable` converts them into a private native C-contiguous copy.
+# * No array that is written shares memory with any other array argument, as
+#   passed (`check_disjoint`, on the true extents from data pointer, shape and
+#   strides), whether or not that argument would be copied: whether a call
+#   works does not depend on the layout of its inputs.
+# * Integer indices are copied before they are checked, and only the copy is
+#   used: another thread cannot change an index between check and use.
 
 cdef inline cnp.ndarray float_array(object a, str name):
-    """`a` must be a float32 or float64 ndarray."""
+    """`a` must be a float32 or float64 ndarray (of either byte order)."""
     if not cnp.PyArray_Check(a):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
     cdef cnp.ndarray arr = <cnp.ndarray>a
@@ -96,9 +110,19 @@ cdef inline cnp.ndarray like(object a, str name, cnp.ndarray ref, str ref_name):
     return arr
 
 
+cdef inline int native(cnp.ndarray arr, str name) except -1:
+    """`arr` is in the machine's byte order (required of arrays written in place)."""
+    if not cnp.PyArray_ISNOTSWAPPED(arr):
+        raise TypeError(f"{name} has dtype {arr.dtype.str!r}, not in the machine's byte order: "
+                        "arrays updated in place must be native "
+                        f"(convert with {name}.astype({name}.dtype.newbyteorder('=')))")
+    return 0
+
+
 cdef inline cnp.ndarray writable(cnp.ndarray arr, str name):
-    """`arr` can be updated in place: C-contiguous, aligned, writeable.
-    (Updating a hidden copy would silently lose the update.)"""
+    """`arr` can be updated in place: native byte order, C-contiguous, aligned,
+    writeable.  (Updating a hidden copy would silently lose the update.)"""
+    native(arr, name)
     if not cnp.PyArray_IS_C_CONTIGUOUS(arr):
         raise ValueError(f"{name} must be C-contiguous to be updated in place")
     if not cnp.PyArray_ISWRITEABLE(arr):
@@ -108,36 +132,94 @@ cdef inline cnp.ndarray writable(cnp.ndarray arr, str name):
     return arr
 
 
+cdef inline bint direct(cnp.ndarray arr) noexcept:
+    """A kernel can read `arr` as it is: C-contiguous, aligned, native."""
+    return (cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr)
+            and cnp.PyArray_ISNOTSWAPPED(arr))
+
+
+cdef inline cnp.ndarray copy_as(cnp.ndarray arr, int typenum):
+    """A new native C-contiguous array of type `typenum` holding `arr`'s
+    values (cast as NumPy casts; the caller checks that the cast is exact)."""
+    cdef cnp.ndarray out = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(arr), cnp.PyArray_DIMS(arr),
+                                             typenum, 0)
+    cnp.PyArray_CopyInto(out, arr)
+    return out
+
+
 cdef inline cnp.ndarray readable(cnp.ndarray arr):
-    """A C-contiguous, aligned view of an input (a copy only when needed)."""
-    if cnp.PyArray_IS_C_CONTIGUOUS(arr) and cnp.PyArray_ISALIGNED(arr):
+    """An input that is only read, as the kernels need it: the array itself,
+    or a native C-contiguous aligned copy (non-contiguous, unaligned or
+    byte-swapped input)."""
+    if direct(arr):
         return arr
-    return cnp.PyArray_NewCopy(arr, cnp.NPY_CORDER)
+    return copy_as(arr, cnp.PyArray_TYPE(arr))
 
 
-cdef inline int check_disjoint(list arrays, tuple names) except -1:
-    """No two of `arrays` (None entries skipped) share a byte of memory."""
+cdef inline void extent(cnp.ndarray a, char **lo, char **hi) noexcept:
+    """The bytes [lo, hi) that `a` can touch, from its data pointer, shape and
+    strides (negative and zero strides included); lo == hi when empty."""
+    cdef int k, nd = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *strides = cnp.PyArray_STRIDES(a)
+    cdef char *base = <char *>cnp.PyArray_DATA(a)
+    cdef Py_ssize_t low = 0, high = cnp.PyArray_ITEMSIZE(a), span
+    for k in range(nd):
+        if dims[k] == 0:
+            lo[0] = hi[0] = base
+            return
+    for k in range(nd):
+        span = strides[k] * (dims[k] - 1)
+        if span < 0:
+            low += span
+        else:
+            high += span
+    lo[0] = base + low
+    hi[0] = base + high
+
+
+cdef inline int check_disjoint(list arrays, tuple names, Py_ssize_t nread=0) except -1:
+    """No two of `arrays` (None entries skipped) share a byte of memory
+    (their extents are disjoint), except pairs among the first `nread`,
+    which are only read."""
     cdef Py_ssize_t i, j, n = len(arrays)
     cdef char *lo_i
     cdef char *hi_i
     cdef char *lo_j
     cdef char *hi_j
-    cdef cnp.ndarray a, b
     for i in range(n):
-        if arrays[i] is None or cnp.PyArray_NBYTES(<cnp.ndarray>arrays[i]) == 0:
+        if arrays[i] is None:
             continue
-        a = <cnp.ndarray>arrays[i]
-        lo_i = <char *>cnp.PyArray_DATA(a)
-        hi_i = lo_i + cnp.PyArray_NBYTES(a)
+        extent(<cnp.ndarray>arrays[i], &lo_i, &hi_i)
+        if lo_i == hi_i:
+            continue
         for j in range(i + 1, n):
-            if arrays[j] is None or cnp.PyArray_NBYTES(<cnp.ndarray>arrays[j]) == 0:
+            if arrays[j] is None or j < nread:
                 continue
-            b = <cnp.ndarray>arrays[j]
-            lo_j = <char *>cnp.PyArray_DATA(b)
-            hi_j = lo_j + cnp.PyArray_NBYTES(b)
-            if lo_i < hi_j and lo_j < hi_i:
+            extent(<cnp.ndarray>arrays[j], &lo_j, &hi_j)
+            if lo_j < hi_j and lo_i < hi_j and lo_j < hi_i:
                 raise ValueError(f"{names[i]} and {names[j]} overlap in memory")
     return 0
+
+
+cdef inline str kind_of(object x):
+    """How an error message names the type of `x` (arrays with their shape)."""
+    if cnp.PyArray_Check(x):
+        return f"an array of shape {(<object>x).shape} and dtype {(<object>x).dtype}"
+    return type(x).__name__
+
+
+cdef inline object integer(object x, str name):
+    """`x` as a Python int: an int, NumPy integer or 0-d integer array (not a
+    bool, a float or an array of several values)."""
+    if type(x) is int:
+        return x
+    if isinstance(x, (bool, float)) or not hasattr(type(x), "__index__"):
+        raise TypeError(f"{name} must be an integer, got {kind_of(x)}")
+    try:
+        return x.__index__()
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {kind_of(x)}") from None
 
 
 cdef inline double real(object x, str name) except? -1.0:
@@ -145,14 +227,18 @@ cdef inline double real(object x, str name) except? -1.0:
     cdef double v
     if type(x) is float:
         v = <double>x
-    elif isinstance(x, (str, bytes, bytearray)):
-        # float() would parse these: lr="1e-3" is a mistake, not a number
-        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    elif isinstance(x, (str, bytes, bytearray)) or (
+            cnp.PyArray_Check(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) != 0):
+        # float() would parse these: lr="1e-3" is a mistake, not a number,
+        # and so is an array of one value
+        raise TypeError(f"{name} must be a real number, got {kind_of(x)}")
     else:
         try:
             v = float(x)
+        except OverflowError:
+            raise ValueError(f"{name} must be finite, got a number too large for a float") from None
         except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a real number, got {type(x).__name__}") from None
+            raise TypeError(f"{name} must be a real number, got {kind_of(x)}") from None
     if not isfinite(v):
         raise ValueError(f"{name} must be finite, got {v}")
     return v

@@ -1,4 +1,5 @@
 """Thread control and build/runtime configuration."""
+import operator
 import os
 import platform
 import sys
@@ -44,16 +45,27 @@ def get_num_threads():
     return min(n, _thread_limit) if _thread_limit else n
 
 
+# The kernels keep the cap in a C int.
+_MAX_THREADS = 2**31 - 1
+
+
 def set_num_threads(n):
-    """Cap the number of threads fastopt's kernels use; ``None`` or 0 removes the cap."""
+    """Cap the number of threads fastopt's kernels use; ``None`` or 0 removes the cap.
+
+    `n` is an integer in [0, 2**31 - 1] (a larger cap than the machine's
+    threads is allowed and means no cap); on an error the cap is unchanged.
+    """
     global _thread_limit
     if n is None:
         n = 0
-    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
+    if isinstance(n, (bool, float)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 1 (or 0/None for no cap), got {n}")
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"n must be an int, got {type(n).__name__}") from None
+    if not 0 <= n <= _MAX_THREADS:
+        raise ValueError(f"n must be in [1, 2**31 - 1] (or 0/None for no cap), got {n}")
     _thread_limit = n
     _apply_thread_limit()
 
@@ -63,10 +75,10 @@ def config():
     try:
         from . import _build_config as b
         build = {"openmp": b.OPENMP, "compiler": b.COMPILER_VERSION, "cflags": b.CFLAGS,
-                 "level_flags": b.LEVEL_FLAGS}
+                 "level_flags": b.LEVEL_FLAGS, "sanitize": getattr(b, "SANITIZE", [])}
     except ImportError:  # pragma: no cover - only for a tree built by hand
         build = {"openmp": bool(_runtime.openmp_version()), "compiler": "unknown",
-                 "cflags": [], "level_flags": {}}
+                 "cflags": [], "level_flags": {}, "sanitize": []}
     from . import __version__
     return {
         "version": __version__,
@@ -85,6 +97,7 @@ def config():
         "compiler": build["compiler"],
         "cflags": build["cflags"],
         "level_flags": build["level_flags"],
+        "sanitize": build["sanitize"],
     }
 
 
@@ -108,4 +121,6 @@ def show_config(file=None):
         f"  flags:         {' '.join(c['cflags'])}",
         f"  level flags:   {' '.join(c['level_flags'].get(c['simd_level'], [])) or '(none)'}",
     ]
+    if c["sanitize"]:
+        lines.append(f"  sanitizers:    {', '.join(c['sanitize'])} (a test build, not for use)")
     print("\n".join(lines), file=file or sys.stdout)

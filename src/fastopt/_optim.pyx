@@ -19,6 +19,7 @@
 include "_common.pxi"
 
 from libc.math cimport pow, sqrt
+from libc.stdint cimport INT64_MAX
 
 cdef enum Kind:
     ADAM = 0
@@ -292,11 +293,12 @@ cdef inline cnp.ndarray state_array(object a, str name, cnp.ndarray param):
 
 
 cdef inline double step_count(object step) except -1.0:
-    if isinstance(step, (bool, float)) or not hasattr(step, "__index__"):
-        raise TypeError(f"step must be an integer >= 1, got {step!r}")
-    cdef object k = step.__index__()
+    """A step number in [1, 2**63 - 1] (int64, as PyTorch's state["step"])."""
+    cdef object k = integer(step, "step")
     if k < 1:
         raise ValueError(f"step must be >= 1, got {k}")
+    if k > INT64_MAX:
+        raise ValueError(f"step must be at most 2**63 - 1, got {k}")
     return <double>k
 
 
@@ -305,7 +307,7 @@ cdef inline double step_count(object step) except -1.0:
 cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
            bint decoupled, bint amsgrad, max_exp_avg_sq, bint maximize):
     cdef cnp.ndarray p = writable(float_array(param, "param"), "param")
-    cdef cnp.ndarray g = readable(like(grad, "grad", p, "param"))
+    cdef cnp.ndarray g = like(grad, "grad", p, "param")
     cdef cnp.ndarray m = state_array(exp_avg, "exp_avg", p)
     cdef cnp.ndarray v = state_array(exp_avg_sq, "exp_avg_sq", p)
     cdef object vmax = None
@@ -322,6 +324,7 @@ cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
     cdef double eps_ = at_least(eps, "eps", 0.0)
     cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
     check_disjoint([p, g, m, v, vmax], ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    g = readable(g)
     cdef Coef c
     cdef Segment s
     adam_coef(&c, lr_, b1, b2, eps_, wd, decoupled, amsgrad, maximize, k)
@@ -347,15 +350,17 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
 
     Parameters
     ----------
-    param : ndarray, float32 or float64, C-contiguous, writeable
-        Updated in place.
+    param : ndarray, float32 or float64, C-contiguous, aligned, writeable
+        Updated in place; native byte order.
     grad : ndarray
-        Same shape and dtype as `param` (read only; may be non-contiguous).
+        Same shape and dtype as `param`; read only, so it may be
+        non-contiguous, unaligned or byte-swapped (then it is copied first).
+        Must not overlap any array that is written.
     exp_avg, exp_avg_sq : ndarray
         First and second moment estimates, like `param`; updated in place.
         Start them at zero.
     step : int
-        1 for the first update (bias corrections use it).
+        1 for the first update (bias corrections use it); at most 2**63 - 1.
     lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize
         As in ``torch.optim.Adam``.
     max_exp_avg_sq : ndarray, optional
@@ -399,14 +404,16 @@ def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
 
     `square_avg`, `momentum_buffer` and `grad_avg` are arrays like `param`,
     updated in place (start them at zero); `momentum_buffer` is required when
-    momentum > 0 and `grad_avg` when `centered`.
+    momentum > 0 and `grad_avg` when `centered`.  Arrays as in `adam_step`:
+    the updated ones native, C-contiguous, aligned and writeable; `grad` any
+    layout and byte order.
 
     Returns
     -------
     None
     """
     cdef cnp.ndarray p = writable(float_array(param, "param"), "param")
-    cdef cnp.ndarray g = readable(like(grad, "grad", p, "param"))
+    cdef cnp.ndarray g = like(grad, "grad", p, "param")
     cdef cnp.ndarray sq = state_array(square_avg, "square_avg", p)
     cdef double lr_ = at_least(lr, "lr", 0.0)
     cdef double a = in_unit(alpha, "alpha")
@@ -423,6 +430,7 @@ def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
             raise ValueError("centered=True requires grad_avg (an array like param)")
         gavg = state_array(grad_avg, "grad_avg", p)
     check_disjoint([p, g, sq, buf, gavg], ("param", "grad", "square_avg", "momentum_buffer", "grad_avg"))
+    g = readable(g)
     cdef Coef c
     cdef Segment s
     rmsprop_coef(&c, lr_, a, eps_, wd, mu, centered, maximize)
@@ -450,6 +458,8 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     ----------
     momentum_buffer : ndarray, optional
         Like `param`, updated in place; required when momentum > 0.
+        (Arrays as in `adam_step`: `param` and the state native, C-contiguous,
+        aligned and writeable; `grad` any layout and byte order.)
     first_step : bool
         True on the first update of `momentum_buffer`: it is then set to g,
         as torch.optim.SGD does when it creates the buffer.
@@ -459,7 +469,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     None
     """
     cdef cnp.ndarray p = writable(float_array(param, "param"), "param")
-    cdef cnp.ndarray g = readable(like(grad, "grad", p, "param"))
+    cdef cnp.ndarray g = like(grad, "grad", p, "param")
     cdef double lr_ = at_least(lr, "lr", 0.0)
     cdef double mu = at_least(momentum, "momentum", 0.0)
     cdef double damp = real(dampening, "dampening")
@@ -474,6 +484,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
             raise ValueError("momentum > 0 requires momentum_buffer (an array like param)")
         buf = state_array(momentum_buffer, "momentum_buffer", p)
     check_disjoint([p, g, buf], ("param", "grad", "momentum_buffer"))
+    g = readable(g)
     cdef Coef c
     cdef Segment s
     sgd_coef(&c, lr_, mu, damp, nesterov, wd, maximize, first_step)
@@ -507,7 +518,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
 #   streams every state through memory in one direction.
 
 from libc.stdlib cimport qsort
-from libc.stdint cimport int64_t, uintptr_t
+from libc.stdint cimport int64_t, uintptr_t, INT64_MAX
 from libc.math cimport fabs, INFINITY, NAN
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from cython.parallel cimport prange
@@ -551,19 +562,23 @@ cdef tuple SLOT_NAMES = (("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
                          ("momentum_buffer", None, None))
 
 
+cdef object group_get(dict g, str key, Py_ssize_t gi):
+    """g[key]; a missing key is a ValueError naming it.  (PyTorch raises the
+    dict's KeyError at its next step; here a group without a hyperparameter
+    is a bad argument like any other, and is reported as one.)"""
+    try:
+        return g[key]
+    except KeyError:
+        raise ValueError(f"param_groups[{gi}] has no {key!r}") from None
+
+
 cdef double group_num(dict g, str key, Py_ssize_t gi, double lo, double hi,
                       bint hi_closed) except? -1.0:
     """g[key], a finite number in [lo, hi) (or [lo, hi]); errors name the group."""
-    cdef object x
-    try:
-        x = g[key]
-    except KeyError:
-        raise KeyError(f"param_groups[{gi}] has no {key!r}") from None
+    cdef object x = group_get(g, key, gi)
     cdef double v
     if type(x) is float:
         v = <double>x
-    elif type(x) is int:
-        v = float(x)
     else:
         v = real(x, f"param_groups[{gi}][{key!r}]")
     if isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi)):
@@ -584,10 +599,11 @@ cdef double group_beta(object x, Py_ssize_t gi, int k) except? -1.0:
 
 
 cdef bint group_flag(dict g, str key, Py_ssize_t gi) except -1:
-    try:
-        return bool(g[key])
-    except KeyError:
-        raise KeyError(f"param_groups[{gi}] has no {key!r}") from None
+    cdef object x = group_get(g, key, gi)
+    if isinstance(x, (tuple, list, str, bytes)) or (
+            cnp.PyArray_Check(x) and cnp.PyArray_SIZE(<cnp.ndarray>x) != 1):
+        raise TypeError(f"param_groups[{gi}][{key!r}] must be a bool, got {kind_of(x)}")
+    return bool(x)
 
 
 cdef class FusedStep:
@@ -597,8 +613,10 @@ cdef class FusedStep:
     ----------
     kind : {"adam", "rmsprop", "sgd"}
     params : list of ndarray
-        float32/float64, C-contiguous, aligned, writeable, pairwise disjoint
-        in memory, each at most once.  Updated in place by `step`.
+        float32/float64, C-contiguous, aligned, writeable, native byte order,
+        pairwise disjoint in memory, each at most once.  Updated in place by
+        `step`, which refuses a parameter whose memory, dtype, size, byte
+        order or layout was changed since.
     group_of : list of int
         The param-group index of every parameter (non-decreasing not needed).
     slots : list of tuple of 3 bool
@@ -613,6 +631,9 @@ cdef class FusedStep:
     cdef cnp.ndarray steps_arr      # int64 per parameter
     cdef int64_t *steps
     cdef void **ptr                 # 4 per parameter: param, s1, s2, s3
+    cdef int *typenum               # per parameter, as at construction
+    cdef Py_ssize_t *size           # elements per parameter, as at construction
+    cdef list buffers               # the state buffers (held: never resized under us)
     cdef int *group
     cdef Py_ssize_t *act            # parameter index of each active segment
     cdef bint *has                  # 3 per group: every parameter has slot k
@@ -626,6 +647,8 @@ cdef class FusedStep:
     def __cinit__(self):
         self.steps = NULL
         self.ptr = NULL
+        self.typenum = NULL
+        self.size = NULL
         self.group = NULL
         self.act = NULL
         self.has = NULL
@@ -636,6 +659,8 @@ cdef class FusedStep:
 
     def __dealloc__(self):
         PyMem_Free(self.ptr)
+        PyMem_Free(self.typenum)
+        PyMem_Free(self.size)
         PyMem_Free(self.group)
         PyMem_Free(self.act)
         PyMem_Free(self.has)
@@ -673,6 +698,8 @@ cdef class FusedStep:
         # Allocate everything before building any state, so a MemoryError
         # leaves nothing half-made.
         self.ptr = <void **>PyMem_Malloc(4 * max(n, 1) * sizeof(void *))
+        self.typenum = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
+        self.size = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.group = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
         self.act = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.has = <bint *>PyMem_Malloc(3 * max(ng, 1) * sizeof(bint))
@@ -680,8 +707,9 @@ cdef class FusedStep:
         self.segs = <Segment *>PyMem_Malloc(max(n, 1) * sizeof(Segment))
         self.coefs = <Coef *>PyMem_Malloc(max(n, 1) * sizeof(Coef))
         self.written = <Interval *>PyMem_Malloc(4 * max(n, 1) * sizeof(Interval))
-        if (self.ptr == NULL or self.group == NULL or self.act == NULL or self.has == NULL
-                or self.hyper == NULL or self.segs == NULL or self.coefs == NULL
+        if (self.ptr == NULL or self.typenum == NULL or self.size == NULL or self.group == NULL
+                or self.act == NULL or self.has == NULL or self.hyper == NULL
+                or self.segs == NULL or self.coefs == NULL
                 or self.written == NULL):
             raise MemoryError()
         for g in range(ng):
@@ -699,14 +727,18 @@ cdef class FusedStep:
         # through memory in one direction, and it is one allocation, not n.
         cdef list buffers = [None, None, None]
         cdef Py_ssize_t nbytes, total_bytes
+        cdef bint used
         for k in range(3):
             total_bytes = 0
+            used = False
             for i in range(n):
                 if self.has[3 * group_of[i] + k]:
+                    used = True
                     total_bytes += padded(cnp.PyArray_NBYTES(<cnp.ndarray>self.params[i]))
-            if total_bytes:
+            if used:       # (also when every parameter is empty: views of no bytes)
                 buf = np.zeros(total_bytes + STATE_ALIGN, np.uint8)
                 buffers[k] = buf[(-buf.ctypes.data) % STATE_ALIGN:]
+        self.buffers = buffers
         cdef Py_ssize_t[3] offset
         offset[0] = offset[1] = offset[2] = 0
         cdef list st
@@ -717,6 +749,8 @@ cdef class FusedStep:
             g = group_of[i]
             self.group[i] = <int>g
             self.ptr[4 * i] = cnp.PyArray_DATA(p)
+            self.typenum[i] = cnp.PyArray_TYPE(p)
+            self.size[i] = cnp.PyArray_SIZE(p)
             self.add_written(&nw, p, i, 0)
             st = [None, None, None]
             for k in range(3):
@@ -777,7 +811,13 @@ cdef class FusedStep:
 
     cdef int parse_groups(self, object groups) except -1:
         """Validate every group's hyperparameters into self.hyper."""
-        cdef list gl = groups if type(groups) is list else list(groups)
+        cdef list gl
+        if type(groups) is list:
+            gl = <list>groups
+        elif isinstance(groups, (tuple, list)):
+            gl = list(groups)
+        else:
+            raise TypeError(f"param_groups must be a list of dicts, got {type(groups).__name__}")
         if len(gl) != self.ngroups:
             raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
                              "(groups cannot be added or removed after construction)")
@@ -796,10 +836,7 @@ cdef class FusedStep:
             h.weight_decay = group_num(g, "weight_decay", gi, 0.0, INFINITY, False)
             h.maximize = group_flag(g, "maximize", gi)
             if self.kind == ADAM:
-                try:
-                    betas = g["betas"]
-                except KeyError:
-                    raise KeyError(f"param_groups[{gi}] has no 'betas'") from None
+                betas = group_get(g, "betas", gi)
                 if not isinstance(betas, (tuple, list)) or len(betas) != 2:
                     raise TypeError(f"param_groups[{gi}]['betas'] must be a tuple of two "
                                     f"numbers, got {betas!r}")
@@ -872,8 +909,10 @@ cdef class FusedStep:
         cdef cnp.ndarray ga, p
         cdef list keep = None          # contiguous copies of strided grads
         cdef Segment *s
-        cdef uintptr_t glo
+        cdef char *glo
+        cdef char *ghi
         cdef int t
+        cdef const Hyper *h
         # Busy from the first check to the end: the checks may run Python code
         # (a custom number's __float__) that lets another thread in.
         if self.busy:
@@ -895,11 +934,24 @@ cdef class FusedStep:
                 if gobj is None:
                     continue
                 p = <cnp.ndarray>self.params[i]
+                t = self.typenum[i]
+                # The kernel writes through the pointer and size recorded at
+                # construction: the array must still be that memory (Python
+                # code can change an array's dtype or byte order in place, or
+                # resize an array it holds the only other reference to).
+                if (cnp.PyArray_DATA(p) != self.ptr[4 * i] or cnp.PyArray_TYPE(p) != t
+                        or cnp.PyArray_SIZE(p) != self.size[i] or not direct(p)):
+                    raise ValueError(f"params[{i}] is no longer the array the optimizer was "
+                                     "made with (its memory, dtype, size, byte order or "
+                                     "layout was changed)")
+                h = &self.hyper[self.group[i]]
+                if self.steps[i] == INT64_MAX and (self.kind != SGD or h.momentum != 0):
+                    raise ValueError(f"params[{i}] has taken 2**63 - 1 steps, the most its "
+                                     "step count can hold")
                 if not cnp.PyArray_Check(gobj):
                     raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, "
                                     f"got {type(gobj).__name__}")
                 ga = <cnp.ndarray>gobj
-                t = cnp.PyArray_TYPE(p)
                 if cnp.PyArray_TYPE(ga) != t:
                     raise TypeError(f"grads[{i}] has dtype {ga.dtype} but params[{i}] has dtype {p.dtype}")
                 if not same_shape(ga, p):
@@ -907,25 +959,25 @@ cdef class FusedStep:
                                      f"has shape {(<object>p).shape}")
                 if not cnp.PyArray_ISWRITEABLE(p):
                     raise ValueError(f"params[{i}] is read-only and cannot be updated in place")
-                if not (cnp.PyArray_IS_C_CONTIGUOUS(ga) and cnp.PyArray_ISALIGNED(ga)):
-                    ga = cnp.PyArray_NewCopy(ga, cnp.NPY_CORDER)
-                    if keep is None:
-                        keep = []
-                    keep.append(ga)
-                elif cnp.PyArray_NBYTES(ga) > 0:
-                    glo = <uintptr_t>cnp.PyArray_DATA(ga)
-                    j = self.find_written(glo, glo + <uintptr_t>cnp.PyArray_NBYTES(ga))
+                extent(ga, &glo, &ghi)
+                if glo < ghi:
+                    j = self.find_written(<uintptr_t>glo, <uintptr_t>ghi)
                     if j >= 0:
                         raise ValueError(f"grads[{i}] overlaps "
                                          f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
                                          "in memory")
+                if not direct(ga):
+                    ga = readable(ga)      # a private native contiguous copy
+                    if keep is None:
+                        keep = []
+                    keep.append(ga)
                 s = &self.segs[nact]
                 s.param = self.ptr[4 * i]
                 s.grad = cnp.PyArray_DATA(ga)
                 s.s1 = self.ptr[4 * i + 1]
                 s.s2 = self.ptr[4 * i + 2]
                 s.s3 = self.ptr[4 * i + 3]
-                s.n = cnp.PyArray_SIZE(p)
+                s.n = self.size[i]
                 s.offset = total
                 s.is_double = t == cnp.NPY_FLOAT64
                 total += s.n
@@ -968,12 +1020,17 @@ cdef class FusedStep:
         return self.steps_arr.copy()
 
     def set_steps(self, steps):
-        """Replace the per-parameter step counts (validated first)."""
+        """Replace the per-parameter step counts (validated first): integers
+        in [0, 2**63 - 2], so that a step can still count itself."""
+        if self.busy:
+            raise RuntimeError("set_steps() called during a step of the same optimizer")
         a = np.asarray(steps)
         if a.shape != (self.n,):
             raise ValueError(f"steps must have shape ({self.n},), got {a.shape}")
-        if a.dtype.kind not in "iu" or (a.size and a.min() < 0):
-            raise ValueError("steps must be non-negative integers")
+        if a.dtype.kind not in "iu":
+            raise TypeError(f"steps must be integers, got dtype {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() > INT64_MAX - 1):
+            raise ValueError(f"steps must be in [0, 2**63 - 2], got {a.min()} .. {a.max()}")
         self.steps_arr[...] = a
 
 
@@ -1072,6 +1129,28 @@ cdef inline void scale_chunk(const Chunk *c, double coef) noexcept nogil:
         scale_range(<float *>c.data, c.n, coef)
 
 
+cdef double norm_number(object x, str name) except? -1.0:
+    """A real number that may be +-inf or NaN (the caller checks the range).
+    Strings are rejected (``float("2")`` parses, but every other argument
+    rejects strings)."""
+    cdef double v
+    if type(x) is float:
+        v = <double>x
+    elif isinstance(x, (str, bytes, bytearray)) or (
+            cnp.PyArray_Check(x) and cnp.PyArray_NDIM(<cnp.ndarray>x) != 0):
+        raise TypeError(f"{name} must be a number (math.inf for infinity), got {kind_of(x)}")
+    else:
+        try:
+            v = float(x)
+        except OverflowError:
+            raise ValueError(f"{name} must be a float or inf, "
+                             "got a number too large for a float") from None
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a number (math.inf for infinity), "
+                            f"got {kind_of(x)}") from None
+    return v
+
+
 def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     """Clip the global norm of a list of gradients in place; return the norm.
 
@@ -1085,11 +1164,13 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     Parameters
     ----------
     grads : ndarray or sequence of (ndarray or None)
-        float32/float64, C-contiguous, writeable, disjoint; None is skipped.
+        float32/float64, C-contiguous, writeable, native byte order,
+        disjoint; None is skipped.
     max_norm : float
-        >= 0.
+        >= 0; ``inf`` computes the norm and scales nothing (unless the norm
+        is itself NaN or inf: then, as in PyTorch, the factor is NaN).
     norm_type : float
-        p > 0 or ``inf``.
+        p > 0 or ``inf`` (a number: strings such as ``"2"`` are rejected).
     error_if_nonfinite : bool
         Raise RuntimeError (and scale nothing) if the norm is NaN or inf.
 
@@ -1103,17 +1184,22 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     cdef Py_ssize_t i
     if cnp.PyArray_Check(grads):
         grads = [grads]
+    elif not isinstance(grads, (list, tuple)):
+        try:
+            grads = list(grads)
+        except TypeError:
+            raise TypeError("grads must be an array or a sequence of arrays, "
+                            f"got {type(grads).__name__}") from None
     for i, a in enumerate(grads):
         if a is None:
             continue
         arrays.append(writable(float_array(a, f"grads[{i}]"), f"grads[{i}]"))
         names.append(f"grads[{i}]")
-    cdef double mx = at_least(max_norm, "max_norm", 0.0)
-    cdef double p
-    try:
-        p = float(norm_type)
-    except (TypeError, ValueError):
-        raise TypeError(f"norm_type must be a number, got {norm_type!r}") from None
+    cdef double mx = norm_number(max_norm, "max_norm")
+    if not mx >= 0:
+        raise ValueError(f"max_norm must be >= 0 (inf: compute the norm, scale nothing), "
+                         f"got {mx!r}")
+    cdef double p = norm_number(norm_type, "norm_type")
     if not (p > 0):
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
     cdef int mode = (NORM_INF if p == INFINITY else NORM_2 if p == 2.0

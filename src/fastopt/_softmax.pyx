@@ -34,7 +34,7 @@
 include "_common.pxi"
 
 from libc.math cimport INFINITY
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint64_t, INT64_MAX
 from cython.parallel cimport prange
 import numpy as np
 
@@ -575,16 +575,10 @@ cdef Py_ssize_t check_classes(const int64_t *y, Py_ssize_t n, Py_ssize_t c, int6
 # ------------------------------------------------------------ functional API ---
 
 cdef inline int norm_axis(object axis, int nd) except -100:
-    if isinstance(axis, bool) or not hasattr(axis, "__index__"):
-        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
-    cdef object a = axis.__index__()
+    cdef object a = integer(axis, "axis")
     if not -nd <= a < nd:
         raise np.exceptions.AxisError(f"axis {a} is out of bounds for an array of dimension {nd}")
     return <int>(a + nd if a < 0 else a)
-
-
-cdef inline bint same_memory(cnp.ndarray a, cnp.ndarray b) noexcept:
-    return cnp.PyArray_DATA(a) == cnp.PyArray_DATA(b)
 
 
 cdef cnp.ndarray _softmax_any(object x, object axis, object out, int mode):
@@ -593,14 +587,15 @@ cdef cnp.ndarray _softmax_any(object x, object axis, object out, int mode):
     if nd == 0:
         raise ValueError("x must have at least one dimension")
     cdef int ax = norm_axis(axis, nd)
-    xa = readable(xa)
     cdef cnp.ndarray o
     if out is None:
         o = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
     else:
         o = writable(like(out, "out", xa, "x"), "out")
-        if not same_memory(o, xa):           # out=x (in place) is allowed
+        # out=x (in place) is allowed: the same memory, element for element
+        if not (cnp.PyArray_DATA(o) == cnp.PyArray_DATA(xa) and direct(xa)):
             check_disjoint([xa, o], ("x", "out"))
+    xa = readable(xa)
     cdef cnp.npy_intp *dims = cnp.PyArray_DIMS(xa)
     cdef Py_ssize_t outer = 1, inner = 1, c = dims[ax], k
     for k in range(ax):
@@ -659,10 +654,12 @@ def log_softmax(x, axis=-1, out=None):
     Parameters
     ----------
     x : ndarray, float32 or float64, at least 1-d
+        Any layout and byte order (copied first when not native C-contiguous).
     axis : int
         The class axis (default: the last).
     out : ndarray, optional
-        Like `x`, C-contiguous and writeable; may be `x` itself (in place).
+        Like `x`, C-contiguous, aligned, writeable, native byte order; may be
+        `x` itself (in place), but not share memory with it otherwise.
 
     Returns
     -------
@@ -713,18 +710,35 @@ def _exp(x, bint nonpositive=False):
     return o
 
 
-INT64_MAX = 2**63 - 1
+cdef Py_ssize_t first_above(const uint64_t *y, Py_ssize_t n, uint64_t limit) noexcept nogil:
+    """Index of the first y[i] > limit, or -1."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if y[i] > limit:
+            return i
+    return -1
 
 
-cdef cnp.ndarray class_targets(object target, Py_ssize_t n):
-    """Class indices of any integer dtype as a contiguous int64 array."""
-    cdef cnp.ndarray t = <cnp.ndarray>target
-    if t.dtype.kind not in "iu":
-        raise TypeError(f"target of shape ({n},) must hold integer class indices, got dtype {t.dtype}")
-    if t.dtype == np.uint64 and n > 0 and t.max() > INT64_MAX:
-        i = int(np.argmax(t > INT64_MAX))
-        raise ValueError(f"target[{i}] = {int(t[i])} is out of range")
-    return np.ascontiguousarray(t, dtype=np.int64)
+cdef cnp.ndarray class_targets(cnp.ndarray t, Py_ssize_t n):
+    """A private native int64 copy of class indices of any integer dtype and
+    byte order.  The kernel reads only this copy, so no other thread can
+    change an index between its check and its use."""
+    cdef int typ = cnp.PyArray_TYPE(t)
+    if not cnp.PyTypeNum_ISINTEGER(typ):
+        raise TypeError(f"target of shape ({n},) must hold integer class indices, "
+                        f"got dtype {t.dtype}")
+    if not (cnp.PyTypeNum_ISUNSIGNED(typ) and cnp.PyArray_ITEMSIZE(t) == 8):
+        return copy_as(t, cnp.NPY_INT64)       # every value fits
+    # uint64: values above 2**63 - 1 would wrap to negative indices (even to
+    # ignore_index); checked on the copy, which is then read as int64.
+    cdef cnp.ndarray y = copy_as(t, cnp.NPY_UINT64)
+    cdef const uint64_t *yp = <const uint64_t *>cnp.PyArray_DATA(y)
+    cdef Py_ssize_t bad
+    with nogil:
+        bad = first_above(yp, n, <uint64_t>INT64_MAX)
+    if bad >= 0:
+        raise ValueError(f"target[{bad}] = {yp[bad]} is out of range")
+    return y
 
 
 def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="mean",
@@ -748,12 +762,15 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     Parameters
     ----------
     logits : ndarray, float32 or float64, shape (N, C)
+        Any layout and byte order (copied first when not native C-contiguous).
     target : ndarray
-        Class indices, shape (N,), any integer dtype, each in [0, C) or equal
-        to `ignore_index`; or class probabilities, shape (N, C), the dtype of
-        `logits` (soft labels, or the one-hot Y).
+        Class indices, shape (N,), any integer dtype, byte order and layout,
+        each in [0, C) or equal to `ignore_index` (they are copied, then
+        checked, and only the copy is used); or class probabilities, shape
+        (N, C), the dtype of `logits` (soft labels, or the one-hot Y).
     weight : ndarray, optional
-        Class weights, shape (C,), the dtype of `logits`, finite and >= 0.
+        Class weights, shape (C,), the dtype of `logits`, finite and >= 0
+        (copied, then checked).
     ignore_index : int
         Rows whose class index equals it contribute nothing (class indices
         only; must be negative with probabilities, as in PyTorch).
@@ -762,8 +779,9 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     return_grad : bool
         Also return d(loss)/d(logits).
     grad_out : ndarray, optional
-        Where to write the gradient (like `logits`, C-contiguous, writeable);
-        requires ``return_grad=True``.
+        Where to write the gradient (like `logits`, C-contiguous, aligned,
+        writeable, native byte order, sharing no memory with `logits`,
+        `target` or `weight`); requires ``return_grad=True``.
 
     Returns
     -------
@@ -783,6 +801,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     cdef cnp.ndarray x = float_array(logits, "logits")
     if cnp.PyArray_NDIM(x) != 2:
         raise ValueError(f"logits must have shape (N, C), got shape {(<object>x).shape}")
+    cdef cnp.ndarray x_in = x
     x = readable(x)
     cdef Py_ssize_t n = cnp.PyArray_DIM(x, 0), c = cnp.PyArray_DIM(x, 1)
     cdef int typ = cnp.PyArray_TYPE(x)
@@ -802,9 +821,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     cdef double eps = real(label_smoothing, "label_smoothing")
     if not 0.0 <= eps <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {eps!r}")
-    if isinstance(ignore_index, bool) or not hasattr(ignore_index, "__index__"):
-        raise TypeError(f"ignore_index must be an integer, got {type(ignore_index).__name__}")
-    ignore_index = ignore_index.__index__()
+    ignore_index = integer(ignore_index, "ignore_index")
     if not -INT64_MAX - 1 <= ignore_index <= INT64_MAX:
         raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if t is not None and ignore_index >= 0:
@@ -816,14 +833,16 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
             raise ValueError(f"weight must have shape ({c},), got shape {(<object>w).shape}")
         if cnp.PyArray_TYPE(w) != typ:
             raise TypeError(f"weight has dtype {w.dtype} but logits has dtype {x.dtype}")
-        w = readable(w)
-        if not np.all(w >= 0) or not np.all(np.isfinite(w)):
-            raise ValueError("weight must be finite and >= 0")
     if grad_out is not None:
         if not return_grad:
             raise ValueError("grad_out requires return_grad=True")
         g = writable(like(grad_out, "grad_out", x, "logits"), "grad_out")
-        check_disjoint([x, g, t, w], ("logits", "grad_out", "target", "weight"))
+        check_disjoint([x_in, target, w, g], ("logits", "target", "weight", "grad_out"), 3)
+    if w is not None:
+        # A private copy (C values: cheap), checked and then read only by us.
+        w = copy_as(w, typ)
+        if not np.all(w >= 0) or not np.all(np.isfinite(w)):
+            raise ValueError("weight must be finite and >= 0")
     cdef Job j
     j.mode = XENT
     j.is_double = typ == cnp.NPY_FLOAT64

@@ -108,9 +108,12 @@ def take_rows(X, idx, out=None):
     Parameters
     ----------
     X : ndarray, C-contiguous, at least 1-D
-        Any dtype without Python objects; rows are along the first axis.
+        Any dtype without Python objects (any byte order: rows are copied
+        as bytes, and `out` has X's dtype); rows are along the first axis.
     idx : ndarray of int64, 1-D
         Row numbers in ``[0, len(X))``.  Negative indices are not accepted.
+        Any layout and byte order: the indices are copied before they are
+        checked, and only the copy is used.
     out : ndarray, optional
         C-contiguous, writeable, shape ``(len(idx),) + X.shape[1:]`` and the
         dtype of `X`; must not overlap `X` or `idx`.  Allocated if omitted.
@@ -136,11 +139,11 @@ def take_rows(X, idx, out=None):
     if not cnp.PyArray_Check(idx):
         raise TypeError(f"idx must be a numpy.ndarray, got {type(idx).__name__}")
     cdef cnp.ndarray ix = <cnp.ndarray>idx
-    if cnp.PyArray_TYPE(ix) != cnp.NPY_INT64:
+    cdef int ityp = cnp.PyArray_TYPE(ix)
+    if not (cnp.PyTypeNum_ISSIGNED(ityp) and cnp.PyArray_ITEMSIZE(ix) == 8):
         raise TypeError(f"idx must have dtype int64, got {ix.dtype}")
     if cnp.PyArray_NDIM(ix) != 1:
         raise ValueError(f"idx must be 1-D, got shape {(<object>ix).shape}")
-    ix = readable(ix)
     cdef tuple shape = (cnp.PyArray_DIM(ix, 0),) + (<object>x).shape[1:]
     cdef cnp.ndarray o
     if out is None:
@@ -158,7 +161,11 @@ def take_rows(X, idx, out=None):
             raise ValueError("out must be C-contiguous")
         if not cnp.PyArray_ISWRITEABLE(o):
             raise ValueError("out is read-only")
-        check_disjoint([x, ix, o], ("X", "idx", "out"))
+        check_disjoint([x, ix, o], ("X", "idx", "out"), 2)
+    # A private native copy of the indices (8 bytes per row: little next to
+    # the rows): they are checked and used from it, so another thread that
+    # rewrites `idx` meanwhile cannot make the gather read out of bounds.
+    ix = copy_as(ix, cnp.NPY_INT64)
     cdef Py_ssize_t n = cnp.PyArray_DIM(ix, 0)
     cdef int64_t nrows = cnp.PyArray_DIM(x, 0)
     cdef const int64_t *ip = <const int64_t *>cnp.PyArray_DATA(ix)
@@ -190,11 +197,13 @@ def ewa_update(avg, x, beta):
 
     Parameters
     ----------
-    avg : ndarray, float32 or float64, C-contiguous, writeable
-        The running average, updated in place.
+    avg : ndarray, float32 or float64
+        The running average, updated in place: C-contiguous, aligned,
+        writeable, native byte order.
     x : ndarray
         The new value: same shape and dtype as `avg` (read only; may be
-        non-contiguous); must not overlap `avg`.
+        non-contiguous, unaligned or byte-swapped: then it is copied
+        first); must not overlap `avg`.
     beta : float
         In [0, 1): the weight of the past (an average over ~1/(1-beta) values).
 
@@ -203,9 +212,10 @@ def ewa_update(avg, x, beta):
     None
     """
     cdef cnp.ndarray a = writable(float_array(avg, "avg"), "avg")
-    cdef cnp.ndarray xx = readable(like(x, "x", a, "avg"))
+    cdef cnp.ndarray xx = like(x, "x", a, "avg")
     cdef double b = in_unit(beta, "beta")
     check_disjoint([a, xx], ("avg", "x"))
+    xx = readable(xx)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(a)
     cdef void *ap = cnp.PyArray_DATA(a)
     cdef const void *xp = cnp.PyArray_DATA(xx)

@@ -12,6 +12,10 @@
  * - k is rounded with the 1.5*2^p "shift" trick; its integer value is read from
  *   the low mantissa bits of x/ln2 + shift (no float->int conversion, so NaN
  *   does not reach an int conversion).
+ * - All bit manipulation is in unsigned integers (wrap-around is defined):
+ *   for NaN input the bit patterns are arbitrary, and signed arithmetic on
+ *   them would overflow or shift negative values, undefined behaviour.  For
+ *   every non-NaN input the values are the same as the signed ones.
  * - r uses a Cody-Waite split of ln2: k*LN2_HI is exact (LN2_HI has few
  *   significant bits), x - k*LN2_HI is exact (Sterbenz), LN2_LO adds the rest.
  * - exp(r) = 1 + r + r^2 * P(r): float, P of degree 4 fitted for minimal
@@ -43,8 +47,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef union { float f; int32_t i; uint32_t u; } fastopt_f32bits;
-typedef union { double f; int64_t i; uint64_t u; } fastopt_f64bits;
+typedef union { float f; uint32_t u; } fastopt_f32bits;
+typedef union { double f; uint64_t u; } fastopt_f64bits;
 
 /* exp(x) for x in [-104, 89] (nonpos: x <= 0, so k <= 0). */
 static inline float fastopt_expf_core(float x, const int nonpos)
@@ -55,7 +59,7 @@ static inline float fastopt_expf_core(float x, const int nonpos)
     const float LN2_LO = -2.12194440e-4f;   /* ln2 - LN2_HI */
     fastopt_f32bits t, s1, s2;
     float k, r, p;
-    int32_t ki, k1;
+    uint32_t ki, k1;
 
     t.f = x * LOG2E + SHIFT;
     k = t.f - SHIFT;                        /* round(x / ln2), exactly */
@@ -74,10 +78,14 @@ static inline float fastopt_expf_core(float x, const int nonpos)
         s1.u = (t.u + 191u) << 23;
         return (p * s1.f) * 5.42101086e-20f;   /* 2^-64 */
     }
-    ki = t.i - 0x4b400000;                  /* k as an integer: bits(t) - bits(SHIFT) */
-    k1 = ki >> 1;                           /* k in [-150, 129]: k1, k - k1 in [-75, 65] */
-    s1.i = (k1 + 127) << 23;
-    s2.i = (ki - k1 + 127) << 23;
+    ki = t.u - 0x4b400000u;                 /* k mod 2^32: bits(t) - bits(SHIFT) */
+    /* k1 = floor(k/2): an arithmetic shift of k as a signed value (the
+     * conversions are modulo 2^32; the shift is arithmetic in gcc, clang and
+     * MSVC).  k in [-150, 129]: k1, k - k1 in [-75, 65], so the exponent
+     * fields below are in [52, 192]. */
+    k1 = (uint32_t)((int32_t)ki >> 1);
+    s1.u = (k1 + 127u) << 23;
+    s2.u = (ki - k1 + 127u) << 23;
     return (p * s1.f) * s2.f;
 }
 
@@ -104,7 +112,7 @@ static inline double fastopt_exp_core(double x, const int nonpos)
     const double LN2_LO = 1.90821492927058770002e-10;  /* ln2 - LN2_HI */
     fastopt_f64bits t, t1, s1, s2;
     double k, r, p;
-    int64_t ki, k1;
+    uint64_t ki, k1;
 
     t.f = x * LOG2E + SHIFT;
     k = t.f - SHIFT;
@@ -129,13 +137,14 @@ static inline double fastopt_exp_core(double x, const int nonpos)
         s1.u = (t.u + UINT64_C(1535)) << 52;
         return (p * s1.f) * 7.4583407312002067e-155;   /* 2^-512 */
     }
-    ki = t.i - INT64_C(0x4338000000000000);
+    ki = t.u - UINT64_C(0x4338000000000000);     /* k mod 2^64 */
     /* k1 = round(k/2), taken the same way: a 64-bit arithmetic shift would
      * not vectorize below AVX-512. */
     t1.f = k * 0.5 + SHIFT;
-    k1 = t1.i - INT64_C(0x4338000000000000);
-    s1.i = (k1 + 1023) << 52;               /* k in [-1077, 1025]: k1, k - k1 in [-539, 513] */
-    s2.i = (ki - k1 + 1023) << 52;
+    k1 = t1.u - UINT64_C(0x4338000000000000);
+    /* k in [-1077, 1025]: k1, k - k1 in [-539, 513], exponent fields in [484, 1536] */
+    s1.u = (k1 + 1023u) << 52;
+    s2.u = (ki - k1 + 1023u) << 52;
     return (p * s1.f) * s2.f;
 }
 
@@ -157,19 +166,21 @@ static inline double fastopt_log(double x)
     const double LN2_HI = 6.93147180369123816490e-01;
     const double LN2_LO = 1.90821492927058770002e-10;
     const double TWO52 = 4503599627370496.0;
-    const int64_t SQRT_HALF = INT64_C(0x3fe6a09e667f3bcd);   /* bits of sqrt(2)/2 */
+    const uint64_t SQRT_HALF = UINT64_C(0x3fe6a09e667f3bcd);  /* bits of sqrt(2)/2 */
     fastopt_f64bits u, m, kb;
     double k, f, s, z, hfsq, r, y;
-    int64_t ix;
+    uint64_t ix;
     int small = x < 2.2250738585072014e-308;                  /* subnormal (or <= 0) */
 
     u.f = small ? x * 18014398509481984.0 : x;                /* 2^54 */
     /* Move m's range to [sqrt(2)/2, sqrt(2)): the exponent field of
-     * ix = bits(x) + (bits(1) - bits(sqrt(2)/2)) is k + 1023. */
-    ix = u.i + (INT64_C(0x3ff0000000000000) - SQRT_HALF);
-    m.i = (ix & INT64_C(0x000fffffffffffff)) + SQRT_HALF;
+     * ix = bits(x) + (bits(1) - bits(sqrt(2)/2)) is k + 1023.  (Unsigned: for
+     * NaN and negative x, whose results are selected away below, the sum
+     * wraps.) */
+    ix = u.u + (UINT64_C(0x3ff0000000000000) - SQRT_HALF);
+    m.u = (ix & UINT64_C(0x000fffffffffffff)) + SQRT_HALF;
     /* k as a double without an int64 -> double conversion (none below AVX-512) */
-    kb.i = INT64_C(0x4330000000000000) | ((ix >> 52) & 0x7ff);
+    kb.u = UINT64_C(0x4330000000000000) | ((ix >> 52) & 0x7ff);
     k = (kb.f - TWO52) - (small ? 1077.0 : 1023.0);
     f = m.f - 1.0;
     s = f / (2.0 + f);

@@ -44,6 +44,8 @@ for parameter i.  Loading checks everything first and changes nothing when
 the dict does not match.
 """
 import math
+import operator
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -78,7 +80,8 @@ def flat_views(arrays, dtype=None, copy=True):
     ----------
     arrays : sequence of ndarray (or of shapes, with `dtype` and copy=False)
     dtype : dtype, optional
-        Of the buffer; default: the arrays' common dtype (float32/float64).
+        Of the buffer; default: the arrays' common dtype (float32/float64),
+        in native byte order (arrays of the other byte order are converted).
     copy : bool
         Copy the arrays' values in (default) or leave the buffer zeroed.
 
@@ -88,17 +91,26 @@ def flat_views(arrays, dtype=None, copy=True):
     views : list of ndarray
         ``views[i]`` has the shape of ``arrays[i]`` and shares memory with `flat`.
     """
-    arrays = list(arrays)
-    shapes = [np.shape(a) if isinstance(a, np.ndarray) else tuple(a) for a in arrays]
+    if isinstance(arrays, np.ndarray):
+        raise TypeError("arrays must be a sequence of arrays (or of shapes), not one array")
+    try:
+        arrays = list(arrays)
+    except TypeError:
+        raise TypeError(f"arrays must be a sequence of arrays (or of shapes), "
+                        f"got {type(arrays).__name__}") from None
+    shapes = [np.shape(a) if isinstance(a, np.ndarray) else _shape(a, f"arrays[{i}]")
+              for i, a in enumerate(arrays)]
     if dtype is None:
-        dtypes = {a.dtype for a in arrays if isinstance(a, np.ndarray)}
+        # The buffer is updated in place: native byte order whatever the
+        # inputs' (their values are converted when copied in).
+        dtypes = {a.dtype.newbyteorder("=") for a in arrays if isinstance(a, np.ndarray)}
         if len(dtypes) != 1:
             raise ValueError("arrays must share one dtype (or pass dtype=...), got "
                              f"{sorted(str(d) for d in dtypes) or 'shapes only'}")
         dtype = dtypes.pop()
     dtype = np.dtype(dtype)
     if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        raise TypeError(f"dtype must be float32 or float64 in native byte order, got {dtype.str!r}")
     if copy and not all(isinstance(a, np.ndarray) for a in arrays):
         raise TypeError("copy=True needs arrays, not shapes")
     per_line = _ALIGN // dtype.itemsize
@@ -215,10 +227,18 @@ class Optimizer:
         """Restore a state from `state_dict` (as made by `state_dict`, possibly
         through ``np.savez``/``np.load``).  Everything is checked before
         anything changes: a dict for another optimizer type, another number of
-        groups or parameters, missing or extra keys, or state arrays of
-        another shape or dtype raise ValueError and leave this optimizer as
-        it was."""
+        groups or parameters, missing or extra keys, bad hyperparameters,
+        state arrays of another shape or dtype (either byte order is fine:
+        values are copied), or step counts that are not integers in
+        [0, 2**63 - 2] raise ValueError (TypeError if `state_dict` is not a
+        mapping) and leave this optimizer as it was."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError("state_dict must be a mapping (a dict as made by state_dict()), "
+                            f"got {type(state_dict).__name__}")
         sd = dict(state_dict)
+        bad_keys = [k for k in sd if not isinstance(k, str)]
+        if bad_keys:
+            raise ValueError(f"state dict keys must be strings, got {bad_keys[:5]!r}")
         kind = _scalar(sd.get("optimizer"), "optimizer")
         if kind != type(self).__name__:
             raise ValueError(f"state dict is for optimizer {kind!r}, not {type(self).__name__!r}")
@@ -252,37 +272,56 @@ class Optimizer:
             raise ValueError(f"state dict has param groups this optimizer lacks: "
                              f"{sorted(extra_groups)[:5]}")
         self._fused.check_groups(new_groups)
-        # Per-parameter state: the same arrays, shapes and dtypes.
+        # Per-parameter state: the same arrays, shapes and dtypes; step counts
+        # that a step can still increment.
         steps = np.zeros(len(self.state), dtype=np.int64)
+        staged = {}      # private copies: no other thread can reshape them before the commit
         for i, st in enumerate(self.state):
             key = f"state.{i}.step"
             if key not in sd:
                 raise ValueError(f"state dict is missing {key!r}")
-            s = np.asarray(sd[key])
-            if s.shape != () or s.dtype.kind not in "iu" or s < 0:
-                raise ValueError(f"{key} must be a non-negative integer, got {sd[key]!r}")
-            steps[i] = s
+            steps[i] = _step_count(sd[key], key)
             expected.add(key)
             for name, arr in st.items():
                 key = f"state.{i}.{name}"
                 if key not in sd:
                     raise ValueError(f"state dict is missing {key!r}")
                 v = sd[key]
-                if not isinstance(v, np.ndarray) or v.shape != arr.shape or v.dtype != arr.dtype:
+                if (not isinstance(v, np.ndarray) or v.shape != arr.shape
+                        or v.dtype.newbyteorder("=") != arr.dtype):
                     raise ValueError(f"{key} must be an array of shape {arr.shape} and dtype "
                                      f"{arr.dtype}, got {_describe(v)}")
+                staged[key] = np.array(v, dtype=arr.dtype)
+                if staged[key].shape != arr.shape:
+                    raise ValueError(f"{key} changed shape while it was loaded")
                 expected.add(key)
         extra = set(sd) - expected
         if extra:
             raise ValueError(f"state dict has keys this optimizer lacks: {sorted(extra)[:5]}")
-        # All checked: commit.
+        # All checked: commit (nothing below can fail).
         for i, st in enumerate(self.state):
             for name, arr in st.items():
-                np.copyto(arr, sd[f"state.{i}.{name}"])
+                np.copyto(arr, staged[f"state.{i}.{name}"])
         self._fused.set_steps(steps)
         for g, new in zip(self.param_groups, new_groups):
             g.clear()
             g.update(new)
+
+
+# A step count must leave room for the next step to count itself.
+_STEP_LIMIT = 2**63 - 2
+
+
+def _step_count(v, key):
+    """A saved step count: an integer (Python, NumPy or 0-d array) in [0, 2**63 - 2]."""
+    if isinstance(v, np.ndarray) and v.ndim == 0:
+        v = v[()]
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise ValueError(f"{key} must be a non-negative integer, got {_describe(v)}")
+    v = int(v)
+    if not 0 <= v <= _STEP_LIMIT:
+        raise ValueError(f"{key} must be a non-negative integer <= 2**63 - 2, got {v}")
+    return v
 
 
 def _as_groups(params):
@@ -290,7 +329,11 @@ def _as_groups(params):
     if isinstance(params, np.ndarray):
         raise TypeError("params must be a list of arrays or of param-group dicts, "
                         "not a single array (wrap it in a list)")
-    params = list(params)
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError("params must be a list of arrays or of param-group dicts, "
+                        f"got {type(params).__name__}") from None
     if not params:
         raise ValueError("optimizer got an empty parameter list")
     if all(isinstance(p, dict) for p in params):
@@ -298,8 +341,15 @@ def _as_groups(params):
         for gi, g in enumerate(params):
             if "params" not in g:
                 raise ValueError(f"param_groups[{gi}] has no 'params'")
+            bad = [k for k in g if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"param_groups[{gi}] keys must be strings, got {bad[:5]!r}")
             ps = g["params"]
-            ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
+            try:
+                ps = [ps] if isinstance(ps, np.ndarray) else list(ps)
+            except TypeError:
+                raise TypeError(f"param_groups[{gi}]['params'] must be a list of arrays, "
+                                f"got {type(ps).__name__}") from None
             groups.append({**g, "params": ps})
         return groups
     if any(isinstance(p, dict) for p in params):
@@ -307,10 +357,26 @@ def _as_groups(params):
     return [{"params": params}]
 
 
+def _shape(s, name):
+    """A shape: a tuple of non-negative integers."""
+    try:
+        shape = tuple(int(operator.index(d)) for d in s)
+    except TypeError:
+        raise TypeError(f"{name} must be an array or a shape (a tuple of integers), "
+                        f"got {s!r}") from None
+    if any(d < 0 for d in shape):
+        raise ValueError(f"{name} must not have negative dimensions, got {shape}")
+    return shape
+
+
 def _scalar(v, key):
     if v is None:
         raise ValueError(f"state dict has no {key!r}")
-    return np.asarray(v).item() if isinstance(v, np.ndarray) else v
+    if isinstance(v, np.ndarray):
+        if v.ndim != 0:
+            raise ValueError(f"{key!r} must be a single value, got {_describe(v)}")
+        return v.item()
+    return v
 
 
 def _value(v, key):
@@ -329,15 +395,20 @@ def _value(v, key):
 def _describe(v):
     if isinstance(v, np.ndarray):
         return f"an array of shape {v.shape} and dtype {v.dtype}"
-    return repr(type(v).__name__)
+    return type(v).__name__
 
 
 def _number(name, value, lo=0.0, hi=math.inf, hi_closed=False):
     """Validate a constructor argument (PyTorch raises "Invalid ..." here too)."""
+    if isinstance(value, (str, bytes, bytearray)) or (
+            isinstance(value, np.ndarray) and value.ndim != 0):
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}")
     try:
         v = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got a number too large for a float") from None
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+        raise TypeError(f"{name} must be a real number, got {_describe(value)}") from None
     ok = math.isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi))
     if not ok:
         rng = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}{']' if hi_closed else ')'}"

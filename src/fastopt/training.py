@@ -31,6 +31,16 @@ def _positive_int(value, name):
     return int(value)
 
 
+def _to_float(value, name):
+    """float(value) for a real number; too large for a float is a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got a number too large for a float") from None
+
+
 def _gatherable(a):
     """take_rows copies raw rows: it needs C-contiguous data without objects."""
     return a.flags.c_contiguous and not a.dtype.hasobject
@@ -132,10 +142,12 @@ def _gather(a, idx, out):
 
 # ------------------------------------------------ exponentially weighted ---
 
+# Update counts are int64 (as step counts): beta**t is 0 long before.
+_T_MAX = 2**63 - 1
+
+
 def _beta(beta):
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
-    beta = float(beta)
+    beta = _to_float(beta, "beta")
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
     return beta
@@ -165,6 +177,8 @@ def bias_corrected(avg, beta, t, out=None):
     """
     beta = _beta(beta)
     t = _positive_int(t, "t")
+    if t > _T_MAX:
+        raise ValueError(f"t must be at most 2**63 - 1, got {t}")
     return np.divide(avg, 1.0 - beta ** t, out=out)
 
 
@@ -211,7 +225,10 @@ class EWA:
         """Fold `x` into the average and return the (bias-corrected) value."""
         if self.avg is None:
             x = np.asarray(x)
-            dtype = x.dtype if x.dtype in (np.float32, np.float64) else np.float64
+            # float32 input keeps float32 (either byte order: the average is
+            # updated in place, so it is native); anything else averages in float64.
+            native = x.dtype.newbyteorder("=")
+            dtype = native if native in (np.float32, np.float64) else np.float64
             avg = np.zeros(x.shape, dtype=dtype)
         else:
             avg = self.avg
@@ -244,9 +261,7 @@ class EWA:
 # --------------------------------------------------------------- sampling ---
 
 def _positive_finite(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = _to_float(value, name)
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be positive and finite, got {value!r}")
     return value
@@ -302,12 +317,10 @@ def sample_beta(low=0.9, high=0.999, size=None, rng=None):
     -------
     float or ndarray of float64
     """
+    low, high = _to_float(low, "low"), _to_float(high, "high")
     for name, v in (("low", low), ("high", high)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-    low, high = float(low), float(high)
-    if not (0.0 <= low < 1.0 and 0.0 <= high < 1.0):
-        raise ValueError(f"low and high must be in [0, 1), got low={low!r}, high={high!r}")
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
     if not low < high:
         raise ValueError(f"low must be < high, got low={low!r}, high={high!r}")
     s = np.clip(1.0 - log_uniform(1.0 - high, 1.0 - low, size, rng), low, high)
