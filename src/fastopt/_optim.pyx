@@ -780,7 +780,7 @@ cdef class FusedStep:
         cdef list gl = groups if type(groups) is list else list(groups)
         if len(gl) != self.ngroups:
             raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
-                             "(groups cannot be added or removed after construction)")
+                             "(add a group with add_param_group)")
         cdef Py_ssize_t gi
         cdef dict g
         cdef Hyper *h
@@ -979,6 +979,9 @@ cdef class FusedStep:
 
 # ===================================================== gradient clipping ===
 #
+# clip_grad_norm_ and clip_grad_value_ cut the gradients into the same fixed
+# chunks (`grad_chunks`) and update them in one parallel pass.
+#
 # The global norm of a list of arrays, in one parallel pass.  The work is cut
 # into fixed chunks of NORM_CHUNK elements inside each array (independent of
 # the thread count); each chunk's partial (sum of |x|^p, or max |x|) is
@@ -1072,34 +1075,28 @@ cdef inline void scale_chunk(const Chunk *c, double coef) noexcept nogil:
         scale_range(<float *>c.data, c.n, coef)
 
 
-def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
-    """Clip the global norm of a list of gradients in place; return the norm.
+cdef inline void clamp_range(floating *x, Py_ssize_t n, double clip) noexcept nogil:
+    # x = min(max(x, -clip), clip); NaN stays NaN (both comparisons are false)
+    cdef floating hi = <floating>clip, lo = -hi, v
+    cdef Py_ssize_t i
+    for i in range(n):
+        v = x[i]
+        v = hi if v > hi else v
+        v = lo if v < lo else v
+        x[i] = v
 
-    Follows ``torch.nn.utils.clip_grad_norm_``: the p-norm of all elements of
-    all arrays together (`norm_type` p > 0, or ``inf`` for max |x|) is
-    computed in double; if it exceeds `max_norm`, every array is multiplied
-    by ``max_norm / (total_norm + 1e-6)`` (cast to the array's dtype).  A
-    NaN/inf norm scales by NaN/0 as PyTorch does, unless
-    `error_if_nonfinite`.  The norm is identical whatever the thread count.
 
-    Parameters
-    ----------
-    grads : ndarray or sequence of (ndarray or None)
-        float32/float64, C-contiguous, writeable, disjoint; None is skipped.
-    max_norm : float
-        >= 0.
-    norm_type : float
-        p > 0 or ``inf``.
-    error_if_nonfinite : bool
-        Raise RuntimeError (and scale nothing) if the norm is NaN or inf.
+cdef inline void clamp_chunk(const Chunk *c, double clip) noexcept nogil:
+    if c.is_double:
+        clamp_range(<double *>c.data, c.n, clip)
+    else:
+        clamp_range(<float *>c.data, c.n, clip)
 
-    Returns
-    -------
-    float
-        The total norm before clipping.
-    """
+
+cdef list grad_arrays(object grads, list names):
+    """The arrays of `grads` (an array, or a sequence of arrays and Nones),
+    each float32/float64 and updatable in place; their names go to `names`."""
     cdef list arrays = []
-    cdef list names = []
     cdef Py_ssize_t i
     if cnp.PyArray_Check(grads):
         grads = [grads]
@@ -1108,28 +1105,20 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
             continue
         arrays.append(writable(float_array(a, f"grads[{i}]"), f"grads[{i}]"))
         names.append(f"grads[{i}]")
-    cdef double mx = at_least(max_norm, "max_norm", 0.0)
-    cdef double p
-    try:
-        p = float(norm_type)
-    except (TypeError, ValueError):
-        raise TypeError(f"norm_type must be a number, got {norm_type!r}") from None
-    if not (p > 0):
-        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
-    cdef int mode = (NORM_INF if p == INFINITY else NORM_2 if p == 2.0
-                     else NORM_1 if p == 1.0 else NORM_P)
-    cdef Py_ssize_t na = len(arrays)
-    # Disjoint (each is scaled exactly once): sort by address, check neighbours.
+    return arrays
+
+
+cdef int check_grads_disjoint(list arrays, list names) except -1:
+    """No two of `arrays` share memory (each is updated exactly once):
+    sorted by address, neighbours compared."""
+    cdef Py_ssize_t na = len(arrays), nw = 0, i, k
+    cdef cnp.ndarray arr
     cdef Interval *iv = <Interval *>PyMem_Malloc(max(na, 1) * sizeof(Interval))
     if iv == NULL:
         raise MemoryError()
-    cdef Py_ssize_t nw = 0, k, nchunks = 0, total = 0, lo
-    cdef cnp.ndarray arr
     try:
         for i in range(na):
             arr = <cnp.ndarray>arrays[i]
-            total += cnp.PyArray_SIZE(arr)
-            nchunks += (cnp.PyArray_SIZE(arr) + NORM_CHUNK - 1) // NORM_CHUNK
             if cnp.PyArray_NBYTES(arr) == 0:
                 continue
             iv[nw].lo = <uintptr_t>cnp.PyArray_DATA(arr)
@@ -1144,28 +1133,92 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
                                  f"{names[max(iv[k - 1].owner, iv[k].owner)]} overlap in memory")
     finally:
         PyMem_Free(iv)
-    cdef Chunk *chunks = <Chunk *>PyMem_Malloc(max(nchunks, 1) * sizeof(Chunk))
-    cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
-    cdef Py_ssize_t m, itemsize
-    cdef double tot = 0.0, coef
-    cdef int nt
+    return 0
+
+
+cdef Chunk *grad_chunks(list arrays, Py_ssize_t *nchunks, Py_ssize_t *total) except NULL:
+    """`arrays` cut into chunks of NORM_CHUNK elements (independent of the
+    thread count), in order; the caller frees the list with PyMem_Free."""
+    cdef Py_ssize_t i, k = 0, m, lo, itemsize
+    cdef cnp.ndarray arr
     cdef bint is_double
     cdef char *base
+    nchunks[0] = 0
+    total[0] = 0
+    for i in range(len(arrays)):
+        m = cnp.PyArray_SIZE(<cnp.ndarray>arrays[i])
+        total[0] += m
+        nchunks[0] += (m + NORM_CHUNK - 1) // NORM_CHUNK
+    cdef Chunk *chunks = <Chunk *>PyMem_Malloc(max(nchunks[0], 1) * sizeof(Chunk))
+    if chunks == NULL:
+        raise MemoryError()
+    for i in range(len(arrays)):
+        arr = <cnp.ndarray>arrays[i]
+        m = cnp.PyArray_SIZE(arr)
+        is_double = cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64
+        itemsize = 8 if is_double else 4
+        base = <char *>cnp.PyArray_DATA(arr)
+        for lo in range(0, m, NORM_CHUNK):
+            chunks[k].data = base + lo * itemsize
+            chunks[k].n = min(NORM_CHUNK, m - lo)
+            chunks[k].is_double = is_double
+            k += 1
+    return chunks
+
+
+def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
+    """Clip the global norm of a list of gradients in place; return the norm.
+
+    Follows ``torch.nn.utils.clip_grad_norm_``: the p-norm of all elements of
+    all arrays together (`norm_type` p > 0, or ``inf`` for max |x|) is
+    computed in double; if it exceeds `max_norm`, every array is multiplied
+    by ``max_norm / (total_norm + 1e-6)`` (cast to the array's dtype).  A
+    NaN/inf norm scales by NaN/0 as PyTorch does, unless
+    `error_if_nonfinite`.  The norm is identical whatever the thread count.
+
+    .. warning:: Pass the *gradients*, not the parameters.  PyTorch's
+       ``clip_grad_norm_(model.parameters(), 1.0)`` finds the gradients in
+       ``.grad``; a NumPy array has none, so ``clip_grad_norm_(params, 1.0)``
+       silently rescales the weights themselves.
+
+    Parameters
+    ----------
+    grads : ndarray or sequence of (ndarray or None)
+        The gradients: float32/float64, C-contiguous, writeable, disjoint;
+        None is skipped.
+    max_norm : float
+        >= 0.
+    norm_type : float
+        p > 0 or ``inf``.
+    error_if_nonfinite : bool
+        Raise RuntimeError (and scale nothing) if the norm is NaN or inf.
+
+    Returns
+    -------
+    float
+        The total norm before clipping.
+    """
+    cdef list names = []
+    cdef list arrays = grad_arrays(grads, names)
+    cdef double mx = at_least(max_norm, "max_norm", 0.0)
+    cdef double p
     try:
-        if chunks == NULL or part == NULL:
+        p = float(norm_type)
+    except (TypeError, ValueError):
+        raise TypeError(f"norm_type must be a number, got {norm_type!r}") from None
+    if not (p > 0):
+        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
+    cdef int mode = (NORM_INF if p == INFINITY else NORM_2 if p == 2.0
+                     else NORM_1 if p == 1.0 else NORM_P)
+    check_grads_disjoint(arrays, names)
+    cdef Py_ssize_t nchunks, total, k
+    cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
+    cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
+    cdef double tot = 0.0, coef
+    cdef int nt
+    try:
+        if part == NULL:
             raise MemoryError()
-        k = 0
-        for i in range(na):
-            arr = <cnp.ndarray>arrays[i]
-            m = cnp.PyArray_SIZE(arr)
-            is_double = cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64
-            itemsize = 8 if is_double else 4
-            base = <char *>cnp.PyArray_DATA(arr)
-            for lo in range(0, m, NORM_CHUNK):
-                chunks[k].data = base + lo * itemsize
-                chunks[k].n = min(NORM_CHUNK, m - lo)
-                chunks[k].is_double = is_double
-                k += 1
         with nogil:
             nt = threads_for(total, GRAIN)
             if nt == 1:
@@ -1199,3 +1252,45 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
         PyMem_Free(part)
     return tot
 
+
+def clip_grad_value_(grads, clip_value):
+    """Clip every gradient element to [-clip_value, clip_value], in place.
+
+    Follows ``torch.nn.utils.clip_grad_value_``: ``g = min(max(g,
+    -clip_value), clip_value)`` elementwise over all arrays, with
+    `clip_value` cast to each array's dtype; NaN stays NaN.  One parallel
+    pass over the same fixed chunks as `clip_grad_norm_`.
+
+    .. warning:: Pass the *gradients*, not the parameters (a NumPy array
+       has no ``.grad``: the parameters themselves would be clipped).
+
+    Parameters
+    ----------
+    grads : ndarray or sequence of (ndarray or None)
+        The gradients: float32/float64, C-contiguous, writeable, disjoint;
+        None is skipped.
+    clip_value : float
+        Finite, >= 0.
+
+    Returns
+    -------
+    None
+    """
+    cdef list names = []
+    cdef list arrays = grad_arrays(grads, names)
+    cdef double clip = at_least(clip_value, "clip_value", 0.0)
+    check_grads_disjoint(arrays, names)
+    cdef Py_ssize_t nchunks, total, k
+    cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
+    cdef int nt
+    try:
+        with nogil:
+            nt = threads_for(total, GRAIN)
+            if nt == 1:
+                for k in range(nchunks):
+                    clamp_chunk(&chunks[k], clip)
+            else:
+                for k in prange(nchunks, num_threads=nt, schedule="static"):
+                    clamp_chunk(&chunks[k], clip)
+    finally:
+        PyMem_Free(chunks)
