@@ -1,4 +1,6 @@
 """``python -m fastopt {bench,config,demo} [options]`` and ``python -m fastopt --version``."""
+from __future__ import annotations
+
 import importlib
 import sys
 
@@ -18,12 +20,12 @@ options:
 COMMANDS = ("bench", "config", "demo")
 
 
-def _error(prog, message):
+def _error(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """Run a command; returns the exit status (2, with a one-line message, for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:
@@ -54,7 +56,8 @@ def main(argv=None):
                 raise
             return _error(f"{PROG} demo", "the demo is not part of this build of fastopt "
                           "(fastopt.demo is missing)")
-        return demo.main(rest)
+        status: int = demo.main(rest)
+        return status
     what = "unknown option" if command.startswith("-") else "unknown command"
     return _error(PROG, f"{what} {command!r} (choose from {', '.join(COMMANDS)}, --version; "
                   "see --help)")

@@ -1,7 +1,10 @@
 """Thread control and build/runtime configuration."""
+from __future__ import annotations
+
 import os
 import platform
 import sys
+from typing import Any, SupportsIndex, TextIO
 
 from . import _dispatch, _runtime
 
@@ -13,13 +16,13 @@ _thread_limit = 0
 _forked_child = False
 
 
-def _apply_thread_limit():
+def _apply_thread_limit() -> None:
     limit = 1 if _forked_child else _thread_limit
     for module in _dispatch.MODULES.values():
         module._set_thread_limit(limit)
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     global _forked_child
     _forked_child = True
     _apply_thread_limit()
@@ -29,7 +32,7 @@ if hasattr(os, "register_at_fork") and "gomp" in _runtime.openmp_library():
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """Number of OpenMP threads fastopt's kernels use (at most) from this thread.
 
     This is OpenMP's team size (``OMP_NUM_THREADS``, or a limit set through
@@ -44,7 +47,7 @@ def get_num_threads():
     return min(n, _thread_limit) if _thread_limit else n
 
 
-def set_num_threads(n):
+def set_num_threads(n: SupportsIndex | None) -> None:
     """Cap the number of threads fastopt's kernels use; ``None`` or 0 removes the cap."""
     global _thread_limit
     if n is None:
@@ -58,7 +61,7 @@ def set_num_threads(n):
     _apply_thread_limit()
 
 
-def config():
+def config() -> dict[str, Any]:
     """The facts `show_config` prints, as a dict."""
     try:
         from . import _build_config as b
@@ -88,7 +91,7 @@ def config():
     }
 
 
-def show_config(file=None):
+def show_config(file: TextIO | None = None) -> None:
     """Print the version, SIMD level, OpenMP runtime, thread count and build flags."""
     c = config()
     lines = [

@@ -18,6 +18,8 @@ from types import ModuleType
 
 from . import _runtime
 
+__all__ = ["ORDER", "FAMILIES", "LEVEL", "MODULES", "optim", "batchnorm", "softmax", "train"]
+
 ORDER = ("native", "avx512", "avx2", "baseline")
 FAMILIES = ("_optim", "_batchnorm", "_softmax", "_train")
 

@@ -14,5 +14,6 @@ from numpy.typing import NDArray
 FloatArray = NDArray[np.floating[Any]]
 
 #: An optimizer's parameters: a list of arrays, or of param-group dicts
-#: (``{"params": [...], "lr": ...}``).
-Params = Union[Iterable[FloatArray], Iterable[dict[str, Any]]]
+#: (``{"params": [...], "lr": ...}``); not both (checked at run time).  One
+#: iterable of either, so that a list literal of dicts is inferred as such.
+Params = Iterable[Union[FloatArray, dict[str, Any]]]

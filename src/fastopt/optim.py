@@ -66,7 +66,7 @@ __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "flat_views"]
 _ALIGN = 64     # bytes; each view of `flat_views` starts on a cache line
 
 
-def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike = None,
+def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike | None = None,
                copy: bool = True) -> tuple[FloatArray, list[FloatArray]]:
     """One contiguous buffer holding every array, and views of it shaped like them.
 
