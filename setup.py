@@ -202,7 +202,7 @@ class BuildExt(build_ext):
             f"COMPILER = {self.compiler.compiler_type!r}\n"
             f"COMPILER_VERSION = {_compiler_version(self.compiler)!r}\n"
             f"CFLAGS = {cflags!r}\n"
-            f"LEVEL_FLAGS = {level_flags!r}\n"
+            f"LEVEL_FLAGS: dict[str, list[str]] = {level_flags!r}\n"   # typed: may hold []
             f"CYTHON_DIRECTIVES = {DIRECTIVES!r}\n"
         )
         targets = [os.path.join(SRC, "_build_config.py")]
