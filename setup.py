@@ -18,7 +18,15 @@ FASTOPT_SANITIZE=address,undefined
                      the runtime must be preloaded to import the build:
                      tools/sanitize.sh builds a copy of the tree and runs the
                      tests that way.
+
+Builds use every core (``build_ext -j N`` to choose) and are cached under
+build/: the generated C by its inputs, each compiled module by everything
+that determines it (see `BuildExt.build_extension`), so building the same
+tree again -- a second ``pip install .`` -- compiles nothing, and a change of
+compiler, flags, Cython or NumPy never reuses a stale object.
 """
+import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -40,6 +48,8 @@ DEBUG = os.environ.get("FASTOPT_DEBUG") == "1"
 NATIVE = os.environ.get("FASTOPT_NATIVE") == "1"
 SANITIZE = [s.strip() for s in os.environ.get("FASTOPT_SANITIZE", "").split(",") if s.strip()]
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "x64")
+JOBS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+log = logging.getLogger("fastopt.setup")
 
 # Per-level flags on top of the common ones.  -ffp-contract=off keeps the
 # elementwise results bit-identical across levels (no FMA contraction).
@@ -72,15 +82,22 @@ DIRECTIVES = {
     "cdivision": not DEBUG,
     "initializedcheck": DEBUG,
     "nonecheck": False,
-    "embedsignature": True,
+    # No embedded signature: functions are bound (Cython 3's default), so
+    # inspect/help() read the signature from the function itself; an
+    # embedded copy would be shown a second time.
+    "embedsignature": False,
 }
 
 
 class BuildExt(build_ext):
     """Adds compiler-specific flags, probes OpenMP, records the build config."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        if self.parallel is None:       # no -j given: compile on every core
+            self.parallel = JOBS
+
     def build_extensions(self):
-        self.force = True   # flags depend on the environment: never reuse stale objects
         ctype = self.compiler.compiler_type
         msvc = ctype == "msvc"
         san_c, san_l = [], []
@@ -120,8 +137,54 @@ class BuildExt(build_ext):
             level = getattr(ext, "simd_level", "baseline")
             ext.extra_compile_args = common + omp_c + levels.get(level, [])
             ext.extra_link_args = omp_l + san_l
+        self._toolchain = _toolchain(self.compiler)
         self._write_build_config(openmp, common + omp_c, {lv: levels.get(lv, []) for lv in simd_levels()})
         super().build_extensions()
+
+    def build_extension(self, ext):
+        """Compile and link `ext`, or reuse the module an identical build made.
+
+        The module is kept in build/temp.*/<name>-<key>/, keyed by everything
+        that determines it: the C source and the local headers, the
+        compiler (command, version, flags), the macros, include directories
+        (NumPy's by version) and link options, and the Python it is built
+        for.  An identical rebuild copies the stored module; any other
+        configuration gets a directory of its own.  ``--force`` rebuilds.
+        """
+        target = self.get_ext_fullpath(ext.name)
+        stored_dir = os.path.join(self.build_temp, f"{ext.name}-{self._ext_key(ext)}")
+        stored = os.path.join(stored_dir, os.path.basename(target))
+        if self.force or not os.path.exists(stored):
+            log.info("building '%s' extension", ext.name)
+            objects = self.compiler.compile(
+                ext.sources, output_dir=stored_dir, macros=ext.define_macros,
+                include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs=ext.extra_compile_args, depends=ext.depends)
+            # Linked under a temporary name: an interrupted build leaves no
+            # module that looks complete.
+            partial = os.path.join(stored_dir, "partial", os.path.basename(target))
+            self.compiler.link_shared_object(
+                objects, partial, libraries=self.get_libraries(ext),
+                library_dirs=ext.library_dirs, runtime_library_dirs=ext.runtime_library_dirs,
+                extra_postargs=ext.extra_link_args, export_symbols=self.get_export_symbols(ext),
+                debug=self.debug, build_temp=stored_dir, target_lang="c")
+            os.replace(partial, stored)
+        else:
+            log.info("reusing '%s' from an identical earlier build", ext.name)
+        self.mkpath(os.path.dirname(target))
+        shutil.copy(stored, target)
+
+    def _ext_key(self, ext):
+        numpy_include = np.get_include()
+        settings = (
+            self._toolchain, self.debug,
+            # NumPy's headers by version: the path of a build environment changes.
+            [f"numpy-{np.__version__}" if d == numpy_include else d for d in ext.include_dirs],
+            ext.define_macros, ext.undef_macros, ext.extra_compile_args, ext.extra_link_args,
+            self.get_libraries(ext), ext.library_dirs, ext.runtime_library_dirs,
+        )
+        headers = sorted(os.path.join(SRC, f) for f in os.listdir(SRC) if f.endswith(".h"))
+        return _digest(repr(settings).encode(), *(_read(f) for f in ext.sources + headers))
 
     def copy_extensions_to_source(self):
         # In-place builds: the per-level packages have no source directory.
@@ -167,8 +230,8 @@ class BuildExt(build_ext):
             f"COMPILER = {self.compiler.compiler_type!r}\n"
             f"COMPILER_VERSION = {_compiler_version(self.compiler)!r}\n"
             f"CFLAGS = {cflags!r}\n"
-            f"LEVEL_FLAGS = {level_flags!r}\n"
-            f"SANITIZE = {SANITIZE!r}\n"
+            f"LEVEL_FLAGS: dict[str, list[str]] = {level_flags!r}\n"   # typed: may hold []
+            f"SANITIZE: list[str] = {SANITIZE!r}\n"
             f"CYTHON_DIRECTIVES = {DIRECTIVES!r}\n"
         )
         targets = [os.path.join(SRC, "_build_config.py")]
@@ -178,6 +241,41 @@ class BuildExt(build_ext):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 f.write(text)
+
+
+def _toolchain(compiler):
+    """What identifies the compiler, the linker and the target Python."""
+    if compiler.compiler_type == "msvc" and not getattr(compiler, "initialized", True):
+        compiler.initialize()
+    commands = {name: getattr(compiler, name) for name in
+                ("compiler_so", "linker_so", "cc", "linker", "compile_options", "ldflags_shared")
+                if hasattr(compiler, name)}
+    return (compiler.compiler_type, _compiler_version(compiler), sorted(commands.items()),
+            sys.version, sysconfig.get_config_var("EXT_SUFFIX"), sysconfig.get_paths()["include"])
+
+
+def _digest(*parts):
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def _read(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_if_changed(path, data):
+    """Write atomically, and only if the content differs (keeps the mtime)."""
+    if os.path.exists(path) and _read(path) == data:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def _compiler_version(compiler):
@@ -192,32 +290,49 @@ def _compiler_version(compiler):
         return cc[0]
 
 
+def generated_c(modules):
+    """Cythonize `modules` (``_optim``...) once per set of inputs; returns the
+    directory that holds the C files (``<dir>/src/fastopt/_optim.c``...).
+
+    The C lives in build/cython-<versions>-<key>/, keyed by the .pyx/.pxi/.pxd
+    sources, the Cython and NumPy versions (NumPy's .pxd) and the directives;
+    a directory is complete once its marker file exists.  (Cython's own
+    timestamp check would regenerate everything in every fresh build
+    environment, whose NumPy files are new.)
+    """
+    inputs = sorted(f for f in os.listdir(SRC) if f.endswith((".pyx", ".pxi", ".pxd")))
+    key = _digest(repr((Cython.__version__, np.__version__, sorted(DIRECTIVES.items()),
+                        inputs)).encode(), *(_read(os.path.join(SRC, f)) for f in inputs))
+    out = os.path.join("build", f"cython-{Cython.__version__}-numpy-{np.__version__}-{key}")
+    done = os.path.join(out, "complete")
+    if not (os.path.exists(done) and all(os.path.exists(os.path.join(out, SRC, m + ".c"))
+                                         for m in modules)):
+        cythonize(
+            [Extension(f"fastopt.{m}", [os.path.join(SRC, m + ".pyx")],
+                       include_dirs=[np.get_include(), SRC]) for m in modules],
+            compiler_directives=DIRECTIVES, quiet=True, build_dir=out, force=True,
+            nthreads=JOBS if JOBS > 1 else 0)
+        open(done, "w").close()
+    return out
+
+
 def extensions():
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")]
     incl = [np.get_include(), SRC]
-    base = cythonize(
-        [Extension(f"fastopt.{m}", [os.path.join(SRC, m + ".pyx")], include_dirs=incl, define_macros=macros)
-         for m in KERNEL_MODULES + ["_runtime"]],
-        compiler_directives=DIRECTIVES, quiet=True,
-        # C generated for one NumPy/Cython pair never meets another's headers.
-        build_dir=os.path.join("build", f"cython-{Cython.__version__}-numpy-{np.__version__}"))
-    exts = []
-    for ext in base:
-        family = ext.name.rsplit(".", 1)[1]
-        c_src = ext.sources[0]
-        if family == "_runtime":
-            exts.append(ext)
-            continue
+    c_dir = generated_c(KERNEL_MODULES + ["_runtime"])
+    exts = [Extension("fastopt._runtime", [os.path.join(c_dir, SRC, "_runtime.c")],
+                      include_dirs=incl, define_macros=macros)]
+    for family in KERNEL_MODULES:
         for level in simd_levels():
-            # One C file per level so that each gets its own object file.
-            dst_dir = os.path.join("build", "simd_src", level)
-            os.makedirs(dst_dir, exist_ok=True)
-            dst = os.path.join(dst_dir, family + ".c")
-            shutil.copyfile(c_src, dst)
+            # One C file per level, so that each level's object file has its
+            # own path and the levels compile side by side.
+            dst = os.path.join(c_dir, "simd", level, family + ".c")
+            _write_if_changed(dst, _read(os.path.join(c_dir, SRC, family + ".c")))
             e = Extension(f"fastopt._{level}.{family}", [dst], include_dirs=incl, define_macros=macros)
             e.simd_level = level
             exts.append(e)
     return exts
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+if __name__ == "__main__":    # not in the processes that cythonize in parallel
+    setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

@@ -5,7 +5,7 @@ Compares SGD, Momentum, RMSprop and Adam (with learning-rate decay) on
 mini-batches; see ``python examples/train_digits.py --help``:
 
     python examples/train_digits.py                     # the four optimizers
-    python examples/train_digits.py --plot costs.png    # and their cost curves
+    python examples/train_digits.py --plot curves.png   # and their training curves
     python examples/train_digits.py --search 20         # random search: lr, beta
 
 The same as ``python -m fastopt demo``.  The model and the training loop are

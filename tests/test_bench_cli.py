@@ -15,8 +15,10 @@ from fastopt import bench
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(fastopt.__file__)))
 
 
-def start_cli(*args):
+def start_cli(*args, columns=None):
     env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if columns:
+        env["COLUMNS"] = str(columns)
     return subprocess.Popen([sys.executable, "-m", "fastopt", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 
@@ -26,8 +28,8 @@ def finish(proc):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_cli(*args):
-    return finish(start_cli(*args))
+def run_cli(*args, columns=None):
+    return finish(start_cli(*args, columns=columns))
 
 
 @pytest.fixture
@@ -46,7 +48,7 @@ def small(monkeypatch):
 
 
 def test_quick_adam_prints_a_checked_row():
-    r = run_cli("bench", "--quick", "--kernels", "adam", "--sizes", "1000")
+    r = run_cli("bench", "--quick", "--kernels", "adam", "--sizes", "1000", columns=120)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "CPU:" in out and "SIMD" in out and "probe" in out
@@ -54,6 +56,7 @@ def test_quick_adam_prints_a_checked_row():
     rows = [line for line in out.splitlines() if line.strip().startswith("n=1,000 ")]
     assert len(rows) == 1 and rows[0].rstrip().endswith("ok"), out
     assert "All 1 cases match NumPy" in out
+    assert "Verdict" in out and "Slower than NumPy" in out
     assert "Traceback" not in r.stderr
 
 
@@ -89,6 +92,9 @@ BAD_INPUT = [
     (["--dtype", "float16"], "float16"),
     (["--json", "/nonexistent-dir/x/out.json"], "--json"),
     (["--json", "/"], "directory"),
+    (["--plot", "speedups.txt"], "--plot: speedups.txt: '.txt' is not an image format"),
+    (["--plot", "speedups"], "--plot: speedups: no file extension"),
+    (["--plot", "/nonexistent-dir/x/s.png"], "--plot: cannot write"),
     (["--bogus-option"], "--bogus-option"),
 ]
 
@@ -109,24 +115,49 @@ def test_bad_input_exits_2_with_one_line(bad_input_runs, k):
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
-def test_plot_without_matplotlib_is_a_clear_error(tmp_path):
-    try:
-        import matplotlib  # noqa: F401
-        pytest.skip("matplotlib is installed")
-    except ImportError:
-        pass
-    r = run_cli("bench", "--quick", "--plot", str(tmp_path / "p.png"))
-    assert r.returncode == 2 and "matplotlib" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)              # import fails
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    assert bench.main(["--quick", "--plot", str(tmp_path / "p.png")], prog="bench") == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == ("bench: error: --plot needs matplotlib: pip install "
+                                 "matplotlib (or pip install 'fastopt[plot]')\n")
+
+
+def test_plot_is_written(tmp_path, small, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "speedups.svg"
+    assert bench.main(["--quick", "--kernels", "sgd", "--sizes", "100", "--plot", str(path)]) == 0
+    assert path.read_text().lstrip().startswith("<?xml") and "sgd" in path.read_text()
 
 
 def test_module_dispatch():
     r = run_cli("config")
     assert r.returncode == 0 and "OpenMP" in r.stdout
-    r = run_cli("frobnicate")
-    assert r.returncode == 2 and "unknown command" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--help")
-    assert r.returncode == 0 and "bench" in r.stdout
+    assert r.returncode == 0 and "bench" in r.stdout and "--version" in r.stdout
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout == f"fastopt {fastopt.__version__}\n"
+    r = run_cli("config", "--help")
+    assert r.returncode == 0 and "SIMD level" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    ((), "python -m fastopt: error: no command given (choose from bench, config, demo; "
+         "see --help)"),
+    (("frobnicate",), "python -m fastopt: error: unknown command 'frobnicate' (choose from "
+                      "bench, config, demo, --version; see --help)"),
+    (("--verbose",), "python -m fastopt: error: unknown option '--verbose'"),
+    (("config", "--bogus"), "python -m fastopt config: error: unrecognized arguments: --bogus"),
+    (("bench", "--threads", "x"), "python -m fastopt bench: error: argument --threads: "
+                                  "invalid int value: 'x'"),
+    (("demo", "--epochs", "0"), "python -m fastopt demo: error: --epochs must be >= 1, got 0"),
+])
+def test_module_errors_are_one_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), r.stderr
 
 
 def test_demo_missing_is_a_clear_error(monkeypatch, capsys):
@@ -146,7 +177,8 @@ def test_wrong_kernel_is_reported_failed(monkeypatch, small, capsys):
     assert bench.main(["--quick", "--kernels", "adam,sgd", "--sizes", "1000"]) == 1
     out = capsys.readouterr().out
     adam_row = next(line for line in out.splitlines() if line.startswith("  n=1,000"))
-    assert "FAILED" in adam_row and "x" not in adam_row.split()[3]
+    # no time for fastopt, so no ratio (a number with "x") anywhere in the row
+    assert "FAILED" in adam_row and not any(t.endswith("x") for t in adam_row.split())
     assert "FAILED fastopt: param[999]" in out
     assert "FAILED: 1 of 2 cases" in out                  # sgd still ok
 
@@ -261,3 +293,133 @@ def test_plot_writes_a_png(small, tmp_path, capsys):
     assert bench.main(["--quick", "--kernels", "sgd", "--sizes", "10,100", "--plot",
                        str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------- layout ---
+
+ALL_LABELS = [c.label for c in bench.build_cases(list(bench.FAMILIES), bench.SIZES, False)]
+
+
+def table_width(cols):
+    return sum(c[2] for c in cols) + len(cols) - 1
+
+
+@pytest.mark.parametrize("width", [60, 72, 80, 99, 100, 113, 160])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_layout_fits_the_width(width, threads):
+    cols = bench.layout(width, ALL_LABELS, threads)
+    keys = [c[0] for c in cols]
+    for key in ("case", "fastopt", "vs_numpy", "check"):      # always there
+        assert key in keys
+    assert keys == [c[0] for c in bench.COLUMNS if c[0] in keys]     # in table order
+    if width >= 72:
+        assert table_width(cols) <= width
+    if width >= 113 and threads > 1:
+        assert keys == [c[0] for c in bench.COLUMNS]           # everything fits
+    if threads == 1:
+        assert "fastopt_1t" not in keys and "scaling" not in keys
+    assert ("numpy" in keys) == (width >= 72)
+
+
+def test_long_labels_get_a_line_of_their_own():
+    cols = bench.layout(80, ["short", "a label longer than the case column allows"], 2)
+    row = bench.fmt_row({"case": "  a label longer than the case column allows",
+                         "fastopt": "1 us", "check": "ok"}, cols)
+    first, second = row.splitlines()
+    assert first == "  a label longer than the case column allows"
+    assert second.startswith(" " * cols[0][2]) and second.endswith("ok")
+
+
+@pytest.mark.parametrize("columns", [80, 100, 132])
+def test_every_line_fits_the_terminal(columns, monkeypatch, small, capsys):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    assert bench.main(["--quick", "--kernels", "adam,optimizer,batchnorm", "--sizes", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= columns
+    heading = next(line for line in out.splitlines() if line.startswith("case"))
+    if columns == 80:
+        assert "1 thread" not in heading and "%probe" not in heading
+    if columns == 132 and fastopt.get_num_threads() > 1:
+        assert heading.split() == ["case", "NumPy", "in-place", "fastopt", "1", "thread", "vs",
+                                   "NumPy", "vs", "in-pl", "scaling", "GB/s", "%probe", "check"]
+
+
+# ------------------------------------------------------------- verdict ---
+
+def record(family, case, numpy_s, fastopt_s, peers=None, ok=True, **kw):
+    r = {"family": family, "case": case, "ok": ok, "numpy_s": numpy_s, "fastopt_s": fastopt_s,
+         "speedup_vs_numpy": numpy_s / fastopt_s, "speedup_vs_inplace": numpy_s / fastopt_s / 2,
+         "scaling": 1.8, "best_s": {"fastopt": fastopt_s}, "cpu_share": {"numpy": 1.0},
+         "probe_fraction": 0.3, "peers": {k: {"time_s": v, "error": None}
+                                          for k, v in (peers or {}).items()}}
+    r.update(kw)
+    return r
+
+
+QUIET = {"loadavg": 0.1, "cpu_probe": 1.0}
+
+
+def test_speedups_are_geometric_means_per_family_and_peer():
+    records = [record("adam", "a", 8.0, 1.0, {"torch Adam(fused=True)": 2.0}),
+               record("adam", "b", 2.0, 1.0, {"torch Adam(fused=True)": 8.0}),
+               record("sgd", "c", 3.0, 1.0),
+               record("sgd", "d", 1e9, 1.0, ok=False)]                 # failed: not counted
+    table = bench.speedups(records)
+    assert table["adam"] == {"cases": 2, "numpy": pytest.approx(4.0),
+                             "inplace": pytest.approx(2.0), "torch": pytest.approx(4.0)}
+    assert table["sgd"] == {"cases": 1, "numpy": pytest.approx(3.0),
+                            "inplace": pytest.approx(1.5)}
+    assert table["all"]["cases"] == 3
+    assert table["all"]["numpy"] == pytest.approx((8 * 2 * 3) ** (1 / 3))
+    assert table["all"]["torch"] == pytest.approx(4.0)
+
+
+def test_verdict_lists_the_cases_slower_than_numpy():
+    records = [record("adam", "n=1,000", 2.0, 1.0), record("sgd", "n=10", 1.0, 2.0)]
+    lines = bench.verdict(records, QUIET, 2, 2, 80)
+    text = "\n".join(lines)
+    assert lines[0].startswith("Verdict")
+    assert "  adam" in text and "2.00x" in text and "0.50x" in text
+    assert "Slower than NumPy: 1 of the 2 cases." in text
+    assert "sgd n=10: 0.50x; likely:" in text
+    assert max(map(len, lines)) <= 80
+    assert "none of the 1 cases" in "\n".join(bench.verdict(records[:1], QUIET, 2, 2, 80))
+
+
+@pytest.mark.parametrize("change,load,cause", [
+    ({}, {"loadavg": 7.0, "cpu_probe": 0.4}, "the machine is busy (load average 7.0 on 2 CPUs"),
+    ({}, {"loadavg": 0.2, "cpu_probe": 0.5}, "a probe thread got 50% of a CPU"),
+    ({"cpu_share": {"numpy": 1.0, "fastopt_1t": 0.3}}, QUIET, "the timing thread got 30%"),
+    ({"cpu_share": {"numpy": 1.0, "fastopt": 0.3}}, QUIET, "no cause found"),   # waits for its team
+    ({"best_s": {"fastopt": 1e-6}, "fastopt_s": 2e-6}, QUIET, "noisy timing"),
+    ({"scaling": 0.5}, QUIET, "threads slow it down here (1 thread is 2.00x faster)"),
+    ({"fastopt_s": 1e-6, "best_s": {"fastopt": 1e-6}}, QUIET, "mostly fixed overhead"),
+    ({"probe_fraction": 0.95}, QUIET, "memory-bound"),
+    ({}, QUIET, "no cause found"),
+])
+def test_slow_causes(change, load, cause):
+    r = record("sgd", "n=10", 1.0, 2.0)
+    r.update(change)
+    causes = bench.slow_causes(r, load, 2, 2)
+    assert any(cause in c for c in causes), causes
+    if cause != "no cause found":
+        assert not any("no cause found" in c for c in causes)
+
+
+def test_cpu_probe_is_a_share_of_one_cpu():
+    assert 0 < bench.cpu_probe(0.02) <= 1.0
+
+
+def test_json_has_the_verdict(tmp_path, small):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--kernels", "adam,sgd", "--sizes", "100",
+                       "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert set(data["speedups"]) == {"adam", "sgd", "all"}
+    assert data["speedups"]["all"]["cases"] == 2
+    assert set(data["load"]) == {"loadavg", "cpu_probe"}
+    for r in data["results"]:
+        assert 0 < r["cpu_share"]["fastopt"] <= 1
+    slower = {(s["family"], s["case"]) for s in data["slower_than_numpy"]}
+    assert slower == {(r["family"], r["case"]) for r in data["results"]
+                      if r["speedup_vs_numpy"] < 1}

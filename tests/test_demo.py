@@ -119,6 +119,31 @@ def test_main_prints_epochs_and_plots(digits, tmp_path, capsys):
     assert path.stat().st_size > 10_000                              # a real PNG chart
 
 
+def test_plot_draws_costs_and_accuracy_with_legends():
+    """Left: raw and smoothed mini-batch cost per run (a legend tells which is
+    which); right: test accuracy per epoch, one line per optimizer."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    hist = {name: {"costs": list(np.linspace(2.0, 0.1, 40) + k), "test_acc": [0.5, 0.7, 0.8, 0.9]}
+            for k, name in enumerate(["sgd", "adam"])}
+    fig = demo.history_figure(hist)
+    try:
+        cost, acc = fig.axes
+        assert len(cost.lines) == 4                                   # raw + smoothed, 2 runs
+        raw, smooth = cost.lines[:2]
+        np.testing.assert_allclose(raw.get_ydata(), hist["sgd"]["costs"])
+        np.testing.assert_allclose(raw.get_xdata()[[0, -1]], [0.1, 4.0])   # in epochs
+        assert smooth.get_color() == raw.get_color() and raw.get_alpha() < 1
+        assert [t.get_text() for t in cost.get_legend().get_texts()] == [
+            "mini-batch cost", "smoothed (EWA, beta = 0.9)"]
+        assert [t.get_text() for t in acc.get_legend().get_texts()] == ["sgd", "adam"]
+        np.testing.assert_array_equal(acc.lines[1].get_ydata(), [0.5, 0.7, 0.8, 0.9])
+        np.testing.assert_array_equal(acc.lines[1].get_xdata(), [1, 2, 3, 4])
+        assert acc.get_ylabel() == "test accuracy"
+    finally:
+        plt.close(fig)
+
+
 def test_main_search_and_float64(digits, capsys):
     assert demo.main(["--search", "2", "--epochs", "2", "--dtype", "float64"]) == 0
     out = capsys.readouterr().out
@@ -127,13 +152,76 @@ def test_main_search_and_float64(digits, capsys):
 
 # ----------------------------------------------------- command line errors ---
 
-def test_main_bad_options(capsys):
-    assert demo.main(["--optimizers", "adam,nadam"]) == 2
-    assert "unknown optimizer(s) ['nadam']" in capsys.readouterr().err
-    assert demo.main(["--hidden", "64"]) == 2
-    assert "--hidden must be two positive widths" in capsys.readouterr().err
-    assert demo.main(["--batch-size", "1"]) == 2
-    assert "--batch-size must be >= 2" in capsys.readouterr().err
+def run_main(args, capsys):
+    """(exit status, stdout, stderr) of demo.main(args), argparse's exits included."""
+    try:
+        code = demo.main(args)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BAD_OPTIONS = [
+    (["--optimizers", "adam,nadam"], "--optimizers: unknown optimizer 'nadam'"),
+    (["--optimizers", ","], "--optimizers: no optimizer named"),
+    (["--hidden", "64"], "--hidden must be two positive widths"),
+    (["--hidden", "64,0"], "--hidden must be two positive widths"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+    (["--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["--batch-size", "0"], "--batch-size must be >= 2 (BatchNorm needs two examples"),
+    (["--batch-size", "1"], "--batch-size must be >= 2"),
+    (["--decay", "-1"], "--decay must be in (0, 1] (lr0 * decay**epoch), got -1"),
+    (["--decay", "0"], "--decay must be in (0, 1]"),
+    (["--decay", "1.5"], "--decay must be in (0, 1]"),
+    (["--decay", "nan"], "--decay must be in (0, 1]"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--search", "-2"], "--search must be >= 0, got -2"),
+    (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (["--search-optimizer", "nadam"], "argument --search-optimizer: invalid choice"),
+    (["--plot", "/nonexistent-dir/x/curves.png"], "--plot: cannot write /nonexistent-dir/x/"),
+    (["--plot", "curves.txt"], "--plot: curves.txt: '.txt' is not an image format"),
+    (["--plot", "curves"], "--plot: curves: no file extension"),
+    (["--plot", "c.png", "--search", "2"], "--plot draws the optimizer comparison"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+]
+
+
+@pytest.mark.parametrize("args,words", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_are_one_line_errors_before_any_work(args, words, capsys, monkeypatch):
+    """Exit 2, one line naming the option, nothing trained or loaded (each check
+    comes before the data is loaded: loading it would fail here)."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(demo, "load_data", lambda *a, **k: pytest.fail("data loaded"))
+    code, out, err = run_main(args, capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m fastopt demo: error: "), err
+    assert words in lines[0]
+    assert out == ""
+
+
+def test_batch_size_above_the_training_set(digits, capsys):
+    code, out, err = run_main(["--batch-size", "5000"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == ("python -m fastopt demo: error: --batch-size must be at most 1347 "
+                           "(the training set), got 5000")
+    trial = len(demo.split(digits[0], digits[1], 0.2, 1)[1])        # seed 0 + 1
+    code, out, err = run_main(["--search", "1", "--batch-size", str(trial + 1)], capsys)
+    assert code == 2 and f"at most {trial} (the training set of a search trial)" in err
+
+
+def test_help_documents_every_option_with_its_default():
+    parser = demo._parser("demo")
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "default" in action.help, action.option_strings
+    text = parser.format_help()
+    for option in ("--optimizers", "--epochs", "--batch-size", "--decay", "--hidden", "--dtype",
+                   "--seed", "--plot", "--search", "--search-optimizer"):
+        assert option in text
+    assert "(default 15)" in " ".join(text.split())          # --epochs, defaults filled in
 
 
 def test_train_rejects_batches_batchnorm_cannot_use():
@@ -145,15 +233,19 @@ def test_train_rejects_batches_batchnorm_cannot_use():
 
 def test_missing_matplotlib_is_a_clear_message(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)              # import fails
-    assert demo.main(["--plot", "x.png"]) == 1
-    assert 'needs matplotlib: pip install "fastopt[examples]"' in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)
+    code, out, err = run_main(["--plot", "x.png"], capsys)
+    assert code == 2 and out == ""
+    assert err == ("python -m fastopt demo: error: --plot needs matplotlib: pip install "
+                   "matplotlib (or pip install 'fastopt[examples]')\n")
 
 
 def test_missing_sklearn_is_a_clear_message(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert demo.main([]) == 1
-    assert "needs scikit-learn" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "needs scikit-learn" in err
 
 
 def test_package_imports_without_the_extras():

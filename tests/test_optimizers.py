@@ -1,4 +1,5 @@
-"""fastopt.SGD / RMSprop / Adam / AdamW and clip_grad_norm_.
+"""fastopt.SGD / RMSprop / Adam / AdamW, add_param_group, clip_grad_norm_ and
+clip_grad_value_.
 
 Optimizer objects are checked two ways over 100-step trajectories:
 bit-for-bit against the functional kernels applied array by array, and
@@ -735,6 +736,187 @@ def test_clip_grad_norm_bad_input_changes_nothing(rng):
         with pytest.raises(exc, match=msg):
             fastopt.clip_grad_norm_(*args)
         snap.assert_unchanged()
+
+
+# --------------------------------------------------------- clip_grad_value_ ---
+
+def clamp_reference(g, c):
+    """min(max(g, -c), c) with c in g's dtype; NaN stays NaN."""
+    c = g.dtype.type(c)
+    out = g.copy()
+    out[g > c] = c
+    out[g < -c] = -c
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [0.0, 0.3, 1.7])
+def test_clip_grad_value_matches_numpy(clip, dtype, rng):
+    grads = make_grads(rng, make_params(rng, BIG_SHAPES, dtype))
+    grads[-1].flat[[0, 3, 5]] = [np.nan, np.inf, -np.inf]
+    expected = [clamp_reference(g, clip) for g in grads]
+    assert fastopt.clip_grad_value_(grads, clip) is None
+    for g, e in zip(grads, expected):
+        np.testing.assert_array_equal(g, e)           # a clamp is exact
+    assert np.isnan(grads[-1].flat[0]) and grads[-1].flat[3] == grads[-1].dtype.type(clip)
+
+
+def test_clip_grad_value_mixed_dtypes_none_and_single_array(rng):
+    grads = [rng.standard_normal(40_000).astype(np.float32), None,
+             rng.standard_normal((30, 3)) * 3, rng.standard_normal(17).astype(np.float32)]
+    expected = [None if g is None else clamp_reference(g, 0.1) for g in grads]
+    fastopt.clip_grad_value_(grads, 0.1)
+    for g, e in zip(grads, expected):
+        if g is not None:
+            np.testing.assert_array_equal(g, e)
+    g = rng.standard_normal(10) * 5
+    e = clamp_reference(g, 2)
+    fastopt.clip_grad_value_(g, 2)                     # a single array, an int clip value
+    np.testing.assert_array_equal(g, e)
+    fastopt.clip_grad_value_([], 1.0)
+
+
+def test_clip_grad_value_one_vs_two_threads(rng):
+    grads = make_grads(rng, make_params(rng, [(100_003,), (17,), (60_000,), (5, 7)], np.float32))
+    out = []
+    for n in (1, 2):
+        gs = [g.copy() for g in grads]
+        with num_threads(n):
+            fastopt.clip_grad_value_(gs, 0.5)
+        out.append(gs)
+    for a, b in zip(*out):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_clip_grad_value_bad_input_changes_nothing(rng):
+    a = rng.standard_normal((4, 6)) * 3
+    b = rng.standard_normal(5) * 3
+    ro = b.copy()
+    ro.flags.writeable = False
+    snap = Snapshot(a, b)
+    cases = [
+        (([b, a.T], 1.0), ValueError, r"grads\[1\] must be C-contiguous"),
+        (([b, ro], 1.0), ValueError, r"grads\[1\] is read-only"),
+        (([b, a.astype(np.int32)], 1.0), TypeError, r"grads\[1\] must have dtype"),
+        (([b, [1.0]], 1.0), TypeError, r"grads\[1\] must be a numpy.ndarray"),
+        (([a, b, a[1]], 1.0), ValueError, r"grads\[0\] and grads\[2\] overlap"),
+        (([a, b], -1.0), ValueError, "clip_value must be >= 0"),
+        (([a, b], np.nan), ValueError, "clip_value must be finite"),
+        (([a, b], np.inf), ValueError, "clip_value must be finite"),
+        (([a, b], "1"), TypeError, "clip_value must be a real number"),
+    ]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fastopt.clip_grad_value_(*args)
+        snap.assert_unchanged()
+
+
+def test_clipping_documents_the_torch_habit():
+    """clip_grad_norm_(params, ...) rescales whatever it is given: say so."""
+    for f in (fastopt.clip_grad_norm_, fastopt.clip_grad_value_):
+        assert "Pass the *gradients*, not the parameters" in f.__doc__
+
+
+# ----------------------------------------------------------- add_param_group ---
+
+ADD_GROUP_CASES = [
+    (fastopt.Adam, {"lr": 1e-2}, {"weight_decay": 0.1}),
+    (fastopt.AdamW, {"amsgrad": True}, {"lr": 3e-3, "betas": [0.8, 0.99]}),
+    (fastopt.RMSprop, {"momentum": 0.9, "centered": True}, {"lr": 1e-3}),
+    (fastopt.SGD, {"lr": 0.1, "momentum": 0.9}, {"nesterov": True, "lr": 0.05}),
+    (fastopt.SGD, {"lr": 0.1}, {"momentum": 0.5}),          # a state kind only the new group has
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,extra", ADD_GROUP_CASES,
+                         ids=[f"{c.__name__}-{i}" for i, (c, _, _) in enumerate(ADD_GROUP_CASES)])
+def test_add_param_group_continues_like_one_optimizer_built_with_all_groups(cls, kwargs, extra,
+                                                                             rng):
+    """Optimizer A gets the second group after 5 steps; optimizer B has both
+    groups from the start and skips the second group's parameters (None grads)
+    for those 5 steps.  Both then continue identically, bit for bit, and their
+    state dicts are interchangeable."""
+    first, second = [(3, 5), (70_000,)], [(17,), (2, 2)]
+    p1 = make_params(rng, first, np.float32)
+    p2 = make_params(rng, second, np.float64)
+    a1, a2 = [p.copy() for p in p1], [p.copy() for p in p2]
+    b1, b2 = [p.copy() for p in p1], [p.copy() for p in p2]
+    a = cls(a1, **kwargs)
+    b = cls([{"params": b1}, {"params": b2, **extra}], **kwargs)
+    for _ in range(5):
+        g = make_grads(rng, p1)
+        a.step(g)
+        b.step(g + [None, None])
+    state_before = [{k: v.copy() for k, v in st.items()} for st in a.state]
+    a.add_param_group({"params": a2, **extra})
+    hyper = lambda opt: [{k: v for k, v in g.items() if k != "params"}  # noqa: E731
+                         for g in opt.param_groups]
+    assert hyper(a) == hyper(b)
+    assert a.param_groups[1]["params"][0] is a2[0]
+    np.testing.assert_array_equal(a.steps, b.steps)
+    for old, new in zip(state_before, a.state):             # kept exactly
+        for k in old:
+            np.testing.assert_array_equal(new[k], old[k])
+    for _ in range(5):
+        g = make_grads(rng, p1 + p2)
+        a.step(g)
+        b.step(g)
+    for x, y in zip(a1 + a2, b1 + b2):
+        np.testing.assert_array_equal(x, y)
+    for sa, sb in zip(a.state, b.state):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            np.testing.assert_array_equal(sa[k], sb[k])
+    # state dicts: same keys and values, and each loads into the other
+    sda, sdb = a.state_dict(), b.state_dict()
+    assert sda.keys() == sdb.keys()
+    for k in sda:
+        np.testing.assert_array_equal(sda[k], sdb[k])
+    b.load_state_dict(sda)
+    a.load_state_dict(sdb)
+
+
+def test_add_param_group_defaults_and_single_array(rng):
+    p, q = rng.standard_normal(4), rng.standard_normal(3)
+    opt = fastopt.SGD([p], lr=0.1, momentum=0.9)
+    opt.add_param_group({"params": q, "lr": 0.01})          # one array, not a list
+    g = opt.param_groups[1]
+    assert g["params"][0] is q and g["lr"] == 0.01 and g["momentum"] == 0.9
+    assert len(opt.state) == 2 and opt.state[1]["momentum_buffer"].shape == (3,)
+    q0 = q.copy()
+    opt.step([None, np.ones(3)])
+    np.testing.assert_allclose(q, q0 - 0.01, rtol=1e-15)
+
+
+def test_add_param_group_bad_input_changes_nothing(rng):
+    params = make_params(rng, [(5,), (3, 2)], np.float32)
+    opt = fastopt.Adam(params, lr=1e-2)
+    opt.step(make_grads(rng, params))
+    new = rng.standard_normal(4).astype(np.float32)
+    ro = new.copy()
+    ro.flags.writeable = False
+    before = (opt.param_groups, opt._fused, opt.state, opt.state_dict())
+    cases = [
+        ([new], TypeError, "param_group must be a dict"),
+        ({"lr": 0.1}, ValueError, r"has no 'params'"),
+        ({"params": [params[1]]}, ValueError, r"param_group\['params'\]\[0\] is already in "
+                                              r"param_groups\[0\]"),
+        ({"params": [new, new]}, ValueError, "are the same array"),
+        ({"params": [new, new[1:]]}, ValueError, "overlap in memory"),
+        ({"params": [params[0][1:]]}, ValueError, "overlap in memory"),
+        ({"params": [ro]}, ValueError, "read-only"),
+        ({"params": [new.astype(np.int64)]}, TypeError, "must have dtype float32 or float64"),
+        ({"params": [new], "lr": -1.0}, ValueError, r"param_groups\[1\]\['lr'\] must be >= 0"),
+        ({"params": [new], "betas": (0.9, 1.0)}, ValueError, r"\['betas'\]\[1\]"),
+    ]
+    for group, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            opt.add_param_group(group)
+        assert opt.param_groups is before[0] and opt._fused is before[1] and opt.state is before[2]
+        assert len(opt.param_groups) == 1
+        sd = opt.state_dict()
+        for k in sd:
+            np.testing.assert_array_equal(sd[k], before[3][k])
 
 
 def test_optimizers_in_several_python_threads(rng):

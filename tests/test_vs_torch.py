@@ -159,3 +159,34 @@ def test_clip_grad_norm_infinite_max_norm_matches_torch():
             np.testing.assert_allclose(total, float(ttotal), rtol=1e-12)
             for m, p_ in zip(mine, ps):
                 np.testing.assert_allclose(m, p_.grad.numpy(), rtol=1e-12)
+def test_clip_grad_value_matches_torch():
+    r = np.random.default_rng(5)
+    grads = [r.standard_normal(s) * 2 for s in [(3, 4), (5,), (2, 2, 2)]]
+    grads[1][2] = np.nan
+    mine = [g.copy() for g in grads]
+    fastopt.clip_grad_value_(mine, 0.7)
+    ps = [torch.nn.Parameter(t(g)) for g in grads]
+    for p_, g in zip(ps, grads):
+        p_.grad = t(g)
+    torch.nn.utils.clip_grad_value_(ps, 0.7)
+    for m, p_ in zip(mine, ps):
+        np.testing.assert_array_equal(m, p_.grad.numpy())
+
+
+def test_add_param_group_matches_torch():
+    r = np.random.default_rng(6)
+    p0, q0 = r.standard_normal(6), r.standard_normal(4)
+    gs = [(r.standard_normal(6), r.standard_normal(4)) for _ in range(8)]
+    p, q = p0.copy(), q0.copy()
+    opt = fastopt.Adam([p], lr=1e-2)
+    tp, tq = torch.nn.Parameter(t(p0)), torch.nn.Parameter(t(q0))
+    topt = torch.optim.Adam([tp], lr=1e-2)
+    for k, (gp, gq) in enumerate(gs):
+        if k == 3:
+            opt.add_param_group({"params": [q], "lr": 3e-2, "weight_decay": 0.1})
+            topt.add_param_group({"params": [tq], "lr": 3e-2, "weight_decay": 0.1})
+        opt.step([gp] if k < 3 else [gp, gq])
+        tp.grad, tq.grad = t(gp), t(gq)
+        topt.step()
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(q, tq.detach().numpy(), rtol=1e-12)

@@ -8,23 +8,11 @@ SIMD build and OpenMP runtime are in use.
 __version__ = "0.1.0"
 
 from ._config import config, get_num_threads, set_num_threads, show_config
-from ._dispatch import batchnorm as _batchnorm_kernels
-from ._dispatch import optim as _optim_kernels
-from ._dispatch import softmax as _softmax_kernels
-
-adam_step = _optim_kernels.adam_step
-adamw_step = _optim_kernels.adamw_step
-rmsprop_step = _optim_kernels.rmsprop_step
-sgd_step = _optim_kernels.sgd_step
-clip_grad_norm_ = _optim_kernels.clip_grad_norm_
-
-batch_norm_forward = _batchnorm_kernels.batch_norm_forward
-batch_norm_backward = _batchnorm_kernels.batch_norm_backward
-BatchNormContext = _batchnorm_kernels.BatchNormContext
-
-log_softmax = _softmax_kernels.log_softmax
-softmax = _softmax_kernels.softmax
-cross_entropy = _softmax_kernels.cross_entropy
+from . import _dispatch  # noqa: F401  (chooses the SIMD level; fastopt._optim... exist after it)
+from ._optim import (adam_step, adamw_step, clip_grad_norm_, clip_grad_value_, rmsprop_step,
+                     sgd_step)
+from ._batchnorm import BatchNormContext, batch_norm_backward, batch_norm_forward
+from ._softmax import cross_entropy, log_softmax, softmax
 
 from . import lr_scheduler
 from .optim import SGD, Adam, AdamW, RMSprop, flat_views
@@ -33,6 +21,7 @@ from .training import (EWA, bias_corrected, ewa_update, log_uniform, minibatches
 
 __all__ = [
     "adam_step", "adamw_step", "rmsprop_step", "sgd_step", "clip_grad_norm_",
+    "clip_grad_value_",
     "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler",
     "batch_norm_forward", "batch_norm_backward", "BatchNormContext",
     "log_softmax", "softmax", "cross_entropy",
@@ -40,3 +29,13 @@ __all__ = [
     "log_uniform", "sample_beta",
     "get_num_threads", "set_num_threads", "show_config", "config",
 ]
+
+# The compiled functions say they live in the level-neutral kernel module
+# (fastopt._optim...); help() and pickle should find them under their public
+# name.  (The class BatchNormContext is an immutable extension type: its
+# module stays fastopt._batchnorm.)
+for _f in (adam_step, adamw_step, rmsprop_step, sgd_step, clip_grad_norm_, clip_grad_value_,
+           batch_norm_forward, batch_norm_backward, cross_entropy, log_softmax, softmax,
+           take_rows, ewa_update):
+    _f.__module__ = __name__
+del _f

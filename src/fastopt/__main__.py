@@ -1,29 +1,50 @@
-"""``python -m fastopt {bench,config,demo} [options]``."""
+"""``python -m fastopt {bench,config,demo} [options]`` and ``python -m fastopt --version``."""
+from __future__ import annotations
+
 import importlib
 import sys
 
-USAGE = """usage: python -m fastopt COMMAND [options]
+from ._cli import Parser
+
+PROG = "python -m fastopt"
+USAGE = f"""usage: {PROG} [--version] COMMAND [options]
 
 commands:
-  bench    time fastopt against NumPy on this machine (python -m fastopt bench --help)
+  bench    time fastopt against NumPy on this machine ({PROG} bench --help)
   config   show the version, SIMD level, OpenMP runtime, threads and build flags
-  demo     run the training demo (python -m fastopt demo --help)"""
+  demo     run the training demo ({PROG} demo --help)
+
+options:
+  -h, --help  show this message and exit
+  --version   show fastopt's version and exit"""
+COMMANDS = ("bench", "config", "demo")
 
 
-def main(argv=None):
+def _error(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; returns the exit status (2, with a one-line message, for bad input)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE, file=sys.stdout if argv else sys.stderr)
-        return 0 if argv else 2
+    if not argv:
+        return _error(PROG, f"no command given (choose from {', '.join(COMMANDS)}; see --help)")
     command, rest = argv[0], argv[1:]
+    if command in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if command == "--version":
+        from . import __version__
+        print(f"fastopt {__version__}")
+        return 0
     if command == "bench":
         from .bench import main as bench
-        return bench(rest, prog="python -m fastopt bench")
+        return bench(rest, prog=f"{PROG} bench")
     if command == "config":
-        if rest:
-            print(f"python -m fastopt config: error: unexpected arguments {' '.join(rest)}",
-                  file=sys.stderr)
-            return 2
+        Parser(prog=f"{PROG} config",
+               description="Show fastopt's version, SIMD level, OpenMP runtime, thread "
+                           "count and build flags.").parse_args(rest)
         from . import show_config
         show_config()
         return 0
@@ -33,13 +54,13 @@ def main(argv=None):
         except ModuleNotFoundError as exc:
             if exc.name != "fastopt.demo":
                 raise
-            print("python -m fastopt demo: error: the demo is not part of this build of "
-                  "fastopt (fastopt.demo is missing)", file=sys.stderr)
-            return 2
-        return demo.main(rest)
-    print(f"python -m fastopt: error: unknown command {command!r} (choose from bench, "
-          "config, demo)", file=sys.stderr)
-    return 2
+            return _error(f"{PROG} demo", "the demo is not part of this build of fastopt "
+                          "(fastopt.demo is missing)")
+        status: int = demo.main(rest)
+        return status
+    what = "unknown option" if command.startswith("-") else "unknown command"
+    return _error(PROG, f"{what} {command!r} (choose from {', '.join(COMMANDS)}, --version; "
+                  "see --help)")
 
 
 if __name__ == "__main__":

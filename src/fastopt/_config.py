@@ -1,8 +1,11 @@
 """Thread control and build/runtime configuration."""
+from __future__ import annotations
+
 import operator
 import os
 import platform
 import sys
+from typing import Any, SupportsIndex, TextIO
 
 from . import _dispatch, _runtime
 
@@ -14,13 +17,13 @@ _thread_limit = 0
 _forked_child = False
 
 
-def _apply_thread_limit():
+def _apply_thread_limit() -> None:
     limit = 1 if _forked_child else _thread_limit
     for module in _dispatch.MODULES.values():
         module._set_thread_limit(limit)
 
 
-def _after_fork_in_child():
+def _after_fork_in_child() -> None:
     global _forked_child
     _forked_child = True
     _apply_thread_limit()
@@ -30,7 +33,7 @@ if hasattr(os, "register_at_fork") and "gomp" in _runtime.openmp_library():
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """Number of OpenMP threads fastopt's kernels use (at most) from this thread.
 
     This is OpenMP's team size (``OMP_NUM_THREADS``, or a limit set through
@@ -49,7 +52,7 @@ def get_num_threads():
 _MAX_THREADS = 2**31 - 1
 
 
-def set_num_threads(n):
+def set_num_threads(n: SupportsIndex | None) -> None:
     """Cap the number of threads fastopt's kernels use; ``None`` or 0 removes the cap.
 
     `n` is an integer in [0, 2**31 - 1] (a larger cap than the machine's
@@ -70,7 +73,7 @@ def set_num_threads(n):
     _apply_thread_limit()
 
 
-def config():
+def config() -> dict[str, Any]:
     """The facts `show_config` prints, as a dict."""
     try:
         from . import _build_config as b
@@ -101,7 +104,7 @@ def config():
     }
 
 
-def show_config(file=None):
+def show_config(file: TextIO | None = None) -> None:
     """Print the version, SIMD level, OpenMP runtime, thread count and build flags."""
     c = config()
     lines = [

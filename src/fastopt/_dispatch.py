@@ -3,22 +3,33 @@
 Every kernel module is built for several instruction-set levels
 (``fastopt._<level>._<family>``).  The best level the CPU supports is used;
 ``FASTOPT_SIMD=<level>`` forces a level (a lower one, for testing).
+
+The chosen modules are also importable under their level-neutral names,
+``fastopt._optim``, ``fastopt._batchnorm``, ``fastopt._softmax`` and
+``fastopt._train`` -- the names they were generated under (their functions'
+``__module__``), and the names of their type stubs (``_optim.pyi``...).
 """
+from __future__ import annotations
+
 import importlib
 import os
+import sys
+from types import ModuleType
 
 from . import _runtime
+
+__all__ = ["ORDER", "FAMILIES", "LEVEL", "MODULES", "optim", "batchnorm", "softmax", "train"]
 
 ORDER = ("native", "avx512", "avx2", "baseline")
 FAMILIES = ("_optim", "_batchnorm", "_softmax", "_train")
 
 
-def _built_levels():
+def _built_levels() -> list[str]:
     here = os.path.dirname(__file__)
     return [lv for lv in ORDER if os.path.isdir(os.path.join(here, "_" + lv))]
 
 
-def _choose_level():
+def _choose_level() -> str:
     built = _built_levels()
     supported = set(_runtime.cpu_levels()) | {"native"}
     forced = os.environ.get("FASTOPT_SIMD", "").strip().lower()
@@ -38,8 +49,13 @@ def _choose_level():
 
 
 LEVEL = _choose_level()
-MODULES = {name: importlib.import_module(f"fastopt._{LEVEL}.{name}") for name in FAMILIES}
-optim = MODULES["_optim"]
-batchnorm = MODULES["_batchnorm"]
-softmax = MODULES["_softmax"]
-train = MODULES["_train"]
+MODULES: dict[str, ModuleType] = {
+    name: importlib.import_module(f"fastopt._{LEVEL}.{name}") for name in FAMILIES}
+for _name, _module in MODULES.items():
+    sys.modules[f"{__package__}.{_name}"] = _module
+    setattr(sys.modules[__package__], _name, _module)
+
+from . import _batchnorm as batchnorm  # noqa: E402  (registered just above)
+from . import _optim as optim  # noqa: E402
+from . import _softmax as softmax  # noqa: E402
+from . import _train as train  # noqa: E402

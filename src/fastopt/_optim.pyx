@@ -820,7 +820,7 @@ cdef class FusedStep:
             raise TypeError(f"param_groups must be a list of dicts, got {type(groups).__name__}")
         if len(gl) != self.ngroups:
             raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
-                             "(groups cannot be added or removed after construction)")
+                             "(add a group with add_param_group)")
         cdef Py_ssize_t gi
         cdef dict g
         cdef Hyper *h
@@ -1036,6 +1036,9 @@ cdef class FusedStep:
 
 # ===================================================== gradient clipping ===
 #
+# clip_grad_norm_ and clip_grad_value_ cut the gradients into the same fixed
+# chunks (`grad_chunks`) and update them in one parallel pass.
+#
 # The global norm of a list of arrays, in one parallel pass.  The work is cut
 # into fixed chunks of NORM_CHUNK elements inside each array (independent of
 # the thread count); each chunk's partial (sum of |x|^p, or max |x|) is
@@ -1129,6 +1132,103 @@ cdef inline void scale_chunk(const Chunk *c, double coef) noexcept nogil:
         scale_range(<float *>c.data, c.n, coef)
 
 
+cdef inline void clamp_range(floating *x, Py_ssize_t n, double clip) noexcept nogil:
+    # x = min(max(x, -clip), clip); NaN stays NaN (both comparisons are false)
+    cdef floating hi = <floating>clip, lo = -hi, v
+    cdef Py_ssize_t i
+    for i in range(n):
+        v = x[i]
+        v = hi if v > hi else v
+        v = lo if v < lo else v
+        x[i] = v
+
+
+cdef inline void clamp_chunk(const Chunk *c, double clip) noexcept nogil:
+    if c.is_double:
+        clamp_range(<double *>c.data, c.n, clip)
+    else:
+        clamp_range(<float *>c.data, c.n, clip)
+
+
+cdef list grad_arrays(object grads, list names):
+    """The arrays of `grads` (an array, or a sequence of arrays and Nones),
+    each float32/float64 and updatable in place; their names go to `names`."""
+    cdef list arrays = []
+    cdef Py_ssize_t i
+    if cnp.PyArray_Check(grads):
+        grads = [grads]
+    elif not isinstance(grads, (list, tuple)):
+        try:
+            grads = list(grads)
+        except TypeError:
+            raise TypeError("grads must be an array or a sequence of arrays, "
+                            f"got {type(grads).__name__}") from None
+    for i, a in enumerate(grads):
+        if a is None:
+            continue
+        arrays.append(writable(float_array(a, f"grads[{i}]"), f"grads[{i}]"))
+        names.append(f"grads[{i}]")
+    return arrays
+
+
+cdef int check_grads_disjoint(list arrays, list names) except -1:
+    """No two of `arrays` share memory (each is updated exactly once):
+    sorted by address, neighbours compared."""
+    cdef Py_ssize_t na = len(arrays), nw = 0, i, k
+    cdef cnp.ndarray arr
+    cdef Interval *iv = <Interval *>PyMem_Malloc(max(na, 1) * sizeof(Interval))
+    if iv == NULL:
+        raise MemoryError()
+    try:
+        for i in range(na):
+            arr = <cnp.ndarray>arrays[i]
+            if cnp.PyArray_NBYTES(arr) == 0:
+                continue
+            iv[nw].lo = <uintptr_t>cnp.PyArray_DATA(arr)
+            iv[nw].hi = iv[nw].lo + <uintptr_t>cnp.PyArray_NBYTES(arr)
+            iv[nw].owner = i
+            iv[nw].slot = 0
+            nw += 1
+        qsort(iv, nw, sizeof(Interval), cmp_interval)
+        for k in range(1, nw):
+            if iv[k].lo < iv[k - 1].hi:
+                raise ValueError(f"{names[min(iv[k - 1].owner, iv[k].owner)]} and "
+                                 f"{names[max(iv[k - 1].owner, iv[k].owner)]} overlap in memory")
+    finally:
+        PyMem_Free(iv)
+    return 0
+
+
+cdef Chunk *grad_chunks(list arrays, Py_ssize_t *nchunks, Py_ssize_t *total) except NULL:
+    """`arrays` cut into chunks of NORM_CHUNK elements (independent of the
+    thread count), in order; the caller frees the list with PyMem_Free."""
+    cdef Py_ssize_t i, k = 0, m, lo, itemsize
+    cdef cnp.ndarray arr
+    cdef bint is_double
+    cdef char *base
+    nchunks[0] = 0
+    total[0] = 0
+    for i in range(len(arrays)):
+        m = cnp.PyArray_SIZE(<cnp.ndarray>arrays[i])
+        total[0] += m
+        nchunks[0] += (m + NORM_CHUNK - 1) // NORM_CHUNK
+    cdef Chunk *chunks = <Chunk *>PyMem_Malloc(max(nchunks[0], 1) * sizeof(Chunk))
+    if chunks == NULL:
+        raise MemoryError()
+    for i in range(len(arrays)):
+        arr = <cnp.ndarray>arrays[i]
+        m = cnp.PyArray_SIZE(arr)
+        is_double = cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64
+        itemsize = 8 if is_double else 4
+        base = <char *>cnp.PyArray_DATA(arr)
+        for lo in range(0, m, NORM_CHUNK):
+            chunks[k].data = base + lo * itemsize
+            chunks[k].n = min(NORM_CHUNK, m - lo)
+            chunks[k].is_double = is_double
+            k += 1
+    return chunks
+
+
 cdef double norm_number(object x, str name) except? -1.0:
     """A real number that may be +-inf or NaN (the caller checks the range).
     Strings are rejected (``float("2")`` parses, but every other argument
@@ -1161,6 +1261,11 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     NaN/inf norm scales by NaN/0 as PyTorch does, unless
     `error_if_nonfinite`.  The norm is identical whatever the thread count.
 
+    .. warning:: Pass the *gradients*, not the parameters.  PyTorch's
+       ``clip_grad_norm_(model.parameters(), 1.0)`` finds the gradients in
+       ``.grad``; a NumPy array has none, so ``clip_grad_norm_(params, 1.0)``
+       silently rescales the weights themselves.
+
     Parameters
     ----------
     grads : ndarray or sequence of (ndarray or None)
@@ -1179,22 +1284,8 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     float
         The total norm before clipping.
     """
-    cdef list arrays = []
     cdef list names = []
-    cdef Py_ssize_t i
-    if cnp.PyArray_Check(grads):
-        grads = [grads]
-    elif not isinstance(grads, (list, tuple)):
-        try:
-            grads = list(grads)
-        except TypeError:
-            raise TypeError("grads must be an array or a sequence of arrays, "
-                            f"got {type(grads).__name__}") from None
-    for i, a in enumerate(grads):
-        if a is None:
-            continue
-        arrays.append(writable(float_array(a, f"grads[{i}]"), f"grads[{i}]"))
-        names.append(f"grads[{i}]")
+    cdef list arrays = grad_arrays(grads, names)
     cdef double mx = norm_number(max_norm, "max_norm")
     if not mx >= 0:
         raise ValueError(f"max_norm must be >= 0 (inf: compute the norm, scale nothing), "
@@ -1204,54 +1295,15 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
     cdef int mode = (NORM_INF if p == INFINITY else NORM_2 if p == 2.0
                      else NORM_1 if p == 1.0 else NORM_P)
-    cdef Py_ssize_t na = len(arrays)
-    # Disjoint (each is scaled exactly once): sort by address, check neighbours.
-    cdef Interval *iv = <Interval *>PyMem_Malloc(max(na, 1) * sizeof(Interval))
-    if iv == NULL:
-        raise MemoryError()
-    cdef Py_ssize_t nw = 0, k, nchunks = 0, total = 0, lo
-    cdef cnp.ndarray arr
-    try:
-        for i in range(na):
-            arr = <cnp.ndarray>arrays[i]
-            total += cnp.PyArray_SIZE(arr)
-            nchunks += (cnp.PyArray_SIZE(arr) + NORM_CHUNK - 1) // NORM_CHUNK
-            if cnp.PyArray_NBYTES(arr) == 0:
-                continue
-            iv[nw].lo = <uintptr_t>cnp.PyArray_DATA(arr)
-            iv[nw].hi = iv[nw].lo + <uintptr_t>cnp.PyArray_NBYTES(arr)
-            iv[nw].owner = i
-            iv[nw].slot = 0
-            nw += 1
-        qsort(iv, nw, sizeof(Interval), cmp_interval)
-        for k in range(1, nw):
-            if iv[k].lo < iv[k - 1].hi:
-                raise ValueError(f"{names[min(iv[k - 1].owner, iv[k].owner)]} and "
-                                 f"{names[max(iv[k - 1].owner, iv[k].owner)]} overlap in memory")
-    finally:
-        PyMem_Free(iv)
-    cdef Chunk *chunks = <Chunk *>PyMem_Malloc(max(nchunks, 1) * sizeof(Chunk))
+    check_grads_disjoint(arrays, names)
+    cdef Py_ssize_t nchunks, total, k
+    cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
     cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
-    cdef Py_ssize_t m, itemsize
     cdef double tot = 0.0, coef
     cdef int nt
-    cdef bint is_double
-    cdef char *base
     try:
-        if chunks == NULL or part == NULL:
+        if part == NULL:
             raise MemoryError()
-        k = 0
-        for i in range(na):
-            arr = <cnp.ndarray>arrays[i]
-            m = cnp.PyArray_SIZE(arr)
-            is_double = cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64
-            itemsize = 8 if is_double else 4
-            base = <char *>cnp.PyArray_DATA(arr)
-            for lo in range(0, m, NORM_CHUNK):
-                chunks[k].data = base + lo * itemsize
-                chunks[k].n = min(NORM_CHUNK, m - lo)
-                chunks[k].is_double = is_double
-                k += 1
         with nogil:
             nt = threads_for(total, GRAIN)
             if nt == 1:
@@ -1285,3 +1337,45 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
         PyMem_Free(part)
     return tot
 
+
+def clip_grad_value_(grads, clip_value):
+    """Clip every gradient element to [-clip_value, clip_value], in place.
+
+    Follows ``torch.nn.utils.clip_grad_value_``: ``g = min(max(g,
+    -clip_value), clip_value)`` elementwise over all arrays, with
+    `clip_value` cast to each array's dtype; NaN stays NaN.  One parallel
+    pass over the same fixed chunks as `clip_grad_norm_`.
+
+    .. warning:: Pass the *gradients*, not the parameters (a NumPy array
+       has no ``.grad``: the parameters themselves would be clipped).
+
+    Parameters
+    ----------
+    grads : ndarray or sequence of (ndarray or None)
+        The gradients: float32/float64, C-contiguous, writeable, disjoint;
+        None is skipped.
+    clip_value : float
+        Finite, >= 0.
+
+    Returns
+    -------
+    None
+    """
+    cdef list names = []
+    cdef list arrays = grad_arrays(grads, names)
+    cdef double clip = at_least(clip_value, "clip_value", 0.0)
+    check_grads_disjoint(arrays, names)
+    cdef Py_ssize_t nchunks, total, k
+    cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
+    cdef int nt
+    try:
+        with nogil:
+            nt = threads_for(total, GRAIN)
+            if nt == 1:
+                for k in range(nchunks):
+                    clamp_chunk(&chunks[k], clip)
+            else:
+                for k in prange(nchunks, num_threads=nt, schedule="static"):
+                    clamp_chunk(&chunks[k], clip)
+    finally:
+        PyMem_Free(chunks)

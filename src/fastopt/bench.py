@@ -20,6 +20,10 @@ Design
   compared result depends on every hyperparameter.
 * Times are medians of samples of repeated calls (`measure`); the JSON
   output also has the fastest sample (useful on a busy machine).
+* The table fits the terminal (`layout` drops the least useful columns on a
+  narrow one), and the report ends with a `verdict`: per family, the
+  geometric-mean speedup over NumPy and over each peer, and every case where
+  fastopt was slower than NumPy with its likely cause (`slow_causes`).
 """
 import argparse
 import contextlib
@@ -28,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import textwrap
@@ -41,6 +46,7 @@ import numpy as np
 
 import fastopt
 from fastopt import _baselines as B
+from fastopt._cli import Parser, UsageError, check_plot, check_writable
 
 # --------------------------------------------------------------- settings ---
 
@@ -100,8 +106,7 @@ LR_SGD, MOMENTUM = 1e-2, 0.9
 EPS_BN = 1e-5
 
 
-class BadInput(Exception):
-    """A command-line value that cannot be used (exit code 2)."""
+BadInput = UsageError      # a command-line value that cannot be used (exit code 2)
 
 
 # ------------------------------------------------------------------ cases ---
@@ -676,30 +681,33 @@ def tolerance(dtype):
 
 class Reference:
     """Float64 reference results and the error allowed for each value:
-    rtol*|ref| + atol*max|ref| with the `tolerance` of the results' dtype."""
+    rtol*|ref| + atol*max|ref| with the `tolerance` of the results' dtype.
+    (The allowed errors are computed when comparing, not kept: at 1e7
+    elements they would hold another float64 copy of every result.)"""
 
     def __init__(self, arrays, dtype):
-        self.rtol, atol = tolerance(dtype)
+        self.rtol, self.atol = tolerance(dtype)
         self.arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
-        self.allowed = []
-        for r in self.arrays:
-            allowed = np.abs(r)
-            allowed *= self.rtol
-            allowed += atol * float(np.max(np.abs(r))) if r.size else 0.0
-            self.allowed.append(allowed)
+        self.scale = [float(np.max(np.abs(r))) if r.size else 0.0 for r in self.arrays]
+
+    def allowed(self, i):
+        allowed = np.abs(self.arrays[i])
+        allowed *= self.rtol
+        allowed += self.atol * self.scale[i]
+        return allowed
 
 
 def compare(got, ref, names):
     """None if every result matches the `Reference` `ref`, else what differs."""
     if len(got) != len(ref.arrays):
         return f"returned {len(got)} results, expected {len(ref.arrays)}"
-    for name, a, r, allowed in zip(names, got, ref.arrays, ref.allowed):
+    for k, (name, a, r) in enumerate(zip(names, got, ref.arrays)):
         a = np.asarray(a)
         if a.shape != r.shape:
             return f"{name} has shape {a.shape}, expected {r.shape}"
         err = np.subtract(a, r, dtype=np.float64)
         err = np.abs(err, out=err) if err.ndim else abs(err)
-        bad = ~(err <= allowed)         # NaN is bad
+        bad = ~(err <= ref.allowed(k))  # NaN is bad
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             where = f"{name}[{', '.join(map(str, np.unravel_index(i, r.shape)))}]" \
@@ -724,6 +732,7 @@ class Result:
     time: Optional[float] = None       # median seconds per call
     best: Optional[float] = None       # the fastest sample's seconds per call
     error: Optional[str] = None        # why the result was not timed
+    cpu: Optional[float] = None        # share of a CPU the timing thread got (1: never waited)
 
 
 def run_impl(impl, work, ref, threads, budget, min_samples):
@@ -736,8 +745,10 @@ def run_impl(impl, work, ref, threads, budget, min_samples):
             error = compare(out, ref, work.names)
             if error:
                 return Result(error=error)
+            wall, cpu = time.perf_counter(), time.thread_time()
             median, best = measure(step, budget, min_samples)
-            return Result(time=median, best=best)
+            share = (time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+            return Result(time=median, best=best, cpu=min(share, 1.0))
     except Exception as exc:        # a broken kernel must not stop the report
         msg = str(exc).splitlines()[0] if str(exc) else ""
         return Result(error=f"{type(exc).__name__}: {msg}")
@@ -811,17 +822,59 @@ def fmt_ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-COLUMNS = [("case", 30, "<"), ("NumPy", 9, ">"), ("in-place", 9, ">"), ("fastopt", 9, ">"),
-           ("1 thread", 9, ">"), ("vs NumPy", 9, ">"), ("vs in-pl", 9, ">"),
-           ("scaling", 8, ">"), ("GB/s", 7, ">"), ("%probe", 7, ">"), ("check", 7, "<")]
+# The table's columns in display order: (key, heading, width, align, rank).
+# On a narrow terminal `layout` drops columns of the lowest rank first (the
+# 1-thread time is in the scaling ratio, the bandwidth in the JSON); rank 9
+# columns always stay.
+COLUMNS = [("case", "case", 30, "<", 9), ("numpy", "NumPy", 8, ">", 7),
+           ("inplace", "in-place", 8, ">", 3), ("fastopt", "fastopt", 8, ">", 9),
+           ("fastopt_1t", "1 thread", 8, ">", 0), ("vs_numpy", "vs NumPy", 8, ">", 9),
+           ("vs_inplace", "vs in-pl", 8, ">", 6), ("scaling", "scaling", 7, ">", 4),
+           ("gbps", "GB/s", 6, ">", 2), ("probe", "%probe", 6, ">", 1),
+           ("check", "check", 6, "<", 9)]
+NARROW = 100        # below this many terminal columns the table drops columns
 
 
-def fmt_row(values):
-    return " ".join(f"{v:{align}{width}}" for v, (_, width, align) in zip(values, COLUMNS)).rstrip()
+def terminal_width():
+    """Columns of the terminal (``COLUMNS`` if set; 80 when not a terminal)."""
+    return shutil.get_terminal_size().columns
 
 
-def summarize(case, main, extras, others, itemsize, probe):
-    """The table row values and the JSON record of one case."""
+def layout(width, labels, threads):
+    """The columns (as in `COLUMNS`) of a table that fits `width` characters.
+
+    The case column is as wide as the longest label (at most 30; a longer
+    label gets a line of its own); without a second thread the 1-thread and
+    scaling columns are left out.
+    """
+    case_width = min(max([len(label) + 2 for label in labels] + [12]), 30)
+    cols = [(k, h, case_width if k == "case" else w, a, r) for k, h, w, a, r in COLUMNS
+            if threads > 1 or k not in ("fastopt_1t", "scaling")]
+    total = lambda cs: sum(c[2] for c in cs) + len(cs) - 1      # noqa: E731
+    for rank in sorted({c[4] for c in cols if c[4] < 9}):
+        if total(cols) <= width:
+            break
+        # drop one column of this rank at a time, rightmost first
+        while total(cols) > width and any(c[4] == rank for c in cols):
+            cols.remove(next(c for c in reversed(cols) if c[4] == rank))
+    return cols
+
+
+def fmt_row(values, columns):
+    """One table row (or two, if the case label is wider than its column)."""
+    cells = [f"{values.get(key, ''):{align}{width}}" for key, _, width, align, _ in columns]
+    case = values.get("case", "")
+    if len(case) > columns[0][2]:
+        return case + "\n" + " " * columns[0][2] + " " + " ".join(cells[1:]).rstrip()
+    return " ".join(cells).rstrip()
+
+
+def fmt_heading(columns):
+    return fmt_row({key: heading for key, heading, *_ in columns}, columns)
+
+
+def summarize(case, main, extras, others, itemsize, probe, columns):
+    """The table row of one case, and its JSON record."""
     t = {k: r.time for k, r in main.items()}
     failed = {k: r.error for k, r in list(main.items()) + list(extras.items()) if r.error}
     fo = t["fastopt"]
@@ -834,6 +887,7 @@ def summarize(case, main, extras, others, itemsize, probe):
         "speedup_vs_inplace": t["inplace"] / fo if fo and t["inplace"] else None,
         "scaling": t["fastopt_1t"] / fo if fo and t.get("fastopt_1t") else None,
         "best_s": {k: r.best for k, r in main.items()},
+        "cpu_share": {k: r.cpu for k, r in main.items()},
         "bytes": case.traffic * itemsize if case.traffic else None,
         "gbps": gbps, "probe_fraction": gbps * 1e9 / probe if gbps else None,
         "ok": not failed, "errors": failed,
@@ -842,18 +896,21 @@ def summarize(case, main, extras, others, itemsize, probe):
         "peers": {k: {"time_s": r.time, "best_s": r.best, "error": r.error}
                   for k, r in others.items()},
     }
-    row = [f"  {case.label}", fmt_time(t["numpy"]), fmt_time(t["inplace"]),
-           "FAILED" if main["fastopt"].error else fmt_time(fo),
-           "FAILED" if "fastopt_1t" in failed else fmt_time(t.get("fastopt_1t")),
-           fmt_ratio(t["numpy"], fo), fmt_ratio(t["inplace"], fo),
-           fmt_ratio(t.get("fastopt_1t"), fo),
-           f"{gbps:.1f}" if gbps else "-",
-           f"{record['probe_fraction']:.0%}" if gbps else "-",
-           "FAILED" if failed else "ok"]
-    for col, r in main.items():
-        if r.error and col in ("numpy", "inplace"):
-            row[1 if col == "numpy" else 2] = "FAILED"
-    lines = [fmt_row(row)]
+    values = {
+        "case": f"  {case.label}", "numpy": fmt_time(t["numpy"]),
+        "inplace": fmt_time(t["inplace"]),
+        "fastopt": "FAILED" if main["fastopt"].error else fmt_time(fo),
+        "fastopt_1t": "FAILED" if "fastopt_1t" in failed else fmt_time(t.get("fastopt_1t")),
+        "vs_numpy": fmt_ratio(t["numpy"], fo), "vs_inplace": fmt_ratio(t["inplace"], fo),
+        "scaling": fmt_ratio(t.get("fastopt_1t"), fo),
+        "gbps": f"{gbps:.1f}" if gbps else "-",
+        "probe": f"{record['probe_fraction']:.0%}" if gbps else "-",
+        "check": "FAILED" if failed else "ok",
+    }
+    for col in ("numpy", "inplace"):
+        if main[col].error:
+            values[col] = "FAILED"
+    lines = [fmt_row(values, columns)]
     # Sub-rows: other fastopt entry points (checked like fastopt) and peers
     # (a peer that errs or differs is noted, not counted as a failure).
     for name, r in list(extras.items()) + list(others.items()):
@@ -866,6 +923,121 @@ def summarize(case, main, extras, others, itemsize, probe):
     for col, err in failed.items():
         lines.append(f"      FAILED {col}: {err}")
     return lines, record
+
+
+# ----------------------------------------------------------------- verdict ---
+
+def cpu_probe(seconds=0.1):
+    """The share of one CPU a spinning thread of this process gets (1.0 when
+    a core is free; on a machine whose cores are all busy, less)."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    while time.perf_counter() - wall < seconds:
+        pass
+    return min((time.thread_time() - cpu) / (time.perf_counter() - wall), 1.0)
+
+
+def machine_load():
+    """The 1-minute load average (None where unknown) and a `cpu_probe`."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"loadavg": load, "cpu_probe": cpu_probe()}
+
+
+def is_busy(load, cpus):
+    """Other programs compete for the CPUs: a load average above half the
+    CPUs, or a probe thread that got less than 90% of a CPU."""
+    return ((load["loadavg"] is not None and load["loadavg"] > 0.5 * cpus)
+            or load["cpu_probe"] < 0.9)
+
+
+def geomean(values):
+    values = [v for v in values if v]
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
+
+
+def peer_library(name):
+    """The library a peer timing belongs to: 'torch Adam(fused=True)' -> 'torch'."""
+    return name.split()[0]
+
+
+def speedups(records):
+    """{family (and "all"): {"numpy", "inplace", <peer library>...: geometric
+    mean of the speedups, "cases": n}} over the cases that passed."""
+    out = {}
+    groups = {}
+    for r in records:
+        if r["ok"] and r["fastopt_s"]:
+            groups.setdefault(r["family"], []).append(r)
+    groups["all"] = [r for rs in groups.values() for r in rs]
+    for family, rs in groups.items():
+        row = {"cases": len(rs), "numpy": geomean(r["speedup_vs_numpy"] for r in rs),
+               "inplace": geomean(r["speedup_vs_inplace"] for r in rs)}
+        for r in rs:
+            for name, p in r["peers"].items():
+                if p["time_s"] and not p["error"]:
+                    row.setdefault(peer_library(name), []).append(p["time_s"] / r["fastopt_s"])
+        out[family] = {k: geomean(v) if isinstance(v, list) else v for k, v in row.items()}
+    return out
+
+
+def slow_causes(record, load, cpus, threads):
+    """Likely reasons why fastopt was slower than NumPy in `record` (a list of
+    phrases, most likely first)."""
+    causes = []
+    # The runs on one thread: a share below 1 there is time spent preempted.
+    # (A multi-threaded run's calling thread also waits for its team.)
+    one_thread = ("numpy", "inplace", "fastopt_1t") + (("fastopt",) if threads == 1 else ())
+    shares = [v for k, v in record["cpu_share"].items() if k in one_thread and v is not None]
+    if is_busy(load, cpus) or (shares and min(shares) < 0.8):
+        facts = [f"load average {load['loadavg']:.1f} on {cpus} CPUs"] \
+            if load["loadavg"] is not None else []
+        facts.append(f"a probe thread got {load['cpu_probe']:.0%} of a CPU")
+        if shares:
+            facts.append(f"the timing thread got {min(shares):.0%}")
+        causes.append(f"the machine is busy ({', '.join(facts)}): rerun when it is quiet")
+    best = record["best_s"]
+    if best.get("fastopt") and record["fastopt_s"] > 1.5 * best["fastopt"]:
+        causes.append(f"noisy timing (fastopt's median is {record['fastopt_s'] / best['fastopt']:.1f}x "
+                      "its fastest sample)")
+    if threads > 1 and record["scaling"] and record["scaling"] < 0.9:
+        causes.append(f"threads slow it down here (1 thread is {1 / record['scaling']:.2f}x "
+                      "faster): try OMP_WAIT_POLICY=passive or --threads 1")
+    if record["fastopt_s"] < 2e-6:
+        causes.append("a call this short is mostly fixed overhead")
+    if record["probe_fraction"] and record["probe_fraction"] > 0.8:
+        causes.append(f"memory-bound: fastopt streams at {record['probe_fraction']:.0%} of the "
+                      "probed bandwidth, so both wait for memory")
+    return causes or ["no cause found: please report it with the --json output"]
+
+
+def verdict(records, load, cpus, threads, width):
+    """The report's conclusion: a table of geometric-mean speedups per family
+    (over NumPy, in-place NumPy and every peer library timed), then every
+    case where fastopt was slower than NumPy, with its likely cause."""
+    table = speedups(records)
+    if not records or table["all"]["cases"] == 0:
+        return []
+    peers = sorted({k for row in table.values() for k in row} - {"cases", "numpy", "inplace"})
+    cols = [("cases", "cases", 5), ("numpy", "vs NumPy", 8), ("inplace", "vs in-place", 11)]
+    cols += [(p, f"vs {p}", max(8, len(p) + 3)) for p in peers]
+    lines = ["Verdict: speedup of fastopt, the geometric mean over each family's cases "
+             "(2.00x: twice as fast)"]
+    lines = [w for line in lines for w in textwrap.wrap(line, width)]
+    lines.append("  " + f"{'family':14}" + " ".join(f"{h:>{w}}" for _, h, w in cols))
+    for family, row in table.items():
+        cells = [f"{row['cases']:>5}"] + [
+            f"{row[k]:>{w - 1}.2f}x" if row.get(k) else f"{'-':>{w}}" for k, _, w in cols[1:]]
+        lines.append("  " + f"{family:14}" + " ".join(cells))
+    slow = [r for r in records if r["ok"] and r["speedup_vs_numpy"] and r["speedup_vs_numpy"] < 1]
+    n = len(records)
+    if not slow:
+        lines.append(f"Slower than NumPy: none of the {n} cases.")
+        return lines
+    lines.append(f"Slower than NumPy: {len(slow)} of the {n} cases.")
+    for r in slow:
+        text = (f"{r['family']} {r['case']}: {r['speedup_vs_numpy']:.2f}x; likely: "
+                + "; ".join(slow_causes(r, load, cpus, threads)))
+        lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="    ")
+    return lines
 
 
 def cpu_model():
@@ -886,8 +1058,8 @@ def _omp_env():
     return f" [{' '.join(found)}]" if found else ""
 
 
-def _wrap(key, text):
-    return textwrap.wrap(text, 100, initial_indent=f"  {key + ':':10}",
+def _wrap(key, text, width=NARROW):
+    return textwrap.wrap(text, min(width, NARROW), initial_indent=f"  {key + ':':10}",
                          subsequent_indent=" " * 12)
 
 
@@ -912,7 +1084,7 @@ def header(opts, cfg, notes):
     ] + [("note", n) for n in notes]
     lines = [f"fastopt {cfg['version']} benchmark, {now}"]
     for key, text in items:
-        lines += _wrap(key, text)
+        lines += _wrap(key, text, opts.width)
     return lines
 
 
@@ -920,22 +1092,17 @@ def probe_line(opts, probe, probes):
     return _wrap("memory", f"probe {probe / 1e9:.1f} GB/s: the better of two {opts.threads}-"
                  f"thread NumPy streams over {opts.probe_mib} MiB arrays (best of several "
                  f"runs), copy {probes['copy'] / 1e9:.1f} GB/s (read + write) and in-place add "
-                 f"{probes['add'] / 1e9:.1f} GB/s (2 reads + write)")
+                 f"{probes['add'] / 1e9:.1f} GB/s (2 reads + write)", opts.width)
 
 
 # -------------------------------------------------------------------- CLI ---
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # One line, no usage block: bad input is reported like the checks below.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv, prog):
-    p = _Parser(prog=prog, description="Time fastopt's kernels against NumPy on this machine; "
+    p = Parser(prog=prog, description="Time fastopt's kernels against NumPy on this machine; "
                 "every result is checked against NumPy first.",
-                epilog="exit status: 0 all results match NumPy, 1 a result did not match "
-                "(FAILED in the table), 2 bad input")
+                epilog="The table fits the terminal's width (set COLUMNS to choose); the "
+                "report ends with a verdict.  Exit status: 0 all results match NumPy, 1 a "
+                "result did not match (FAILED in the table), 2 bad input")
     sci = lambda sizes: ",".join(f"{n:.0e}".replace("e+0", "e") for n in sizes)  # noqa: E731
     p.add_argument("--quick", action="store_true",
                    help="fewer cases and shorter timing (a few seconds)")
@@ -951,7 +1118,8 @@ def parse_args(argv, prog):
                    help="dtype of every array (default float32)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH.png",
-                   help="bar chart of the speedups (needs matplotlib)")
+                   help="bar chart of the speedups, in the format of the extension "
+                        "(.png, .svg, .pdf...; needs matplotlib)")
     p.add_argument("--peers", action="store_true",
                    help="also time PyTorch and numba, if installed, on the same work")
     return p.parse_args(argv)
@@ -984,22 +1152,8 @@ def parse_kernels(text):
     return list(FAMILIES) if "all" in names else names
 
 
-def check_writable(path, what):
-    """Fail now, not after the run, if `path` cannot be written."""
-    if os.path.isdir(path):
-        raise BadInput(f"{what}: {path} is a directory")
-    existed = os.path.exists(path)
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise BadInput(f"{what}: cannot write {path} ({exc.strerror})")
-    if not existed:
-        os.remove(path)
-
-
 def resolve(args):
-    """Checked options (raises BadInput)."""
+    """Checked options (raises BadInput naming the option), before anything runs."""
     if args.threads is not None and args.threads < 1:
         raise BadInput(f"--threads must be >= 1, got {args.threads}")
     families = parse_kernels(args.kernels) if args.kernels is not None else list(FAMILIES)
@@ -1008,12 +1162,7 @@ def resolve(args):
     if args.json:
         check_writable(args.json, "--json")
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise BadInput("--plot needs matplotlib: pip install matplotlib "
-                           "(or pip install 'fastopt[plot]')")
-        check_writable(args.plot, "--plot")
+        check_plot(args.plot, "--plot", extra="plot")
     return families, sizes
 
 
@@ -1072,13 +1221,14 @@ def _run(args, families, sizes):
                      "(OpenMP limit, e.g. OMP_NUM_THREADS); using "
                      f"{most}")
         threads = most
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    load = machine_load()
     cpus = os.cpu_count() or 1
-    if load > 0.5 * cpus:
-        notes.append(f"load average {load:.1f} on {cpus} CPUs: other programs are running, "
-                     "so times are slower and noisier than on an idle machine; multi-threaded "
-                     "ones suffer most when OpenMP threads spin-wait (OMP_WAIT_POLICY=passive "
-                     "avoids that)")
+    if is_busy(load, cpus):
+        notes.append(f"load average {load['loadavg'] or 0:.1f} on {cpus} CPUs, a spinning "
+                     f"thread got {load['cpu_probe']:.0%} of a CPU: other programs are "
+                     "running, so times are slower and noisier than on an idle machine; "
+                     "multi-threaded ones suffer most when OpenMP threads spin-wait "
+                     "(OMP_WAIT_POLICY=passive avoids that)")
     present = []
     for family in families:
         missing = [n for n in FAMILIES[family][0] if not hasattr(fastopt, n)]
@@ -1095,26 +1245,29 @@ def _run(args, families, sizes):
         if "numba" in peers:
             notes.append("--peers: numba is compared on the one-array Adam/AdamW only")
 
+    cases = build_cases(present, sizes, args.quick)
+    width = terminal_width()
+    columns = layout(width, [c.label for c in cases], threads)
     opts = argparse.Namespace(dtype=np.dtype(args.dtype), threads=threads,
                               budget=0.03 if args.quick else 0.1,
                               min_samples=3 if args.quick else 5,
-                              probe_mib=64 if args.quick else 128)
+                              probe_mib=64 if args.quick else 128, width=width)
     cfg = fastopt.config()
     print("\n".join(header(opts, cfg, notes)), flush=True)
     probe, probes = probe_bandwidth(threads, opts.probe_mib, 3 * opts.budget)
     print("\n".join(probe_line(opts, probe, probes)))
     print()
-    print(fmt_row([c[0] for c in COLUMNS]))
+    print(fmt_heading(columns))
     sys.stdout.flush()
 
-    cases = build_cases(present, sizes, args.quick)
     records, family = [], None
     for case in cases:
         if case.family != family:
             family = case.family
             print(f"{family}: {FAMILIES[family][1]}", flush=True)
         main_, extras, others = run_case(case, opts, peers)
-        lines, record = summarize(case, main_, extras, others, opts.dtype.itemsize, probe)
+        lines, record = summarize(case, main_, extras, others, opts.dtype.itemsize, probe,
+                                  columns)
         records.append(record)
         print("\n".join(lines), flush=True)
 
@@ -1125,6 +1278,15 @@ def _run(args, families, sizes):
               + ", ".join(f"{r['family']} {r['case']}" for r in failed))
     else:
         print(f"All {len(records)} cases match NumPy.")
+    # The load over the run: the larger of the two measurements.
+    end = machine_load()
+    load = {"loadavg": max(load["loadavg"] or 0, end["loadavg"] or 0)
+            if load["loadavg"] is not None else None,
+            "cpu_probe": min(load["cpu_probe"], end["cpu_probe"])}
+    conclusion = verdict(records, load, cpus, threads, width)
+    if conclusion:
+        print()
+        print("\n".join(conclusion))
 
     if args.json:
         report = {"fastopt": cfg["version"], "date": datetime.datetime.now(
@@ -1135,7 +1297,12 @@ def _run(args, families, sizes):
                   "threads": threads, "quick": args.quick,
                   "probe": {"bytes_per_s": probe, "copy_bytes_per_s": probes["copy"],
                             "add_bytes_per_s": probes["add"], "array_mib": opts.probe_mib},
-                  "notes": notes, "results": records, "failed": len(failed)}
+                  "notes": notes, "load": load, "speedups": speedups(records) if records else {},
+                  "slower_than_numpy": [
+                      {"family": r["family"], "case": r["case"],
+                       "causes": slow_causes(r, load, cpus, threads)}
+                      for r in records if r["ok"] and (r["speedup_vs_numpy"] or 1) < 1],
+                  "results": records, "failed": len(failed)}
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
         print(f"results written to {args.json}")

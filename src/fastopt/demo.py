@@ -7,8 +7,9 @@ A 2-hidden-layer network written in NumPy with fastopt's kernels::
 trained on scikit-learn's bundled 8x8 digits (1797 images, no download) with
 shuffled mini-batches, once with each of SGD, Momentum, RMSprop and Adam,
 with exponential learning-rate decay.  It prints the loss and test accuracy
-per epoch; ``--plot costs.png`` draws the four mini-batch cost curves on one
-chart; ``--search N`` runs a random search over the learning rate (log
+per epoch; ``--plot curves.png`` draws the training cost (every mini-batch,
+raw and smoothed) and the test accuracy per epoch of the four runs;
+``--search N`` runs a random search over the learning rate (log
 scale) and beta (``1 - beta`` log-scale), scored on a validation split.
 
 Run it with ``python -m fastopt demo`` or ``python examples/train_digits.py``;
@@ -19,13 +20,13 @@ The layer math is in small functions (``linear_*``, ``relu_*``) and the
 `MLP` class, so it reads like the course's NumPy code; fastopt supplies
 BatchNorm, cross-entropy, the optimizers, the schedule and the batches.
 """
-import argparse
 import sys
 import time
 
 import numpy as np
 
 import fastopt
+from fastopt._cli import Parser, UsageError, check_plot
 
 OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
 # Learning rates that work for this model and data with batches of 64.
@@ -295,57 +296,127 @@ def random_search(n, data, *, optimizer="adam", seed=0, lr_range=None,
 
 # ------------------------------------------------------------------ plot ---
 
-def plot_costs(histories, path, smoothing=0.9):
-    """Save the mini-batch cost curves of several runs on one chart.
+def history_figure(histories, smoothing=0.9):
+    """The training curves of several runs as one matplotlib figure.
 
-    Each run is drawn raw (faint: the course's noisy mini-batch cost) and
-    smoothed with a bias-corrected exponentially weighted average.
+    Left: every mini-batch's cost, raw (faint: the course's noisy
+    mini-batch cost) and smoothed with a bias-corrected exponentially
+    weighted average (`smoothing` is its beta), against the epoch.  Right:
+    the test accuracy after each epoch.  `histories` maps a run's name to
+    the dict `train` returns.
     """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
         raise ImportError("--plot needs matplotlib: "
                           'pip install "fastopt[examples]" (or pip install matplotlib)') from None
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax_cost, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.5))
     for name, h in histories.items():
         costs = np.asarray(h["costs"])
+        epochs = len(h["test_acc"])
+        x = np.arange(1, len(costs) + 1) * (epochs / len(costs))     # in epochs
         ema = fastopt.EWA(smoothing)
         smooth = [float(ema.update(c)) for c in costs]
-        line, = ax.plot(costs, alpha=0.25, linewidth=0.8)
-        ax.plot(smooth, color=line.get_color(), label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("mini-batch")
-    ax.set_ylabel("cost (cross-entropy)")
-    ax.set_title("Digits MLP with BatchNorm: mini-batch cost per optimizer")
-    ax.legend()
+        line, = ax_cost.plot(x, costs, alpha=0.25, linewidth=0.8)
+        ax_cost.plot(x, smooth, color=line.get_color())
+        ax_acc.plot(np.arange(1, epochs + 1), h["test_acc"], marker="o", markersize=3,
+                    color=line.get_color(), label=name)
+    ax_cost.set_yscale("log")
+    ax_cost.set_xlabel("epoch")
+    ax_cost.set_ylabel("cost (cross-entropy)")
+    ax_cost.set_title("training cost")
+    ax_cost.legend(handles=[
+        Line2D([], [], color="gray", alpha=0.35, linewidth=0.8, label="mini-batch cost"),
+        Line2D([], [], color="gray", label=f"smoothed (EWA, beta = {smoothing:g})")])
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy")
+    ax_acc.set_title("test accuracy after each epoch")
+    ax_acc.legend(title="optimizer")
+    fig.suptitle("Digits MLP with BatchNorm, trained with fastopt")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def plot_history(histories, path, smoothing=0.9):
+    """Save `history_figure` to `path` (the format follows the extension)."""
+    import matplotlib.pyplot as plt
+    fig = history_figure(histories, smoothing)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------- CLI ---
 
 def _parser(prog):
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=prog,
         description="Train a BatchNorm MLP on scikit-learn's digits with SGD, Momentum, "
-                    "RMSprop and Adam (fastopt kernels).")
-    p.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                   help="comma-separated subset of %(default)s")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--decay", type=float, default=0.95,
-                   help="learning-rate decay per epoch (lr0 * decay**epoch)")
-    p.add_argument("--hidden", default="128,64", help="hidden layer widths")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="PATH.png", help="save the cost curves to this file")
+                    "RMSprop and Adam (fastopt kernels).",
+        epilog="exit status: 0 done, 1 scikit-learn is missing, 2 bad options")
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS), metavar="NAME,...",
+                   help="comma-separated subset of the optimizers to train "
+                        "(default %(default)s)")
+    p.add_argument("--epochs", type=int, default=15, metavar="N",
+                   help="passes over the training set (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="examples per mini-batch, at least 2 for BatchNorm "
+                        "(default %(default)s)")
+    p.add_argument("--decay", type=float, default=0.95, metavar="GAMMA",
+                   help="learning-rate decay per epoch, in (0, 1]: lr0 * decay**epoch "
+                        "(default %(default)s)")
+    p.add_argument("--hidden", default="128,64", metavar="N1,N2",
+                   help="widths of the two hidden layers (default %(default)s)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the data and the parameters (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, metavar="N",
+                   help="seed of the train/test split, the initial weights and the "
+                        "batch order, >= 0 (default %(default)s)")
+    p.add_argument("--plot", metavar="PATH.png",
+                   help="save the training cost and the test accuracy curves to this "
+                        "image (.png, .svg, .pdf...; needs matplotlib; default: no plot)")
     p.add_argument("--search", type=int, metavar="N", default=0,
-                   help="run N random-search trials over lr and beta instead")
-    p.add_argument("--search-optimizer", choices=OPTIMIZERS, default="adam")
+                   help="run N random-search trials over lr and beta instead of the "
+                        "comparison (default %(default)s: no search)")
+    p.add_argument("--search-optimizer", choices=OPTIMIZERS, default="adam",
+                   help="the optimizer whose lr and beta --search tunes (default %(default)s)")
     return p
+
+
+def check_options(args):
+    """The validated options as a dict (raises `UsageError` naming the option)."""
+    names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
+    unknown = [s for s in names if s not in OPTIMIZERS]
+    if unknown or not names:
+        what = f"unknown optimizer {unknown[0]!r}" if unknown else "no optimizer named"
+        raise UsageError(f"--optimizers: {what} (choose from {', '.join(OPTIMIZERS)})")
+    try:
+        hidden = tuple(int(s) for s in args.hidden.split(","))
+    except ValueError:
+        hidden = ()
+    if len(hidden) != 2 or min(hidden) < 1:
+        raise UsageError(f"--hidden must be two positive widths like 128,64, got {args.hidden!r}")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.batch_size < 2:
+        raise UsageError(f"--batch-size must be >= 2 (BatchNorm needs two examples per "
+                         f"batch), got {args.batch_size}")
+    if not 0 < args.decay <= 1:       # also rejects NaN
+        raise UsageError(f"--decay must be in (0, 1] (lr0 * decay**epoch), got {args.decay:g}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
+    if args.search < 0:
+        raise UsageError(f"--search must be >= 0, got {args.search}")
+    if args.plot:
+        if args.search:
+            raise UsageError("--plot draws the optimizer comparison; it cannot be "
+                             "combined with --search")
+        check_plot(args.plot, "--plot", extra="examples")
+    return dict(names=names, hidden=hidden)
 
 
 def main(argv=None, prog="python -m fastopt demo"):
@@ -356,43 +427,33 @@ def main(argv=None, prog="python -m fastopt demo"):
     argv : list of str, optional
         The options (``sys.argv[1:]`` if None).
     prog : str
-        The program name shown by ``--help``.
+        The program name shown by ``--help`` and in error messages.
 
     Returns
     -------
     int
-        The exit status: 0 on success, 1 if an optional dependency is
-        missing, 2 for bad options.
+        The exit status: 0 on success, 1 if scikit-learn is missing, 2 for
+        bad options (a one-line message naming the option).
     """
     args = _parser(prog).parse_args(argv)
-    names = [s.strip() for s in args.optimizers.split(",") if s.strip()]
-    unknown = [s for s in names if s not in OPTIMIZERS]
-    if unknown or not names:
-        print(f"error: unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}",
-              file=sys.stderr)
-        return 2
     try:
-        hidden = tuple(int(s) for s in args.hidden.split(","))
-    except ValueError:
-        hidden = ()
-    if len(hidden) != 2 or min(hidden) < 1:
-        print(f"error: --hidden must be two positive widths like 128,64, got {args.hidden!r}",
-              file=sys.stderr)
-        return 2
-    if args.batch_size < 2 or args.epochs < 1 or args.search < 0:
-        print("error: --batch-size must be >= 2, --epochs >= 1 and --search >= 0", file=sys.stderr)
-        return 2
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (fail before training, not after)
-        except ImportError:
-            print('error: --plot needs matplotlib: pip install "fastopt[examples]"', file=sys.stderr)
-            return 1
-    try:
+        opts = check_options(args)
         data = load_data(args.seed, dtype=np.dtype(args.dtype))
-    except ImportError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # BatchNorm needs the batch from one training set: the search trains
+        # on 80% of it.
+        smallest = len(split(data[0], data[1], 0.2, args.seed + 1)[1]) if args.search \
+            else len(data[1])
+        if args.batch_size > smallest:
+            raise UsageError(f"--batch-size must be at most {smallest} (the training set"
+                             f"{' of a search trial' if args.search else ''}), "
+                             f"got {args.batch_size}")
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
+    names, hidden = opts["names"], opts["hidden"]
     print(f"digits: {len(data[1])} training and {len(data[3])} test images, "
           f"{data[0].shape[1]} pixels; fastopt {fastopt.__version__}, "
           f"{fastopt.get_num_threads()} threads")
@@ -419,8 +480,8 @@ def main(argv=None, prog="python -m fastopt demo"):
         print(f"{name:>9}   {h['epoch_loss'][-1]:10.4f}   {h['test_acc'][-1]:13.2%}   "
               f"{h['seconds']:7.2f}")
     if args.plot:
-        plot_costs(histories, args.plot)
-        print(f"cost curves saved to {args.plot}")
+        plot_history(histories, args.plot)
+        print(f"training curves saved to {args.plot}")
     return 0
 
 

@@ -26,8 +26,11 @@ Differences from PyTorch, because NumPy arrays carry no ``.grad``:
 * Hyperparameters in ``opt.param_groups`` may be changed between steps and
   are validated at every step (a bad value raises and nothing is updated).
   Options that need a state array (``amsgrad``, RMSprop's ``momentum`` and
-  ``centered``, SGD's ``momentum``) must be on at construction to be turned
-  on later.  The parameter lists themselves are fixed at construction.
+  ``centered``, SGD's ``momentum``) must be on at construction (or when the
+  group is added) to be turned on later.
+* ``add_param_group(group)`` adds parameters later, as in PyTorch (e.g. a
+  layer unfrozen for fine-tuning); the state arrays are reallocated then,
+  so take ``opt.state`` again afterwards.
 * Parameters may mix float32 and float64; each array is updated in its own
   precision (scalars in double), all in the same call.
 
@@ -43,20 +46,29 @@ parameter indices), ``"state.<i>.step"`` and ``"state.<i>.<state name>"``
 for parameter i.  Loading checks everything first and changes nothing when
 the dict does not match.
 """
+from __future__ import annotations
+
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._dispatch import optim as _kernels
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+
+    from ._typing import FloatArray, Params
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "flat_views"]
 
 _ALIGN = 64     # bytes; each view of `flat_views` starts on a cache line
 
 
-def flat_views(arrays, dtype=None, copy=True):
+def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike | None = None,
+               copy: bool = True) -> tuple[FloatArray, list[FloatArray]]:
     """One contiguous buffer holding every array, and views of it shaped like them.
 
     A flat-buffer layout for a model: make the parameters (and the
@@ -134,64 +146,109 @@ class Optimizer:
     a group needs).
     """
 
-    _kind = None
-    _slot_names = ()
+    _kind: str = ""
+    _slot_names: tuple[str, ...] = ()
 
-    def __init__(self, params, defaults):
+    defaults: dict[str, Any]
+    param_groups: list[dict[str, Any]]
+    state: list[dict[str, FloatArray]]
+
+    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
         self.defaults = dict(defaults)
-        groups = _as_groups(params)
-        self.param_groups = []
-        for group in groups:
-            group = {**self.defaults, **group}
-            if isinstance(group.get("betas"), list):
-                group["betas"] = tuple(group["betas"])
-            self.param_groups.append(group)
+        self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
+        self._fused, self.state = self._build(self.param_groups)
+
+    def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
+        group = {**self.defaults, **group}
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        return group
+
+    def _build(self, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, FloatArray]]]:
+        """The native step over `groups` (zeroed state) and its state dicts.
+        Raises (and builds nothing) on a bad parameter or hyperparameter."""
         flat, group_of = [], []
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(groups):
             flat.extend(group["params"])
             group_of.extend([gi] * len(group["params"]))
         if not flat:
             raise ValueError("optimizer got an empty parameter list")
-        slots = [self._slots(g) for g in self.param_groups]
-        self._fused = _kernels.FusedStep(self._kind, flat, group_of, slots)
+        fused = _kernels.FusedStep(self._kind, flat, group_of, [self._slots(g) for g in groups])
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
-        self._fused.check_groups(self.param_groups)
-        self.state = [
-            {name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
-            for st in self._fused.states
-        ]
+        fused.check_groups(groups)
+        state = [{name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
+                 for st in fused.states]
+        return fused, state
 
-    def _slots(self, group):
+    def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
         raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, as ``torch.optim.Optimizer.add_param_group``.
+
+        `param_group` is a dict with ``"params"`` (an array or a list of
+        arrays) and any hyperparameters; the others come from the
+        optimizer's defaults.  Its parameters start with zero state and step
+        count 0; the existing parameters keep their state values and step
+        counts exactly, so training continues as if the group had been in
+        the optimizer from the start (skipped until now).  `state_dict` and
+        `load_state_dict` then cover the new group.
+
+        Everything is validated first (the arrays, that none of them is
+        already a parameter, the hyperparameters): on an error nothing
+        changes.  The state arrays are reallocated (the native step keeps
+        each state kind in one buffer), so arrays taken from ``opt.state``
+        before this call no longer follow the optimizer.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        (group,) = _as_groups([param_group])
+        group = self._with_defaults(group)
+        where = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
+        for k, p in enumerate(group["params"]):
+            if id(p) in where:
+                raise ValueError(f"param_group['params'][{k}] is already in "
+                                 f"param_groups[{where[id(p)]}]")
+        groups = self.param_groups + [group]
+        fused, state = self._build(groups)
+        # Built and checked: carry the existing state over, then commit.
+        for old, new in zip(self.state, state):
+            for name, arr in old.items():
+                np.copyto(new[name], arr)
+        n_new = len(state) - len(self.state)
+        fused.set_steps(np.concatenate([self._fused.get_steps(), np.zeros(n_new, np.int64)]))
+        self._fused, self.state, self.param_groups = fused, state, groups
 
     # ------------------------------------------------------------------ step
 
-    def step(self, grads):
+    def step(self, grads: Sequence[FloatArray | None]) -> None:
         """Update every parameter in place from `grads` (one per parameter, in
         order; None skips a parameter).  Everything is validated first: on an
         error nothing is updated."""
         self._fused.step(grads, self.param_groups)
 
     @property
-    def lr(self):
+    def lr(self) -> float:
         """The learning rate of every group (setting it sets every group's)."""
         lrs = {g["lr"] for g in self.param_groups}
         if len(lrs) != 1:
             raise ValueError("param groups have different learning rates; "
                              "read them from opt.param_groups")
-        return self.param_groups[0]["lr"]
+        lr: float = self.param_groups[0]["lr"]
+        return lr
 
     @lr.setter
-    def lr(self, value):
+    def lr(self, value: float) -> None:
         for g in self.param_groups:
             g["lr"] = value
 
     @property
-    def steps(self):
+    def steps(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """Per-parameter step counts (int64 array, a copy)."""
-        return self._fused.get_steps()
+        steps: np.ndarray[Any, np.dtype[np.int64]] = self._fused.get_steps()
+        return steps
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
         for gi, g in enumerate(self.param_groups):
             lines.append(f"Parameter Group {gi}")
@@ -202,13 +259,13 @@ class Optimizer:
 
     # ------------------------------------------------------------ state dict
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """The optimizer's state as a flat dict of NumPy arrays and numbers.
 
         Arrays are copies.  See the module docstring for the keys; the dict
         saves with ``np.savez(path, **opt.state_dict())``.
         """
-        out = {"optimizer": type(self).__name__}
+        out: dict[str, Any] = {"optimizer": type(self).__name__}
         index = 0
         for gi, g in enumerate(self.param_groups):
             for k, v in g.items():
@@ -223,7 +280,7 @@ class Optimizer:
                 out[f"state.{i}.{name}"] = arr.copy()
         return out
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a state from `state_dict` (as made by `state_dict`, possibly
         through ``np.savez``/``np.load``).  Everything is checked before
         anything changes: a dict for another optimizer type, another number of
@@ -312,7 +369,7 @@ class Optimizer:
 _STEP_LIMIT = 2**63 - 2
 
 
-def _step_count(v, key):
+def _step_count(v: Any, key: str) -> int:
     """A saved step count: an integer (Python, NumPy or 0-d array) in [0, 2**63 - 2]."""
     if isinstance(v, np.ndarray) and v.ndim == 0:
         v = v[()]
@@ -324,7 +381,7 @@ def _step_count(v, key):
     return v
 
 
-def _as_groups(params):
+def _as_groups(params: Any) -> list[dict[str, Any]]:
     """params (arrays or dicts) -> list of group dicts with a "params" list."""
     if isinstance(params, np.ndarray):
         raise TypeError("params must be a list of arrays or of param-group dicts, "
@@ -357,7 +414,7 @@ def _as_groups(params):
     return [{"params": params}]
 
 
-def _shape(s, name):
+def _shape(s: Any, name: str) -> tuple[int, ...]:
     """A shape: a tuple of non-negative integers."""
     try:
         shape = tuple(int(operator.index(d)) for d in s)
@@ -369,7 +426,7 @@ def _shape(s, name):
     return shape
 
 
-def _scalar(v, key):
+def _scalar(v: Any, key: str) -> Any:
     if v is None:
         raise ValueError(f"state dict has no {key!r}")
     if isinstance(v, np.ndarray):
@@ -379,7 +436,7 @@ def _scalar(v, key):
     return v
 
 
-def _value(v, key):
+def _value(v: Any, key: str) -> Any:
     """A hyperparameter from a state dict (0-d arrays -> numbers, 1-d -> tuples)."""
     if isinstance(v, np.ndarray):
         if v.ndim == 0:
@@ -392,13 +449,14 @@ def _value(v, key):
     return v
 
 
-def _describe(v):
+def _describe(v: Any) -> str:
     if isinstance(v, np.ndarray):
         return f"an array of shape {v.shape} and dtype {v.dtype}"
     return type(v).__name__
 
 
-def _number(name, value, lo=0.0, hi=math.inf, hi_closed=False):
+def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf,
+            hi_closed: bool = False) -> float:
     """Validate a constructor argument (PyTorch raises "Invalid ..." here too)."""
     if isinstance(value, (str, bytes, bytearray)) or (
             isinstance(value, np.ndarray) and value.ndim != 0):
@@ -437,8 +495,9 @@ class SGD(Optimizer):
     _kind = "sgd"
     _slot_names = ("momentum_buffer",)
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False):
+    def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 maximize: bool = False) -> None:
         _number("lr", lr)
         _number("momentum", momentum)
         _number("dampening", dampening, 0.0, 1.0, hi_closed=True)
@@ -447,7 +506,7 @@ class SGD(Optimizer):
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize))
 
-    def _slots(self, group):
+    def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
         return (group["momentum"] != 0, False, False)
 
 
@@ -461,8 +520,9 @@ class RMSprop(Optimizer):
     _kind = "rmsprop"
     _slot_names = ("square_avg", "momentum_buffer", "grad_avg")
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False):
+    def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
+                 maximize: bool = False) -> None:
         _number("lr", lr)
         _number("alpha", alpha, 0.0, 1.0)
         _number("eps", eps)
@@ -471,7 +531,7 @@ class RMSprop(Optimizer):
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize))
 
-    def _slots(self, group):
+    def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
         return (True, group["momentum"] > 0, bool(group["centered"]))
 
 
@@ -486,8 +546,10 @@ class Adam(Optimizer):
     _kind = "adam"
     _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False):
+    def __init__(self, params: Params, lr: float = 1e-3,
+                 betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
+                 decoupled_weight_decay: bool = False) -> None:
         _number("lr", lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a tuple of two numbers, got {betas!r}")
@@ -500,7 +562,7 @@ class Adam(Optimizer):
                                       maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay))
 
-    def _slots(self, group):
+    def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
         return (True, True, bool(group["amsgrad"]))
 
 
@@ -508,7 +570,9 @@ class AdamW(Adam):
     """AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay
     (``param *= 1 - lr * weight_decay``), default weight_decay 1e-2."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False):
+    def __init__(self, params: Params, lr: float = 1e-3,
+                 betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True)

@@ -7,12 +7,24 @@ hyperparameters on a log scale).  The heavy lifting is in two kernels of
 ``fastopt._train``: `take_rows` (a parallel row gather into reused buffers)
 and `ewa_update` (a fused, parallel EWA update).
 """
+from __future__ import annotations
+
 import math
 import numbers
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, Optional, Union, overload
 
 import numpy as np
 
 from ._dispatch import train as _kernels
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, NDArray
+
+    from ._typing import FloatArray
+
+    _Seed = Optional[Union[int, np.random.Generator, np.random.SeedSequence]]
+    _Shape = Union[int, tuple[int, ...]]
 
 take_rows = _kernels.take_rows
 ewa_update = _kernels.ewa_update
@@ -23,7 +35,7 @@ __all__ = ["minibatches", "take_rows", "ewa_update", "bias_corrected", "EWA",
 
 # ---------------------------------------------------------------- batches ---
 
-def _positive_int(value, name):
+def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < 1:
@@ -31,7 +43,7 @@ def _positive_int(value, name):
     return int(value)
 
 
-def _to_float(value, name):
+def _to_float(value: Any, name: str) -> float:
     """float(value) for a real number; too large for a float is a ValueError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -41,12 +53,14 @@ def _to_float(value, name):
         raise ValueError(f"{name} must be finite, got a number too large for a float") from None
 
 
-def _gatherable(a):
+def _gatherable(a: NDArray[Any]) -> bool:
     """take_rows copies raw rows: it needs C-contiguous data without objects."""
     return a.flags.c_contiguous and not a.dtype.hasobject
 
 
-def minibatches(X, Y, batch_size, *, shuffle=True, rng=None, drop_last=False, copy=False):
+def minibatches(X: ArrayLike, Y: ArrayLike, batch_size: int, *, shuffle: bool = True,
+                rng: _Seed = None, drop_last: bool = False,
+                copy: bool = False) -> Iterator[tuple[NDArray[Any], NDArray[Any]]]:
     """Yield ``(X_batch, Y_batch)`` over one epoch of mini-batches.
 
     Rows (examples) are along the first axis of `X` and `Y`.  The rows are
@@ -115,7 +129,9 @@ def minibatches(X, Y, batch_size, *, shuffle=True, rng=None, drop_last=False, co
     return _batches(X, Y, order, batch_size, drop_last, copy)
 
 
-def _batches(X, Y, order, batch_size, drop_last, copy):
+def _batches(X: NDArray[Any], Y: NDArray[Any], order: NDArray[np.integer[Any]],
+             batch_size: int, drop_last: bool,
+             copy: bool) -> Iterator[tuple[NDArray[Any], NDArray[Any]]]:
     m = len(order)
     stop_at = m - m % batch_size if drop_last else m
     size = min(batch_size, m)
@@ -133,7 +149,7 @@ def _batches(X, Y, order, batch_size, drop_last, copy):
         yield _gather(X, idx, xb), _gather(Y, idx, yb)
 
 
-def _gather(a, idx, out):
+def _gather(a: NDArray[Any], idx: NDArray[np.integer[Any]], out: NDArray[Any]) -> NDArray[Any]:
     if _gatherable(a):
         return take_rows(a, idx, out)
     # Strided or object arrays: NumPy's gather, still without a new array.
@@ -146,14 +162,20 @@ def _gather(a, idx, out):
 _T_MAX = 2**63 - 1
 
 
-def _beta(beta):
-    beta = _to_float(beta, "beta")
-    if not 0.0 <= beta < 1.0:
-        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
-    return beta
+def _beta(beta: Any) -> float:
+    b = _to_float(beta, "beta")
+    if not 0.0 <= b < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {b!r}")
+    return b
 
 
-def bias_corrected(avg, beta, t, out=None):
+@overload
+def bias_corrected(avg: float, beta: float, t: int, out: None = None) -> float: ...
+@overload
+def bias_corrected(avg: FloatArray, beta: float, t: int,
+                   out: FloatArray | None = None) -> FloatArray: ...
+def bias_corrected(avg: float | FloatArray, beta: float, t: int,
+                   out: FloatArray | None = None) -> float | FloatArray:
     """The course's bias-corrected average ``avg / (1 - beta**t)``.
 
     An EWA started at zero underestimates early on (after one update it is
@@ -179,7 +201,8 @@ def bias_corrected(avg, beta, t, out=None):
     t = _positive_int(t, "t")
     if t > _T_MAX:
         raise ValueError(f"t must be at most 2**63 - 1, got {t}")
-    return np.divide(avg, 1.0 - beta ** t, out=out)
+    result: float | FloatArray = np.divide(avg, 1.0 - beta ** t, out=out)
+    return result
 
 
 class EWA:
@@ -215,13 +238,13 @@ class EWA:
     11.0332
     """
 
-    def __init__(self, beta, *, bias_correction=True):
+    def __init__(self, beta: float, *, bias_correction: bool = True) -> None:
         self.beta = _beta(beta)
         self.bias_correction = bool(bias_correction)
-        self.avg = None
+        self.avg: FloatArray | None = None
         self.t = 0
 
-    def update(self, x):
+    def update(self, x: float | ArrayLike) -> FloatArray:
         """Fold `x` into the average and return the (bias-corrected) value."""
         if self.avg is None:
             x = np.asarray(x)
@@ -239,7 +262,7 @@ class EWA:
         return self.value
 
     @property
-    def value(self):
+    def value(self) -> FloatArray:
         """The current estimate: ``avg / (1 - beta**t)`` (or `avg` without
         bias correction); a new array (a 0-d array for numbers)."""
         if self.avg is None:
@@ -248,26 +271,32 @@ class EWA:
             return self.avg.copy()
         return bias_corrected(self.avg, self.beta, self.t)
 
-    def reset(self):
+    def reset(self) -> None:
         """Forget every update (start again from v_0 = 0)."""
         self.avg = None
         self.t = 0
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         shape = None if self.avg is None else self.avg.shape
         return f"EWA(beta={self.beta!r}, t={self.t}, shape={shape})"
 
 
 # --------------------------------------------------------------- sampling ---
 
-def _positive_finite(value, name):
-    value = _to_float(value, name)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
-    return value
+def _positive_finite(value: Any, name: str) -> float:
+    v = _to_float(value, name)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {v!r}")
+    return v
 
 
-def log_uniform(low, high, size=None, rng=None):
+@overload
+def log_uniform(low: float, high: float, size: None = None, rng: _Seed = None) -> float: ...
+@overload
+def log_uniform(low: float, high: float, size: _Shape,
+                rng: _Seed = None) -> NDArray[np.float64]: ...
+def log_uniform(low: float, high: float, size: _Shape | None = None,
+                rng: _Seed = None) -> float | NDArray[np.float64]:
     """Samples whose base-10 logarithm is uniform: ``10**U(log10 low, log10 high)``.
 
     The course's way to search a learning rate: every decade between `low`
@@ -294,11 +323,21 @@ def log_uniform(low, high, size=None, rng=None):
         raise ValueError(f"low must be < high, got low={low!r}, high={high!r}")
     r = np.random.default_rng(rng).uniform(np.log10(low), np.log10(high), size)
     # 10**log10(x) can round just outside [low, high].
-    s = np.clip(10.0 ** r, low, high)
+    s: NDArray[np.float64] = np.clip(10.0 ** r, low, high)
     return float(s) if size is None else s
 
 
-def sample_beta(low=0.9, high=0.999, size=None, rng=None):
+@overload
+def sample_beta(low: float = 0.9, high: float = 0.999, size: None = None,
+                rng: _Seed = None) -> float: ...
+@overload
+def sample_beta(low: float, high: float, size: _Shape,
+                rng: _Seed = None) -> NDArray[np.float64]: ...
+@overload
+def sample_beta(low: float = 0.9, high: float = 0.999, *, size: _Shape,
+                rng: _Seed = None) -> NDArray[np.float64]: ...
+def sample_beta(low: float = 0.9, high: float = 0.999, size: _Shape | None = None,
+                rng: _Seed = None) -> float | NDArray[np.float64]:
     """Sample an averaging beta in [low, high] with ``1 - beta`` log-uniform.
 
     The course's search over beta: ``r = U(-3, -1)``, ``beta = 1 - 10**r``
@@ -323,5 +362,6 @@ def sample_beta(low=0.9, high=0.999, size=None, rng=None):
             raise ValueError(f"{name} must be in [0, 1), got {v!r}")
     if not low < high:
         raise ValueError(f"low must be < high, got low={low!r}, high={high!r}")
-    s = np.clip(1.0 - log_uniform(1.0 - high, 1.0 - low, size, rng), low, high)
+    s: NDArray[np.float64] = np.clip(1.0 - log_uniform(1.0 - high, 1.0 - low, size, rng),
+                                     low, high)
     return float(s) if size is None else s

@@ -1,0 +1,63 @@
+# Type stub of the fused optimizer kernels (_optim.pyx), built once per SIMD
+# level; `fastopt._dispatch` makes the chosen level importable under this name.
+from collections.abc import Sequence
+from typing import Any, SupportsIndex
+
+import numpy as np
+from numpy.typing import NDArray
+from typing_extensions import disjoint_base
+
+from ._typing import FloatArray
+
+def adam_step(
+    param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *,
+    step: SupportsIndex, lr: float = 1e-3,
+    betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+    weight_decay: float = 0.0, decoupled_weight_decay: bool = False, amsgrad: bool = False,
+    max_exp_avg_sq: FloatArray | None = None, maximize: bool = False,
+) -> None: ...
+def adamw_step(
+    param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *,
+    step: SupportsIndex, lr: float = 1e-3,
+    betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+    weight_decay: float = 1e-2, amsgrad: bool = False,
+    max_exp_avg_sq: FloatArray | None = None, maximize: bool = False,
+) -> None: ...
+def rmsprop_step(
+    param: FloatArray, grad: FloatArray, square_avg: FloatArray, *, lr: float = 1e-2,
+    alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0, momentum: float = 0.0,
+    momentum_buffer: FloatArray | None = None, centered: bool = False,
+    grad_avg: FloatArray | None = None, maximize: bool = False,
+) -> None: ...
+def sgd_step(
+    param: FloatArray, grad: FloatArray, momentum_buffer: FloatArray | None = None, *,
+    lr: float, momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+    weight_decay: float = 0.0, maximize: bool = False, first_step: bool = False,
+) -> None: ...
+def clip_grad_norm_(
+    grads: FloatArray | Sequence[FloatArray | None], max_norm: float, norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> float: ...
+def clip_grad_value_(
+    grads: FloatArray | Sequence[FloatArray | None], clip_value: float,
+) -> None: ...
+
+@disjoint_base      # an extension type with C fields
+class FusedStep:
+    """The native half of the optimizer objects (see _optim.pyx)."""
+    @property
+    def kind(self) -> int: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def ngroups(self) -> int: ...
+    @property
+    def params(self) -> list[FloatArray]: ...
+    @property
+    def states(self) -> list[list[FloatArray | None]]: ...
+    def __init__(self, kind: str, params: list[FloatArray], group_of: list[int],
+                 slots: list[tuple[bool, bool, bool]]) -> None: ...
+    def check_groups(self, groups: Sequence[dict[str, Any]]) -> None: ...
+    def step(self, grads: Sequence[FloatArray | None], groups: Sequence[dict[str, Any]]) -> None: ...
+    def get_steps(self) -> NDArray[np.int64]: ...
+    def set_steps(self, steps: NDArray[np.integer[Any]] | Sequence[int]) -> None: ...
