@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
@@ -793,6 +794,79 @@ def probe_bandwidth(threads, mib, budget):
     return max(copy_bw, add_bw), {"copy": copy_bw, "add": add_bw}
 
 
+# ------------------------------------------------------------- contention ---
+
+# A process that keeps one core busy: a Python loop, like the data-loading
+# workers or other training runs that share a machine.  It stops by itself at
+# its deadline, or as soon as its parent is gone.
+BUSY_PROGRAM = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+deadline, parent = time.monotonic() + float(sys.argv[1]), os.getppid()
+print("busy", flush=True)
+while time.monotonic() < deadline and os.getppid() == parent:
+    for _ in range(10000):
+        pass
+"""
+BUSY_SECONDS = 120
+
+
+def busy_processes():
+    """One busy process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def every_core_busy(n, seconds=BUSY_SECONDS):
+    """Inside the block, `n` processes keep a core busy each; they are killed
+    and reaped on leaving it (also on an exception or Ctrl-C)."""
+    procs = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", BUSY_PROGRAM, str(seconds)],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+        for p in procs:
+            p.stdout.readline()             # it is running
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+            p.stdout.close()
+
+
+def run_contention(case, opts, peers):
+    """fastopt (default threads and 1 thread) and the peers, timed while
+    every core is kept busy: {column: Result}."""
+    work = case.make(opts.dtype, peers)
+    ref = reference(work, opts.dtype)
+    run = lambda impl, threads: run_impl(impl, work, ref, threads,  # noqa: E731
+                                         opts.budget, opts.min_samples)
+    with every_core_busy(busy_processes()):
+        busy = {"fastopt": run(work.fastopt, opts.threads), "fastopt_1t": run(work.fastopt, 1)}
+        busy.update({name: run(impl, opts.threads) for name, impl in work.peers.items()})
+    return busy
+
+
+def contention_lines(busy, record):
+    """The sub-row of a case timed under contention; adds it to the JSON `record`."""
+    fo, one = busy["fastopt"], busy["fastopt_1t"]
+    record["contention"] = {k: {"time_s": r.time, "best_s": r.best, "error": r.error}
+                            for k, r in busy.items()}
+    record["contention"]["ratio_to_1thread"] = fo.time / one.time if fo.time and one.time else None
+    if fo.error or one.error:
+        record["ok"] = False
+        record["errors"].update({f"contention {k}": r.error
+                                 for k, r in (("fastopt", fo), ("1 thread", one)) if r.error})
+        return ["    + every core busy: FAILED " + (fo.error or one.error)]
+    line = (f"    + every core busy: fastopt {fmt_time(fo.time)}, 1 thread {fmt_time(one.time)}, "
+            f"ratio {fo.time / one.time:.2f}")
+    others = [f"{k} {fmt_time(r.time)}" for k, r in busy.items()
+              if k not in ("fastopt", "fastopt_1t") and not r.error]
+    return [line + (f"; {', '.join(others)}" if others else "")]
+
+
 # ------------------------------------------------------------------ output ---
 
 def fmt_time(t):
@@ -954,6 +1028,10 @@ def parse_args(argv, prog):
                    help="bar chart of the speedups (needs matplotlib)")
     p.add_argument("--peers", action="store_true",
                    help="also time PyTorch and numba, if installed, on the same work")
+    p.add_argument("--contention", action="store_true",
+                   help="also time each case while busy processes (one per core, started "
+                        "and stopped by the run) keep every core busy: fastopt on its default "
+                        "threads and on 1 thread, and their ratio")
     return p.parse_args(argv)
 
 
@@ -1076,9 +1154,7 @@ def _run(args, families, sizes):
     cpus = os.cpu_count() or 1
     if load > 0.5 * cpus:
         notes.append(f"load average {load:.1f} on {cpus} CPUs: other programs are running, "
-                     "so times are slower and noisier than on an idle machine; multi-threaded "
-                     "ones suffer most when OpenMP threads spin-wait (OMP_WAIT_POLICY=passive "
-                     "avoids that)")
+                     "so times are slower and noisier than on an idle machine")
     present = []
     for family in families:
         missing = [n for n in FAMILIES[family][0] if not hasattr(fastopt, n)]
@@ -1095,6 +1171,10 @@ def _run(args, families, sizes):
         if "numba" in peers:
             notes.append("--peers: numba is compared on the one-array Adam/AdamW only")
 
+    if args.contention:
+        notes.append(f"--contention: each case is timed again while {busy_processes()} busy "
+                     "processes (one per core) run; '+ every core busy' gives fastopt on its "
+                     f"{threads} thread(s), on 1 thread, and the ratio")
     opts = argparse.Namespace(dtype=np.dtype(args.dtype), threads=threads,
                               budget=0.03 if args.quick else 0.1,
                               min_samples=3 if args.quick else 5,
@@ -1115,6 +1195,8 @@ def _run(args, families, sizes):
             print(f"{family}: {FAMILIES[family][1]}", flush=True)
         main_, extras, others = run_case(case, opts, peers)
         lines, record = summarize(case, main_, extras, others, opts.dtype.itemsize, probe)
+        if args.contention:
+            lines += contention_lines(run_contention(case, opts, peers), record)
         records.append(record)
         print("\n".join(lines), flush=True)
 
@@ -1132,7 +1214,7 @@ def _run(args, families, sizes):
                   "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                               "platform": cfg["platform"]},
                   "config": cfg, "numpy": np.__version__, "dtype": opts.dtype.name,
-                  "threads": threads, "quick": args.quick,
+                  "threads": threads, "quick": args.quick, "contention": args.contention,
                   "probe": {"bytes_per_s": probe, "copy_bytes_per_s": probes["copy"],
                             "add_bytes_per_s": probes["add"], "array_mib": opts.probe_mib},
                   "notes": notes, "results": records, "failed": len(failed)}
