@@ -178,12 +178,12 @@ typedef struct {
     fo_u64 chunks;           /* their chunks */
     fo_u64 caller_chunks;    /* of which the calling thread ran */
     fo_u64 workers;          /* workers started in this process */
+    fo_u64 caller_sleeps;    /* jobs whose caller slept waiting for a worker's chunk */
 } fo_stats_t;
 static fo_stats_t fo_stats;
 
 #if FASTOPT_POOL_BACKEND == 1
 /* ------------------------------------------------------- POSIX threads --- */
-#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -300,6 +300,7 @@ static void fo_wait_done(Py_ssize_t theirs) {
             if (t0 == 0) {
                 t0 = fo_now_ns();
             } else if (fo_now_ns() - t0 > FO_CALLER_SPIN_NS) {
+                fo_add(&fo_stats.caller_sleeps, 1);
                 pthread_mutex_lock(&fo_pool.done_lock);
                 atomic_store(&fo_pool.caller_waiting, 1);
                 while ((Py_ssize_t)atomic_load(&fo_done.v) != theirs)
@@ -408,6 +409,7 @@ static void fo_atfork_child(void) {
     fo_store(&fo_stats.chunks, 0);
     fo_store(&fo_stats.caller_chunks, 0);
     fo_store(&fo_stats.workers, 0);
+    fo_store(&fo_stats.caller_sleeps, 0);
     atomic_store_explicit(&fo_pool.alone, 0, memory_order_relaxed);
     atomic_store_explicit(&fo_pool.sleepers, 0, memory_order_relaxed);
     atomic_store_explicit(&fo_pool.busy, 0, memory_order_relaxed);
@@ -499,7 +501,7 @@ static const char *fastopt_pool_backend(void) { return FASTOPT_POOL_BACKEND_NAME
 static void fastopt_pool_set_spin(long long ns) { fo_set_spin(ns); }
 static void fastopt_pool_hold_workers(int hold) { fo_hold(hold); }
 static int fastopt_pool_participant(void) { return fo_participant; }
-static void fastopt_pool_stats(long long out[7]) {
+static void fastopt_pool_stats(long long out[8]) {
     out[0] = (long long)fo_load(&fo_stats.jobs);
     out[1] = (long long)fo_load(&fo_stats.chunks);
     out[2] = (long long)fo_load(&fo_stats.caller_chunks);
@@ -507,5 +509,6 @@ static void fastopt_pool_stats(long long out[7]) {
     out[4] = fo_workers();
     out[5] = fo_alone();
     out[6] = fo_busy();
+    out[7] = (long long)fo_load(&fo_stats.caller_sleeps);
 }
 #endif

@@ -72,12 +72,13 @@ def pool_backend():
 def pool_stats():
     """What the pool did in this process: jobs run by a team, their chunks,
     how many of those the calling threads ran, workers started (and alive),
-    jobs run alone because another thread was using the pool, and whether
-    a job is running now."""
-    cdef long long s[7]
+    jobs run alone because another thread was using the pool, whether a job
+    is running now, and jobs whose caller slept waiting for a chunk that a
+    worker had claimed (a worker preempted mid-chunk)."""
+    cdef long long s[8]
     fastopt_pool_stats(s)
     return {"jobs": s[0], "chunks": s[1], "caller_chunks": s[2], "workers_started": s[3],
-            "workers": s[4], "alone": s[5], "busy": bool(s[6])}
+            "workers": s[4], "alone": s[5], "busy": bool(s[6]), "caller_sleeps": s[7]}
 
 
 def _hold_workers(bint hold):
