@@ -336,6 +336,21 @@ def test_omp_num_threads_1_starts_no_worker():
     assert run_python(code, OMP_NUM_THREADS="1").split() == ["1", "0", "0", "0"]
 
 
+@needs_posix_pool
+@needs_openmp
+def test_workers_start_when_first_needed_and_as_the_cap_grows():
+    code = ("import numpy as np, fastopt\n"
+            "from fastopt import _runtime\n"
+            "p = np.ones(2_000_000, np.float32)\n"
+            "started = [_runtime.pool_stats()['workers_started']]\n"
+            "for cap in (1, 2, 3, 2):\n"
+            "    fastopt.set_num_threads(cap)\n"
+            "    fastopt.sgd_step(p, np.ones_like(p), lr=1.0)\n"
+            "    started.append(_runtime.pool_stats()['workers_started'])\n"
+            "print(*started, int(p.sum()))")
+    assert run_python(code, OMP_NUM_THREADS="3").split() == ["0", "0", "1", "2", "2", "-6000000"]
+
+
 # ------------------------------------------------------------------- fork ---
 
 FORK_PROGRAM = r"""
