@@ -6,10 +6,8 @@ The ``adam``, ``adamw``, ``rmsprop`` and ``sgd`` (course Momentum) cases of
 ``memory copy`` group is a bandwidth probe: compare its bytes / median with
 a group's ``extra_info["bytes"]`` / median.
 
-fastopt runs on all of OpenMP's threads.  When other processes keep the cores
-busy, its spinning worker threads compete with them and a 2-thread call can
-stall for whole scheduler ticks (4-16 ms): compare with a run under
-``OMP_NUM_THREADS=1`` before reading anything into a multi-thread time.
+fastopt runs on all of OpenMP's threads.  How that holds up while other
+processes keep every core busy is test_bench_contention.py.
 
     PYTHONPATH=src python -m pytest benchmarks/test_bench_optim.py --benchmark-only \\
         --benchmark-group-by=group --benchmark-columns=median,iqr,rounds

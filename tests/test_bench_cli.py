@@ -1,5 +1,6 @@
 """`python -m fastopt bench` and `python -m fastopt`: output, JSON, bad input, and
 that a wrong kernel is reported as FAILED (never as a fast result)."""
+import contextlib
 import json
 import os
 import subprocess
@@ -423,3 +424,89 @@ def test_json_has_the_verdict(tmp_path, small):
     slower = {(s["family"], s["case"]) for s in data["slower_than_numpy"]}
     assert slower == {(r["family"], r["case"]) for r in data["results"]
                       if r["speedup_vs_numpy"] < 1}
+
+
+def test_contention_adds_a_row_per_case(small, tmp_path, capsys):
+    path = tmp_path / "busy.json"
+    assert bench.main(["--quick", "--contention", "--kernels", "adam,sgd", "--sizes", "1000",
+                       "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"--contention: each case is timed again while {bench.busy_processes()} busy" in out
+    rows = [line for line in out.splitlines() if "+ every core busy:" in line]
+    assert len(rows) == 2 and all("1 thread" in r and "ratio" in r for r in rows), out
+    data = json.loads(path.read_text())
+    assert data["contention"] is True
+    for r in data["results"]:
+        c = r["contention"]
+        assert c["fastopt"]["time_s"] > 0 and c["fastopt_1t"]["time_s"] > 0
+        assert c["ratio_to_1thread"] == c["fastopt"]["time_s"] / c["fastopt_1t"]["time_s"]
+
+
+def test_contention_failure_is_reported(monkeypatch, small, capsys):
+    real = fastopt.sgd_step
+
+    def wrong_when_busy(param, *args, **kw):      # right on a quiet machine only
+        real(param, *args, **kw)
+        if busy_now:
+            param.flat[0] += 1.0
+    busy_now = False
+    real_busy = bench.every_core_busy
+
+    @contextlib.contextmanager
+    def flagging_busy(n, seconds=bench.BUSY_SECONDS):
+        nonlocal busy_now
+        with real_busy(n, seconds):
+            busy_now = True
+            try:
+                yield
+            finally:
+                busy_now = False
+    monkeypatch.setattr(fastopt, "sgd_step", wrong_when_busy)
+    monkeypatch.setattr(bench, "every_core_busy", flagging_busy)
+    assert bench.main(["--quick", "--contention", "--kernels", "sgd", "--sizes", "100"]) == 1
+    out = capsys.readouterr().out
+    assert "+ every core busy: FAILED param[0]" in out and "FAILED: 1 of 1 cases" in out
+
+
+def psutil_children():
+    """(pid, argv) of this process's children, from /proc (Linux)."""
+    me, found = os.getpid(), []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == me:
+            found.append((int(pid), argv))
+    return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+@pytest.mark.parametrize("exc", [None, RuntimeError, KeyboardInterrupt])
+def test_busy_processes_are_always_reaped(exc):
+    before = {pid for pid, _ in psutil_children()}
+    with pytest.raises(exc) if exc else contextlib.nullcontext():
+        with bench.every_core_busy(2):
+            running = [pid for pid, argv in psutil_children() if pid not in before]
+            assert len(running) == 2
+            if exc:
+                raise exc
+    left = {pid for pid, _ in psutil_children()} - before
+    assert not left, "busy processes left behind (running or zombie)"
+
+
+def test_busy_process_stops_by_itself():
+    p = subprocess.Popen([sys.executable, "-c", bench.BUSY_PROGRAM, "0.2"],
+                         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert p.stdout.readline().strip() == b"busy"
+        assert p.wait(timeout=60) == 0      # its deadline, not a kill
+    finally:
+        p.kill()
+        p.wait()
+        p.stdout.close()

@@ -1,4 +1,4 @@
-# Batch Normalization forward and backward, fused and OpenMP-parallel.
+# Batch Normalization forward and backward, fused and multithreaded.
 #
 # Design
 # ------
@@ -32,7 +32,7 @@
 # * Passes over memory.  Forward: one statistics pass (each box read twice,
 #   the second time from cache) and one pass that reads x and writes y.
 #   Backward: one pass reading x and dy for the sums and one that reads them
-#   again and writes dx.  Both passes run in one parallel region; the boxes
+#   again and writes dx.  Both passes are jobs on the thread pool; the boxes
 #   are visited in the order of x in memory (streaming), each thread taking
 #   the same range of boxes in both passes, the second pass in reverse order
 #   so that it starts on the data the first pass left in the caches (L2, and
@@ -49,7 +49,6 @@ include "_common.pxi"
 
 cimport cython
 from libc.math cimport sqrt
-from cython.parallel cimport prange
 import numpy as np
 
 # Values per box (row layout: at least MIN_ROWS rows, at most 64 Ki values):
@@ -581,38 +580,68 @@ cdef inline void second_pass(const Plan *p, const Job *j, const floating *x,
         box_affine(p, x, dy, out, nth_box(p, i), j.mean, j.A, B, j.K)
 
 
+ctypedef struct Task:            # a call's arrays, for the chunk functions
+    const Plan *p
+    const Job *j
+    bint is_double
+    const void *x
+    const void *dy
+    void *out
+    const void *gamma
+    const void *beta
+    void *r1
+    void *r2
+
+
+cdef void first_chunk(void *ctx, Py_ssize_t i) noexcept nogil:
+    cdef const Task *t = <const Task *>ctx
+    if t.is_double:
+        first_pass(t.p, t.j, <const double *>t.x, <const double *>t.dy, i, i + 1)
+    else:
+        first_pass(t.p, t.j, <const float *>t.x, <const float *>t.dy, i, i + 1)
+
+
+cdef void finish_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const Task *t = <const Task *>ctx
+    cdef Py_ssize_t c0 = k * MERGE_C, c1 = min(t.p.C, (k + 1) * MERGE_C)
+    if t.is_double:
+        finish(t.p, t.j, <const double *>t.gamma, <const double *>t.beta,
+               <double *>t.r1, <double *>t.r2, c0, c1)
+    else:
+        finish(t.p, t.j, <const float *>t.gamma, <const float *>t.beta,
+               <float *>t.r1, <float *>t.r2, c0, c1)
+
+
+cdef void second_chunk(void *ctx, Py_ssize_t i) noexcept nogil:
+    cdef const Task *t = <const Task *>ctx
+    if t.is_double:
+        second_pass(t.p, t.j, <const double *>t.x, <const double *>t.dy, <double *>t.out, i, i + 1)
+    else:
+        second_pass(t.p, t.j, <const float *>t.x, <const float *>t.dy, <float *>t.out, i, i + 1)
+
+
 cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy,
               floating *out, const floating *gamma, const floating *beta,
               floating *r1, floating *r2) noexcept nogil:
     """Both passes of a forward (dy NULL; r1, r2 the running stats) or
-    backward (r1, r2 = dgamma, dbeta) call."""
-    cdef Py_ssize_t k, t, lo = 0, hi = 0
-    cdef Py_ssize_t nmc = (p.C + MERGE_C - 1) // MERGE_C
-    if not j.stats:
-        if p.nt == 1:
-            second_pass(p, j, x, dy, out, 0, p.nbox)
-        else:
-            for t in prange(p.nt, nogil=True, num_threads=p.nt, schedule="static", chunksize=1):
-                lo = chunk_start(p.nbox, p.nt, t, 1)
-                hi = chunk_start(p.nbox, p.nt, t + 1, 1)
-                second_pass(p, j, x, dy, out, lo, hi)
-    elif p.nt == 1:
-        first_pass(p, j, x, dy, 0, p.nbox)
-        finish(p, j, gamma, beta, r1, r2, 0, p.C)
-        second_pass(p, j, x, dy, out, 0, p.nbox)
-    else:
-        # Each thread takes the same range of boxes in both passes.
-        with parallel(num_threads=p.nt):
-            for t in prange(p.nt, schedule="static", chunksize=1):
-                lo = chunk_start(p.nbox, p.nt, t, 1)
-                hi = chunk_start(p.nbox, p.nt, t + 1, 1)
-                first_pass(p, j, x, dy, lo, hi)
-            for k in prange(nmc, schedule="static"):
-                finish(p, j, gamma, beta, r1, r2, k * MERGE_C, min(p.C, (k + 1) * MERGE_C))
-            for t in prange(p.nt, schedule="static", chunksize=1):
-                lo = chunk_start(p.nbox, p.nt, t, 1)
-                hi = chunk_start(p.nbox, p.nt, t + 1, 1)
-                second_pass(p, j, x, dy, out, lo, hi)
+    backward (r1, r2 = dgamma, dbeta) call: three jobs over the boxes (in
+    the order of x in memory), the channels, and the boxes again in reverse.
+    A thread takes the same range of boxes in both passes."""
+    cdef Task t
+    t.p = p
+    t.j = j
+    t.is_double = floating is double
+    t.x = x
+    t.dy = dy
+    t.out = out
+    t.gamma = gamma
+    t.beta = beta
+    t.r1 = r1
+    t.r2 = r2
+    if j.stats:
+        run_chunks(first_chunk, &t, p.nbox, p.nt)
+        run_chunks(finish_chunk, &t, (p.C + MERGE_C - 1) // MERGE_C, p.nt)
+    run_chunks(second_chunk, &t, p.nbox, p.nt, True)
 
 
 # ---------------------------------------------------------------- wrappers ---

@@ -1,18 +1,25 @@
 # Shared by every kernel module.  It is included (not cimported) so that each
 # SIMD build of a module is self-contained.  Two things live here:
-#   * the thread-count helper: one place decides how many OpenMP threads a
-#     kernel uses;
+#   * the threads: one place decides how many threads a kernel uses
+#     (`threads_for`), and one helper runs a job on fastopt's thread pool
+#     (`run_chunks`);
 #   * the argument checks: every kernel's `def` wrapper validates with these
 #     before it enters `nogil` code, so kernels can assume clean input.
 cimport numpy as cnp
-from cython.parallel cimport parallel, threadid
+from cpython.pycapsule cimport PyCapsule_GetPointer
 from libc.math cimport isfinite, sqrt, sqrtf
 
 cnp.import_array()
 
 cdef extern from "_omp.h" nogil:
-    int omp_get_max_threads()
-    int omp_get_num_threads()
+    int fastopt_omp_threads()
+
+cdef extern from "_pool_api.h" nogil:
+    ctypedef void (*fastopt_chunk_fn)(void *ctx, Py_ssize_t chunk) noexcept nogil
+    ctypedef struct fastopt_pool_api:
+        void (*run)(fastopt_chunk_fn fn, void *ctx, Py_ssize_t nchunks, int nt, int flags) noexcept nogil
+    const char *FASTOPT_POOL_CAPSULE
+    enum: FASTOPT_POOL_REVERSE
 
 
 # ---------------------------------------------------------------- threads ---
@@ -27,16 +34,17 @@ def _set_thread_limit(int n):
 
 
 cdef inline int max_threads() noexcept nogil:
-    """OpenMP's team size for the calling thread, capped by set_num_threads."""
-    cdef int nt = omp_get_max_threads()
+    """OpenMP's team size for the calling thread (OMP_NUM_THREADS,
+    threadpoolctl, OMP_THREAD_LIMIT), capped by set_num_threads."""
+    cdef int nt = fastopt_omp_threads()
     if 0 < _thread_limit < nt:
         nt = _thread_limit
-    return nt if nt > 0 else 1
+    return nt
 
 
 cdef inline int threads_for(Py_ssize_t work, Py_ssize_t grain) noexcept nogil:
     """Team size for `work` units of which each thread should get >= `grain`:
-    small jobs run on the calling thread and never start a team."""
+    small jobs run on the calling thread and never reach the pool."""
     cdef int nt = max_threads()
     cdef Py_ssize_t useful = work // grain
     if useful < nt:
@@ -44,20 +52,31 @@ cdef inline int threads_for(Py_ssize_t work, Py_ssize_t grain) noexcept nogil:
     return nt
 
 
-cdef inline Py_ssize_t chunk_start(Py_ssize_t n, int parts, int k, Py_ssize_t align) noexcept nogil:
-    """Start of the k-th of `parts` contiguous chunks of range(n) (k = parts
-    gives n); inner boundaries are multiples of `align` (whole cache lines
-    per thread).  Thread t of a team works on
-    [chunk_start(n, nt, t, a), chunk_start(n, nt, t + 1, a)).
+# The process's one thread pool lives in fastopt._runtime (see _pool.h).
+from fastopt import _runtime
+cdef const fastopt_pool_api *_pool = <const fastopt_pool_api *>PyCapsule_GetPointer(
+    _runtime._pool_api, FASTOPT_POOL_CAPSULE)
 
-    Assign the results to the loop's variables directly (``lo = chunk_start(...)``):
-    Cython makes a variable private to each thread only when the parallel
-    block assigns it, so bounds written through pointers would be shared.
-    Inside a parallel region pass parts=omp_get_num_threads(), never the
-    team size asked for: OpenMP may start fewer threads (OMP_THREAD_LIMIT,
-    OMP_DYNAMIC, nesting) and the missing threads' chunks would be skipped."""
-    cdef Py_ssize_t blocks = (n + align - 1) // align
-    return min((blocks * k // parts) * align, n)
+
+cdef inline void run_chunks(fastopt_chunk_fn fn, void *ctx, Py_ssize_t nchunks, int nt,
+                            bint reverse=False) noexcept nogil:
+    """fn(ctx, c) for every chunk c in [0, nchunks), on up to `nt` threads.
+
+    The chunks are split into one contiguous range per thread; each thread
+    runs its own range (from the end if `reverse`), then helps with the
+    others.  The calling thread never waits for a thread that has not
+    started, so a busy machine costs at most about the 1-thread time.  The
+    chunks must be a partition fixed by the kernel, never by `nt`: then the
+    results do not depend on the number of threads."""
+    cdef Py_ssize_t c
+    if nt > 1 and nchunks > 1:
+        _pool.run(fn, ctx, nchunks, nt, FASTOPT_POOL_REVERSE if reverse else 0)
+    elif reverse:
+        for c in range(nchunks - 1, -1, -1):
+            fn(ctx, c)
+    else:
+        for c in range(nchunks):
+            fn(ctx, c)
 
 
 # ----------------------------------------------------------------- checks ---

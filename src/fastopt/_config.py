@@ -5,46 +5,104 @@ import operator
 import os
 import platform
 import sys
-from typing import Any, SupportsIndex, TextIO
+from typing import Any, Mapping, SupportsIndex, TextIO
 
 from . import _dispatch, _runtime
 
 _thread_limit = 0
-# True in a child process forked from a parent that may have used OpenMP:
-# GNU libgomp's thread pool does not survive fork(), and a parallel region in
-# the child would wait forever for the parent's threads, so kernels there run
-# on the calling thread.
-_forked_child = False
+
+# Idle pool workers poll for the next job this long after their last one,
+# then sleep.  Measured on 2 cores: waking a sleeping worker costs tens of
+# microseconds on a virtual machine, so workers that slept 100 us after a
+# job made calls 1 ms apart 2-3x slower than on one thread, while polling
+# for 2 ms covers the usual gaps between two kernel calls.  Polling calls
+# sched_yield(), so it costs other processes little on a busy machine.
+DEFAULT_SPIN_NS = 2_000_000
+# GOMP_SPINCOUNT counts busy-wait polls; GNU OpenMP estimates 100,000 of them
+# per millisecond (its default of 300,000 is "3 ms"): one counts 10 ns here.
+NS_PER_SPIN = 10
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+def _spincount(text: str) -> int | None:
+    """GOMP_SPINCOUNT as GNU OpenMP reads it: an integer with an optional
+    k/M/G/T suffix, or INFINITE/INFINITY (-1); None if not understood."""
+    s = text.strip().lower()
+    if s in ("infinite", "infinity"):
+        return -1
+    mult = _SUFFIXES.get(s[-1:], 1)
+    if mult != 1:
+        s = s[:-1].rstrip()
+    if not (s.isascii() and s.isdigit()):
+        return None
+    return int(s) * mult
+
+
+def _fmt_ns(ns: int) -> str:
+    for unit, scale in (("s", 10**9), ("ms", 10**6)):
+        if ns >= scale:
+            return f"{ns / scale:g} {unit}"
+    return f"{ns / 1e3:g} us"
+
+
+def wait_policy(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """How idle pool workers wait, from the environment as GNU OpenMP reads it.
+
+    ``GOMP_SPINCOUNT=n`` (when understood) polls for n * 10 ns and
+    ``INFINITE`` forever; otherwise ``OMP_WAIT_POLICY=active`` polls forever,
+    ``passive`` sleeps after each job, and unset polls for 2 ms.
+
+    Returns
+    -------
+    spin_ns : int
+        Polling time after the last job, -1 for ever.
+    text : str
+        The policy in words (`show_config`).
+    """
+    env = os.environ if environ is None else environ
+    policy, count = env.get("OMP_WAIT_POLICY"), env.get("GOMP_SPINCOUNT")
+    kind = policy.strip().lower() if policy is not None else None
+    if policy is None:
+        source = "OMP_WAIT_POLICY unset"
+    elif kind in ("active", "passive"):
+        source = f"OMP_WAIT_POLICY={policy.strip()}"
+    else:
+        source = f"OMP_WAIT_POLICY={policy!r} not understood, ignored"
+    spins = _spincount(count) if count is not None else None
+    if spins is not None:
+        spin_ns = -1 if spins < 0 else spins * NS_PER_SPIN
+        source = f"GOMP_SPINCOUNT={(count or '').strip()}"
+    else:
+        if count is not None:
+            source += f"; GOMP_SPINCOUNT={count!r} not understood, ignored"
+        spin_ns = {"active": -1, "passive": 0}.get(kind or "", DEFAULT_SPIN_NS)
+    if spin_ns < 0:
+        what = "workers yield-spin while idle"
+    elif spin_ns == 0:
+        what = "workers sleep after each job"
+    else:
+        what = f"workers yield-spin {_fmt_ns(spin_ns)} then sleep"
+    return spin_ns, f"{what}; {source}"
+
+
+_spin_ns, WAIT_POLICY = wait_policy()
+_runtime._set_spin_ns(min(_spin_ns, 2**62))
 
 
 def _apply_thread_limit() -> None:
-    limit = 1 if _forked_child else _thread_limit
     for module in _dispatch.MODULES.values():
-        module._set_thread_limit(limit)
-
-
-def _after_fork_in_child() -> None:
-    global _forked_child
-    _forked_child = True
-    _apply_thread_limit()
-
-
-if hasattr(os, "register_at_fork") and "gomp" in _runtime.openmp_library():
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+        module._set_thread_limit(_thread_limit)
 
 
 def get_num_threads() -> int:
-    """Number of OpenMP threads fastopt's kernels use (at most) from this thread.
+    """Number of threads fastopt's kernels use (at most) from this thread.
 
     This is OpenMP's team size (``OMP_NUM_THREADS``, or a limit set through
     threadpoolctl) capped by `set_num_threads`.  Small arrays run on one
-    thread whatever this says.  In a process forked (``multiprocessing``
-    with the "fork" start method) from a parent that uses GNU OpenMP, it is
-    1: the parent's OpenMP threads do not exist in the child.
+    thread whatever this says.  The threads are fastopt's own pool: they
+    work in forked child processes too.
     """
     n = _runtime.max_threads()
-    if _forked_child:
-        return 1
     return min(n, _thread_limit) if _thread_limit else n
 
 
@@ -96,12 +154,22 @@ def config() -> dict[str, Any]:
         "openmp_version": _runtime.openmp_version(),
         "openmp_library": _runtime.openmp_library(),
         "num_threads": get_num_threads(),
+        "thread_pool": _runtime.pool_backend(),
+        "wait_policy": WAIT_POLICY,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
         "compiler": build["compiler"],
         "cflags": build["cflags"],
         "level_flags": build["level_flags"],
         "sanitize": build["sanitize"],
     }
+
+
+def _pool_text(c: dict[str, Any]) -> str:
+    if c["thread_pool"] == "pthreads":
+        return "fastopt pool: caller never waits for unstarted workers; " + str(c["wait_policy"])
+    if c["thread_pool"] == "openmp":
+        return "fastopt chunks on OpenMP parallel regions"
+    return "serial build"
 
 
 def show_config(file: TextIO | None = None) -> None:
@@ -119,7 +187,8 @@ def show_config(file: TextIO | None = None) -> None:
     else:
         lines.append("  OpenMP:        NO - built without OpenMP, kernels run on one thread")
     lines += [
-        f"  threads:       {c['num_threads']} (OMP_NUM_THREADS={c['omp_num_threads_env']})",
+        f"  threads:       {c['num_threads']} ({_pool_text(c)}; "
+        f"OMP_NUM_THREADS={c['omp_num_threads_env']})",
         f"  compiler:      {c['compiler']}",
         f"  flags:         {' '.join(c['cflags'])}",
         f"  level flags:   {' '.join(c['level_flags'].get(c['simd_level'], [])) or '(none)'}",

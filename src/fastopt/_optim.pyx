@@ -7,10 +7,10 @@
 #   updated array, no temporaries).  They are `noexcept nogil`, fused over
 #   float/double, and branch only on loop-invariant options.
 # * A `Segment` describes one parameter array with its gradient, state and
-#   precomputed coefficients.  `run_segments` updates a list of segments in
-#   one parallel region, splitting the *total* element count evenly across
-#   threads (a thread's share may span several arrays), so a model's many
-#   small arrays cost one native call.  Elementwise work: results do not
+#   precomputed coefficients.  `run_segments` updates a list of segments as
+#   one job of fixed chunks of the *total* element count (a chunk may span
+#   several arrays), spread over threads, so a model's many small arrays cost
+#   one native call.  Elementwise work: results do not
 #   depend on the thread count.
 # * Scalars (bias corrections, step size) are computed in double once per
 #   segment and cast to the array's dtype, as PyTorch's fused kernels do.
@@ -32,8 +32,9 @@ cdef enum Kind:
 # (128 KiB) it gains 1.3x.  float64 elements cost 2-3x more, so a threshold
 # in bytes fits both dtypes (16k float64 elements: 1.6x).
 DEF GRAIN = 65536
-# Thread boundaries fall on whole 64-byte cache lines.
-DEF ALIGN = 16
+# Elements per chunk of a threaded update (a thread claims one chunk at a
+# time; 16 KiB of float32 per array, whole cache lines).
+DEF CHUNK = 4096
 
 
 ctypedef struct Coef:
@@ -197,9 +198,35 @@ cdef inline void segment_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi) n
             sgd_range(<float *>s.param, <const float *>s.grad, <float *>s.s1, lo, hi, s.coef)
 
 
+ctypedef struct SegmentJob:
+    const Segment *segs
+    Py_ssize_t nseg, total
+
+
+cdef void segments_chunk(void *ctx, Py_ssize_t c) noexcept nogil:
+    """Elements [c*CHUNK, (c+1)*CHUNK) of the concatenation of the segments."""
+    cdef const SegmentJob *j = <const SegmentJob *>ctx
+    cdef const Segment *segs = j.segs
+    cdef Py_ssize_t lo = c * CHUNK, hi = min(lo + CHUNK, j.total)
+    cdef Py_ssize_t k = 0, top = j.nseg, mid, a, b
+    # Segments are sorted by offset: find the first that ends after lo.
+    while k < top:
+        mid = (k + top) // 2
+        if segs[mid].offset + segs[mid].n <= lo:
+            k = mid + 1
+        else:
+            top = mid
+    while k < j.nseg and segs[k].offset < hi:
+        a = max(lo - segs[k].offset, 0)
+        b = min(hi - segs[k].offset, segs[k].n)
+        if a < b:
+            segment_range(&segs[k], a, b)
+        k += 1
+
+
 cdef void run_segments(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) noexcept nogil:
-    """Update every segment; one parallel region, elements split evenly."""
-    cdef Py_ssize_t k, lo = 0, hi = 0, a = 0, b = 0, nbytes = 0   # (thread-private copies)
+    """Update every segment; one job of fixed chunks across all of them."""
+    cdef Py_ssize_t k, nbytes = 0
     for k in range(nseg):
         nbytes += segs[k].n * (8 if segs[k].is_double else 4)
     cdef int nt = threads_for(nbytes, GRAIN)
@@ -207,19 +234,11 @@ cdef void run_segments(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) n
         for k in range(nseg):
             segment_range(&segs[k], 0, segs[k].n)
         return
-    with parallel(num_threads=nt):
-        lo = chunk_start(total, omp_get_num_threads(), threadid(), ALIGN)
-        hi = chunk_start(total, omp_get_num_threads(), threadid() + 1, ALIGN)
-        # Segments are sorted by offset: skip those that end before lo.
-        k = 0
-        while k < nseg and segs[k].offset + segs[k].n <= lo:
-            k = k + 1
-        while k < nseg and segs[k].offset < hi:
-            a = max(lo - segs[k].offset, 0)
-            b = min(hi - segs[k].offset, segs[k].n)
-            if a < b:
-                segment_range(&segs[k], a, b)
-            k = k + 1
+    cdef SegmentJob j
+    j.segs = segs
+    j.nseg = nseg
+    j.total = total
+    run_chunks(segments_chunk, &j, (total + CHUNK - 1) // CHUNK, nt)
 
 
 # ----------------------------------------------------- coefficient set-up ---
@@ -499,7 +518,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
 # holds a fixed list of parameter arrays and owns their state arrays; its
 # `step` validates the gradients and the param-group hyperparameters, fills a
 # C array of `Segment`s and per-array `Coef`s, and calls `run_segments` once
-# with the GIL released: one native call and one parallel region per step,
+# with the GIL released: one native call and one threaded job per step,
 # whatever the number of arrays.
 #
 # * Everything is checked before anything is written (no partial step).
@@ -521,7 +540,6 @@ from libc.stdlib cimport qsort
 from libc.stdint cimport int64_t, uintptr_t, INT64_MAX
 from libc.math cimport fabs, INFINITY, NAN
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
-from cython.parallel cimport prange
 
 import numpy as np
 
@@ -1037,9 +1055,9 @@ cdef class FusedStep:
 # ===================================================== gradient clipping ===
 #
 # clip_grad_norm_ and clip_grad_value_ cut the gradients into the same fixed
-# chunks (`grad_chunks`) and update them in one parallel pass.
+# chunks (`grad_chunks`) and update them in one threaded pass.
 #
-# The global norm of a list of arrays, in one parallel pass.  The work is cut
+# The global norm of a list of arrays, in one threaded pass.  The work is cut
 # into fixed chunks of NORM_CHUNK elements inside each array (independent of
 # the thread count); each chunk's partial (sum of |x|^p, or max |x|) is
 # accumulated in double with 8 interleaved accumulators combined in a fixed
@@ -1143,11 +1161,31 @@ cdef inline void clamp_range(floating *x, Py_ssize_t n, double clip) noexcept no
         x[i] = v
 
 
-cdef inline void clamp_chunk(const Chunk *c, double clip) noexcept nogil:
+ctypedef struct NormJob:
+    const Chunk *chunks
+    double *part        # per chunk: its sum (or max)
+    int mode
+    double p
+    double coef         # the scale (clip_grad_norm_) or the bound (clip_grad_value_)
+
+
+cdef void norm_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef NormJob *j = <NormJob *>ctx
+    j.part[k] = chunk_value(&j.chunks[k], j.mode, j.p)
+
+
+cdef void scale_job_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const NormJob *j = <const NormJob *>ctx
+    scale_chunk(&j.chunks[k], j.coef)
+
+
+cdef void clamp_job_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const NormJob *j = <const NormJob *>ctx
+    cdef const Chunk *c = &j.chunks[k]
     if c.is_double:
-        clamp_range(<double *>c.data, c.n, clip)
+        clamp_range(<double *>c.data, c.n, j.coef)
     else:
-        clamp_range(<float *>c.data, c.n, clip)
+        clamp_range(<float *>c.data, c.n, j.coef)
 
 
 cdef list grad_arrays(object grads, list names):
@@ -1301,17 +1339,17 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
     cdef double tot = 0.0, coef
     cdef int nt
+    cdef NormJob job
+    job.chunks = chunks
+    job.part = part
+    job.mode = mode
+    job.p = p
     try:
         if part == NULL:
             raise MemoryError()
         with nogil:
             nt = threads_for(total, GRAIN)
-            if nt == 1:
-                for k in range(nchunks):
-                    part[k] = chunk_value(&chunks[k], mode, p)
-            else:
-                for k in prange(nchunks, num_threads=nt, schedule="static"):
-                    part[k] = chunk_value(&chunks[k], mode, p)
+            run_chunks(norm_chunk, &job, nchunks, nt)
             for k in range(nchunks):
                 tot = max_nan(tot, part[k]) if mode == NORM_INF else tot + part[k]
             if mode == NORM_2:
@@ -1325,13 +1363,9 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
                 "non-finite norm anyway, set error_if_nonfinite=False")
         coef = mx / (tot + 1e-6)
         if not (coef >= 1.0):      # clamp(max=1); NaN scales by NaN as in PyTorch
+            job.coef = coef
             with nogil:
-                if nt == 1:
-                    for k in range(nchunks):
-                        scale_chunk(&chunks[k], coef)
-                else:
-                    for k in prange(nchunks, num_threads=nt, schedule="static"):
-                        scale_chunk(&chunks[k], coef)
+                run_chunks(scale_job_chunk, &job, nchunks, nt)
     finally:
         PyMem_Free(chunks)
         PyMem_Free(part)
@@ -1367,15 +1401,11 @@ def clip_grad_value_(grads, clip_value):
     check_grads_disjoint(arrays, names)
     cdef Py_ssize_t nchunks, total, k
     cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
-    cdef int nt
+    cdef NormJob job
+    job.chunks = chunks
+    job.coef = clip
     try:
         with nogil:
-            nt = threads_for(total, GRAIN)
-            if nt == 1:
-                for k in range(nchunks):
-                    clamp_chunk(&chunks[k], clip)
-            else:
-                for k in prange(nchunks, num_threads=nt, schedule="static"):
-                    clamp_chunk(&chunks[k], clip)
+            run_chunks(clamp_job_chunk, &job, nchunks, threads_for(total, GRAIN))
     finally:
         PyMem_Free(chunks)

@@ -17,7 +17,7 @@
 #   combined in chunk order.  Usually one thread owns a row and does all its
 #   passes while the row is in cache (max; exp, stored into the gradient
 #   buffer, and sum; scale).  When there are few long rows, the (row, chunk)
-#   pieces are spread over threads in three parallel steps instead, computing
+#   pieces are spread over threads in three successive jobs instead, computing
 #   exactly the same partial sums: results never depend on the thread count.
 # * Rows with few classes (C < SMALL_C) are handled in blocks of rows so that
 #   exp and log run over a whole block (vectorized loops, not per-row tails).
@@ -35,7 +35,6 @@ include "_common.pxi"
 
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uint64_t, INT64_MAX
-from cython.parallel cimport prange
 import numpy as np
 
 cdef extern from "_vmath.h" nogil:
@@ -59,6 +58,9 @@ DEF SMALL_ROWS = 256
 DEF GRAIN = 8192
 # Columns per block in the strided (non-last axis) kernel.
 DEF COLS = 64
+# Elements per chunk of a threaded call (a thread claims one chunk of rows,
+# or of column blocks, at a time).
+DEF TASK = 16384
 
 
 # ------------------------------------------------------------ primitives ---
@@ -417,16 +419,37 @@ cdef void piece_write(const floating *x, const Job *j, Py_ssize_t it) noexcept n
     chunk_write(j, i, lo, hi, m, coef, qbuf)
 
 
+cdef void max_piece_chunk(void *ctx, Py_ssize_t it) noexcept nogil:
+    cdef const Job *j = <const Job *>ctx
+    if j.is_double:
+        piece_max(<const double *>j.x, j, it)
+    else:
+        piece_max(<const float *>j.x, j, it)
+
+
+cdef void sums_piece_chunk(void *ctx, Py_ssize_t it) noexcept nogil:
+    cdef const Job *j = <const Job *>ctx
+    if j.is_double:
+        piece_sums(<const double *>j.x, j, it)
+    else:
+        piece_sums(<const float *>j.x, j, it)
+
+
+cdef void write_piece_chunk(void *ctx, Py_ssize_t it) noexcept nogil:
+    cdef const Job *j = <const Job *>ctx
+    if j.is_double:
+        piece_write(<const double *>j.x, j, it)
+    else:
+        piece_write(<const float *>j.x, j, it)
+
+
 cdef void run_pieces(const floating *x, const Job *j, int nt) noexcept nogil:
-    cdef Py_ssize_t it, i, pieces = j.n * j.nchunk
+    cdef Py_ssize_t i, pieces = j.n * j.nchunk
     cdef floating m
-    for it in prange(pieces, num_threads=nt, schedule="static"):
-        piece_max(x, j, it)
-    for it in prange(pieces, num_threads=nt, schedule="static"):
-        piece_sums(x, j, it)
+    run_chunks(max_piece_chunk, <void *>j, pieces, nt)
+    run_chunks(sums_piece_chunk, <void *>j, pieces, nt)
     if writes(j):
-        for it in prange(pieces, num_threads=nt, schedule="static"):
-            piece_write(x, j, it)
+        run_chunks(write_piece_chunk, <void *>j, pieces, nt)
     if j.mode == XENT:
         for i in range(j.n):
             if ignored(j, i):
@@ -435,10 +458,25 @@ cdef void run_pieces(const floating *x, const Job *j, int nt) noexcept nogil:
                 piece_coef(j, i, &m, &j.loss[i])
 
 
+ctypedef struct RowTask:
+    const Job *j
+    Py_ssize_t rows         # per chunk
+
+
+cdef void rows_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const RowTask *t = <const RowTask *>ctx
+    cdef Py_ssize_t r0 = k * t.rows, r1 = min(r0 + t.rows, t.j.n)
+    if t.j.is_double:
+        rows_range(<const double *>t.j.x, t.j, r0, r1)
+    else:
+        rows_range(<const float *>t.j.x, t.j, r0, r1)
+
+
 cdef void run_rows(const Job *j) noexcept nogil:
     """Every row of the job, on as many threads as the work warrants."""
     cdef int nt = threads_for(j.n * j.c, GRAIN)
-    cdef Py_ssize_t lo = 0, hi = 0
+    cdef Py_ssize_t block
+    cdef RowTask t
     if nt > 1 and j.nchunk > 1 and j.n < 4 * nt:
         if j.is_double:
             run_pieces(<const double *>j.x, j, nt)
@@ -451,14 +489,13 @@ cdef void run_rows(const Job *j) noexcept nogil:
         else:
             rows_range(<const float *>j.x, j, 0, j.n)
         return
-    with parallel(num_threads=nt):
-        # the team may be smaller than asked (e.g. inside another parallel region)
-        lo = chunk_start(j.n, omp_get_num_threads(), threadid(), 1)
-        hi = chunk_start(j.n, omp_get_num_threads(), threadid() + 1, 1)
-        if j.is_double:
-            rows_range(<const double *>j.x, j, lo, hi)
-        else:
-            rows_range(<const float *>j.x, j, lo, hi)
+    # Chunks of about TASK elements; with few classes, whole blocks of small_rows.
+    t.j = j
+    t.rows = max(1, TASK // j.c)
+    if j.c < SMALL_C:
+        block = min(max(CHUNK // j.c, 1), SMALL_ROWS)
+        t.rows = max(block, t.rows - t.rows % block)
+    run_chunks(rows_chunk, &t, (j.n + t.rows - 1) // t.rows, nt)
 
 
 # -------------------------------------------------------- strided axis ---
@@ -506,22 +543,48 @@ cdef void col_block(const floating *x, floating *out, Py_ssize_t c, Py_ssize_t i
                 orow[jj] = orow[jj] * a[jj]
 
 
+ctypedef struct ColTask:
+    bint is_double, log_out
+    const void *x
+    void *out
+    Py_ssize_t c, inner
+    Py_ssize_t per          # blocks of COLS columns per slab
+    Py_ssize_t nblock       # outer * per
+    Py_ssize_t blocks       # per chunk
+
+
+cdef inline void col_blocks(const floating *x, floating *out, const ColTask *t,
+                            Py_ssize_t b0, Py_ssize_t b1) noexcept nogil:
+    cdef Py_ssize_t it, o, j0
+    for it in range(b0, b1):
+        o = it // t.per
+        j0 = (it % t.per) * COLS
+        col_block(x, out, t.c, t.inner, o, j0, min(COLS, t.inner - j0), t.log_out)
+
+
+cdef void cols_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const ColTask *t = <const ColTask *>ctx
+    cdef Py_ssize_t b0 = k * t.blocks, b1 = min(b0 + t.blocks, t.nblock)
+    if t.is_double:
+        col_blocks(<const double *>t.x, <double *>t.out, t, b0, b1)
+    else:
+        col_blocks(<const float *>t.x, <float *>t.out, t, b0, b1)
+
+
 cdef void run_cols(const floating *x, floating *out, Py_ssize_t outer, Py_ssize_t c,
                    Py_ssize_t inner, bint log_out) noexcept nogil:
-    cdef Py_ssize_t per = (inner + COLS - 1) // COLS, it, o, j0
-    cdef int nt = threads_for(outer * c * inner, GRAIN)
-    if nt > outer * per:            # one block per thread at most
-        nt = <int>(outer * per)
-    if nt == 1:
-        for it in range(outer * per):
-            o = it // per
-            j0 = (it % per) * COLS
-            col_block(x, out, c, inner, o, j0, min(COLS, inner - j0), log_out)
-        return
-    for it in prange(outer * per, num_threads=nt, schedule="static"):
-        o = it // per
-        j0 = (it % per) * COLS
-        col_block(x, out, c, inner, o, j0, min(COLS, inner - j0), log_out)
+    cdef ColTask t
+    t.is_double = floating is double
+    t.log_out = log_out
+    t.x = x
+    t.out = out
+    t.c = c
+    t.inner = inner
+    t.per = (inner + COLS - 1) // COLS
+    t.nblock = outer * t.per
+    t.blocks = max(1, TASK // (COLS * c))
+    run_chunks(cols_chunk, &t, (t.nblock + t.blocks - 1) // t.blocks,
+               threads_for(outer * c * inner, GRAIN))
 
 
 cdef void exp_array(const floating *x, floating *out, Py_ssize_t n, bint nonpos) noexcept nogil:

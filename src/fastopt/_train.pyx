@@ -14,8 +14,8 @@
 #   The coefficients are computed in double and cast to the array's dtype.
 # * Both kernels are elementwise (rows/elements are independent), so the
 #   result does not depend on the thread count; small jobs stay on the
-#   calling thread (`threads_for`), larger ones are split into one contiguous
-#   chunk per thread OpenMP actually started.
+#   calling thread (`threads_for`), larger ones are cut into fixed chunks
+#   that the thread pool spreads over its threads (`run_chunks`).
 include "_common.pxi"
 
 from libc.stdint cimport int64_t
@@ -30,8 +30,10 @@ import numpy as np
 # faster); 128k elements 7.5 us on one thread, 4.5 us on two.
 DEF GRAIN_BYTES = 262144
 DEF GRAIN = 65536
-# EWA thread boundaries fall on whole 64-byte cache lines.
-DEF ALIGN = 16
+# Chunks a thread claims at a time: rows of about CHUNK_BYTES (gather), CHUNK
+# elements (EWA, whole cache lines).
+DEF CHUNK_BYTES = 65536
+DEF CHUNK = 8192
 
 
 # ----------------------------------------------------------------- kernels ---
@@ -51,17 +53,33 @@ cdef inline void copy_rows(char *dst, const char *src, const int64_t *idx,
             memcpy(dst + i * rowbytes, src + idx[i] * rowbytes, rowbytes)
 
 
+ctypedef struct GatherTask:
+    char *dst
+    const char *src
+    const int64_t *idx
+    Py_ssize_t n, rowbytes
+    Py_ssize_t rows             # per chunk
+
+
+cdef void gather_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const GatherTask *t = <const GatherTask *>ctx
+    copy_rows(t.dst, t.src, t.idx, k * t.rows, min((k + 1) * t.rows, t.n), t.rowbytes)
+
+
 cdef void gather_rows(char *dst, const char *src, const int64_t *idx,
                       Py_ssize_t n, Py_ssize_t rowbytes) noexcept nogil:
     cdef int nt = threads_for(n * rowbytes, GRAIN_BYTES)
-    cdef Py_ssize_t lo = 0, hi = 0
+    cdef GatherTask t
     if nt == 1:
         copy_rows(dst, src, idx, 0, n, rowbytes)
         return
-    with parallel(num_threads=nt):
-        lo = chunk_start(n, omp_get_num_threads(), threadid(), 1)
-        hi = chunk_start(n, omp_get_num_threads(), threadid() + 1, 1)
-        copy_rows(dst, src, idx, lo, hi, rowbytes)
+    t.dst = dst
+    t.src = src
+    t.idx = idx
+    t.n = n
+    t.rowbytes = rowbytes
+    t.rows = max(1, CHUNK_BYTES // rowbytes)
+    run_chunks(gather_chunk, &t, (n + t.rows - 1) // t.rows, nt)
 
 
 cdef inline void ewa_range(floating *avg, const floating *x, Py_ssize_t lo, Py_ssize_t hi,
@@ -72,17 +90,37 @@ cdef inline void ewa_range(floating *avg, const floating *x, Py_ssize_t lo, Py_s
         avg[i] = b * avg[i] + cb * x[i]
 
 
+ctypedef struct EwaTask:
+    bint is_double
+    void *avg
+    const void *x
+    Py_ssize_t n
+    double b, cb
+
+
+cdef void ewa_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
+    cdef const EwaTask *t = <const EwaTask *>ctx
+    cdef Py_ssize_t lo = k * CHUNK, hi = min(lo + CHUNK, t.n)
+    if t.is_double:
+        ewa_range(<double *>t.avg, <const double *>t.x, lo, hi, t.b, t.cb)
+    else:
+        ewa_range(<float *>t.avg, <const float *>t.x, lo, hi, <float>t.b, <float>t.cb)
+
+
 cdef void ewa(floating *avg, const floating *x, Py_ssize_t n, double beta) noexcept nogil:
     cdef floating b = <floating>beta, cb = <floating>(1.0 - beta)
     cdef int nt = threads_for(n, GRAIN)
-    cdef Py_ssize_t lo = 0, hi = 0
+    cdef EwaTask t
     if nt == 1:
         ewa_range(avg, x, 0, n, b, cb)
         return
-    with parallel(num_threads=nt):
-        lo = chunk_start(n, omp_get_num_threads(), threadid(), ALIGN)
-        hi = chunk_start(n, omp_get_num_threads(), threadid() + 1, ALIGN)
-        ewa_range(avg, x, lo, hi, b, cb)
+    t.is_double = floating is double
+    t.avg = avg
+    t.x = x
+    t.n = n
+    t.b = b
+    t.cb = cb
+    run_chunks(ewa_chunk, &t, (n + CHUNK - 1) // CHUNK, nt)
 
 
 # ----------------------------------------------------------- functional API ---

@@ -34,6 +34,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import textwrap
 import time
@@ -804,6 +805,122 @@ def probe_bandwidth(threads, mib, budget):
     return max(copy_bw, add_bw), {"copy": copy_bw, "add": add_bw}
 
 
+# ------------------------------------------------------------- contention ---
+
+# A process that keeps one core busy: a Python loop, like the data-loading
+# workers or other training runs that share a machine.  It stops by itself at
+# its deadline, or as soon as its parent is gone.
+BUSY_PROGRAM = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+deadline, parent = time.monotonic() + float(sys.argv[1]), os.getppid()
+print("busy", flush=True)
+while time.monotonic() < deadline and os.getppid() == parent:
+    for _ in range(10000):
+        pass
+"""
+BUSY_SECONDS = 120
+
+
+def busy_processes():
+    """One busy process per core this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def every_core_busy(n, seconds=BUSY_SECONDS):
+    """Inside the block, `n` processes keep a core busy each; they are killed
+    and reaped on leaving it (also on an exception or Ctrl-C)."""
+    procs = []
+    try:
+        for _ in range(n):
+            procs.append(subprocess.Popen([sys.executable, "-c", BUSY_PROGRAM, str(seconds)],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE))
+        for p in procs:
+            p.stdout.readline()             # it is running
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+            p.stdout.close()
+
+
+def call_times(step, budget):
+    """Seconds per call of `step()` for `budget` seconds, call by call (calls
+    under 20 us in groups): on a busy machine, where this process gets its
+    core in time slices, a sample then seldom spans a slice given to another
+    process, and the median is the time of a call that ran."""
+    n = 1
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        if time.perf_counter() - t0 >= 20e-6 or n >= 1 << 16:
+            break
+        n *= 2
+    times, end = [], time.perf_counter() + budget
+    while time.perf_counter() < end or len(times) < 5:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        times.append((time.perf_counter() - t0) / n)
+    return times
+
+
+CONTENTION_ROUNDS = 3
+
+
+def run_contention(case, opts, peers):
+    """fastopt (default threads and 1 thread) and the peers, checked, then
+    timed in turns while every core is kept busy: {column: Result}."""
+    work = case.make(opts.dtype, peers)
+    ref = reference(work, opts.dtype)
+    impls = {"fastopt": (work.fastopt, opts.threads), "fastopt_1t": (work.fastopt, 1)}
+    impls.update({name: (impl, opts.threads) for name, impl in work.peers.items()})
+    results, steps = {}, {}
+    with every_core_busy(busy_processes()):
+        for name, (impl, threads) in impls.items():
+            try:
+                with fastopt_threads(threads):
+                    step = impl(fresh(work.inputs))
+                    for _ in range(work.calls):
+                        out = step()
+                error = compare(out, ref, work.names)
+            except Exception as exc:        # a broken kernel must not stop the report
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if error:
+                results[name] = Result(error=error)
+            else:
+                steps[name] = (step, threads, [])
+        for _ in range(CONTENTION_ROUNDS):      # in turns: all see the same machine
+            for step, threads, times in steps.values():
+                with fastopt_threads(threads):
+                    times += call_times(step, opts.budget)
+    for name, (_, _, times) in steps.items():
+        results[name] = Result(time=statistics.median(times), best=min(times))
+    return {name: results[name] for name in impls}
+
+
+def contention_lines(busy, record):
+    """The sub-row of a case timed under contention; adds it to the JSON `record`."""
+    fo, one = busy["fastopt"], busy["fastopt_1t"]
+    record["contention"] = {k: {"time_s": r.time, "best_s": r.best, "error": r.error}
+                            for k, r in busy.items()}
+    record["contention"]["ratio_to_1thread"] = fo.time / one.time if fo.time and one.time else None
+    if fo.error or one.error:
+        record["ok"] = False
+        record["errors"].update({f"contention {k}": r.error
+                                 for k, r in (("fastopt", fo), ("1 thread", one)) if r.error})
+        return ["    + every core busy: FAILED " + (fo.error or one.error)]
+    line = (f"    + every core busy: fastopt {fmt_time(fo.time)}, 1 thread {fmt_time(one.time)}, "
+            f"ratio {fo.time / one.time:.2f}")
+    others = [f"{k} {fmt_time(r.time)}" for k, r in busy.items()
+              if k not in ("fastopt", "fastopt_1t") and not r.error]
+    return [line + (f"; {', '.join(others)}" if others else "")]
+
+
 # ------------------------------------------------------------------ output ---
 
 def fmt_time(t):
@@ -1000,7 +1117,7 @@ def slow_causes(record, load, cpus, threads):
                       "its fastest sample)")
     if threads > 1 and record["scaling"] and record["scaling"] < 0.9:
         causes.append(f"threads slow it down here (1 thread is {1 / record['scaling']:.2f}x "
-                      "faster): try OMP_WAIT_POLICY=passive or --threads 1")
+                      "faster): try --threads 1")
     if record["fastopt_s"] < 2e-6:
         causes.append("a call this short is mostly fixed overhead")
     if record["probe_fraction"] and record["probe_fraction"] > 0.8:
@@ -1122,6 +1239,10 @@ def parse_args(argv, prog):
                         "(.png, .svg, .pdf...; needs matplotlib)")
     p.add_argument("--peers", action="store_true",
                    help="also time PyTorch and numba, if installed, on the same work")
+    p.add_argument("--contention", action="store_true",
+                   help="also time each case while busy processes (one per core, started "
+                        "and stopped by the run) keep every core busy: fastopt on its default "
+                        "threads and on 1 thread, and their ratio")
     return p.parse_args(argv)
 
 
@@ -1226,9 +1347,7 @@ def _run(args, families, sizes):
     if is_busy(load, cpus):
         notes.append(f"load average {load['loadavg'] or 0:.1f} on {cpus} CPUs, a spinning "
                      f"thread got {load['cpu_probe']:.0%} of a CPU: other programs are "
-                     "running, so times are slower and noisier than on an idle machine; "
-                     "multi-threaded ones suffer most when OpenMP threads spin-wait "
-                     "(OMP_WAIT_POLICY=passive avoids that)")
+                     "running, so times are slower and noisier than on an idle machine")
     present = []
     for family in families:
         missing = [n for n in FAMILIES[family][0] if not hasattr(fastopt, n)]
@@ -1248,6 +1367,10 @@ def _run(args, families, sizes):
     cases = build_cases(present, sizes, args.quick)
     width = terminal_width()
     columns = layout(width, [c.label for c in cases], threads)
+    if args.contention:
+        notes.append(f"--contention: each case is timed again while {busy_processes()} busy "
+                     "processes (one per core) run; '+ every core busy' gives fastopt on its "
+                     f"{threads} thread(s), on 1 thread, and the ratio")
     opts = argparse.Namespace(dtype=np.dtype(args.dtype), threads=threads,
                               budget=0.03 if args.quick else 0.1,
                               min_samples=3 if args.quick else 5,
@@ -1268,6 +1391,8 @@ def _run(args, families, sizes):
         main_, extras, others = run_case(case, opts, peers)
         lines, record = summarize(case, main_, extras, others, opts.dtype.itemsize, probe,
                                   columns)
+        if args.contention:
+            lines += contention_lines(run_contention(case, opts, peers), record)
         records.append(record)
         print("\n".join(lines), flush=True)
 
@@ -1294,7 +1419,7 @@ def _run(args, families, sizes):
                   "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                               "platform": cfg["platform"]},
                   "config": cfg, "numpy": np.__version__, "dtype": opts.dtype.name,
-                  "threads": threads, "quick": args.quick,
+                  "threads": threads, "quick": args.quick, "contention": args.contention,
                   "probe": {"bytes_per_s": probe, "copy_bytes_per_s": probes["copy"],
                             "add_bytes_per_s": probes["add"], "array_mib": opts.probe_mib},
                   "notes": notes, "load": load, "speedups": speedups(records) if records else {},
