@@ -125,7 +125,7 @@ class Optimizer:
     _kind = None
     _slot_names = ()
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, *, slots=None):
         self.defaults = dict(defaults)
         groups = _as_groups(params)
         self.param_groups = []
@@ -140,7 +140,8 @@ class Optimizer:
             group_of.extend([gi] * len(group["params"]))
         if not flat:
             raise ValueError("optimizer got an empty parameter list")
-        slots = [self._slots(g) for g in self.param_groups]
+        if slots is None:
+            slots = [self._slots(g) for g in self.param_groups]
         self._fused = _kernels.FusedStep(self._kind, flat, group_of, slots)
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         self._fused.check_groups(self.param_groups)
@@ -152,6 +153,38 @@ class Optimizer:
     def _slots(self, group):
         raise NotImplementedError
 
+    def with_params(self, params):
+        """A fresh optimizer of this class over other arrays, one per parameter.
+
+        It has this optimizer's param groups (the same hyperparameters, as
+        they are now, and the same parameters per group, with ``params[i]``
+        in place of parameter i) and the same state arrays per parameter,
+        zeroed, at step 0.  `fastopt.distributed` builds its per-process
+        optimizer this way, over 1-D views of slices of the parameters.
+
+        Parameters
+        ----------
+        params : sequence of ndarray
+            As many as this optimizer has parameters, each of the dtype of
+            the one it replaces (any size).
+        """
+        params = list(params)
+        n = sum(len(g["params"]) for g in self.param_groups)
+        if len(params) != n:
+            raise ValueError(f"expected {n} arrays (one per parameter), got {len(params)}")
+        groups, slots, i = [], [], 0
+        for g in self.param_groups:
+            k = len(g["params"])
+            groups.append({**g, "params": params[i:i + k]})
+            # The state arrays this group has, whatever its options say now
+            # (FusedStep takes three flags per group, unused slots False).
+            have = tuple(name in self.state[i] for name in self._slot_names)
+            slots.append(have + (False,) * (3 - len(have)) if k else self._slots(g))
+            i += k
+        new = object.__new__(type(self))
+        Optimizer.__init__(new, groups, self.defaults, slots=slots)
+        return new
+
     # ------------------------------------------------------------------ step
 
     def step(self, grads):
@@ -159,6 +192,11 @@ class Optimizer:
         order; None skips a parameter).  Everything is validated first: on an
         error nothing is updated."""
         self._fused.step(grads, self.param_groups)
+
+    def check_param_groups(self):
+        """Validate every group's hyperparameters now, as `step` does first
+        (TypeError/ValueError naming the group and the key)."""
+        self._fused.check_groups(self.param_groups)
 
     @property
     def lr(self):
@@ -218,6 +256,26 @@ class Optimizer:
         groups or parameters, missing or extra keys, or state arrays of
         another shape or dtype raise ValueError and leave this optimizer as
         it was."""
+        sd = dict(state_dict)          # np.load's NpzFile reads a file per key
+        new_groups, steps = self.check_state_dict(sd)
+        for i, st in enumerate(self.state):
+            for name, arr in st.items():
+                np.copyto(arr, sd[f"state.{i}.{name}"])
+        self._fused.set_steps(steps)
+        for g, new in zip(self.param_groups, new_groups):
+            g.clear()
+            g.update(new)
+
+    def check_state_dict(self, state_dict):
+        """Check `state_dict` as `load_state_dict` does, without loading it.
+
+        Returns
+        -------
+        param_groups : list of dict
+            Its param groups, with this optimizer's parameter arrays.
+        steps : ndarray of int64
+            Its step count per parameter.
+        """
         sd = dict(state_dict)
         kind = _scalar(sd.get("optimizer"), "optimizer")
         if kind != type(self).__name__:
@@ -275,14 +333,7 @@ class Optimizer:
         extra = set(sd) - expected
         if extra:
             raise ValueError(f"state dict has keys this optimizer lacks: {sorted(extra)[:5]}")
-        # All checked: commit.
-        for i, st in enumerate(self.state):
-            for name, arr in st.items():
-                np.copyto(arr, sd[f"state.{i}.{name}"])
-        self._fused.set_steps(steps)
-        for g, new in zip(self.param_groups, new_groups):
-            g.clear()
-            g.update(new)
+        return new_groups, steps
 
 
 def _as_groups(params):
