@@ -6,6 +6,11 @@ import sys
 from . import _dispatch, _runtime
 
 _thread_limit = 0
+# A default cap that fastopt sets itself, with the reason shown by
+# show_config() (fastopt.distributed: MPI ranks sharing a node's cores).  It
+# applies only while neither set_num_threads nor OMP_NUM_THREADS chose.
+_default_cap = 0
+_default_cap_reason = None
 # True in a child process forked from a parent that may have used OpenMP:
 # GNU libgomp's thread pool does not survive fork(), and a parallel region in
 # the child would wait forever for the parent's threads, so kernels there run
@@ -13,8 +18,24 @@ _thread_limit = 0
 _forked_child = False
 
 
+def _default_cap_applies():
+    return bool(_default_cap) and not _thread_limit and "OMP_NUM_THREADS" not in os.environ
+
+
+def _limit():
+    """The cap in force (0: none)."""
+    return _default_cap if _default_cap_applies() else _thread_limit
+
+
+def _set_default_cap(n, reason):
+    """Cap the thread count at n by default (0 removes it), for `reason`."""
+    global _default_cap, _default_cap_reason
+    _default_cap, _default_cap_reason = int(n), reason if n else None
+    _apply_thread_limit()
+
+
 def _apply_thread_limit():
-    limit = 1 if _forked_child else _thread_limit
+    limit = 1 if _forked_child else _limit()
     for module in _dispatch.MODULES.values():
         module._set_thread_limit(limit)
 
@@ -41,7 +62,8 @@ def get_num_threads():
     n = _runtime.max_threads()
     if _forked_child:
         return 1
-    return min(n, _thread_limit) if _thread_limit else n
+    limit = _limit()
+    return min(n, limit) if limit else n
 
 
 def set_num_threads(n):
@@ -82,6 +104,7 @@ def config():
         "openmp_library": _runtime.openmp_library(),
         "num_threads": get_num_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "thread_cap_reason": _default_cap_reason if _default_cap_applies() else None,
         "compiler": build["compiler"],
         "cflags": build["cflags"],
         "level_flags": build["level_flags"],
@@ -103,7 +126,8 @@ def show_config(file=None):
     else:
         lines.append("  OpenMP:        NO - built without OpenMP, kernels run on one thread")
     lines += [
-        f"  threads:       {c['num_threads']} (OMP_NUM_THREADS={c['omp_num_threads_env']})",
+        f"  threads:       {c['num_threads']} (OMP_NUM_THREADS={c['omp_num_threads_env']})"
+        + (f"; default cap: {c['thread_cap_reason']}" if c["thread_cap_reason"] else ""),
         f"  compiler:      {c['compiler']}",
         f"  flags:         {' '.join(c['cflags'])}",
         f"  level flags:   {' '.join(c['level_flags'].get(c['simd_level'], [])) or '(none)'}",
