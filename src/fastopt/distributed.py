@@ -293,10 +293,11 @@ class DistributedOptimizer:
     Parameters
     ----------
     optimizer : fastopt.optim.Optimizer
-        Built the same way on every rank (class, parameter shapes and
-        dtypes, param groups, hyperparameters, which is checked here), with
-        parameters holding the same values (broadcast them first if they
-        were initialized differently).  Its ``param_groups`` stay the place
+        Built the same way on every rank, with parameters holding the same
+        values (all checked here: class, parameter shapes, dtypes and
+        values, param groups, hyperparameters; broadcast the values first,
+        ``comm.Bcast(p, root=0)``, if ranks initialized them differently).
+        Its ``param_groups`` stay the place
         to change hyperparameters between steps (LR schedulers may be given
         either it or this wrapper).  With ``shard=True`` its own state
         arrays are never used (they are zero pages NumPy allocated and
@@ -390,6 +391,11 @@ class DistributedOptimizer:
                  ("number of param groups", len(opt.param_groups)),
                  ("parameters per group", [len(g["params"]) for g in opt.param_groups])]
         facts += [(f"params[{i}]", (p.dtype.str, p.shape)) for i, p in enumerate(params)]
+        # The starting values too (one hash of each array): ranks that
+        # initialized with different seeds would silently train apart.
+        facts += [(f"the values of params[{i}] (blake2b)",
+                   hashlib.blake2b(np.ascontiguousarray(p).data, digest_size=8).hexdigest())
+                  for i, p in enumerate(params)]
         facts += [(f"state[{i}]", tuple(st)) for i, st in enumerate(opt.state)]
         return facts + _hyper_facts(opt.param_groups)
 

@@ -318,6 +318,10 @@ def _different(name):
         return fastopt.Adam(params), odd
     if name == "amsgrad":
         return fastopt.Adam(params, amsgrad=odd), False
+    if name == "values":
+        if odd:
+            params[7][3, 4] += 1e-9
+        return fastopt.Adam(params), False
     raise AssertionError(name)
 
 
@@ -329,6 +333,7 @@ def _different(name):
     ("count", r"ranks disagree on parameters per group"),
     ("mode", r"ranks disagree on mode: rank 0 has 'replicated', rank \d has 'shard'"),
     ("amsgrad", r"ranks disagree on state\[0\]"),
+    ("values", r"ranks disagree on the values of params\[7\]"),
 ])
 def test_construction_mismatch_raises_on_every_rank(name, match):
     if P == 1:
