@@ -54,9 +54,14 @@ def launch(mpiexec, n, timeout, pytest_args):
     try:
         cmd = [mpiexec, "-n", str(n), sys.executable, os.path.abspath(__file__),
                "--worker", outdir, "--timeout", str(timeout), "--", *pytest_args]
+        # Ranks busy-poll while they wait in a collective; with more ranks
+        # than cores (3 on a 2-core machine) they would take turns with the
+        # scheduler.  Waiting ranks yield their core instead (MPICH, Open MPI).
+        env = {"MPIR_CVAR_ENABLE_HEAVY_YIELD": "1", "OMPI_MCA_mpi_yield_when_idle": "1",
+               **os.environ}
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, text=True)
+                                start_new_session=True, text=True, env=env)
         try:
             launcher_out, _ = proc.communicate(timeout=timeout)
             timed_out = False
