@@ -18,6 +18,7 @@ an estimate, on paper, of what 8 and 64 ranks send and hold per step.
 Not collected by pytest (no ``test_`` prefix); ``--quick`` is a smoke run.
 """
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -88,7 +89,6 @@ def worker(out, steps, dtype):
 
     for shard in (False, True):
         for layout in ("flat", "arrays"):
-            rss0 = _rss()[0]
             if layout == "flat":
                 _, params = fastopt.flat_views(init)
                 _, grads = fastopt.flat_views(params, copy=False)
@@ -96,7 +96,12 @@ def worker(out, steps, dtype):
                     g[...] = a
             else:
                 params, grads = [a.copy() for a in init], grads_arrays
-            dopt = DistributedOptimizer(fastopt.Adam(params), shard=shard)
+            opt = fastopt.Adam(params)
+            # What the wrapper makes resident: the state it touches (shard:
+            # its slice's; the wrapped optimizer's zeroed arrays stay
+            # untouched) and its communication buffers.
+            rss0 = _rss()[0]
+            dopt = DistributedOptimizer(opt, shard=shard)
             for _ in range(3):
                 dopt.step(grads)
             phases = {}
@@ -111,7 +116,7 @@ def worker(out, steps, dtype):
             state = sum(a.nbytes for st in dopt.local_optimizer.state for a in st.values())
             row = {"mode": "shard" if shard else "replicated", "layout": layout,
                    "step": _median(totals), "threads": fastopt.get_num_threads(),
-                   "state_bytes": state, "rss_growth": _rss()[0] - rss0,
+                   "state_bytes": state, "rss_growth": float(_rss()[0] - rss0),
                    **{k: _median(v) for k, v in phases.items()}}
             # The slowest rank sets the pace: report the max over ranks of each median.
             row = {k: (max(comm.allgather(v)) if isinstance(v, float) else v)
@@ -120,7 +125,8 @@ def worker(out, steps, dtype):
             result["rows"].append(row)
             f = dopt._flats[0]
             counts, displs = f.counts, f.displs
-            del dopt, params, grads
+            del dopt, opt, params, grads
+            gc.collect()
 
     if P > 1:       # MPI's own collectives on the same bytes
         send = np.ones(n, dtype)
@@ -162,7 +168,7 @@ def report(results, link_gbs, latency_us):
         lines.append("")
     head = (f"{'ranks':>5} {'mode':>10} {'layout':>6} {'thr':>3} {'step':>9} {'check':>8} "
             f"{'pack':>8} {'red-scat':>9} {'1/P':>8} {'allgath':>9} {'unpack':>8} "
-            f"{'update':>9} {'state/rank':>11}")
+            f"{'update':>9} {'state/rank':>11} {'RSS +':>9}")
     lines += [head, "-" * len(head)]
     for res in results:
         for r in res["rows"]:
@@ -170,7 +176,9 @@ def report(results, link_gbs, latency_us):
                 f"{res['ranks']:>5} {r['mode']:>10} {r['layout']:>6} {r['threads']:>3} "
                 f"{_t(r['step']):>9} {_t(r['check']):>8} {_t(r['pack']):>8} "
                 f"{_t(r['reduce_scatter']):>9} {_t(r['scale']):>8} {_t(r['allgather']):>9} "
-                f"{_t(r['unpack']):>8} {_t(r['update']):>9} {_mb(r['state_bytes_max']):>11}")
+                f"{_t(r['unpack']):>8} {_t(r['update']):>9} {_mb(r['state_bytes_max']):>11} "
+                f"{_mb(r['rss_growth']):>9}")
+    lines.append("RSS +: resident memory the wrapper added (the state it touched, its buffers)")
     for res in results:
         P = res["ranks"]
         if P == 1 or "raw" not in res:
