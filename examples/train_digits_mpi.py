@@ -48,8 +48,9 @@ def train(name, data, comm, shard, *, epochs=15, batch_size=64, lr=None, decay=0
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         losses = []
-        # Every rank has as many indices (the sampler pads), so with
-        # drop_last every rank makes the same number of steps.
+        # Every rank has as many indices (the sampler pads), so every rank
+        # makes the same number of steps; drop_last skips a short last
+        # batch (BatchNorm statistics of a few rows are noisy).
         for xb, yb in fastopt.minibatches(X_train, y_train, local, indices=sampler.indices(epoch),
                                           shuffle=False, drop_last=True):
             loss, grads = model.loss_and_grads(xb, yb)
