@@ -101,6 +101,18 @@ def test_both_modes_match_one_process_and_each_other(cls, kw, dtypes):
         assert sd_sh is None
 
 
+@pytest.mark.parametrize("cls,kw", CASES, ids=CASE_IDS)
+def test_one_rank_matches_one_process(cls, kw):
+    """The same on a communicator of one rank (MPI.COMM_SELF, on every rank)."""
+    ref_p, rep_p, sh_p = (make_params() for _ in range(3))
+    train(cls, kw, ref_p, 50, comm=MPI.COMM_SELF)
+    train(cls, kw, rep_p, 50, shard=False, comm=MPI.COMM_SELF)
+    train(cls, kw, sh_p, 50, shard=True, comm=MPI.COMM_SELF)
+    for a, b in zip(rep_p, sh_p):
+        np.testing.assert_array_equal(a, b)
+    assert_close(rep_p, ref_p)
+
+
 def test_many_steps_stay_bit_identical_across_ranks():
     params = make_params(dtypes=(np.float32, np.float64))
     opt = fastopt.Adam(params, lr=1e-2, amsgrad=True)
