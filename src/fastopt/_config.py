@@ -89,9 +89,33 @@ _spin_ns, WAIT_POLICY = wait_policy()
 _runtime._set_spin_ns(min(_spin_ns, 2**62))
 
 
+# A default cap that fastopt sets itself, with the reason shown by
+# show_config() (fastopt.distributed: MPI ranks sharing a node's cores).  It
+# applies only while neither set_num_threads nor OMP_NUM_THREADS chose.
+_default_cap = 0
+_default_cap_reason: str | None = None
+
+
+def _default_cap_applies() -> bool:
+    return bool(_default_cap) and not _thread_limit and "OMP_NUM_THREADS" not in os.environ
+
+
+def _limit() -> int:
+    """The cap in force (0: none)."""
+    return _default_cap if _default_cap_applies() else _thread_limit
+
+
+def _set_default_cap(n: int, reason: str | None) -> None:
+    """Cap the thread count at n by default (0 removes it), for `reason`."""
+    global _default_cap, _default_cap_reason
+    _default_cap, _default_cap_reason = int(n), reason if n else None
+    _apply_thread_limit()
+
+
 def _apply_thread_limit() -> None:
+    limit = _limit()
     for module in _dispatch.MODULES.values():
-        module._set_thread_limit(_thread_limit)
+        module._set_thread_limit(limit)
 
 
 def get_num_threads() -> int:
@@ -103,7 +127,8 @@ def get_num_threads() -> int:
     work in forked child processes too.
     """
     n = _runtime.max_threads()
-    return min(n, _thread_limit) if _thread_limit else n
+    limit = _limit()
+    return min(n, limit) if limit else n
 
 
 # The kernels keep the cap in a C int.
@@ -157,6 +182,7 @@ def config() -> dict[str, Any]:
         "thread_pool": _runtime.pool_backend(),
         "wait_policy": WAIT_POLICY,
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "thread_cap_reason": _default_cap_reason if _default_cap_applies() else None,
         "compiler": build["compiler"],
         "cflags": build["cflags"],
         "level_flags": build["level_flags"],
@@ -188,7 +214,8 @@ def show_config(file: TextIO | None = None) -> None:
         lines.append("  OpenMP:        NO - built without OpenMP, kernels run on one thread")
     lines += [
         f"  threads:       {c['num_threads']} ({_pool_text(c)}; "
-        f"OMP_NUM_THREADS={c['omp_num_threads_env']})",
+        f"OMP_NUM_THREADS={c['omp_num_threads_env']})"
+        + (f"; default cap: {c['thread_cap_reason']}" if c["thread_cap_reason"] else ""),
         f"  compiler:      {c['compiler']}",
         f"  flags:         {' '.join(c['cflags'])}",
         f"  level flags:   {' '.join(c['level_flags'].get(c['simd_level'], [])) or '(none)'}",

@@ -1289,7 +1289,7 @@ cdef double norm_number(object x, str name) except? -1.0:
     return v
 
 
-def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
+def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False, *, allgather=None):
     """Clip the global norm of a list of gradients in place; return the norm.
 
     Follows ``torch.nn.utils.clip_grad_norm_``: the p-norm of all elements of
@@ -1316,6 +1316,13 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
         p > 0 or ``inf`` (a number: strings such as ``"2"`` are rejected).
     error_if_nonfinite : bool
         Raise RuntimeError (and scale nothing) if the norm is NaN or inf.
+    allgather : callable, optional
+        For gradients split across processes: called with this process's
+        partial (a float: the sum of ``|x|**p``, or max ``|x|`` for ``inf``),
+        it returns every process's partial, in the same order on every
+        process (``comm.allgather`` of mpi4py).  They are combined in that
+        order, so every process gets the same norm, that of all the
+        processes' gradients together (``fastopt.distributed`` uses it).
 
     Returns
     -------
@@ -1352,10 +1359,15 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
             run_chunks(norm_chunk, &job, nchunks, nt)
             for k in range(nchunks):
                 tot = max_nan(tot, part[k]) if mode == NORM_INF else tot + part[k]
-            if mode == NORM_2:
-                tot = sqrt(tot)
-            elif mode == NORM_P:
-                tot = pow(tot, 1.0 / p)
+        if allgather is not None:
+            parts = [float(x) for x in allgather(tot)]
+            tot = 0.0
+            for x in parts:
+                tot = max_nan(tot, x) if mode == NORM_INF else tot + x
+        if mode == NORM_2:
+            tot = sqrt(tot)
+        elif mode == NORM_P:
+            tot = pow(tot, 1.0 / p)
         if error_if_nonfinite and not isfinite(tot):
             raise RuntimeError(
                 f"The total norm of order {p} for gradients is non-finite, so it cannot "

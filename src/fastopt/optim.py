@@ -59,6 +59,7 @@ from ._dispatch import optim as _kernels
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
+    from typing_extensions import Self
 
     from ._typing import FloatArray, Params
 
@@ -153,10 +154,11 @@ class Optimizer:
     param_groups: list[dict[str, Any]]
     state: list[dict[str, FloatArray]]
 
-    def __init__(self, params: Params, defaults: dict[str, Any]) -> None:
+    def __init__(self, params: Params, defaults: dict[str, Any], *,
+                 slots: list[tuple[bool, bool, bool]] | None = None) -> None:
         self.defaults = dict(defaults)
         self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
-        self._fused, self.state = self._build(self.param_groups)
+        self._fused, self.state = self._build(self.param_groups, slots)
 
     def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
         group = {**self.defaults, **group}
@@ -164,16 +166,22 @@ class Optimizer:
             group["betas"] = tuple(group["betas"])
         return group
 
-    def _build(self, groups: list[dict[str, Any]]) -> tuple[Any, list[dict[str, FloatArray]]]:
-        """The native step over `groups` (zeroed state) and its state dicts.
-        Raises (and builds nothing) on a bad parameter or hyperparameter."""
+    def _build(self, groups: list[dict[str, Any]],
+               slots: list[tuple[bool, bool, bool]] | None = None,
+               ) -> tuple[Any, list[dict[str, FloatArray]]]:
+        """The native step over `groups` (zeroed state; the state arrays each
+        group has are `slots`, by default as its options ask) and its state
+        dicts.  Raises (and builds nothing) on a bad parameter or
+        hyperparameter."""
         flat, group_of = [], []
         for gi, group in enumerate(groups):
             flat.extend(group["params"])
             group_of.extend([gi] * len(group["params"]))
         if not flat:
             raise ValueError("optimizer got an empty parameter list")
-        fused = _kernels.FusedStep(self._kind, flat, group_of, [self._slots(g) for g in groups])
+        if slots is None:
+            slots = [self._slots(g) for g in groups]
+        fused = _kernels.FusedStep(self._kind, flat, group_of, slots)
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         fused.check_groups(groups)
         state = [{name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
@@ -219,6 +227,44 @@ class Optimizer:
         fused.set_steps(np.concatenate([self._fused.get_steps(), np.zeros(n_new, np.int64)]))
         self._fused, self.state, self.param_groups = fused, state, groups
 
+    def with_params(self, params: Sequence[FloatArray]) -> Self:
+        """A fresh optimizer of this class over other arrays, one per parameter.
+
+        It has this optimizer's param groups (the same hyperparameters, as
+        they are now, and the same parameters per group, with ``params[i]``
+        in place of parameter i) and the same state arrays per parameter,
+        zeroed, at step 0.  `fastopt.distributed` builds its per-process
+        optimizer this way, over 1-D views of slices of the parameters.
+
+        Parameters
+        ----------
+        params : sequence of ndarray
+            As many as this optimizer has parameters, each of the dtype of
+            the one it replaces (any size).
+        """
+        params = list(params)
+        n = sum(len(g["params"]) for g in self.param_groups)
+        if len(params) != n:
+            raise ValueError(f"expected {n} arrays (one per parameter), got {len(params)}")
+        groups: list[dict[str, Any]] = []
+        slots: list[tuple[bool, bool, bool]] = []
+        i = 0
+        for g in self.param_groups:
+            k = len(g["params"])
+            groups.append({**g, "params": params[i:i + k]})
+            # The state arrays this group has, whatever its options say now
+            # (FusedStep takes three flags per group, unused slots False).
+            if k:
+                have = [name in self.state[i] for name in self._slot_names]
+                have += [False] * (3 - len(have))
+                slots.append((have[0], have[1], have[2]))
+            else:
+                slots.append(self._slots(g))
+            i += k
+        new = object.__new__(type(self))
+        Optimizer.__init__(new, groups, self.defaults, slots=slots)
+        return new
+
     # ------------------------------------------------------------------ step
 
     def step(self, grads: Sequence[FloatArray | None]) -> None:
@@ -226,6 +272,11 @@ class Optimizer:
         order; None skips a parameter).  Everything is validated first: on an
         error nothing is updated."""
         self._fused.step(grads, self.param_groups)
+
+    def check_param_groups(self) -> None:
+        """Validate every group's hyperparameters now, as `step` does first
+        (TypeError/ValueError naming the group and the key)."""
+        self._fused.check_groups(self.param_groups)
 
     @property
     def lr(self) -> float:
@@ -289,6 +340,30 @@ class Optimizer:
         values are copied), or step counts that are not integers in
         [0, 2**63 - 2] raise ValueError (TypeError if `state_dict` is not a
         mapping) and leave this optimizer as it was."""
+        new_groups, steps, staged = self.check_state_dict(state_dict)
+        # All checked: commit (nothing below can fail).
+        for i, st in enumerate(self.state):
+            for name, arr in st.items():
+                np.copyto(arr, staged[f"state.{i}.{name}"])
+        self._fused.set_steps(steps)
+        for g, new in zip(self.param_groups, new_groups):
+            g.clear()
+            g.update(new)
+
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> tuple[
+            list[dict[str, Any]], np.ndarray[Any, np.dtype[np.int64]], dict[str, FloatArray]]:
+        """Check `state_dict` as `load_state_dict` does, without loading it.
+
+        Returns
+        -------
+        param_groups : list of dict
+            Its param groups, with this optimizer's parameter arrays.
+        steps : ndarray of int64
+            Its step count per parameter.
+        arrays : dict
+            Private copies of its state arrays (by key, in this optimizer's
+            dtypes and native byte order): what was checked is what loads.
+        """
         if not isinstance(state_dict, Mapping):
             raise TypeError("state_dict must be a mapping (a dict as made by state_dict()), "
                             f"got {type(state_dict).__name__}")
@@ -332,7 +407,7 @@ class Optimizer:
         # Per-parameter state: the same arrays, shapes and dtypes; step counts
         # that a step can still increment.
         steps = np.zeros(len(self.state), dtype=np.int64)
-        staged = {}      # private copies: no other thread can reshape them before the commit
+        staged: dict[str, FloatArray] = {}   # private copies: no other thread can reshape them before the commit
         for i, st in enumerate(self.state):
             key = f"state.{i}.step"
             if key not in sd:
@@ -355,14 +430,7 @@ class Optimizer:
         extra = set(sd) - expected
         if extra:
             raise ValueError(f"state dict has keys this optimizer lacks: {sorted(extra)[:5]}")
-        # All checked: commit (nothing below can fail).
-        for i, st in enumerate(self.state):
-            for name, arr in st.items():
-                np.copyto(arr, staged[f"state.{i}.{name}"])
-        self._fused.set_steps(steps)
-        for g, new in zip(self.param_groups, new_groups):
-            g.clear()
-            g.update(new)
+        return new_groups, steps, staged
 
 
 # A step count must leave room for the next step to count itself.

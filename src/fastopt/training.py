@@ -60,7 +60,8 @@ def _gatherable(a: NDArray[Any]) -> bool:
 
 def minibatches(X: ArrayLike, Y: ArrayLike, batch_size: int, *, shuffle: bool = True,
                 rng: _Seed = None, drop_last: bool = False,
-                copy: bool = False) -> Iterator[tuple[NDArray[Any], NDArray[Any]]]:
+                copy: bool = False, indices: ArrayLike | None = None,
+                ) -> Iterator[tuple[NDArray[Any], NDArray[Any]]]:
     """Yield ``(X_batch, Y_batch)`` over one epoch of mini-batches.
 
     Rows (examples) are along the first axis of `X` and `Y`.  The rows are
@@ -96,6 +97,11 @@ def minibatches(X: ArrayLike, Y: ArrayLike, batch_size: int, *, shuffle: bool = 
         Skip the last batch if it has fewer than `batch_size` rows.
     copy : bool, default False
         Yield new arrays instead of views of the reused buffers.
+    indices : 1-D array of int, optional
+        Visit only these rows, in this order (shuffled if `shuffle`), e.g.
+        this process's share of an epoch from
+        `fastopt.distributed.DistributedSampler` (with ``shuffle=False``: the
+        sampler has shuffled them already).
 
     Yields
     ------
@@ -121,12 +127,28 @@ def minibatches(X: ArrayLike, Y: ArrayLike, batch_size: int, *, shuffle: bool = 
         raise ValueError(f"X and Y must have the same number of rows, got {len(X)} and {len(Y)}")
     batch_size = _positive_int(batch_size, "batch_size")
     m = len(X)
-    if shuffle:
+    if indices is not None:
+        order = _row_indices(indices, m)
+        if shuffle:
+            order = np.random.default_rng(rng).permutation(order)
+    elif shuffle:
         order = np.random.default_rng(rng).permutation(m)
     else:
         order = np.arange(m, dtype=np.int64)
     # Validation ends here; the generator below starts with the first batch.
     return _batches(X, Y, order, batch_size, drop_last, copy)
+
+
+def _row_indices(indices: ArrayLike, m: int) -> NDArray[np.int64]:
+    """A private int64 copy of `indices`, checked to be row numbers of range(m)."""
+    a = np.array(indices)      # copied first: what is checked is what is used
+    if a.ndim != 1 or (a.dtype.kind not in "iu" and a.size):
+        raise TypeError(f"indices must be a 1-D array of integers, got "
+                        f"{a.ndim}-D {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= m):
+        raise ValueError(f"indices must be row numbers in [0, {m}), got values in "
+                         f"[{a.min()}, {a.max()}]")
+    return a.astype(np.int64, copy=False)
 
 
 def _batches(X: NDArray[Any], Y: NDArray[Any], order: NDArray[np.integer[Any]],

@@ -1,0 +1,1 @@
+"""Tests that need several MPI ranks (see conftest.py)."""

@@ -1,0 +1,119 @@
+"""Helpers of the MPI tests: the same model on every rank, each rank's
+gradients, and the single-process reference (the mean over ranks)."""
+import hashlib
+
+import numpy as np
+from mpi4py import MPI
+
+import fastopt
+from fastopt.distributed import DistributedOptimizer
+
+WORLD = MPI.COMM_WORLD
+
+# 0-d, empty, tiny and SIMD-tail arrays and two larger ones: with 2 or 3
+# ranks the slice boundaries fall inside arrays, and some ranks own no
+# element of the small ones.
+SHAPES = [(), (0,), (1,), (17,), (3, 5), (7, 1, 2), (1000,), (33, 31)]
+
+# Every optimizer and option (as tests/test_optimizers.py).
+CASES = [
+    (fastopt.Adam, {}),
+    (fastopt.Adam, {"weight_decay": 0.1, "lr": 1e-2}),
+    (fastopt.Adam, {"amsgrad": True, "betas": (0.8, 0.9)}),
+    (fastopt.Adam, {"maximize": True, "weight_decay": 0.01, "eps": 1e-3}),
+    (fastopt.Adam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    (fastopt.AdamW, {"lr": 1e-2}),
+    (fastopt.AdamW, {"amsgrad": True, "maximize": True}),
+    (fastopt.RMSprop, {}),
+    (fastopt.RMSprop, {"momentum": 0.9, "lr": 1e-3}),
+    (fastopt.RMSprop, {"centered": True, "alpha": 0.9}),
+    (fastopt.RMSprop, {"centered": True, "momentum": 0.5, "weight_decay": 0.1, "maximize": True}),
+    (fastopt.SGD, {"lr": 0.1}),
+    (fastopt.SGD, {"lr": 0.1, "momentum": 0.9}),
+    (fastopt.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.9}),
+    (fastopt.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    (fastopt.SGD, {"lr": 0.1, "momentum": 0.5, "maximize": True, "weight_decay": 0.1}),
+]
+CASE_IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
+            for cls, kw in CASES]
+
+
+def make_params(shapes=SHAPES, dtypes=(np.float64,), seed=0):
+    """The same initial parameters on every rank (dtypes cycle over the arrays)."""
+    rng = np.random.default_rng(seed)
+    return [np.array(rng.standard_normal(s), dtypes[i % len(dtypes)]) for i, s in enumerate(shapes)]
+
+
+def copies(arrays):
+    return [a.copy() for a in arrays]
+
+
+def rank_grads(params, step, rank, none=(), seed=1):
+    """Rank `rank`'s gradients at `step` (None at the indices in `none`)."""
+    rng = np.random.default_rng([seed, step, rank])
+    return [None if i in none else np.array(rng.standard_normal(p.shape), p.dtype)
+            for i, p in enumerate(params)]
+
+
+def mean_grads(params, step, nranks, none=(), seed=1):
+    """The single-process gradient: the mean of the ranks' gradients."""
+    per_rank = [rank_grads(params, step, r, none, seed) for r in range(nranks)]
+    out = []
+    for i in range(len(params)):
+        if i in none:
+            out.append(None)
+            continue
+        total = per_rank[0][i].copy()
+        for r in range(1, nranks):
+            total += per_rank[r][i]
+        total /= nranks
+        out.append(total)
+    return out
+
+
+def exact_grads(params, step, rank, nranks, seed=2):
+    """Gradients whose mean over ranks is exactly ``base`` for any number of
+    ranks and any order of summation: ``base + c_r * d`` with small dyadic
+    base and d and weights c_r summing to zero ([0], [1, -1], [1, -1, 0]...)."""
+    rng = np.random.default_rng([seed, step])
+    c = [0, 0] if nranks == 1 else ([1, -1] + [0] * (nranks - 2))
+    out = []
+    for p in params:
+        base = rng.integers(-64, 65, p.shape) / 64.0
+        d = rng.integers(-64, 65, p.shape) / 64.0
+        out.append(np.array(base + c[rank] * d, p.dtype))
+    return out
+
+
+def none_at(step, n):
+    """Which gradients are None at `step`: parameter 2 always, another every third step."""
+    return {2} | ({step % n} if step % 3 == 0 else set())
+
+
+def with_groups(cls, kw, params):
+    """The optimizer of a case over two param groups (the second at half the
+    lr), the parameters in the order of `params`."""
+    lr = kw.get("lr", cls(params[:1], **kw).defaults["lr"])
+    return cls([{"params": params[:4]},
+                {"params": params[4:], "lr": lr / 2}], **kw)
+
+
+def digest(arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def same_on_every_rank(arrays, comm=WORLD):
+    """True if `arrays` are bit-identical on every rank of `comm`."""
+    return len(set(comm.allgather(digest(arrays)))) == 1
+
+
+def state_nbytes(opt):
+    return sum(a.nbytes for st in opt.state for a in st.values())
+
+
+__all__ = ["WORLD", "SHAPES", "CASES", "CASE_IDS", "make_params", "copies", "rank_grads",
+           "mean_grads", "exact_grads", "none_at", "with_groups", "digest",
+           "same_on_every_rank", "state_nbytes", "DistributedOptimizer", "MPI"]

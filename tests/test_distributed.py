@@ -1,0 +1,287 @@
+"""fastopt.distributed in one process, and the launch of its MPI tests.
+
+The pieces that need no MPI are tested here directly (the sampler, the
+optimizer hooks, the clipping hook, the thread cap, the lazy import).  The
+tests that need several ranks are in tests/mpi; the last tests here run
+them under ``mpiexec -n 2`` and ``-n 3`` through tools/run_mpi_tests.py
+(skipped without mpi4py and mpiexec).
+"""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastopt
+from conftest import Snapshot
+from fastopt import _config, _runtime
+from fastopt.distributed import DistributedSampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNER = os.path.join(ROOT, "tools", "run_mpi_tests.py")
+
+
+def run_python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+# ---------------------------------------------------------- lazy import ---
+
+def test_import_does_not_import_mpi4py():
+    r = run_python("import sys, fastopt.distributed; print('mpi4py' in sys.modules)")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"
+
+
+def test_without_mpi4py_a_clear_error_and_the_sampler_still_works():
+    code = """
+import sys
+sys.modules["mpi4py"] = None            # as if not installed
+import numpy as np, fastopt
+from fastopt.distributed import DistributedOptimizer, DistributedSampler
+print(DistributedSampler(5, rank=1, num_replicas=2, shuffle=False).indices(0).tolist())
+try:
+    DistributedOptimizer(fastopt.SGD([np.zeros(3)], lr=0.1))
+except ImportError as e:
+    print(e)
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "[1, 3, 0]",
+        'fastopt.distributed needs mpi4py and an MPI library: pip install "fastopt[mpi]"']
+
+
+# -------------------------------------------------------------- sampler ---
+
+def test_sampler_splits_one_permutation_like_pytorch():
+    shares = [DistributedSampler(10, rank=r, num_replicas=3, seed=5).indices(2) for r in range(3)]
+    perm = np.random.default_rng([5, 2]).permutation(10)
+    padded = np.concatenate([perm, perm[:2]])           # 12 = 3 * ceil(10 / 3)
+    for r in range(3):
+        np.testing.assert_array_equal(shares[r], padded[r::3])
+        assert shares[r].dtype == np.int64
+    dropped = [DistributedSampler(10, rank=r, num_replicas=3, seed=5, drop_last=True).indices(2)
+               for r in range(3)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(dropped)), np.sort(perm[:9]))
+    ordered = DistributedSampler(7, rank=0, num_replicas=2, shuffle=False)
+    assert ordered.indices(0).tolist() == [0, 2, 4, 6] and len(ordered) == 4
+    assert DistributedSampler(0, rank=0, num_replicas=2).indices(0).size == 0
+
+
+def test_sampler_batches_are_the_single_process_batches():
+    """P ranks taking batches of b give exactly the rows of the one-process
+    batches of P*b of the same permutation."""
+    P, b, n = 3, 4, 48
+    one = DistributedSampler(n, rank=0, num_replicas=1, seed=9).indices(1)
+    parts = [DistributedSampler(n, rank=r, num_replicas=P, seed=9).indices(1) for r in range(P)]
+    for k in range(n // (P * b)):
+        together = np.concatenate([p[k * b:(k + 1) * b] for p in parts])
+        assert sorted(together) == sorted(one[k * P * b:(k + 1) * P * b])
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(num_examples=-1, rank=0, num_replicas=1), ValueError, "num_examples must be >= 0"),
+    (dict(num_examples=3.0, rank=0, num_replicas=1), TypeError, "num_examples must be an integer"),
+    (dict(num_examples=3, rank=2, num_replicas=2), ValueError, "rank must be < num_replicas"),
+    (dict(num_examples=3, rank=0, num_replicas=0), ValueError, "num_replicas must be >= 1"),
+    (dict(num_examples=3, rank=0), TypeError, "pass both rank and num_replicas"),
+])
+def test_sampler_bad_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        DistributedSampler(**kwargs)
+
+
+def test_minibatches_over_given_indices(rng):
+    X = rng.standard_normal((10, 3))
+    y = np.arange(10)
+    idx = np.array([7, 2, 9, 4, 0])
+    batches = list(fastopt.minibatches(X, y, 2, indices=idx, shuffle=False, copy=True))
+    assert [yb.tolist() for _, yb in batches] == [[7, 2], [9, 4], [0]]
+    np.testing.assert_array_equal(batches[0][0], X[[7, 2]])
+    shuffled = [yb for _, yb in fastopt.minibatches(X, y, 5, indices=idx, rng=0)]
+    assert sorted(shuffled[0].tolist()) == sorted(idx.tolist())
+    with pytest.raises(ValueError, match=r"row numbers in \[0, 10\)"):
+        fastopt.minibatches(X, y, 2, indices=[3, 10])
+    with pytest.raises(TypeError, match="1-D array of integers"):
+        fastopt.minibatches(X, y, 2, indices=[0.5])
+
+
+# ------------------------------------------------------ optimizer hooks ---
+
+def test_with_params_copies_groups_and_state_layout(rng):
+    params = [rng.standard_normal((4, 5)), rng.standard_normal(3), rng.standard_normal(6)]
+    opt = fastopt.SGD([{"params": params[:2], "momentum": 0.9},
+                       {"params": params[2:], "lr": 0.5}], lr=0.1)
+    opt.param_groups[0]["momentum"] = 0.0            # changed after construction
+    views = [p.reshape(-1)[1:3] for p in params]
+    new = opt.with_params(views)
+    assert type(new) is fastopt.SGD
+    assert [g["lr"] for g in new.param_groups] == [0.1, 0.5]
+    assert [list(st) for st in new.state] == [["momentum_buffer"]] * 2 + [[]]
+    assert new.state[0]["momentum_buffer"].shape == (2,)
+    new.param_groups[0]["momentum"] = 0.9            # the buffer is still there
+    before = [p.copy().reshape(-1) for p in params]
+    new.step([np.ones(2)] * 3)                       # first momentum step: buffer = g
+    for p, b, lr in zip(params, before, [0.1, 0.1, 0.5]):
+        b[1:3] -= lr                                 # the views' elements, and only those
+        np.testing.assert_array_equal(p.reshape(-1), b)
+    with pytest.raises(ValueError, match="expected 3 arrays"):
+        opt.with_params(views[:2])
+
+
+def test_adamw_with_params_keeps_decoupled_weight_decay(rng):
+    p = rng.standard_normal(8)
+    q = p.copy()
+    opt = fastopt.AdamW([p], lr=0.1, weight_decay=0.5, amsgrad=True)
+    new = opt.with_params([q])
+    g = rng.standard_normal(8)
+    opt.step([g])
+    new.step([g])
+    np.testing.assert_array_equal(p, q)
+    assert "max_exp_avg_sq" in new.state[0]
+
+
+def test_check_state_dict_changes_nothing(rng):
+    params = [rng.standard_normal(5)]
+    opt = fastopt.Adam(params, lr=0.1)
+    opt.step([np.ones(5)])
+    sd = opt.state_dict()
+    sd["param_groups.0.lr"] = 0.25
+    other = fastopt.Adam([params[0].copy()], lr=0.1)
+    snap = Snapshot(*other.state[0].values())
+    groups, steps, arrays = other.check_state_dict(sd)
+    assert groups[0]["lr"] == 0.25 and groups[0]["params"][0] is other.param_groups[0]["params"][0]
+    assert steps.tolist() == [1]
+    for name in ("exp_avg", "exp_avg_sq"):      # private copies of what was checked
+        key = f"state.0.{name}"
+        np.testing.assert_array_equal(arrays[key], sd[key])
+        assert not np.shares_memory(arrays[key], sd[key])
+    snap.assert_unchanged()
+    assert other.param_groups[0]["lr"] == 0.1 and other.steps.tolist() == [0]
+    del sd["state.0.exp_avg"]
+    with pytest.raises(ValueError, match="missing 'state.0.exp_avg'"):
+        other.check_state_dict(sd)
+
+
+def test_check_param_groups(rng):
+    opt = fastopt.RMSprop([rng.standard_normal(3)])
+    opt.check_param_groups()
+    opt.param_groups[0]["alpha"] = 1.5
+    with pytest.raises(ValueError, match="alpha"):
+        opt.check_param_groups()
+
+
+# --------------------------------------------------------- clip across ---
+
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 3.0])
+def test_clip_grad_norm_allgather_combines_parts(p, rng):
+    """Three 'processes' holding parts of the gradients: each gets the norm
+    of all the parts together and clips its own part."""
+    whole = [rng.standard_normal(40_000), rng.standard_normal((30, 7))]
+    parts = [[whole[0][:15_000]], [whole[0][15_000:], whole[1][:10]], [whole[1][10:]]]
+    partials = []
+    for part in parts:          # first pass: collect each part's partial
+        fastopt.clip_grad_norm_([a.copy() for a in part], 1e300, p,
+                                allgather=lambda x: partials.append(x) or [x])
+    ref = [a.copy() for a in whole]
+    want = fastopt.clip_grad_norm_(ref, 1.0, p)
+    for part in parts:
+        got = fastopt.clip_grad_norm_(part, 1.0, p, allgather=lambda x: list(partials))
+        assert got == pytest.approx(want, rel=1e-14)
+    np.testing.assert_allclose(whole[0], ref[0], rtol=1e-14)
+    np.testing.assert_allclose(whole[1], ref[1], rtol=1e-14)
+
+
+def test_clip_grad_norm_allgather_propagates_nan():
+    g = [np.ones(4)]
+    assert math.isnan(fastopt.clip_grad_norm_(g, 1.0, allgather=lambda x: [x, math.nan]))
+    g = [np.ones(4)]
+    assert math.isnan(fastopt.clip_grad_norm_(g, 1.0, math.inf,
+                                              allgather=lambda x: [math.nan, x]))
+
+
+# -------------------------------------------------------------- threads ---
+
+@pytest.fixture
+def restore_threads():
+    yield
+    _config._set_default_cap(0, None)
+    fastopt.set_num_threads(None)
+
+
+def test_default_thread_cap_and_what_overrides_it(restore_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    full = fastopt.get_num_threads()
+    _config._set_default_cap(1, "2 MPI ranks share this node's 2 CPUs")
+    assert fastopt.get_num_threads() == 1
+    assert "default cap: 2 MPI ranks share this node's 2 CPUs" in _show()
+    fastopt.set_num_threads(2)                       # the user's choice wins
+    assert fastopt.get_num_threads() == min(2, _runtime.max_threads())
+    assert "default cap" not in _show()
+    fastopt.set_num_threads(None)                    # back to the default cap
+    assert fastopt.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")       # so does OMP_NUM_THREADS
+    assert fastopt.get_num_threads() == full
+    assert fastopt.config()["thread_cap_reason"] is None
+
+
+def _show():
+    import io
+    buf = io.StringIO()
+    fastopt.show_config(file=buf)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------- the MPI tests ---
+
+def _mpi_runner():
+    """The runner, or a skip (a failure where FASTOPT_REQUIRE_MPI is set, as in CI)."""
+    missing = None
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        missing = 'needs mpi4py (pip install "fastopt[mpi]")'
+    if not missing and not (shutil.which("mpiexec")
+                            or shutil.which("mpiexec", path=os.path.dirname(sys.executable))):
+        missing = "needs mpiexec (an MPI library)"
+    if not missing and not os.path.exists(RUNNER):
+        missing = "needs the source tree's tools/run_mpi_tests.py"
+    if missing:
+        if os.environ.get("FASTOPT_REQUIRE_MPI"):
+            pytest.fail(f"FASTOPT_REQUIRE_MPI is set but this {missing}")
+        pytest.skip(missing)
+    return RUNNER
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 3])
+def test_mpi_tests_pass_on_n_ranks(n):
+    runner = _mpi_runner()
+    r = subprocess.run([sys.executable, runner, "-n", str(n), "--timeout", "900"],
+                       capture_output=True, text=True, timeout=1000)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-30000:]
+    assert f"mpiexec -n {n}: every rank passed" in r.stdout
+
+
+@pytest.mark.slow
+def test_mpi_runner_fails_when_one_rank_fails_or_hangs():
+    runner = _mpi_runner()
+    cases = os.path.join(ROOT, "tests", "mpi", "cases")
+    r = subprocess.run([sys.executable, runner, "-n", "2", "--timeout", "60", "--",
+                        "-q", os.path.join(cases, "case_fail.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "rank 0: exit status 0" in r.stdout and "rank 1: exit status 1" in r.stdout
+    assert "deliberate failure on the last rank" in r.stdout
+    assert "FAILED: rank 1: exit status 1" in r.stdout
+    r = subprocess.run([sys.executable, runner, "-n", "2", "--timeout", "12", "--",
+                        "-q", os.path.join(cases, "case_hang.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "FAILED: timed out after 12.0 s (killed)" in r.stdout
+    assert "test_last_rank_skips_a_barrier" in r.stdout    # the hung rank's stack
