@@ -168,7 +168,7 @@ def extensions():
     incl = [np.get_include(), SRC]
     base = cythonize(
         [Extension(f"fastopt.{m}", [os.path.join(SRC, m + ".pyx")], include_dirs=incl, define_macros=macros)
-         for m in KERNEL_MODULES + ["_runtime"]],
+         for m in KERNEL_MODULES + ["_runtime", "_tensors"]],
         compiler_directives=DIRECTIVES, quiet=True,
         # C generated for one NumPy/Cython pair never meets another's headers.
         build_dir=os.path.join("build", f"cython-{Cython.__version__}-numpy-{np.__version__}"))
@@ -176,7 +176,7 @@ def extensions():
     for ext in base:
         family = ext.name.rsplit(".", 1)[1]
         c_src = ext.sources[0]
-        if family == "_runtime":
+        if family in ("_runtime", "_tensors"):     # not kernels: built once
             exts.append(ext)
             continue
         for level in simd_levels():
