@@ -66,6 +66,7 @@ not let another thread resize or re-point (``set_``, ``.data =``) a
 gradient while ``step()`` runs.
 """
 import collections
+import inspect
 import math
 import re
 
@@ -129,7 +130,13 @@ class _Fused:
     def _slots(self, group):
         raise NotImplementedError
 
-    def _init_fused(self):
+    def _init_fused(self, **group_keys):
+        # Keys torch versions before the newest may not put in the groups
+        # (Adam's decoupled_weight_decay): FusedStep reads them.
+        for key, value in group_keys.items():
+            self.defaults.setdefault(key, value)
+            for g in self.param_groups:
+                g.setdefault(key, value)
         if self.defaults.get("differentiable"):
             raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                              "differentiable=True (autograd through the step)")
@@ -414,6 +421,21 @@ def _relayout(reader, params):
 
 # ------------------------------------------------------------- optimizers ---
 
+def _torch_init(cls, self, params, **kwargs):
+    """cls.__init__ with the keyword arguments this torch version has.  One it
+    lacks may only be left at its default (None or False), except options
+    fastopt implements itself (decoupled_weight_decay, set in the groups by
+    `_init_fused`)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    for key in list(kwargs):
+        if key not in accepted:
+            if kwargs[key] not in (None, False) and key != "decoupled_weight_decay":
+                raise TypeError(f"{key}={kwargs[key]!r} needs a newer torch than "
+                                f"{torch.__version__}")
+            del kwargs[key]
+    cls.__init__(self, params, **kwargs)
+
+
 class Adam(_Fused, torch.optim.Adam):
     """``torch.optim.Adam`` with fastopt's fused step (see the module docstring).
 
@@ -429,11 +451,11 @@ class Adam(_Fused, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False):
-        torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad,
-                                  foreach=foreach, maximize=maximize, capturable=capturable,
-                                  differentiable=differentiable, fused=fused,
-                                  decoupled_weight_decay=decoupled_weight_decay)
-        self._init_fused()
+        _torch_init(torch.optim.Adam, self, params, lr=lr, betas=betas, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
+                    maximize=maximize, capturable=capturable, differentiable=differentiable,
+                    fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._init_fused(decoupled_weight_decay=decoupled_weight_decay)
 
     def _slots(self, group):
         return True, True, bool(group["amsgrad"])
@@ -450,10 +472,11 @@ class AdamW(_Fused, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None):
-        torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad,
-                                   maximize=maximize, foreach=foreach, capturable=capturable,
-                                   differentiable=differentiable, fused=fused)
-        self._init_fused()
+        _torch_init(torch.optim.AdamW, self, params, lr=lr, betas=betas, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                    foreach=foreach, capturable=capturable, differentiable=differentiable,
+                    fused=fused)
+        self._init_fused(decoupled_weight_decay=True)
 
     def _slots(self, group):
         return True, True, bool(group["amsgrad"])
@@ -472,9 +495,10 @@ class SGD(_Fused, torch.optim.SGD):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None):
-        torch.optim.SGD.__init__(self, params, lr, momentum, dampening, weight_decay, nesterov,
-                                 maximize=maximize, foreach=foreach,
-                                 differentiable=differentiable, fused=fused)
+        _torch_init(torch.optim.SGD, self, params, lr=lr, momentum=momentum,
+                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                    maximize=maximize, foreach=foreach, differentiable=differentiable,
+                    fused=fused)
         self._init_fused()
 
     def _slots(self, group):
@@ -492,8 +516,10 @@ class RMSprop(_Fused, torch.optim.RMSprop):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False):
-        torch.optim.RMSprop.__init__(self, params, lr, alpha, eps, weight_decay, momentum,
-                                     centered, capturable, foreach, maximize, differentiable)
+        _torch_init(torch.optim.RMSprop, self, params, lr=lr, alpha=alpha, eps=eps,
+                    weight_decay=weight_decay, momentum=momentum, centered=centered,
+                    capturable=capturable, foreach=foreach, maximize=maximize,
+                    differentiable=differentiable)
         self._init_fused()
 
     def _slots(self, group):
