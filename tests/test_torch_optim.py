@@ -7,12 +7,11 @@ import copy
 import io
 import pickle
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 fo = pytest.importorskip("fastopt.torch")
-from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 # 0-d, empty, size-1 dims, a channels_last conv weight, and a permuted 3-d block
 SHAPES = [(3, 4), (5,), (), (0,), (1, 1, 7), (4, 3, 2, 5), (2, 3, 4)]
@@ -366,6 +365,21 @@ def test_step_hooks_run():
     run((a, b), (ps, qs), 3)
     assert calls == []
     assert_same(ps, qs)
+
+
+def test_concurrent_steps_are_refused():
+    ps = make_params(0)
+    a = fo.SGD(ps, lr=0.1)
+    set_grads(0, ps)
+    before = [p.detach().clone() for p in ps]
+    a._lock.acquire()           # as if another thread were inside step()
+    try:
+        with pytest.raises(RuntimeError, match="concurrently"):
+            a.step()
+    finally:
+        a._lock.release()
+    assert_same(ps, before)
+    a.step()
 
 
 def test_profiler_sees_the_step():

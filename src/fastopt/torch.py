@@ -69,10 +69,10 @@ import collections
 import inspect
 import math
 import re
+import threading
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import torch.optim.optimizer as _torch_optimizer
 
 from . import _tensors
@@ -196,6 +196,8 @@ class _Fused:
         fused.set_steps(sgd_counts)
         reader.mark_seen(list(carried))
         # Commit.
+        if "_lock" not in self.__dict__:
+            self._lock = threading.Lock()
         self._fused = fused
         self._reader = reader
         self._params = params
@@ -267,6 +269,18 @@ class _Fused:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Two steps at once on one optimizer would read gradients into the
+        # same addresses: refused, as FusedStep refuses it.
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("step() called concurrently on the same optimizer")
+        try:
+            self._update()
+        finally:
+            self._lock.release()
+        return loss
+
+    def _update(self):
+        """The update of one step (the closure has run)."""
         groups = self.param_groups
         if (len(groups) != len(self._built_slots)
                 or any(tuple(self._slots(g)) != s for g, s in zip(groups, self._built_slots))
@@ -278,6 +292,8 @@ class _Fused:
             self._rebuild()
             reader = self._reader
             updated = reader.read()
+            if reader.moved is not None:
+                raise RuntimeError("parameter data changed while step() read it")
         keep = _relayout(reader, self._params) if reader.relayout is not None else None
         try:
             self._fused.step_addresses(groups, reader.addr, self._steps_np)
@@ -288,7 +304,6 @@ class _Fused:
             torch.autograd.graph.increment_version(updated)
         if reader.fresh is not None:
             self._expose(reader.fresh)
-        return loss
 
     def _expose(self, indices):
         """torch's lazy state: after a parameter's first update, its state
@@ -660,7 +675,7 @@ class _BatchNorm(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors          # raises if x was modified in place
+        x, _ = ctx.saved_tensors               # raises if x or weight was modified in place
         last = ctx.last
         dx = torch.empty_like(x, memory_format=torch.preserve_format) if last \
             else torch.empty_like(x, memory_format=torch.contiguous_format)
