@@ -133,6 +133,15 @@ def test_param_groups_with_their_own_options():
     assert_same(ps, qs)
 
 
+def test_tensor_hyperparameters():
+    d = torch.float64
+    kw = {"lr": torch.tensor(0.01, dtype=d),
+          "betas": (torch.tensor(0.8, dtype=d), torch.tensor(0.9, dtype=d))}
+    ps, qs, a, b = pair("Adam", kw)
+    run((a, b), (ps, qs), 10)
+    assert_same(ps, qs)
+
+
 def test_is_a_torch_optimizer_with_torch_defaults():
     p = [torch.nn.Parameter(torch.zeros(3))]
     for name in ("Adam", "AdamW", "SGD", "RMSprop"):

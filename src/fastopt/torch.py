@@ -61,7 +61,8 @@ kept in the groups for compatibility; the step is always the fused one.
 Bad input raises TypeError/ValueError naming the parameter
 (``param_groups[0]['params'][3]``) and changes nothing: a parameter or
 gradient that is not a CPU tensor, sparse, complex, of another dtype than
-float32/float64, not dense, overlapping another parameter in memory.  Do
+float32/float64, not dense, overlapping another parameter in memory
+(a parameter listed twice raises too, where torch.optim warns).  Do
 not let another thread resize or re-point (``set_``, ``.data =``) a
 gradient while ``step()`` runs.
 """
