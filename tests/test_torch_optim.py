@@ -11,7 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 fo = pytest.importorskip("fastopt.torch")
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from conftest import num_threads  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 # 0-d, empty, size-1 dims, a channels_last conv weight, and a permuted 3-d block
 SHAPES = [(3, 4), (5,), (), (0,), (1, 1, 7), (4, 3, 2, 5), (2, 3, 4)]
@@ -563,6 +564,19 @@ def test_version_counter_of_every_updated_param_moves():
     before = [p._version for p in ps]
     a.step()
     assert [p._version - v for p, v in zip(ps, before)] == [1, 0, 1, 1, 1, 1, 1]
+
+
+def test_one_and_two_threads_identical():
+    shapes = [(300, 200), (7,), (64, 3, 5, 5)]      # large enough for two threads
+    results = []
+    for n in (1, 2):
+        ps = make_params(0, torch.float32, shapes)
+        a = fo.Adam(ps, amsgrad=True)
+        with num_threads(n):
+            run((a,), (ps,), 5)
+        results.append([p.detach().clone() for p in ps])
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
 
 
 def test_training_a_model_matches_torch():

@@ -132,8 +132,8 @@ class _Fused:
         raise NotImplementedError
 
     def _init_fused(self, **group_keys):
-        # Keys torch versions before the newest may not put in the groups
-        # (Adam's decoupled_weight_decay): FusedStep reads them.
+        # Keys that older torch versions do not put in the groups (Adam's
+        # decoupled_weight_decay): FusedStep reads them.
         for key, value in group_keys.items():
             self.defaults.setdefault(key, value)
             for g in self.param_groups:
@@ -173,7 +173,6 @@ class _Fused:
             if old:
                 carried[i] = self._check_state(old, p, names[i], slots[group_of[i]])
         new_state = collections.defaultdict(dict)
-        views = {}
         for i, values in carried.items():
             p = params[i]
             entry = {}
@@ -193,7 +192,6 @@ class _Fused:
                 sgd_counts[i] = 1
             entry.update(values)            # keys fastopt does not use, kept as they are
             new_state[p] = entry
-            views[i] = entry
         fused.set_steps(sgd_counts)
         reader.mark_seen(list(carried))
         # Commit.
