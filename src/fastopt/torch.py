@@ -259,8 +259,9 @@ class _Fused:
         return self._step(closure)
 
     # torch.optim.Optimizer wraps the `step` of each subclass in its hook and
-    # profiler wrapper (~10 us a call) unless marked; `step` above uses that
-    # wrapper only when a hook is registered or the profiler runs.
+    # profiler wrapper (a profiler record per call, ~10 us) unless marked;
+    # `step` above uses that wrapper only when a hook is registered or the
+    # profiler runs.
     step.hooked = True
 
     def _step(self, closure=None):
