@@ -46,8 +46,10 @@ and strides), created at a parameter's first update as torch does.
 ``torch.optim.Adam`` checkpoint loads into `Adam` and the other way), and
 ``state_dict()`` returns references to the live tensors, as torch does
 (deep-copy it to keep a snapshot).  Write state through
-``load_state_dict`` or in place (``opt.state[p]["exp_avg"].zero_()``);
-assigning new tensors to ``opt.state[p][...]`` is not seen by the step.
+``load_state_dict`` or in place (``opt.state[p]["exp_avg"].zero_()``):
+assigning a new tensor to ``opt.state[p][...]`` does not reach fastopt's
+buffers.  State memory for every parameter is allocated at construction
+(torch allocates it at a parameter's first step).
 
 Param groups may be edited between steps as with torch: hyperparameters,
 ``add_param_group``, turning on an option that needs a state tensor
