@@ -319,9 +319,10 @@ def generated_c(modules):
 def extensions():
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")]
     incl = [np.get_include(), SRC]
-    c_dir = generated_c(KERNEL_MODULES + ["_runtime"])
-    exts = [Extension("fastopt._runtime", [os.path.join(c_dir, SRC, "_runtime.c")],
-                      include_dirs=incl, define_macros=macros)]
+    c_dir = generated_c(KERNEL_MODULES + ["_runtime", "_tensors"])
+    # Not kernels: built once.
+    exts = [Extension(f"fastopt.{m}", [os.path.join(c_dir, SRC, m + ".c")],
+                      include_dirs=incl, define_macros=macros) for m in ("_runtime", "_tensors")]
     for family in KERNEL_MODULES:
         for level in simd_levels():
             # One C file per level, so that each level's object file has its

@@ -111,3 +111,10 @@ def test_import_needs_no_compiler(tmp_path):
                                 PYTHONPATH=str(PKG.parent)))
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) == pytest.approx(0.999, abs=1e-6)
+
+
+def test_import_fastopt_does_not_import_torch():
+    # Only fastopt.torch imports torch (seconds of import time, and optional).
+    r = run_python("import sys, fastopt, fastopt.optim, fastopt.lr_scheduler, fastopt.training; "
+                   "sys.exit('torch' in sys.modules)")
+    assert r.returncode == 0, r.stderr

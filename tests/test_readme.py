@@ -1,4 +1,5 @@
 """Every ```python block of the README runs as written (in order, one namespace)."""
+import importlib.util
 import pathlib
 import re
 
@@ -18,5 +19,8 @@ def test_readme_python_blocks_run(capsys):
     blocks = python_blocks()
     assert blocks, "the README shows no Python example"
     namespace = {"__name__": "readme"}
+    have_torch = importlib.util.find_spec("torch") is not None
     for block in blocks:
+        if not have_torch and re.search(r"^import torch\b", block, flags=re.M):
+            continue        # the PyTorch section runs where torch is installed (CI does)
         exec(compile(block, str(README), "exec"), namespace)

@@ -1,6 +1,6 @@
 # Type stub of the fused optimizer kernels (_optim.pyx), built once per SIMD
 # level; `fastopt._dispatch` makes the chosen level importable under this name.
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, SupportsIndex
 
 import numpy as np
@@ -36,7 +36,8 @@ def sgd_step(
 ) -> None: ...
 def clip_grad_norm_(
     grads: FloatArray | Sequence[FloatArray | None], max_norm: float, norm_type: float = 2.0,
-    error_if_nonfinite: bool = False,
+    error_if_nonfinite: bool = False, *,
+    allgather: Callable[[float], Sequence[float]] | None = None,
 ) -> float: ...
 def clip_grad_value_(
     grads: FloatArray | Sequence[FloatArray | None], clip_value: float,
@@ -61,3 +62,5 @@ class FusedStep:
     def step(self, grads: Sequence[FloatArray | None], groups: Sequence[dict[str, Any]]) -> None: ...
     def get_steps(self) -> NDArray[np.int64]: ...
     def set_steps(self, steps: NDArray[np.integer[Any]] | Sequence[int]) -> None: ...
+    def step_addresses(self, groups: Sequence[dict[str, Any]], grad_addr: NDArray[np.uintp],
+                       step_counts: FloatArray | None = None) -> None: ...

@@ -538,7 +538,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
 
 from libc.stdlib cimport qsort
 from libc.stdint cimport int64_t, uintptr_t, INT64_MAX
-from libc.math cimport fabs, INFINITY, NAN
+from libc.math cimport fabs, floor, INFINITY, NAN
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 import numpy as np
@@ -1050,6 +1050,111 @@ cdef class FusedStep:
         if a.size and (a.min() < 0 or a.max() > INT64_MAX - 1):
             raise ValueError(f"steps must be in [0, 2**63 - 2], got {a.min()} .. {a.max()}")
         self.steps_arr[...] = a
+
+    # ------------------------------------------------- bridges to tensors
+
+    def step_addresses(self, groups, grad_addr, step_counts=None):
+        """`step` with each gradient given by the address of its data.
+
+        For bridges from tensor libraries (``fastopt.torch``), which read and
+        check their gradients themselves, faster than wrapping each one in an
+        ndarray.  `grad_addr` is a C-contiguous ``np.uintp`` array with one
+        entry per parameter: 0 skips the parameter (as a None gradient does);
+        otherwise the address of its gradient, which the caller guarantees to
+        be ``params[i].size`` elements of params[i]'s dtype in params[i]'s
+        memory order, alive and unchanged until this returns.  An address
+        cannot show dtype, extent or lifetime, so those are the caller's
+        checks; this one checks what it can: alignment, and that no gradient
+        overlaps memory the step writes.  For an empty parameter a nonzero
+        entry only marks it updated (its step count advances); nothing is
+        read.
+
+        `step_counts`, optional: a C-contiguous writeable float32/float64
+        array of one count per parameter, where the caller keeps them
+        (PyTorch's ``state["step"]`` is a float tensor).  The counts of the
+        updated parameters are read from it (whole numbers >= 0) instead of
+        this object's, and the new counts are written back, so the caller's
+        record stays the only one.  Nothing is written when a check fails.
+        """
+        cdef cnp.ndarray addr, sc = None, p
+        cdef const uintptr_t *av
+        cdef uintptr_t a
+        cdef Py_ssize_t i, j, k, nact = 0, total = 0, nb
+        cdef Segment *s
+        cdef double c
+        cdef bint sc_double = False
+        if self.busy:
+            raise RuntimeError("step() called concurrently on the same optimizer")
+        self.busy = True
+        try:
+            self.parse_groups(groups)
+            if not (cnp.PyArray_Check(grad_addr)
+                    and cnp.PyArray_TYPE(<cnp.ndarray>grad_addr) == cnp.NPY_UINTP
+                    and cnp.PyArray_NDIM(<cnp.ndarray>grad_addr) == 1
+                    and cnp.PyArray_DIM(<cnp.ndarray>grad_addr, 0) == self.n
+                    and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad_addr)
+                    and cnp.PyArray_ISALIGNED(<cnp.ndarray>grad_addr)):
+                raise TypeError(f"grad_addr must be a C-contiguous numpy.uintp array of "
+                                f"{self.n} entries")
+            addr = <cnp.ndarray>grad_addr
+            if step_counts is not None:
+                sc = writable(float_array(step_counts, "step_counts"), "step_counts")
+                if cnp.PyArray_NDIM(sc) != 1 or cnp.PyArray_DIM(sc, 0) != self.n:
+                    raise ValueError(f"step_counts must have shape ({self.n},), "
+                                     f"got {(<object>sc).shape}")
+                sc_double = cnp.PyArray_TYPE(sc) == cnp.NPY_FLOAT64
+            av = <const uintptr_t *>cnp.PyArray_DATA(addr)
+            for i in range(self.n):
+                a = av[i]
+                if a == 0:
+                    continue
+                p = <cnp.ndarray>self.params[i]
+                nb = cnp.PyArray_NBYTES(p)
+                if nb > 0:
+                    if a % <uintptr_t>cnp.PyArray_ITEMSIZE(p) != 0:
+                        raise ValueError(f"grads[{i}] at address {a:#x} is not aligned "
+                                         f"for {p.dtype}")
+                    if a + <uintptr_t>nb < a:
+                        raise ValueError(f"grads[{i}] at address {a:#x} wraps around memory")
+                    j = self.find_written(a, a + <uintptr_t>nb)
+                    if j >= 0:
+                        raise ValueError(f"grads[{i}] overlaps "
+                                         f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
+                                         "in memory")
+                if sc is not None:
+                    c = (<double *>cnp.PyArray_DATA(sc))[i] if sc_double else \
+                        (<float *>cnp.PyArray_DATA(sc))[i]
+                    if not (0.0 <= c <= 9007199254740992.0 and c == floor(c)):
+                        raise ValueError(f"step_counts[{i}] must be a whole number >= 0, got {c!r}")
+                s = &self.segs[nact]
+                s.param = self.ptr[4 * i]
+                s.grad = <void *>a
+                s.s1 = self.ptr[4 * i + 1]
+                s.s2 = self.ptr[4 * i + 2]
+                s.s3 = self.ptr[4 * i + 3]
+                s.n = cnp.PyArray_SIZE(p)
+                s.offset = total
+                s.is_double = cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64
+                total += s.n
+                self.act[nact] = i
+                nact += 1
+            # Everything is valid: from here on nothing can fail.
+            if sc is not None:
+                for k in range(nact):
+                    i = self.act[k]
+                    self.steps[i] = <int64_t>((<double *>cnp.PyArray_DATA(sc))[i] if sc_double
+                                              else (<float *>cnp.PyArray_DATA(sc))[i])
+            with nogil:
+                self.run(nact, total)
+            if sc is not None:
+                for k in range(nact):
+                    i = self.act[k]
+                    if sc_double:
+                        (<double *>cnp.PyArray_DATA(sc))[i] = <double>self.steps[i]
+                    else:
+                        (<float *>cnp.PyArray_DATA(sc))[i] = <float>self.steps[i]
+        finally:
+            self.busy = False
 
 
 # ===================================================== gradient clipping ===

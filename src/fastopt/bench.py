@@ -380,6 +380,7 @@ def _model_case(label, shapes):
                     tuple(f"param[{i}]" for i in range(len(shapes))))
         work.extras["loop of adam_step calls"] = loop
         if "torch" in peers:
+            work.extras["torch.Adam on torch tensors (incl. setting .grad)"] = _fastopt_torch_adam
             work.peers["torch Adam(fused=True)"] = _torch_adam(False)
         return work
 
@@ -552,6 +553,26 @@ def _torch_adam(decoupled):
             return out
         return step
     return impl
+
+
+def _fastopt_torch_adam(s):
+    """fastopt.torch.Adam (the bridge: reads p.grad, one native step) on torch
+    tensors sharing the parameters' memory; the gradients are assigned each
+    step as for the torch peers (a training loop's backward does that)."""
+    import fastopt.torch as fo
+    ps = [_tensor(p).requires_grad_() for p in s["p"]]
+    gs = [[_tensor(g) for g in grads] for grads in s["g"]]
+    opt = fo.Adam(ps, lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM)
+    t = 0
+
+    def step():
+        nonlocal t
+        t += 1
+        for p, g in zip(ps, gs[t & 1]):
+            p.grad = g
+        opt.step()
+        return tuple(s["p"])
+    return step
 
 
 def _numba_adam(decoupled):

@@ -1,0 +1,754 @@
+"""fastopt for PyTorch: drop-in optimizers and autograd functions for CPU training.
+
+Change one import::
+
+    import fastopt.torch as fo
+
+    opt = fo.Adam(model.parameters(), lr=1e-3)     # was torch.optim.Adam
+    for x, y in loader:
+        opt.zero_grad()
+        loss = fo.cross_entropy(model(x), y)        # was F.cross_entropy
+        loss.backward()
+        opt.step()
+
+* `Adam`, `AdamW`, `SGD`, `RMSprop` subclass their ``torch.optim`` classes
+  (so they are ``torch.optim.Optimizer`` s, with the same constructor
+  arguments, defaults, param groups, hooks, ``state_dict`` format and
+  ``lr_scheduler`` support) but run ``step()`` as one native call over
+  every parameter: fastopt's fused step (`FusedStep`, the same as
+  `fastopt.Adam`...), on the tensors' own memory.
+* `cross_entropy`, `batch_norm` (and the `BatchNorm2d` module) are
+  ``torch.autograd.Function`` s over fastopt's kernels with the signatures
+  and gradients of ``torch.nn.functional``.
+
+This module is the only one in fastopt that imports torch.
+
+How an optimizer step reads the tensors
+---------------------------------------
+Every parameter must be a float32 or float64 CPU tensor whose elements fill
+one block of memory in some order of dimensions (contiguous, channels_last
+or any other permutation): the update is elementwise, so it runs over that
+block in memory order, and each state tensor is laid out exactly like its
+parameter.  At each step a C loop (`fastopt._tensors.GradReader`) reads
+every ``p.grad`` through DLPack's C exchange API (data address, device,
+dtype, shape and strides in one call per tensor) and checks it against its
+parameter; a gradient with other strides (or a lazily negated view) is
+first copied into the parameter's layout.  Then one `FusedStep` call
+updates everything with the GIL released, and the parameters' autograd
+version counters are bumped, so a parameter modified between a forward and
+its backward raises in backward, as with ``torch.optim``.
+
+State lives in fastopt's buffers and is exposed in torch's format:
+``opt.state[p]`` holds torch tensors that share memory with them
+(``"step"`` a 0-d float tensor, ``"exp_avg"``... with the parameter's shape
+and strides), created at a parameter's first update as torch does.
+``load_state_dict`` copies a torch checkpoint into the buffers (so a
+``torch.optim.Adam`` checkpoint loads into `Adam` and the other way), and
+``state_dict()`` returns references to the live tensors, as torch does
+(deep-copy it to keep a snapshot).  Write state through
+``load_state_dict`` or in place (``opt.state[p]["exp_avg"].zero_()``):
+assigning a new tensor to ``opt.state[p][...]`` does not reach fastopt's
+buffers.  State memory for every parameter is allocated at construction
+(torch allocates it at a parameter's first step).
+
+Param groups may be edited between steps as with torch: hyperparameters,
+``add_param_group``, turning on an option that needs a state tensor
+(amsgrad, momentum, centered: it starts at zero, or for SGD's momentum
+buffer at the first gradient, as torch does), even replacing a parameter's
+data (``p.data = ...``); any of these rebuilds the native state, keeping
+the values.  ``foreach``, ``fused`` and ``capturable`` are accepted and
+kept in the groups for compatibility; the step is always the fused one.
+``differentiable=True`` is not supported.
+
+Bad input raises TypeError/ValueError naming the parameter
+(``param_groups[0]['params'][3]``) and changes nothing: a parameter or
+gradient that is not a CPU tensor, sparse, complex, of another dtype than
+float32/float64, not dense, overlapping another parameter in memory
+(a parameter listed twice raises too, where torch.optim warns).  Do
+not let another thread resize or re-point (``set_``, ``.data =``) a
+gradient while ``step()`` runs.
+"""
+import collections
+import inspect
+import math
+import re
+import threading
+
+import numpy as np
+import torch
+import torch.optim.optimizer as _torch_optimizer
+
+from . import _tensors
+from ._dispatch import batchnorm as _bn_kernels
+from ._dispatch import optim as _optim_kernels
+from ._dispatch import softmax as _softmax_kernels
+
+__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "cross_entropy", "batch_norm", "BatchNorm2d"]
+
+# torch.optim's registries of hooks for all optimizers (the wrapped step is
+# used whenever any hook is registered or the profiler runs).
+_GLOBAL_PRE_HOOKS = getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None)
+_GLOBAL_POST_HOOKS = getattr(_torch_optimizer, "_global_optimizer_post_hooks", None)
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+# Read tensors through DLPack's C exchange API where torch has it (tests
+# switch it off to check the Python-attribute path older torch versions take).
+_USE_EXCHANGE_API = True
+
+
+def _step_dtype():
+    """torch.optim's dtype for state["step"] (_get_scalar_dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def _memory_order_view(p):
+    """A 1-d ndarray over the block of memory holding `p`'s elements, in memory
+    order (p has already been checked to be dense and non-overlapping)."""
+    t = p.detach()
+    return t.as_strided((t.numel(),), (1,)).numpy()
+
+
+def _is_dense(p):
+    """Whether p's elements fill one block of memory (some order of dimensions)."""
+    dims = sorted((st, sz) for sz, st in zip(p.shape, p.stride()) if sz != 1)
+    if p.numel() == 0:
+        return True
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
+
+
+class _Fused:
+    """The fastopt half of `Adam`, `AdamW`, `SGD`, `RMSprop` (mixed in before
+    the torch.optim class): native state, step, zero_grad, param-group and
+    state-dict handling."""
+
+    _kind: str | None = None    # FusedStep kind
+    _slot_names: tuple[str | None, ...] = ()    # FusedStep's state slots, in torch's names
+    _counts_steps = True        # torch keeps state["step"] (Adam, RMSprop)
+    _required: tuple[str, ...] = ()     # state every stepped parameter has (besides "step")
+
+    def _slots(self, group):
+        raise NotImplementedError
+
+    def _init_fused(self, **group_keys):
+        # Keys that older torch versions do not put in the groups (Adam's
+        # decoupled_weight_decay): FusedStep reads them.
+        for key, value in group_keys.items():
+            self.defaults.setdefault(key, value)
+            for g in self.param_groups:
+                g.setdefault(key, value)
+        if self.defaults.get("differentiable"):
+            raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
+                             "differentiable=True (autograd through the step)")
+        # fused=True makes torch's GradScaler hand the unscaling to the
+        # optimizer; fastopt leaves it to the scaler.
+        self._step_supports_amp_scaling = False
+        self._rebuild()
+
+    # ------------------------------------------------------------- building
+
+    def _rebuild(self):
+        """(Re)make the native state for the current param groups, keeping the
+        values in `self.state` (ours or loaded).  Checks everything first."""
+        groups = self.param_groups
+        params, names, group_of = [], [], []
+        for gi, g in enumerate(groups):
+            for k, p in enumerate(g["params"]):
+                params.append(p)
+                names.append(f"param_groups[{gi}]['params'][{k}]")
+                group_of.append(gi)
+        _check_params(params, names)
+        slots = [tuple(self._slots(g)) for g in groups]
+        fused = _optim_kernels.FusedStep(self._kind, [_memory_order_view(p) for p in params],
+                                         group_of, [list(s) for s in slots])
+        fused.check_groups(groups)
+        reader = _tensors.GradReader(params, names, torch.Tensor, _USE_EXCHANGE_API)
+        steps = torch.zeros(len(params), dtype=_step_dtype()) if self._counts_steps else None
+        sgd_counts = np.zeros(len(params), dtype=np.int64)
+        # Validate and stage the carried-over state before changing anything.
+        carried = {}
+        for i, p in enumerate(params):
+            old = self.state.get(p)
+            if old:
+                carried[i] = self._check_state(old, p, names[i], slots[group_of[i]])
+        new_state = collections.defaultdict(dict)
+        for i, values in carried.items():
+            p = params[i]
+            entry = {}
+            if self._counts_steps:
+                steps[i] = values.pop("step")
+                entry["step"] = steps[i]
+            for k, name in enumerate(self._slot_names):
+                if name is None or fused.states[i][k] is None:
+                    continue
+                view = _state_view(fused.states[i][k], p)
+                src = values.pop(name, None)
+                if src is not None:
+                    with torch.no_grad():
+                        view.copy_(src)
+                entry[name] = view
+            if not self._counts_steps and "momentum_buffer" in entry:
+                sgd_counts[i] = 1
+            entry.update(values)            # keys fastopt does not use, kept as they are
+            new_state[p] = entry
+        fused.set_steps(sgd_counts)
+        reader.mark_seen(list(carried))
+        # Commit.
+        if "_lock" not in self.__dict__:
+            self._lock = threading.Lock()
+        self._fused = fused
+        self._reader = reader
+        self._params = params
+        self._names = names
+        self._built_slots = slots
+        self._steps = steps
+        self._steps_np = steps.numpy() if steps is not None else None
+        self.state = new_state
+
+    def _check_state(self, old, p, name, slots):
+        """The state values of one parameter to carry over, checked: {key: value}."""
+        if not isinstance(old, dict):
+            raise TypeError(f"the state of {name} must be a dict, got {type(old).__name__}")
+        values = {k: v for k, v in old.items() if v is not None}    # torch's SGD may store None
+        if self._counts_steps:
+            if "step" not in values:
+                raise ValueError(f"the state of {name} has no 'step'")
+            values["step"] = _step_value(values["step"], name)
+        for key in self._required:
+            if key not in values:
+                raise ValueError(f"the state of {name} has no {key!r}")
+        for k, key in enumerate(self._slot_names):
+            if key is None or key not in values or not slots[k]:
+                continue
+            v = values[key]
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"state[{key!r}] of {name} must be a tensor, got "
+                                f"{type(v).__name__}")
+            if tuple(v.shape) != tuple(p.shape):
+                raise ValueError(f"state[{key!r}] of {name} has shape {tuple(v.shape)} but "
+                                 f"the parameter has shape {tuple(p.shape)}")
+            if not v.is_floating_point():
+                raise TypeError(f"state[{key!r}] of {name} has dtype {v.dtype}")
+        return values
+
+    # ----------------------------------------------------------------- step
+
+    def _hooks_or_profiler(self):
+        return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
+                    or _GLOBAL_PRE_HOOKS is None or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
+                    or torch.autograd._profiler_enabled())
+
+    def step(self, closure=None):
+        """One optimization step over every parameter with a gradient, in one
+        native call.
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss (run with grad enabled
+            before the update).
+
+        Returns
+        -------
+        The closure's loss, or None.
+        """
+        if self._hooks_or_profiler():
+            # torch's wrapper: step pre/post hooks and the profiler's record.
+            return self._wrapped_step() if closure is None else self._wrapped_step(closure)
+        return self._step(closure)
+
+    # torch.optim.Optimizer wraps the `step` of each subclass in its hook and
+    # profiler wrapper (a profiler record per call, ~10 us) unless marked;
+    # `step` above uses that wrapper only when a hook is registered or the
+    # profiler runs.
+    step.hooked = True          # type: ignore[attr-defined]
+
+    def _step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        # Two steps at once on one optimizer would read gradients into the
+        # same addresses: refused, as FusedStep refuses it.
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("step() called concurrently on the same optimizer")
+        try:
+            self._update()
+        finally:
+            self._lock.release()
+        return loss
+
+    def _update(self):
+        """The update of one step (the closure has run)."""
+        groups = self.param_groups
+        if (len(groups) != len(self._built_slots)
+                or any(tuple(self._slots(g)) != s for g, s in zip(groups, self._built_slots))
+                or not self._reader.same_params(groups)):
+            self._rebuild()
+        reader = self._reader
+        updated = reader.read()
+        if reader.moved is not None:            # p.data was replaced: check it, keep the state
+            self._rebuild()
+            reader = self._reader
+            updated = reader.read()
+            if reader.moved is not None:
+                raise RuntimeError("parameter data changed while step() read it")
+        keep = _relayout(reader, self._params) if reader.relayout is not None else None
+        try:
+            self._fused.step_addresses(groups, reader.addr, self._steps_np)
+        except ValueError as exc:       # FusedStep counts parameters flat: name them
+            raise ValueError(_rename(str(exc), self._names)) from None
+        del keep
+        if updated:
+            torch.autograd.graph.increment_version(updated)
+        if reader.fresh is not None:
+            self._expose(reader.fresh)
+
+    def _expose(self, indices):
+        """torch's lazy state: after a parameter's first update, its state
+        tensors (views of fastopt's buffers) appear in ``self.state``."""
+        fused = self._fused
+        for i in indices:
+            p = self._params[i]
+            entry = {"step": self._steps[i]} if self._counts_steps else {}
+            for k, name in enumerate(self._slot_names):
+                if name is not None and fused.states[i][k] is not None:
+                    entry[name] = _state_view(fused.states[i][k], p)
+            if entry:
+                self.state[p].update(entry)
+        self._reader.mark_seen(indices)
+
+    def zero_grad(self, set_to_none=True):
+        """As ``torch.optim.Optimizer.zero_grad``; ``set_to_none=True`` (the
+        default) runs as one C loop."""
+        if set_to_none and not torch.autograd._profiler_enabled():
+            _tensors.clear_grads(self.param_groups)
+        else:
+            super().zero_grad(set_to_none)
+
+    # ------------------------------------------------------- groups, state
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if "_fused" in self.__dict__:
+            try:
+                self._rebuild()
+            except BaseException:
+                self.param_groups.pop()
+                raise
+
+    def __setstate__(self, state):
+        # Called by load_state_dict (after torch's checks and casts) and by
+        # unpickling: the loaded state goes into fastopt's buffers.
+        before = {k: self.__dict__[k] for k in ("state", "param_groups") if k in self.__dict__}
+        super().__setstate__(state)
+        try:
+            self._rebuild()
+        except BaseException:
+            self.__dict__.update(before)
+            raise
+
+
+_Fused._wrapped_step = torch.optim.Optimizer.profile_hook_step(_Fused._step)  # type: ignore[attr-defined]
+
+
+def _rename(message, names):
+    """FusedStep's flat names (params[i], grads[i], state[i]) -> param-group names."""
+    def sub(m):
+        kind, i = m.group(1), int(m.group(2))
+        name = names[i] if i < len(names) else f"{kind}[{i}]"
+        return {"params": name, "grads": f"the gradient of {name}",
+                "state": f"the state of {name}"}[kind]
+    return re.sub(r"\b(params|grads|state)\[(\d+)\]", sub, message)
+
+
+def _check_params(params, names):
+    """Parameters fastopt can update in place: float32/float64 dense CPU
+    tensors, each once, none overlapping another."""
+    seen = {}
+    spans = []
+    for p, name in zip(params, names):
+        if id(p) in seen:
+            raise ValueError(f"{seen[id(p)]} and {name} are the same tensor "
+                             "(a parameter may appear only once)")
+        seen[id(p)] = name
+        if p.device.type != "cpu":
+            raise TypeError(f"{name} is on {p.device}; fastopt.torch works on CPU tensors only")
+        if p.layout != torch.strided:
+            raise TypeError(f"{name} is a {p.layout} tensor; fastopt.torch updates dense "
+                            "(strided) tensors only")
+        if p.is_complex():
+            raise TypeError(f"{name} is complex ({p.dtype}); fastopt.torch updates float32 "
+                            "and float64 parameters (torch.view_as_real gives a real view)")
+        if p.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} has dtype {p.dtype}; fastopt.torch updates float32 and "
+                            "float64 parameters")
+        if p.is_neg() or p.is_conj():
+            raise TypeError(f"{name} is a lazily negated view; pass a tensor with its own memory")
+        if not _is_dense(p):
+            raise ValueError(f"{name} (shape {tuple(p.shape)}, strides {p.stride()}) does not "
+                             "fill one block of memory; fastopt.torch updates dense parameters "
+                             "(contiguous, channels_last or any order of dimensions)")
+        if p.numel():
+            lo = p.data_ptr()
+            spans.append((lo, lo + p.numel() * p.element_size(), name))
+    spans.sort()
+    for (lo0, hi0, a), (lo1, hi1, b) in zip(spans, spans[1:]):
+        if lo1 < hi0:
+            raise ValueError(f"{a} and {b} overlap in memory")
+
+
+def _state_view(arr, p):
+    """A torch view of a state array (memory order of p) shaped and strided like p."""
+    return torch.from_numpy(arr).as_strided(p.shape, p.stride())
+
+
+def _step_value(v, name):
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1:
+            raise ValueError(f"state['step'] of {name} must hold one number, got shape "
+                             f"{tuple(v.shape)}")
+        v = v.item()
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise TypeError(f"state['step'] of {name} must be a number, got {type(v).__name__}") \
+            from None
+    if not (f >= 0 and f == math.floor(f) and f <= 2.0**53):
+        raise ValueError(f"state['step'] of {name} must be a whole number >= 0, got {v!r}")
+    return f
+
+
+def _relayout(reader, params):
+    """Copy the gradients `reader` could not take as they are into buffers laid
+    out like their parameters; returns the buffers (keep them for the step)."""
+    keep = []
+    with torch.no_grad():
+        for i in reader.relayout:
+            p = params[i]
+            buf = torch.empty_like(p, memory_format=torch.preserve_format)
+            buf.copy_(p.grad)
+            reader.set_address(i, buf.data_ptr())
+            keep.append(buf)
+    return keep
+
+
+# ------------------------------------------------------------- optimizers ---
+
+def _torch_init(cls, self, params, **kwargs):
+    """cls.__init__ with the keyword arguments this torch version has.  One it
+    lacks may only be left at its default (None or False), except options
+    fastopt implements itself (decoupled_weight_decay, set in the groups by
+    `_init_fused`)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    for key in list(kwargs):
+        if key not in accepted:
+            if kwargs[key] not in (None, False) and key != "decoupled_weight_decay":
+                raise TypeError(f"{key}={kwargs[key]!r} needs a newer torch than "
+                                f"{torch.__version__}")
+            del kwargs[key]
+    cls.__init__(self, params, **kwargs)
+
+
+class Adam(_Fused, torch.optim.Adam):
+    """``torch.optim.Adam`` with fastopt's fused step (see the module docstring).
+
+    Same arguments and defaults as ``torch.optim.Adam``; ``foreach``,
+    ``fused`` and ``capturable`` are accepted and ignored (the step is always
+    fused), ``differentiable=True`` raises.
+    """
+
+    _kind = "adam"
+    _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _required = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False):
+        _torch_init(torch.optim.Adam, self, params, lr=lr, betas=betas, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
+                    maximize=maximize, capturable=capturable, differentiable=differentiable,
+                    fused=fused, decoupled_weight_decay=decoupled_weight_decay)
+        self._init_fused(decoupled_weight_decay=decoupled_weight_decay)
+
+    def _slots(self, group):
+        return True, True, bool(group["amsgrad"])
+
+
+class AdamW(_Fused, torch.optim.AdamW):
+    """``torch.optim.AdamW`` with fastopt's fused step (decoupled weight decay,
+    default 1e-2); see `Adam`."""
+
+    _kind = "adam"
+    _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _required = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None):
+        _torch_init(torch.optim.AdamW, self, params, lr=lr, betas=betas, eps=eps,
+                    weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+                    foreach=foreach, capturable=capturable, differentiable=differentiable,
+                    fused=fused)
+        self._init_fused(decoupled_weight_decay=True)
+
+    def _slots(self, group):
+        return True, True, bool(group["amsgrad"])
+
+
+class SGD(_Fused, torch.optim.SGD):
+    """``torch.optim.SGD`` with fastopt's fused step: momentum, dampening,
+    nesterov, weight decay, maximize.  ``state[p]["momentum_buffer"]`` appears
+    at a parameter's first update with momentum != 0 (set to its gradient,
+    as torch does)."""
+
+    _kind = "sgd"
+    _slot_names = ("momentum_buffer", None, None)
+    _counts_steps = False
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None):
+        _torch_init(torch.optim.SGD, self, params, lr=lr, momentum=momentum,
+                    dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                    maximize=maximize, foreach=foreach, differentiable=differentiable,
+                    fused=fused)
+        self._init_fused()
+
+    def _slots(self, group):
+        return group["momentum"] != 0, False, False
+
+
+class RMSprop(_Fused, torch.optim.RMSprop):
+    """``torch.optim.RMSprop`` with fastopt's fused step: alpha, centered,
+    momentum, weight decay, maximize."""
+
+    _kind = "rmsprop"
+    _slot_names = ("square_avg", "momentum_buffer", "grad_avg")
+    _required = ("square_avg",)
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
+                 centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False):
+        _torch_init(torch.optim.RMSprop, self, params, lr=lr, alpha=alpha, eps=eps,
+                    weight_decay=weight_decay, momentum=momentum, centered=centered,
+                    capturable=capturable, foreach=foreach, maximize=maximize,
+                    differentiable=differentiable)
+        self._init_fused()
+
+    def _slots(self, group):
+        return True, group["momentum"] > 0, bool(group["centered"])
+
+
+# ------------------------------------------------------------- functions ---
+
+def _numpy(t):
+    """A NumPy view of a CPU tensor's data (no copy, no autograd)."""
+    return t.detach().numpy()
+
+
+def _float_input(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise TypeError(f"{name} is on {x.device}; fastopt.torch works on CPU tensors only")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} is a {x.layout} tensor; fastopt.torch takes dense tensors")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {x.dtype}; fastopt.torch takes float32 and float64")
+    return x.resolve_conj().resolve_neg()
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Cross-entropy over (M, C) logits: fastopt's fused loss and gradient.
+
+    The forward pass computes d(loss)/d(logits) along with the loss (one
+    kernel, two passes over the logits) and saves it; the backward pass
+    scales it by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing):
+        soft = target.is_floating_point()
+        want_grad = ctx.needs_input_grad[0]
+        out = _softmax_kernels.cross_entropy(
+            _numpy(x), _numpy(target), weight=None if weight is None else _numpy(weight),
+            ignore_index=ignore_index if not soft else -100, reduction=reduction,
+            label_smoothing=label_smoothing, return_grad=want_grad)
+        loss, dlogits = out if want_grad else (out, None)
+        ctx.reduction = reduction
+        ctx.label_smoothing = label_smoothing
+        ctx.dlogits = torch.from_numpy(dlogits) if want_grad else None
+        if soft and ctx.needs_input_grad[1]:
+            # d(loss)/d(target[i, c]) = -(1 - eps) * w[c] * log_softmax(x)[i, c] (/ N for mean)
+            ctx.save_for_backward(torch.from_numpy(_softmax_kernels.log_softmax(_numpy(x))),
+                                  weight)
+        loss = torch.from_numpy(np.asarray(loss, dtype=_numpy(x).dtype))
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        dx = dt = None
+        scale = grad_loss.reshape(-1, 1) if ctx.reduction == "none" else grad_loss
+        if ctx.needs_input_grad[0]:
+            dx = ctx.dlogits * scale
+        if ctx.needs_input_grad[1]:
+            logp, weight = ctx.saved_tensors
+            dt = logp * (-(1.0 - ctx.label_smoothing))
+            if weight is not None:
+                dt = dt * weight
+            if ctx.reduction == "mean":
+                dt = dt / logp.shape[0]
+            dt = dt * scale
+        return dx, dt, None, None, None, None
+
+
+def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
+                  reduce=None, reduction="mean", label_smoothing=0.0):
+    """``torch.nn.functional.cross_entropy`` computed by fastopt's fused kernel.
+
+    Same arguments and results (class-index or probability targets, class
+    weights, ``ignore_index``, ``reduction``, ``label_smoothing``; input of
+    shape (C,), (N, C) or (N, C, d1, ...)), differentiable with respect to
+    `input` (and to probability targets).  The forward pass computes the
+    gradient along with the loss, in double-precision sums, and keeps it for
+    the backward pass (torch keeps log-softmax, the same size).  Input is
+    float32 or float64 on the CPU.  Documented differences from torch (see
+    `fastopt.cross_entropy`): an ignored row gets a zero gradient even if
+    its logits hold NaN; a class index out of range raises ValueError.
+    """
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    x = _float_input(input, "input")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if weight is not None:
+        weight = _float_input(weight, "weight")
+        if weight.requires_grad:
+            raise RuntimeError("cross_entropy is not differentiable with respect to weight; "
+                               "this input cannot have requires_grad True")
+    soft = target.is_floating_point()
+    if x.dim() == 0:
+        raise ValueError("input must have at least one dimension (the classes)")
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
+    # To (M, C) rows, classes last; `back` undoes it for the results.
+    if x.dim() == 1:
+        x2, t2 = x.unsqueeze(0), target.unsqueeze(0)
+        out_shape = ()
+    elif x.dim() == 2:
+        x2, t2, out_shape = x, target, (x.shape[0],)
+    else:
+        x2 = x.movedim(1, -1).reshape(-1, C)
+        t2 = target.movedim(1, -1).reshape(-1, C) if soft else target.reshape(-1)
+        out_shape = (x.shape[0],) + tuple(x.shape[2:])
+    loss = _CrossEntropy.apply(x2, t2, weight, ignore_index, reduction, label_smoothing)
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    return loss
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Batch normalization with fastopt's forward and backward kernels."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
+        last = _channels_last(x)
+        y = torch.empty_like(x, memory_format=torch.preserve_format) if last \
+            else torch.empty_like(x, memory_format=torch.contiguous_format)
+        C = x.shape[1]
+        gamma = _numpy(weight) if weight is not None else np.ones(C, _numpy(x).dtype)
+        beta = _numpy(bias) if bias is not None else np.zeros(C, _numpy(x).dtype)
+        rm = _numpy(running_mean) if running_mean is not None else None
+        rv = _numpy(running_var) if running_var is not None else None
+        _, bn = _bn_kernels.batch_norm_forward(
+            _numpy(_to_channels_last(x) if last else x), gamma, beta, rm, rv,
+            training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
+            out=_numpy(_to_channels_last(y) if last else y))
+        if training and running_mean is not None:
+            torch.autograd.graph.increment_version([running_mean, running_var])
+        ctx.bn = bn
+        ctx.last = last
+        ctx.save_for_backward(x, weight)        # for autograd's in-place checks
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, _ = ctx.saved_tensors               # raises if x or weight was modified in place
+        last = ctx.last
+        dx = torch.empty_like(x, memory_format=torch.preserve_format) if last \
+            else torch.empty_like(x, memory_format=torch.contiguous_format)
+        dy = dy.resolve_conj().resolve_neg()
+        _, dgamma, dbeta = _bn_kernels.batch_norm_backward(
+            _numpy(_to_channels_last(dy) if last else dy), ctx.bn,
+            dx_out=_numpy(_to_channels_last(dx) if last else dx))
+        return (dx if ctx.needs_input_grad[0] else None, None, None,
+                torch.from_numpy(dgamma) if ctx.needs_input_grad[3] else None,
+                torch.from_numpy(dbeta) if ctx.needs_input_grad[4] else None,
+                None, None, None)
+
+
+def _channels_last(x):
+    """Whether x's channel (dim 1) is its innermost dimension in memory and the
+    rest are in order: channels_last (NHWC) and its 3-d/5-d analogues."""
+    return x.dim() > 2 and x.shape[1] > 1 and _to_channels_last(x).is_contiguous()
+
+
+def _to_channels_last(x):
+    return x.movedim(1, -1)
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """``torch.nn.functional.batch_norm`` computed by fastopt's fused kernels.
+
+    Same arguments, results and gradients (for input, weight and bias);
+    running statistics are updated in place in training (unbiased variance),
+    as torch does.  Input is float32 or float64 on the CPU, (N, C) or
+    (N, C, *spatial); a channels_last input is normalized where it lies and
+    gives a channels_last output, any other layout is made contiguous first.
+    Statistics are computed in double with a stable two-pass method.
+    """
+    x = _float_input(input, "input")
+    if x.dim() < 2:
+        raise ValueError(f"input must have shape (N, C, ...), got {tuple(x.shape)}")
+    if not (_channels_last(x) or x.is_contiguous()):
+        x = x.contiguous()
+    args = []
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None:
+            t = _float_input(t, name)
+            if t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {x.dtype}")
+        args.append(t)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var must be defined in evaluation mode")
+    return _BatchNorm.apply(x, *args, bool(training), float(momentum), float(eps))
+
+
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by `batch_norm` (fastopt's kernels).
+
+    The same module in every other respect: arguments, parameters, buffers
+    and ``state_dict`` keys (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), ``momentum=None`` for a
+    cumulative average, eval mode, ``track_running_stats=False``.
+    """
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        # torch.nn.BatchNorm2d.forward, with fastopt's batch_norm
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                      else self.momentum)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        return batch_norm(input, self.running_mean if track else None,
+                          self.running_var if track else None, self.weight, self.bias,
+                          bn_training, factor, self.eps)
