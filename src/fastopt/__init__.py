@@ -27,13 +27,14 @@ softmax = _softmax_kernels.softmax
 cross_entropy = _softmax_kernels.cross_entropy
 
 from . import lr_scheduler
+from .amp import GradScaler
 from .optim import SGD, Adam, AdamW, RMSprop, flat_views
 from .training import (EWA, bias_corrected, ewa_update, log_uniform, minibatches,
                        sample_beta, take_rows)
 
 __all__ = [
     "adam_step", "adamw_step", "rmsprop_step", "sgd_step", "clip_grad_norm_",
-    "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler",
+    "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler", "GradScaler",
     "batch_norm_forward", "batch_norm_backward", "BatchNormContext",
     "log_softmax", "softmax", "cross_entropy",
     "minibatches", "take_rows", "ewa_update", "bias_corrected", "EWA",

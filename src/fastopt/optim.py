@@ -31,6 +31,24 @@ Differences from PyTorch, because NumPy arrays carry no ``.grad``:
 * Parameters may mix float32 and float64; each array is updated in its own
   precision (scalars in double), all in the same call.
 
+Low precision (see the README's "Low precision" section):
+
+* float16 and bfloat16 (``ml_dtypes.bfloat16``) parameters get a float32
+  master copy, ``state[i]["master_param"]``, and float32 state.  A step
+  reads the gradient (the parameter's dtype or float32), updates the master
+  and the state in float32 and writes the parameter rounded to nearest, in
+  one pass: exactly a float32 step on the master followed by rounding.  The
+  master is the parameter's true value: to change a parameter, change its
+  master.
+* ``state_dtype="bfloat16"`` keeps the state in bfloat16 (half the memory
+  and traffic), computed in float32 and rounded when stored:
+  ``state_rounding="stochastic"`` (the default; unbiased, with a
+  counter-based generator seeded by `seed`, the same on any number of
+  threads) or ``"nearest"``.
+* ``step(grads, grad_scale=s)`` divides the gradients by s inside the step
+  (loss scaling); if any gradient holds an inf or NaN nothing changes and
+  ``opt.found_inf`` is True.  `fastopt.GradScaler` drives it.
+
 State dicts are flat dicts of NumPy arrays and numbers, so they save with
 ``np.savez``::
 
@@ -40,8 +58,11 @@ State dicts are flat dicts of NumPy arrays and numbers, so they save with
 Keys: ``"optimizer"`` (the class name), ``"param_groups.<g>.<name>"`` for
 every hyperparameter of group g (``"param_groups.<g>.params"`` holds the
 parameter indices), ``"state.<i>.step"`` and ``"state.<i>.<state name>"``
-for parameter i.  Loading checks everything first and changes nothing when
-the dict does not match.
+for parameter i (``master_param`` included), and with bfloat16 state
+``"state_dtype"``, ``"state_rounding"`` and ``"seed"``.  Loading checks
+everything first and changes nothing when the dict does not match (another
+optimizer, parameter list, state dtype, or array shape or dtype).  ``np.load``
+returns bfloat16 arrays as raw 2-byte voids; loading accepts them.
 """
 import math
 
@@ -125,7 +146,7 @@ class Optimizer:
     _kind = None
     _slot_names = ()
 
-    def __init__(self, params, defaults):
+    def __init__(self, params, defaults, state_dtype=None, state_rounding="stochastic", seed=0):
         self.defaults = dict(defaults)
         groups = _as_groups(params)
         self.param_groups = []
@@ -141,24 +162,56 @@ class Optimizer:
         if not flat:
             raise ValueError("optimizer got an empty parameter list")
         slots = [self._slots(g) for g in self.param_groups]
-        self._fused = _kernels.FusedStep(self._kind, flat, group_of, slots)
+        self._fused = _kernels.FusedStep(self._kind, flat, group_of, slots,
+                                         state_dtype, state_rounding, seed)
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         self._fused.check_groups(self.param_groups)
-        self.state = [
-            {name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
-            for st in self._fused.states
-        ]
+        self.state = []
+        for st, master in zip(self._fused.states, self._fused.masters):
+            self.state.append({name: arr for name, arr in zip(self._slot_names, st)
+                               if arr is not None})
+            if master is not None:
+                self.state[-1]["master_param"] = master
 
     def _slots(self, group):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ step
 
-    def step(self, grads):
+    def step(self, grads, grad_scale=None):
         """Update every parameter in place from `grads` (one per parameter, in
         order; None skips a parameter).  Everything is validated first: on an
-        error nothing is updated."""
-        self._fused.step(grads, self.param_groups)
+        error nothing is updated.
+
+        A gradient has the parameter's dtype, or float32 for a float16 or
+        bfloat16 parameter.  With `grad_scale` (a finite number > 0) the
+        gradients are multiplied by ``1/grad_scale`` (rounded to float32,
+        float64 for float64 parameters) as they are read; they are checked
+        first, and if any holds an inf or NaN, nothing changes (parameters,
+        state, step counts) and `found_inf` becomes True.
+        """
+        self._fused.step(grads, self.param_groups, grad_scale)
+
+    @property
+    def found_inf(self):
+        """True if the last `step` with a grad_scale found an inf or NaN
+        gradient and skipped the update (False after any other step)."""
+        return self._fused.found_inf
+
+    @property
+    def state_dtype(self):
+        """None (state in the compute dtype) or "bfloat16"."""
+        return self._fused.state_dtype
+
+    @property
+    def state_rounding(self):
+        """How bfloat16 state is rounded: "stochastic" or "nearest"."""
+        return self._fused.state_rounding
+
+    @property
+    def seed(self):
+        """Seed of the stochastic rounding of bfloat16 state."""
+        return self._fused.seed
 
     @property
     def lr(self):
@@ -209,6 +262,9 @@ class Optimizer:
             out[f"state.{i}.step"] = int(steps[i])
             for name, arr in st.items():
                 out[f"state.{i}.{name}"] = arr.copy()
+        if self.state_dtype is not None:
+            out.update(state_dtype=self.state_dtype, state_rounding=self.state_rounding,
+                       seed=self.seed)
         return out
 
     def load_state_dict(self, state_dict):
@@ -223,6 +279,7 @@ class Optimizer:
         if kind != type(self).__name__:
             raise ValueError(f"state dict is for optimizer {kind!r}, not {type(self).__name__!r}")
         expected = {"optimizer"}
+        rounding = self._load_state_config(sd, expected)
         # Param groups: same number, same parameter indices, same keys.
         new_groups = []
         index = 0
@@ -254,6 +311,7 @@ class Optimizer:
         self._fused.check_groups(new_groups)
         # Per-parameter state: the same arrays, shapes and dtypes.
         steps = np.zeros(len(self.state), dtype=np.int64)
+        arrays = {}
         for i, st in enumerate(self.state):
             key = f"state.{i}.step"
             if key not in sd:
@@ -267,10 +325,11 @@ class Optimizer:
                 key = f"state.{i}.{name}"
                 if key not in sd:
                     raise ValueError(f"state dict is missing {key!r}")
-                v = sd[key]
+                v = _stored(sd[key], arr.dtype)
                 if not isinstance(v, np.ndarray) or v.shape != arr.shape or v.dtype != arr.dtype:
                     raise ValueError(f"{key} must be an array of shape {arr.shape} and dtype "
                                      f"{arr.dtype}, got {_describe(v)}")
+                arrays[key] = v
                 expected.add(key)
         extra = set(sd) - expected
         if extra:
@@ -278,11 +337,45 @@ class Optimizer:
         # All checked: commit.
         for i, st in enumerate(self.state):
             for name, arr in st.items():
-                np.copyto(arr, sd[f"state.{i}.{name}"])
+                np.copyto(arr, arrays[f"state.{i}.{name}"])
         self._fused.set_steps(steps)
+        self._fused.set_rounding(*rounding)
+        self._fused.sync_params()      # float16/bfloat16 parameters from their masters
         for g, new in zip(self.param_groups, new_groups):
             g.clear()
             g.update(new)
+
+
+    def _load_state_config(self, sd, expected):
+        """Check the state dict's state_dtype against this optimizer's; return
+        the (state_rounding, seed) to load."""
+        saved = _scalar(sd["state_dtype"], "state_dtype") if "state_dtype" in sd else None
+        if saved != self.state_dtype:
+            raise ValueError(f"state dict has state_dtype {saved!r} but this optimizer keeps "
+                             f"state_dtype={self.state_dtype!r}")
+        if saved is None:
+            return self.state_rounding, self.seed
+        for key in ("state_rounding", "seed"):
+            if key not in sd:
+                raise ValueError(f"state dict is missing {key!r}")
+        expected |= {"state_dtype", "state_rounding", "seed"}
+        rounding = _scalar(sd["state_rounding"], "state_rounding")
+        seed = _scalar(sd["seed"], "seed")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        return rounding, int(seed)
+
+
+def _stored(v, dtype):
+    """A state array from a state dict as `dtype`: np.load gives bfloat16
+    arrays back as raw 2-byte voids (their dtype is not NumPy's own)."""
+    if (isinstance(v, np.ndarray) and v.dtype.kind == "V" and v.dtype.fields is None
+            and v.dtype.itemsize == dtype.itemsize and dtype.name == "bfloat16"):
+        return v.view(dtype)
+    return v
 
 
 def _as_groups(params):
@@ -367,14 +460,16 @@ class SGD(Optimizer):
     _slot_names = ("momentum_buffer",)
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
-                 nesterov=False, *, maximize=False):
+                 nesterov=False, *, maximize=False, state_dtype=None,
+                 state_rounding="stochastic", seed=0):
         _number("lr", lr)
         _number("momentum", momentum)
         _number("dampening", dampening, 0.0, 1.0, hi_closed=True)
         _number("weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize))
+                                      maximize=maximize),
+                         state_dtype, state_rounding, seed)
 
     def _slots(self, group):
         return (group["momentum"] != 0, False, False)
@@ -391,14 +486,16 @@ class RMSprop(Optimizer):
     _slot_names = ("square_avg", "momentum_buffer", "grad_avg")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
-                 centered=False, *, maximize=False):
+                 centered=False, *, maximize=False, state_dtype=None,
+                 state_rounding="stochastic", seed=0):
         _number("lr", lr)
         _number("alpha", alpha, 0.0, 1.0)
         _number("eps", eps)
         _number("weight_decay", weight_decay)
         _number("momentum", momentum)
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered, maximize=maximize))
+                                      momentum=momentum, centered=centered, maximize=maximize),
+                         state_dtype, state_rounding, seed)
 
     def _slots(self, group):
         return (True, group["momentum"] > 0, bool(group["centered"]))
@@ -416,7 +513,8 @@ class Adam(Optimizer):
     _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False):
+                 amsgrad=False, *, maximize=False, decoupled_weight_decay=False,
+                 state_dtype=None, state_rounding="stochastic", seed=0):
         _number("lr", lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a tuple of two numbers, got {betas!r}")
@@ -427,7 +525,8 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay))
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         state_dtype, state_rounding, seed)
 
     def _slots(self, group):
         return (True, True, bool(group["amsgrad"]))
@@ -438,6 +537,8 @@ class AdamW(Adam):
     (``param *= 1 - lr * weight_decay``), default weight_decay 1e-2."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, *, maximize=False):
+                 amsgrad=False, *, maximize=False, state_dtype=None,
+                 state_rounding="stochastic", seed=0):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True)
+                         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)

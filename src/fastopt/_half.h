@@ -1,0 +1,132 @@
+/* 16-bit floating-point storage: float16 (IEEE binary16, NumPy's float16) and
+ * bfloat16 (the upper half of a float32, ml_dtypes.bfloat16), converted to
+ * and from float32.  The one place where fastopt converts: kernels see the
+ * 16-bit values as raw uint16_t and compute in float32.
+ *
+ * Every function is static inline, branch-free (compares become selects) and
+ * written with unsigned integer operations, so a loop calling it vectorizes
+ * at every SIMD level and gives the same bits at every level:
+ *
+ * - float16 -> float32 is exact: +-inf stays +-inf, subnormals become
+ *   normal float32 values, a NaN stays a NaN with its payload and the quiet
+ *   bit set (as the F16C instruction vcvtph2ps does: verified over all 65536
+ *   values).  bfloat16 -> float32 is a 16-bit shift: exact, every bit kept.
+ * - float32 -> float16 and float32 -> bfloat16 round to nearest, ties to
+ *   even (overflow gives +-inf; float16 results below 2^-14 are subnormal,
+ *   rounded once); a NaN gives a quiet NaN with the sign and the top of the
+ *   payload (as vcvtps2ph does: verified over all 2^32 floats).
+ * - float32 -> bfloat16 with stochastic rounding: x rounds up (in magnitude)
+ *   to the next bfloat16 with probability (|x| - lower)/ulp, driven by the
+ *   high 16 bits of a 32-bit random number r: bits(x) + (r >> 16), keep
+ *   the top 16 bits.  Unbiased: E[result] = x.
+ * - fastopt_hash32 is the counter-based generator behind r (see _optim.pyx).
+ *
+ * All of this is checked exhaustively against NumPy and ml_dtypes in
+ * tests/test_lowprec.py (every 16-bit pattern; float32 values at and next to
+ * every rounding boundary), at every SIMD level.
+ */
+#ifndef FASTOPT_HALF_H
+#define FASTOPT_HALF_H
+#include <stdint.h>
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#endif
+
+typedef union { float f; uint32_t u; } fastopt_h32;
+
+static inline float fastopt_f16_to_f32(uint16_t h)
+{
+    const uint32_t em = h & 0x7fffu;                    /* exponent and mantissa */
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    fastopt_h32 sub, r;
+    /* normal: the 5-bit exponent rebiased from 15 to 127 */
+    const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+    /* inf and NaN: exponent all ones, the payload kept, NaN made quiet */
+    const uint32_t special = (em << 13) | 0x7f800000u | (em > 0x7c00u ? 0x00400000u : 0u);
+    /* subnormal (and zero): m * 2^-24, exact (m < 2^10) */
+    sub.f = (float)(int32_t)em * 5.9604644775390625e-08f;
+    r.u = em < 0x0400u ? sub.u : em >= 0x7c00u ? special : normal;
+    r.u |= sign;
+    return r.f;
+}
+
+static inline uint16_t fastopt_f32_to_f16(float f)
+{
+    fastopt_h32 x, s;
+    uint32_t a, sign, normal, sub, r;
+    x.f = f;
+    sign = (x.u >> 16) & 0x8000u;
+    a = x.u & 0x7fffffffu;
+    /* normal results (|f| in [2^-14, 65520)): rebias, then add just under
+     * half an ulp plus the ulp's lowest bit (ties to even) and truncate.
+     * (For other |f| this wraps around harmlessly: unsigned arithmetic.) */
+    normal = (a - ((127u - 15u) << 23) + 0xfffu + ((a >> 13) & 1u)) >> 13;
+    /* subnormal results (|f| < 2^-14): |f| + 0.5 puts |f| on the grid of
+     * 2^-24 steps (the ulp of 0.5), rounding to nearest even as every IEEE
+     * addition does; the low bits are then the float16 mantissa (0x400,
+     * the smallest normal, when it rounds up).  The one floating-point
+     * operation here, and an exact one. */
+    s.u = a;
+    s.f = s.f + 0.5f;
+    sub = s.u - 0x3f000000u;
+    r = a < 0x38800000u ? sub : normal;
+    r = a >= 0x477ff000u ? 0x7c00u : r;                 /* rounds to >= 65536: inf */
+    r = a > 0x7f800000u ? (0x7e00u | ((a >> 13) & 0x3ffu)) : r;   /* NaN */
+    return (uint16_t)(r | sign);
+}
+
+static inline float fastopt_bf16_to_f32(uint16_t h)
+{
+    fastopt_h32 r;
+    r.u = (uint32_t)h << 16;
+    return r.f;
+}
+
+static inline uint16_t fastopt_f32_to_bf16(float f)
+{
+    fastopt_h32 x;
+    uint32_t r;
+    x.f = f;
+    /* + 0x7fff + lowest kept bit: round to nearest, ties to even; the carry
+     * may reach the exponent (next binade, or inf after the largest) */
+    r = (x.u + 0x7fffu + ((x.u >> 16) & 1u)) >> 16;
+    r = (x.u & 0x7fffffffu) > 0x7f800000u ? (x.u >> 16) | 0x40u : r;   /* NaN: quiet */
+    return (uint16_t)r;
+}
+
+/* Stochastic rounding with the random bits `rnd` (its high 16 bits are used). */
+static inline uint16_t fastopt_f32_to_bf16_sr(float f, uint32_t rnd)
+{
+    fastopt_h32 x;
+    uint32_t r;
+    x.f = f;
+    r = (x.u + (rnd >> 16)) >> 16;      /* inf + (< 2^16) stays inf */
+    r = (x.u & 0x7fffffffu) > 0x7f800000u ? (x.u >> 16) | 0x40u : r;
+    return (uint16_t)r;
+}
+
+/* A 32-bit integer hash with full avalanche (Chris Wellons' "lowbias32"):
+ * the counter-based generator of stochastic rounding is
+ * r = fastopt_hash32(key + index). */
+static inline uint32_t fastopt_hash32(uint32_t x)
+{
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* Set a flag that several threads may set at once (all to 1); it is read
+ * after the parallel region has ended. */
+static inline void fastopt_flag_set(unsigned char *flag)
+{
+#if defined(_MSC_VER) && !defined(__clang__)
+    _InterlockedExchange8((volatile char *)flag, 1);
+#else
+    __atomic_store_n(flag, (unsigned char)1, __ATOMIC_RELAXED);
+#endif
+}
+
+#endif

@@ -1,0 +1,58 @@
+# 16-bit storage for the kernels (included after _common.pxi).
+#
+# A kernel loop reads and writes its arrays through `ld`/`st` with a storage
+# code that is a compile-time constant of the loop (the callers pass literal
+# constants, as rmsprop_loop does with its options): after inlining, each
+# variant is a plain loop that gcc vectorizes, and the formulas exist once.
+# Pointers keep the loop's own type (`floating *`); for 16-bit storage they
+# point at uint16 bits and are reinterpreted here.  The conversions
+# themselves are in _half.h (the one place that converts).
+from libc.stdint cimport uint16_t, uint32_t
+
+cdef extern from "_half.h" nogil:
+    float fastopt_f16_to_f32(uint16_t h)
+    uint16_t fastopt_f32_to_f16(float f)
+    float fastopt_bf16_to_f32(uint16_t h)
+    uint16_t fastopt_f32_to_bf16(float f)
+    uint16_t fastopt_f32_to_bf16_sr(float f, uint32_t rnd)
+    uint32_t fastopt_hash32(uint32_t x)
+    void fastopt_flag_set(unsigned char *flag)
+
+
+cdef enum Store:
+    NATIVE = 0      # the loop's own type (float or double); for an optional copy: none
+    F16 = 1         # float16, round to nearest even
+    BF16 = 2        # bfloat16, round to nearest even
+    BF16_SR = 3     # bfloat16, stochastic rounding (reads like BF16)
+
+
+cdef inline floating ld(const floating *a, Py_ssize_t i, const int k) noexcept nogil:
+    """a[i] as the loop's type."""
+    if k == F16:
+        return <floating>fastopt_f16_to_f32((<const uint16_t *>a)[i])
+    elif k == BF16 or k == BF16_SR:
+        return <floating>fastopt_bf16_to_f32((<const uint16_t *>a)[i])
+    return a[i]
+
+
+cdef inline void st(floating *a, Py_ssize_t i, floating x, const int k,
+                    uint32_t key) noexcept nogil:
+    """a[i] = x, rounded to the storage; BF16_SR draws its random bits from
+    the counter-based generator hash32(key + i)."""
+    if k == F16:
+        (<uint16_t *>a)[i] = fastopt_f32_to_f16(<float>x)
+    elif k == BF16:
+        (<uint16_t *>a)[i] = fastopt_f32_to_bf16(<float>x)
+    elif k == BF16_SR:
+        (<uint16_t *>a)[i] = fastopt_f32_to_bf16_sr(<float>x, fastopt_hash32(key + <uint32_t>i))
+    else:
+        a[i] = x
+
+
+cdef inline int store_of(int dtype_code) noexcept nogil:
+    """The storage code of an array of a DT_* dtype (NATIVE for float32/64)."""
+    if dtype_code == DT_F16:
+        return F16
+    if dtype_code == DT_BF16:
+        return BF16
+    return NATIVE
