@@ -4,8 +4,9 @@
  * 16-bit values as raw uint16_t and compute in float32.
  *
  * Every function is static inline, branch-free (compares become selects) and
- * written with unsigned integer operations, so a loop calling it vectorizes
- * at every SIMD level and gives the same bits at every level:
+ * written with unsigned integer operations (and two exact float additions,
+ * for float16 subnormals), so a loop calling it vectorizes at every SIMD
+ * level and gives the same bits at every level:
  *
  * - float16 -> float32 is exact: +-inf stays +-inf, subnormals become
  *   normal float32 values, a NaN stays a NaN with its payload and the quiet
@@ -36,17 +37,18 @@ typedef union { float f; uint32_t u; } fastopt_h32;
 
 static inline float fastopt_f16_to_f32(uint16_t h)
 {
-    const uint32_t em = h & 0x7fffu;                    /* exponent and mantissa */
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t x = h;
+    const uint32_t t = (x & 0x7fffu) << 13;             /* exponent and mantissa, in place */
+    const uint32_t e = t & 0x0f800000u;                 /* the 5-bit exponent field */
     fastopt_h32 sub, r;
-    /* normal: the 5-bit exponent rebiased from 15 to 127 */
-    const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
-    /* inf and NaN: exponent all ones, the payload kept, NaN made quiet */
-    const uint32_t special = (em << 13) | 0x7f800000u | (em > 0x7c00u ? 0x00400000u : 0u);
-    /* subnormal (and zero): m * 2^-24, exact (m < 2^10) */
-    sub.f = (float)(int32_t)em * 5.9604644775390625e-08f;
-    r.u = em < 0x0400u ? sub.u : em >= 0x7c00u ? special : normal;
-    r.u |= sign;
+    /* normal: rebias the exponent from 15 to 127; inf and NaN (exponent all
+     * ones): once more, to 255, a NaN made quiet */
+    uint32_t n = t + 0x38000000u + (e == 0x0f800000u ? 0x38000000u : 0u);
+    n |= (e == 0x0f800000u && (t & 0x007fe000u)) ? 0x00400000u : 0u;
+    /* subnormal (and zero): 0.5 + m * 2^-24, minus 0.5 (exact) */
+    sub.u = (x & 0x3ffu) | 0x3f000000u;
+    sub.f = sub.f - 0.5f;
+    r.u = (e == 0 ? sub.u : n) | ((x & 0x8000u) << 16);
     return r.f;
 }
 

@@ -1,12 +1,16 @@
 # 16-bit storage for the kernels (included after _common.pxi).
 #
-# A kernel loop reads and writes its arrays through `ld`/`st` with a storage
-# code that is a compile-time constant of the loop (the callers pass literal
-# constants, as rmsprop_loop does with its options): after inlining, each
-# variant is a plain loop that gcc vectorizes, and the formulas exist once.
-# Pointers keep the loop's own type (`floating *`); for 16-bit storage they
-# point at uint16 bits and are reinterpreted here.  The conversions
-# themselves are in _half.h (the one place that converts).
+# A kernel loop reads and writes its arrays through `ld`/`st`, which take a
+# storage *tag*: an empty struct type that selects, at compile time, how the
+# array is stored.  Loops take their tags as fused-type arguments (passed as
+# NULL pointers), so Cython writes one C function per combination that is
+# used, each a plain loop with the conversions inlined, which gcc
+# vectorizes; the formulas exist once.  (Storage codes passed as constant
+# ints instead rely on gcc inlining every loop into every call site, which
+# it stops doing when there are many.)  Pointers keep the loop's own type
+# (`floating *`); for 16-bit storage they point at uint16 bits and are
+# reinterpreted here.  The conversions themselves are in _half.h, the one
+# place that converts.
 from libc.stdint cimport uint16_t, uint32_t
 
 cdef extern from "_half.h" nogil:
@@ -19,6 +23,7 @@ cdef extern from "_half.h" nogil:
     void fastopt_flag_set(unsigned char *flag)
 
 
+# Storage codes, at run time (what a Segment or a Job records).
 cdef enum Store:
     NATIVE = 0      # the loop's own type (float or double); for an optional copy: none
     F16 = 1         # float16, round to nearest even
@@ -26,24 +31,42 @@ cdef enum Store:
     BF16_SR = 3     # bfloat16, stochastic rounding (reads like BF16)
 
 
-cdef inline floating ld(const floating *a, Py_ssize_t i, const int k) noexcept nogil:
+# The same, as compile-time tags.
+ctypedef struct AsOwn:
+    char unused
+ctypedef struct AsF16:
+    char unused
+ctypedef struct AsBF16:
+    char unused
+ctypedef struct AsBF16SR:
+    char unused
+
+ctypedef fused Storage:
+    AsOwn
+    AsF16
+    AsBF16
+    AsBF16SR
+
+
+cdef inline floating ld(const floating *a, Py_ssize_t i, Storage *tag) noexcept nogil:
     """a[i] as the loop's type."""
-    if k == F16:
+    if Storage is AsF16:
         return <floating>fastopt_f16_to_f32((<const uint16_t *>a)[i])
-    elif k == BF16 or k == BF16_SR:
+    elif Storage is AsBF16 or Storage is AsBF16SR:
         return <floating>fastopt_bf16_to_f32((<const uint16_t *>a)[i])
-    return a[i]
+    else:
+        return a[i]
 
 
-cdef inline void st(floating *a, Py_ssize_t i, floating x, const int k,
+cdef inline void st(floating *a, Py_ssize_t i, floating x, Storage *tag,
                     uint32_t key) noexcept nogil:
-    """a[i] = x, rounded to the storage; BF16_SR draws its random bits from
+    """a[i] = x, rounded to the storage; AsBF16SR draws its random bits from
     the counter-based generator hash32(key + i)."""
-    if k == F16:
+    if Storage is AsF16:
         (<uint16_t *>a)[i] = fastopt_f32_to_f16(<float>x)
-    elif k == BF16:
+    elif Storage is AsBF16:
         (<uint16_t *>a)[i] = fastopt_f32_to_bf16(<float>x)
-    elif k == BF16_SR:
+    elif Storage is AsBF16SR:
         (<uint16_t *>a)[i] = fastopt_f32_to_bf16_sr(<float>x, fastopt_hash32(key + <uint32_t>i))
     else:
         a[i] = x

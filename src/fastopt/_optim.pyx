@@ -18,9 +18,9 @@
 #   bfloat16, the state as bfloat16 (rounded to nearest, or stochastically),
 #   and a float16/bfloat16 parameter is a float32 master copy (the `param` of
 #   the kernels) plus its rounded copy (`out`), written in the same pass.
-#   Computation is in float32 whatever the storage.  The storage codes are
-#   compile-time constants of each loop (`segment_range` picks the variant),
-#   so every variant is the same formulas, vectorized.
+#   Computation is in float32 whatever the storage.  The storage is a
+#   compile-time tag of each loop (`segment_range` picks the variant), so
+#   every variant is the same formulas, vectorized.
 # * Loss scaling: the gradient is multiplied by 1/grad_scale (rounded to the
 #   compute type once per step) as it is read; `g *= 1` when there is none,
 #   which changes no bit.  The inf/NaN check that must precede a scaled step
@@ -83,13 +83,51 @@ ctypedef struct Segment:
 
 
 # ----------------------------------------------------------------- kernels ---
-# G, S, O: Store codes of the gradient, of the state arrays, and of the
-# rounded parameter copy `out` (NATIVE: no copy).  Compile-time constants.
+# Storage tags (_half.pxi) of the gradient, of the state arrays, and of the
+# rounded parameter copy `out` (AsOwn: no copy).  The options that decide
+# which state arrays a loop reads and writes are tags too (On/Off): gcc
+# vectorizes a loop with a conditional load/store only by unswitching it,
+# which it stops doing as the body grows (16-bit stores).  Each combination
+# that `segment_range` can reach is its own C function; the others Cython
+# writes out are never referenced, and the C compiler drops them unseen.
 
-cdef inline void adam_range(floating *p, const floating *g, floating *m, floating *v,
-                            floating *vmax, floating *out, Py_ssize_t lo, Py_ssize_t hi,
-                            const Coef *c, uint32_t key, const int G, const int S,
-                            const int O) noexcept nogil:
+ctypedef fused GradStore:
+    AsOwn
+    AsF16
+    AsBF16
+
+ctypedef fused StateStore:
+    AsOwn
+    AsBF16
+    AsBF16SR
+
+ctypedef fused CopyStore:
+    AsOwn
+    AsF16
+    AsBF16
+
+ctypedef struct On:
+    char unused
+ctypedef struct Off:
+    char unused
+
+ctypedef fused Amsgrad:
+    On
+    Off
+
+ctypedef fused Centered:
+    On
+    Off
+
+ctypedef fused Momentum:
+    On
+    Off
+
+
+cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
+                     floating *vmax, floating *out, Py_ssize_t lo, Py_ssize_t hi,
+                     const Coef *c, uint32_t key, Amsgrad *ams, GradStore *G, StateStore *S,
+                     CopyStore *O) noexcept nogil:
     # g = grad/grad_scale, negated if maximize; L2: g += wd*p; decoupled: p *= 1 - lr*wd
     # m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g;  amsgrad: vmax = max(vmax, v)
     # p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
@@ -100,7 +138,7 @@ cdef inline void adam_range(floating *p, const floating *g, floating *m, floatin
     cdef floating b2 = <floating>c.beta2, cb2 = <floating>c.one_minus_beta2
     cdef floating step_size = <floating>c.step_size
     cdef floating bc2s = <floating>c.bias_correction2_sqrt, eps = <floating>c.eps
-    cdef bint l2 = c.l2, ams = c.amsgrad
+    cdef bint l2 = c.l2
     cdef uint32_t k1 = fastopt_hash32(key + 1), k2 = fastopt_hash32(key + 2)
     cdef uint32_t k3 = fastopt_hash32(key + 3)
     cdef floating gi, mi, vi, vm, pi
@@ -114,7 +152,7 @@ cdef inline void adam_range(floating *p, const floating *g, floating *m, floatin
         vi = b2 * ld(v, i, S) + cb2 * (gi * gi)
         st(m, i, mi, S, k1)
         st(v, i, vi, S, k2)
-        if ams:
+        if Amsgrad is On:
             vm = ld(vmax, i, S)
             # torch.maximum: NaN in either operand gives NaN.  `|`, not `or`:
             # a short-circuit branch here keeps the loop from vectorizing.
@@ -122,34 +160,37 @@ cdef inline void adam_range(floating *p, const floating *g, floating *m, floatin
             st(vmax, i, vi, S, k3)
         pi = pi * decay - step_size * mi / (fsqrt(vi) / bc2s + eps)
         p[i] = pi
-        if O != NATIVE:
+        if CopyStore is not AsOwn:
             st(out, i, pi, O, 0)
 
 
 cdef inline void rmsprop_range(floating *p, const floating *g, floating *sq, floating *buf,
                                floating *gavg, floating *out, Py_ssize_t lo, Py_ssize_t hi,
-                               const Coef *c, uint32_t key, const int G, const int S,
-                               const int O) noexcept nogil:
+                               const Coef *c, uint32_t key, GradStore *G, StateStore *S,
+                               CopyStore *O) noexcept nogil:
     # One loop testing `centered` and `momentum` (which decide the optional
     # arrays read and written) did not vectorize except with both on: gcc
-    # stops unswitching a body this size.  With constant flags each inlined
+    # stops unswitching a body this size.  With the options as tags each
     # copy vectorizes (10-60x faster on float32).
     if c.centered:
         if c.momentum:
-            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, True, True, G, S, O)
+            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <On *>NULL, <On *>NULL,
+                         G, S, O)
         else:
-            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, True, False, G, S, O)
+            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <On *>NULL, <Off *>NULL,
+                         G, S, O)
     elif c.momentum:
-        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, False, True, G, S, O)
+        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <Off *>NULL, <On *>NULL,
+                     G, S, O)
     else:
-        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, False, False, G, S, O)
+        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <Off *>NULL, <Off *>NULL,
+                     G, S, O)
 
 
-cdef inline void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *buf,
-                              floating *gavg, floating *out, Py_ssize_t lo, Py_ssize_t hi,
-                              const Coef *c, uint32_t key, const bint centered,
-                              const bint mom, const int G, const int S,
-                              const int O) noexcept nogil:
+cdef void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *buf,
+                       floating *gavg, floating *out, Py_ssize_t lo, Py_ssize_t hi,
+                       const Coef *c, uint32_t key, Centered *centered, Momentum *mom,
+                       GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
     # v = a*v + (1-a)*g*g;  centered: gbar = a*gbar + (1-a)*g, avg = sqrt(v - gbar^2)
     # else avg = sqrt(v);  avg += eps
     # momentum: b = mu*b + g/avg, p -= lr*b;  else p -= lr*g/avg
@@ -168,32 +209,32 @@ cdef inline void rmsprop_loop(floating *p, const floating *g, floating *sq, floa
             gi = gi + wd * pi
         vi = a * ld(sq, i, S) + ca * (gi * gi)
         st(sq, i, vi, S, k1)
-        if centered:
+        if Centered is On:
             ga = a * ld(gavg, i, S) + ca * gi
             st(gavg, i, ga, S, k3)
             avg = fsqrt(vi - ga * ga) + eps
         else:
             avg = fsqrt(vi) + eps
-        if mom:
+        if Momentum is On:
             b = mu * ld(buf, i, S) + gi / avg
             st(buf, i, b, S, k2)
             pi = pi - lr * b
         else:
             pi = pi - lr * (gi / avg)
         p[i] = pi
-        if O != NATIVE:
+        if CopyStore is not AsOwn:
             st(out, i, pi, O, 0)
 
 
-cdef inline void sgd_range(floating *p, const floating *g, floating *buf, floating *out,
-                           Py_ssize_t lo, Py_ssize_t hi, const Coef *c, uint32_t key,
-                           const int G, const int S, const int O) noexcept nogil:
+cdef void sgd_range(floating *p, const floating *g, floating *buf, floating *out,
+                    Py_ssize_t lo, Py_ssize_t hi, const Coef *c, uint32_t key, Momentum *mom,
+                    GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
     # g += wd*p;  momentum: b = g at the first step, else b = mu*b + (1-dampening)*g;
     # g = g + mu*b (nesterov) or g = b;  p -= lr*g
     cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
     cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr
     cdef floating mu = <floating>c.mu, damp1 = <floating>c.one_minus_dampening
-    cdef bint l2 = c.l2, mom = c.momentum, nesterov = c.nesterov, first = c.first
+    cdef bint l2 = c.l2, nesterov = c.nesterov, first = c.first
     cdef uint32_t k1 = fastopt_hash32(key + 1)
     cdef floating gi, b, pi
     cdef Py_ssize_t i
@@ -202,53 +243,56 @@ cdef inline void sgd_range(floating *p, const floating *g, floating *buf, floati
         pi = p[i]
         if l2:
             gi = gi + wd * pi
-        if mom:
-            if first:
-                b = gi
-            else:
-                b = mu * ld(buf, i, S) + damp1 * gi
+        if Momentum is On:
+            # (selects, not branches: the buffer is read either way)
+            b = mu * ld(buf, i, S) + damp1 * gi
+            b = gi if first else b
             st(buf, i, b, S, k1)
-            if nesterov:
-                gi = gi + mu * b
-            else:
-                gi = b
+            gi = (gi + mu * b) if nesterov else b
         pi = pi - lr * gi
         p[i] = pi
-        if O != NATIVE:
+        if CopyStore is not AsOwn:
             st(out, i, pi, O, 0)
 
 
 cdef inline void kernel_range(floating *p, const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
-                              const int G, const int S, const int O) noexcept nogil:
+                              GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
     """The segment's kind of update on elements [lo, hi) (p: its param, typed)."""
     cdef int kind = s.coef.kind
+    cdef const floating *g = <const floating *>s.grad
+    cdef floating *s1 = <floating *>s.s1
+    cdef floating *s2 = <floating *>s.s2
+    cdef floating *s3 = <floating *>s.s3
+    cdef floating *out = <floating *>s.out
     if kind == ADAM:
-        adam_range(p, <const floating *>s.grad, <floating *>s.s1, <floating *>s.s2,
-                   <floating *>s.s3, <floating *>s.out, lo, hi, s.coef, s.key, G, S, O)
+        if s.coef.amsgrad:
+            adam_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, <On *>NULL, G, S, O)
+        else:
+            adam_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, <Off *>NULL, G, S, O)
     elif kind == RMSPROP:
-        rmsprop_range(p, <const floating *>s.grad, <floating *>s.s1, <floating *>s.s2,
-                      <floating *>s.s3, <floating *>s.out, lo, hi, s.coef, s.key, G, S, O)
+        rmsprop_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, G, S, O)
+    elif s.coef.momentum:
+        sgd_range(p, g, s1, out, lo, hi, s.coef, s.key, <On *>NULL, G, S, O)
     else:
-        sgd_range(p, <const floating *>s.grad, <floating *>s.s1, <floating *>s.out, lo, hi,
-                  s.coef, s.key, G, S, O)
+        sgd_range(p, g, s1, out, lo, hi, s.coef, s.key, <Off *>NULL, G, S, O)
 
 
 cdef inline void float_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
-                             const int S) noexcept nogil:
+                             StateStore *S) noexcept nogil:
     # The gradient is float32 or the 16-bit type of the parameter.
     cdef float *p = <float *>s.param
     if s.ok == F16:
         if s.gk == F16:
-            kernel_range(p, s, lo, hi, F16, S, F16)
+            kernel_range(p, s, lo, hi, <AsF16 *>NULL, S, <AsF16 *>NULL)
         else:
-            kernel_range(p, s, lo, hi, NATIVE, S, F16)
+            kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsF16 *>NULL)
     elif s.ok == BF16:
         if s.gk == BF16:
-            kernel_range(p, s, lo, hi, BF16, S, BF16)
+            kernel_range(p, s, lo, hi, <AsBF16 *>NULL, S, <AsBF16 *>NULL)
         else:
-            kernel_range(p, s, lo, hi, NATIVE, S, BF16)
+            kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsBF16 *>NULL)
     else:
-        kernel_range(p, s, lo, hi, NATIVE, S, NATIVE)
+        kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsOwn *>NULL)
 
 
 cdef bint nonfinite_range(const void *x, Py_ssize_t lo, Py_ssize_t hi, int gk,
@@ -273,8 +317,8 @@ cdef bint nonfinite_range(const void *x, Py_ssize_t lo, Py_ssize_t hi, int gk,
     return acc != 0
 
 
-cdef inline void scale_grad(floating *g, Py_ssize_t lo, Py_ssize_t hi, floating inv,
-                            const int G) noexcept nogil:
+cdef void scale_grad(floating *g, Py_ssize_t lo, Py_ssize_t hi, floating inv,
+                     GradStore *G) noexcept nogil:
     # g = g * (1/grad_scale), rounded to g's storage
     cdef Py_ssize_t i
     for i in range(lo, hi):
@@ -288,21 +332,21 @@ cdef inline void segment_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi) n
             fastopt_flag_set(s.coef.found)
     elif s.coef.kind == UNSCALE:
         if s.is_double:
-            scale_grad(<double *>s.grad, lo, hi, s.coef.inv_scale, NATIVE)
+            scale_grad(<double *>s.grad, lo, hi, s.coef.inv_scale, <AsOwn *>NULL)
         elif s.gk == F16:
-            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, F16)
+            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsF16 *>NULL)
         elif s.gk == BF16:
-            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, BF16)
+            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsBF16 *>NULL)
         else:
-            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, NATIVE)
+            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsOwn *>NULL)
     elif s.is_double:
-        kernel_range(<double *>s.param, s, lo, hi, NATIVE, NATIVE, NATIVE)
+        kernel_range(<double *>s.param, s, lo, hi, <AsOwn *>NULL, <AsOwn *>NULL, <AsOwn *>NULL)
     elif s.sk == BF16:
-        float_range(s, lo, hi, BF16)
+        float_range(s, lo, hi, <AsBF16 *>NULL)
     elif s.sk == BF16_SR:
-        float_range(s, lo, hi, BF16_SR)
+        float_range(s, lo, hi, <AsBF16SR *>NULL)
     else:
-        float_range(s, lo, hi, NATIVE)
+        float_range(s, lo, hi, <AsOwn *>NULL)
 
 
 cdef void run_segments(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) noexcept nogil:
@@ -826,10 +870,10 @@ cdef object bfloat16_dtype(str what):
     if _bf16_dtype is None:
         try:
             import ml_dtypes
-        except ImportError:
+            _bf16_dtype = np.dtype(ml_dtypes.bfloat16)
+        except (ImportError, AttributeError):    # (AttributeError: blocked in sys.modules)
             raise ImportError(f"{what} needs the ml_dtypes package: "
                               "pip install 'fastopt[bf16]' (or pip install ml_dtypes)") from None
-        _bf16_dtype = np.dtype(ml_dtypes.bfloat16)
     return _bf16_dtype
 
 
