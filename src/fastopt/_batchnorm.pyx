@@ -42,10 +42,15 @@
 # * Arithmetic of the y and dx passes is in double (float32 inputs are widened
 #   and the result rounded once); the per-channel coefficients are computed in
 #   double once per call.  Saved statistics (ctx.mean, ctx.invstd) are float64.
+# * float16/bfloat16 x, dy (and so y, dx): the loops read and write them
+#   through `ld`/`st` with a storage tag (_half.pxi), widening to double as
+#   for float32; results are rounded to float32 and then to x's dtype.
+#   gamma, beta, the running statistics and dgamma, dbeta are float32 then.
 # * The `def` functions validate everything before `nogil`; nothing is
 #   written when a check fails.  Scratch (the per-box partial statistics, a
 #   few arrays of C doubles) is a small float64 array allocated per call.
 include "_common.pxi"
+include "_half.pxi"
 
 from libc.math cimport sqrt
 from cython.parallel cimport prange
@@ -165,48 +170,56 @@ cdef inline double sum_lanes(const double *acc) noexcept nogil:
     return t[0]
 
 
+cdef inline const floating *at(const floating *x, Py_ssize_t off, Storage *t) noexcept nogil:
+    """x + off elements of its storage."""
+    if Storage is AsOwn:
+        return x + off
+    else:
+        return <const floating *>(<const uint16_t *>x + off)
+
+
 cdef inline void lanes_shifted(const floating *p, Py_ssize_t n, double shift,
-                               double *acc) noexcept nogil:
+                               double *acc, Storage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod LANES) of (p[i] - shift)
     cdef Py_ssize_t i, nw = n - n % LANES
     cdef int k
     for i in range(0, nw, LANES):
         for k in range(LANES):
-            acc[k] += <double>p[i + k] - shift
+            acc[k] += <double>ld(p, i + k, t) - shift
     for k in range(n - nw):
-        acc[k] += <double>p[nw + k] - shift
+        acc[k] += <double>ld(p, nw + k, t) - shift
 
 
 cdef inline void lanes_sqdev(const floating *p, Py_ssize_t n, double mean,
-                             double *acc) noexcept nogil:
+                             double *acc, Storage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod LANES) of (p[i] - mean)^2
     cdef Py_ssize_t i, nw = n - n % LANES
     cdef int k
     cdef double d
     for i in range(0, nw, LANES):
         for k in range(LANES):
-            d = <double>p[i + k] - mean
+            d = <double>ld(p, i + k, t) - mean
             acc[k] += d * d
     for k in range(n - nw):
-        d = <double>p[nw + k] - mean
+        d = <double>ld(p, nw + k, t) - mean
         acc[k] += d * d
 
 
 cdef inline void lanes_grad(const floating *x, const floating *dy, Py_ssize_t n,
-                            double mean, double *a1, double *a2) noexcept nogil:
+                            double mean, double *a1, double *a2, Storage *t) noexcept nogil:
     # a1[k] += sum dy;  a2[k] += sum dy*(x - mean)   (over i = k mod LANES)
     cdef Py_ssize_t i, nw = n - n % LANES
     cdef int k
     cdef double g
     for i in range(0, nw, LANES):
         for k in range(LANES):
-            g = <double>dy[i + k]
+            g = <double>ld(dy, i + k, t)
             a1[k] += g
-            a2[k] += g * (<double>x[i + k] - mean)
+            a2[k] += g * (<double>ld(x, i + k, t) - mean)
     for k in range(n - nw):
-        g = <double>dy[nw + k]
+        g = <double>ld(dy, nw + k, t)
         a1[k] += g
-        a2[k] += g * (<double>x[nw + k] - mean)
+        a2[k] += g * (<double>ld(x, nw + k, t) - mean)
 
 
 # ------------------------------------------------------------- row layout ---
@@ -244,7 +257,7 @@ cdef inline Py_ssize_t run_length(const Plan *p, Py_ssize_t o, Py_ssize_t o1,
 
 
 cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t n,
-                    double *mean, double *m2) noexcept nogil:
+                    double *mean, double *m2, Storage *t) noexcept nogil:
     # mean = x0 + sum(x - x0)/n  (x0: the box's first row);  M2 = sum((x - mean)^2)
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
     cdef Py_ssize_t o, v, L
@@ -252,20 +265,20 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
     cdef double s_rep[GROUP_V]
     cdef double *acc = &s_acc[0] if R > 1 else mean + c0
     cdef double *rep = &s_rep[0] if R > 1 else m2 + c0
-    cdef const floating *first = x + bx.o0 * C + c0
+    cdef const floating *first = at(x, bx.o0 * C + c0, t)
     cdef const floating *run
     cdef double d
     for v in range(nc):
-        rep[v] = <double>first[v]
+        rep[v] = <double>ld(first, v, t)
     repeat(rep, nc, R, rep)
     for v in range(V):
         acc[v] = 0.0
     o = bx.o0
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
-        run = x + o * C + c0
+        run = at(x, o * C + c0, t)
         for v in range(L):
-            acc[v] += <double>run[v] - rep[v]
+            acc[v] += <double>ld(run, v, t) - rep[v]
         o = o + L // nc
     if R > 1:
         fold(acc, nc, R, acc)
@@ -281,9 +294,9 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
     o = bx.o0
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
-        run = x + o * C + c0
+        run = at(x, o * C + c0, t)
         for v in range(L):
-            d = <double>run[v] - rep[v]
+            d = <double>ld(run, v, t) - rep[v]
             acc[v] += d * d
         o = o + L // nc
     if R > 1:
@@ -292,7 +305,7 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
 
 cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
                         const Box *bx, const double *mean,
-                        double *s1, double *s2) noexcept nogil:
+                        double *s1, double *s2, Storage *t) noexcept nogil:
     # s1 = sum(dy);  s2 = sum(dy*(x - mean))
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
     cdef Py_ssize_t o, v, L, off
@@ -315,9 +328,9 @@ cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
         L = run_length(p, o, bx.o1, nc)
         off = o * C + c0
         for v in range(L):
-            g = <double>dy[off + v]
+            g = <double>ld(dy, off + v, t)
             a1[v] += g
-            a2[v] += g * (<double>x[off + v] - rep[v])
+            a2[v] += g * (<double>ld(x, off + v, t) - rep[v])
         o = o + L // nc
     if R > 1:
         fold(a1, nc, R, s1 + c0)
@@ -326,7 +339,8 @@ cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
 
 cdef void row_affine(const Plan *p, const floating *x, const floating *z,
                      floating *out, const Box *bx, const double *mean,
-                     const double *A, const double *B, const double *K) noexcept nogil:
+                     const double *A, const double *B, const double *K,
+                     Storage *t) noexcept nogil:
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R
     cdef Py_ssize_t o, v, L, off
     cdef double s_m[GROUP_V]
@@ -354,21 +368,23 @@ cdef void row_affine(const Plan *p, const floating *x, const floating *z,
         off = o * C + c0
         if z == NULL:
             for v in range(L):
-                out[off + v] = <floating>(b[v] * (<double>x[off + v] - mu[v]) + k[v])
+                st(out, off + v, <floating>(b[v] * (<double>ld(x, off + v, t) - mu[v]) + k[v]),
+                   t, 0)
         elif b == NULL:
             for v in range(L):
-                out[off + v] = <floating>(a[v] * <double>z[off + v])
+                st(out, off + v, <floating>(a[v] * <double>ld(z, off + v, t)), t, 0)
         else:
             for v in range(L):
-                out[off + v] = <floating>(a[v] * <double>z[off + v]
-                                          + b[v] * (<double>x[off + v] - mu[v]) + k[v])
+                st(out, off + v, <floating>(a[v] * <double>ld(z, off + v, t)
+                                            + b[v] * (<double>ld(x, off + v, t) - mu[v]) + k[v]),
+                   t, 0)
         o = o + L // nc
 
 
 # ------------------------------------------------------------- box passes ---
 
 cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
-                    double *P1, double *P2) noexcept nogil:
+                    double *P1, double *P2, Storage *t) noexcept nogil:
     """Per channel of box b: its mean -> P1[u*C + c], its M2 -> P2[u*C + c]."""
     cdef Box bx
     box_of(p, b, &bx)
@@ -378,24 +394,24 @@ cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
     cdef double acc[LANES]
     cdef double shift, mu
     if inner == 1:
-        row_stats(p, x, &bx, n, mean, m2)
+        row_stats(p, x, &bx, n, mean, m2, t)
         return
     for c in range(bx.c0, bx.c1):
-        shift = <double>x[(bx.o0 * C + c) * inner + bx.i0]
+        shift = <double>ld(x, (bx.o0 * C + c) * inner + bx.i0, t)
         zero_lanes(acc)
         for o in range(bx.o0, bx.o1):
-            lanes_shifted(x + (o * C + c) * inner + bx.i0, bx.i1 - bx.i0, shift, acc)
+            lanes_shifted(at(x, (o * C + c) * inner + bx.i0, t), bx.i1 - bx.i0, shift, acc, t)
         mu = shift + sum_lanes(acc) / <double>n
         zero_lanes(acc)
         for o in range(bx.o0, bx.o1):
-            lanes_sqdev(x + (o * C + c) * inner + bx.i0, bx.i1 - bx.i0, mu, acc)
+            lanes_sqdev(at(x, (o * C + c) * inner + bx.i0, t), bx.i1 - bx.i0, mu, acc, t)
         mean[c] = mu
         m2[c] = sum_lanes(acc)
 
 
 cdef void box_grad_sums(const Plan *p, const floating *x, const floating *dy,
                         const double *mean, Py_ssize_t b,
-                        double *P1, double *P2) noexcept nogil:
+                        double *P1, double *P2, Storage *t) noexcept nogil:
     """Per channel of box b: sum(dy) -> P1[u*C + c], sum(dy*(x - mean)) -> P2."""
     cdef Box bx
     box_of(p, b, &bx)
@@ -405,21 +421,22 @@ cdef void box_grad_sums(const Plan *p, const floating *x, const floating *dy,
     cdef double a1[LANES]
     cdef double a2[LANES]
     if inner == 1:
-        row_grad_sums(p, x, dy, &bx, mean, s1, s2)
+        row_grad_sums(p, x, dy, &bx, mean, s1, s2, t)
         return
     for c in range(bx.c0, bx.c1):
         zero_lanes(a1)
         zero_lanes(a2)
         for o in range(bx.o0, bx.o1):
             off = (o * C + c) * inner + bx.i0
-            lanes_grad(x + off, dy + off, bx.i1 - bx.i0, mean[c], a1, a2)
+            lanes_grad(at(x, off, t), at(dy, off, t), bx.i1 - bx.i0, mean[c], a1, a2, t)
         s1[c] = sum_lanes(a1)
         s2[c] = sum_lanes(a2)
 
 
 cdef void box_affine(const Plan *p, const floating *x, const floating *z,
                      floating *out, Py_ssize_t b, const double *mean,
-                     const double *A, const double *B, const double *K) noexcept nogil:
+                     const double *A, const double *B, const double *K,
+                     Storage *t) noexcept nogil:
     """out = A*z + B*(x - mean) + K per channel over box b (z may be NULL: A
     unused; B may be NULL: x unused).  Forward: y = scale*(x - mean) + beta;
     backward: dx = a*dy + b*(x - mean) + k, or dx = a*dy in inference."""
@@ -428,7 +445,7 @@ cdef void box_affine(const Plan *p, const floating *x, const floating *z,
     cdef Py_ssize_t C = p.C, inner = p.inner, o, c, i, off
     cdef double a, bb, mu, k
     if inner == 1:
-        row_affine(p, x, z, out, &bx, mean, A, B, K)
+        row_affine(p, x, z, out, &bx, mean, A, B, K, t)
         return
     for c in range(bx.c0, bx.c1):
         mu = mean[c]
@@ -439,13 +456,14 @@ cdef void box_affine(const Plan *p, const floating *x, const floating *z,
             off = (o * C + c) * inner
             if z == NULL:
                 for i in range(off + bx.i0, off + bx.i1):
-                    out[i] = <floating>(bb * (<double>x[i] - mu) + k)
+                    st(out, i, <floating>(bb * (<double>ld(x, i, t) - mu) + k), t, 0)
             elif B == NULL:
                 for i in range(off + bx.i0, off + bx.i1):
-                    out[i] = <floating>(a * <double>z[i])
+                    st(out, i, <floating>(a * <double>ld(z, i, t)), t, 0)
             else:
                 for i in range(off + bx.i0, off + bx.i1):
-                    out[i] = <floating>(a * <double>z[i] + bb * (<double>x[i] - mu) + k)
+                    st(out, i, <floating>(a * <double>ld(z, i, t) + bb * (<double>ld(x, i, t) - mu)
+                                          + k), t, 0)
 
 
 # ------------------------------------------------------------------ merges ---
@@ -488,6 +506,7 @@ cdef void merge_sums(const Plan *p, Py_ssize_t c0, Py_ssize_t c1,
 # ------------------------------------------------------------------ drivers ---
 
 ctypedef struct Job:
+    int xk                # Store code of x, dy and the output (NATIVE, F16, BF16)
     bint backward         # else the forward pass
     bint stats            # run the first pass (forward: training; backward: always)
     bint training         # backward: the training formula for dx
@@ -559,25 +578,50 @@ cdef inline Py_ssize_t nth_box(const Plan *p, Py_ssize_t i) noexcept nogil:
 
 cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
                             const floating *dy, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        if j.xk == F16:
+            first_pass_as(p, j, x, dy, lo, hi, <AsF16 *>NULL)
+            return
+        if j.xk == BF16:
+            first_pass_as(p, j, x, dy, lo, hi, <AsBF16 *>NULL)
+            return
+    first_pass_as(p, j, x, dy, lo, hi, <AsOwn *>NULL)
+
+
+cdef void first_pass_as(const Plan *p, const Job *j, const floating *x, const floating *dy,
+                        Py_ssize_t lo, Py_ssize_t hi, Storage *t) noexcept nogil:
     cdef Py_ssize_t i, b
     for i in range(lo, hi):
         b = nth_box(p, i)
         if j.backward:
-            box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2)
+            box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2, t)
         else:
-            box_stats(p, x, b, j.P1, j.P2)
+            box_stats(p, x, b, j.P1, j.P2, t)
 
 
 cdef inline void second_pass(const Plan *p, const Job *j, const floating *x,
                              const floating *dy, floating *out,
                              Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        if j.xk == F16:
+            second_pass_as(p, j, x, dy, out, lo, hi, <AsF16 *>NULL)
+            return
+        if j.xk == BF16:
+            second_pass_as(p, j, x, dy, out, lo, hi, <AsBF16 *>NULL)
+            return
+    second_pass_as(p, j, x, dy, out, lo, hi, <AsOwn *>NULL)
+
+
+cdef void second_pass_as(const Plan *p, const Job *j, const floating *x, const floating *dy,
+                         floating *out, Py_ssize_t lo, Py_ssize_t hi,
+                         Storage *t) noexcept nogil:
     # Boxes in reverse order: the ones the first pass read last are still
     # in the caches.
     cdef const double *B = NULL if j.backward and not j.training else j.B
     cdef Py_ssize_t i = hi
     while i > lo:
         i = i - 1
-        box_affine(p, x, dy, out, nth_box(p, i), j.mean, j.A, B, j.K)
+        box_affine(p, x, dy, out, nth_box(p, i), j.mean, j.A, B, j.K, t)
 
 
 cdef void run(const Plan *p, const Job *j, const floating *x, const floating *dy,
@@ -666,15 +710,22 @@ cdef class BatchNormContext:
                 f"axis={self.axis}, training={self.training})")
 
 
-cdef inline cnp.ndarray channel_vector(object a, str name, cnp.ndarray x, Py_ssize_t C):
-    """A (C,) array with x's dtype."""
-    cdef cnp.ndarray arr = float_array(a, name)
-    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(x):
+cdef inline cnp.ndarray channel_vector(object a, str name, cnp.ndarray x, Py_ssize_t C,
+                                       bint in_place=False):
+    """A (C,) array with x's dtype; for 16-bit x, float32 (or, if only read,
+    x's dtype, converted to float32)."""
+    cdef bint half = dtype_code(x) == DT_F16 or dtype_code(x) == DT_BF16
+    cdef cnp.ndarray arr = any_float_array(a, name) if half else float_array(a, name)
+    cdef int code = dtype_code(arr)
+    if half and code != DT_F32 and (in_place or code != dtype_code(x)):
+        raise TypeError(f"{name} has dtype {arr.dtype} but x has dtype {x.dtype} (for {x.dtype} "
+                        f"x: float32{'' if in_place else ' or ' + str(x.dtype)})")
+    if not half and cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(x):
         raise TypeError(f"{name} has dtype {arr.dtype} but x has dtype {x.dtype}")
     if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != C:
         raise ValueError(f"{name} must have shape ({C},) (the channels of x), "
                          f"got {(<object>arr).shape}")
-    return arr
+    return np.asarray(arr, dtype=np.float32) if half else arr
 
 
 cdef inline int channel_axis(object axis, int ndim) except -1:
@@ -722,12 +773,14 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
-        At least 2-D.  Non-contiguous input is copied first.
+    x : ndarray, float32, float64, float16 or bfloat16, shape (N, C, *spatial) or (N, *spatial, C)
+        At least 2-D.  Non-contiguous input is copied first.  16-bit x is
+        computed as float32 x (statistics in double) and y rounded to x's dtype.
     gamma, beta : ndarray, shape (C,), x's dtype
+        (float32 or x's dtype for 16-bit x.)
     running_mean, running_var : ndarray, shape (C,), x's dtype, optional
-        C-contiguous and writeable.  Required in inference; in training
-        give both or neither.
+        C-contiguous and writeable; float32 for 16-bit x.  Required in
+        inference; in training give both or neither.
     training : bool
     momentum : float in [0, 1]
     eps : float > 0
@@ -752,7 +805,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     TypeError
         Wrong types or dtypes.
     """
-    cdef cnp.ndarray X = float_array(x, "x")
+    cdef cnp.ndarray X = any_float_array(x, "x")
     cdef int nd = cnp.PyArray_NDIM(X)
     if nd < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
@@ -769,8 +822,8 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     if (running_mean is None) != (running_var is None):
         raise ValueError("give both running_mean and running_var, or neither")
     if running_mean is not None:
-        RM = writable(channel_vector(running_mean, "running_mean", X, C), "running_mean")
-        RV = writable(channel_vector(running_var, "running_var", X, C), "running_var")
+        RM = writable(channel_vector(running_mean, "running_mean", X, C, True), "running_mean")
+        RV = writable(channel_vector(running_var, "running_var", X, C, True), "running_var")
     cdef bint train = bool(training)
     if not train and RM is None:
         raise ValueError("training=False needs running_mean and running_var")
@@ -785,7 +838,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
                          f"got input of shape {shape}")
     cdef cnp.ndarray Y = None
     if out is not None:
-        Y = writable(like(out, "out", X, "x"), "out")
+        Y = writable(like_any(out, "out", X, "x"), "out")
         no_overlap(Y, "out", [X, G, Bt, RM, RV],
                    ("x", "gamma", "beta", "running_mean", "running_var"))
     if RM is not None:
@@ -796,7 +849,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     G = readable(G)
     Bt = readable(Bt)
     if Y is None:
-        Y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
+        Y = np.empty(shape, X.dtype)
 
     cdef Plan p
     make_plan(&p, outer, C, inner)
@@ -806,6 +859,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
                                      dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
     cdef Job j
+    j.xk = store_of(dtype_code(X))
     j.backward = False
     j.stats = train
     j.training = train
@@ -870,7 +924,8 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     Returns
     -------
     dx, dgamma, dbeta : ndarray
-        dx like x (`dx_out` if given); dgamma and dbeta of shape (C,), x's dtype.
+        dx like x (`dx_out` if given); dgamma and dbeta of shape (C,), the
+        dtype of ctx.gamma (x's dtype, float32 for 16-bit x).
     """
     if not isinstance(ctx, BatchNormContext):
         raise TypeError(f"ctx must be the BatchNormContext returned by batch_norm_forward, "
@@ -878,14 +933,14 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     cdef BatchNormContext cx = <BatchNormContext>ctx
     cdef cnp.ndarray X = <cnp.ndarray>cx.x
     cdef cnp.ndarray G = <cnp.ndarray>cx.gamma
-    cdef cnp.ndarray DY = like(dy, "dy", X, "x")
+    cdef cnp.ndarray DY = like_any(dy, "dy", X, "x")
     cdef cnp.ndarray DX = None
     if dx_out is not None:
-        DX = writable(like(dx_out, "dx_out", X, "x"), "dx_out")
+        DX = writable(like_any(dx_out, "dx_out", X, "x"), "dx_out")
         no_overlap(DX, "dx_out", [X, DY, G], ("x", "dy", "gamma"))
     DY = readable(DY)
     if DX is None:
-        DX = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(X), cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
+        DX = np.empty((<object>X).shape, X.dtype)
     cdef tuple shape = (<object>X).shape
     cdef int ax = cx.axis, nd = len(shape), i
     cdef Py_ssize_t C = shape[ax], outer = 1, inner = 1
@@ -900,6 +955,7 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if p.U > 1 else 0), dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
     cdef Job j
+    j.xk = store_of(dtype_code(X))
     j.backward = True
     j.stats = True
     j.training = cx.training

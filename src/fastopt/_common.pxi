@@ -232,3 +232,13 @@ cdef inline cnp.ndarray any_float_array(object a, str name):
         raise TypeError(f"{name} must have dtype float32, float64, float16 or bfloat16, "
                         f"got {arr.dtype}")
     return arr
+
+
+cdef inline cnp.ndarray like_any(object a, str name, cnp.ndarray ref, str ref_name):
+    """`a` has the dtype and shape of `ref` (any of the four float dtypes)."""
+    cdef cnp.ndarray arr = any_float_array(a, name)
+    if dtype_code(arr) != dtype_code(ref):
+        raise TypeError(f"{name} has dtype {arr.dtype} but {ref_name} has dtype {ref.dtype}")
+    if not same_shape(arr, ref):
+        raise ValueError(f"{name} has shape {(<object>arr).shape} but {ref_name} has shape {(<object>ref).shape}")
+    return arr

@@ -28,9 +28,19 @@
  */
 #ifndef FASTOPT_HALF_H
 #define FASTOPT_HALF_H
+#include <stddef.h>
 #include <stdint.h>
 #if defined(_MSC_VER) && !defined(__clang__)
 #include <intrin.h>
+#endif
+/* The F16C instructions (x86-64-v3 and up) convert 8 float16 values at once;
+ * they give exactly the bits of the functions below (see above), so the
+ * block conversions may use them on the levels that have them. */
+#if defined(__F16C__) || (defined(_MSC_VER) && defined(__AVX2__))
+#include <immintrin.h>
+#define FASTOPT_F16C 1
+#else
+#define FASTOPT_F16C 0
 #endif
 
 typedef union { float f; uint32_t u; } fastopt_h32;
@@ -105,6 +115,44 @@ static inline uint16_t fastopt_f32_to_bf16_sr(float f, uint32_t rnd)
     r = (x.u + (rnd >> 16)) >> 16;      /* inf + (< 2^16) stays inf */
     r = (x.u & 0x7fffffffu) > 0x7f800000u ? (x.u >> 16) | 0x40u : r;
     return (uint16_t)r;
+}
+
+/* Block conversions: n values from src to dst. */
+static inline void fastopt_f16_to_f32_n(const uint16_t *src, float *dst, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+#if FASTOPT_F16C
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++)
+        dst[i] = fastopt_f16_to_f32(src[i]);
+}
+
+static inline void fastopt_f32_to_f16_n(const float *src, uint16_t *dst, ptrdiff_t n)
+{
+    ptrdiff_t i = 0;
+#if FASTOPT_F16C
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; i++)
+        dst[i] = fastopt_f32_to_f16(src[i]);
+}
+
+static inline void fastopt_bf16_to_f32_n(const uint16_t *src, float *dst, ptrdiff_t n)
+{
+    ptrdiff_t i;
+    for (i = 0; i < n; i++)
+        dst[i] = fastopt_bf16_to_f32(src[i]);
+}
+
+static inline void fastopt_f32_to_bf16_n(const float *src, uint16_t *dst, ptrdiff_t n)
+{
+    ptrdiff_t i;
+    for (i = 0; i < n; i++)
+        dst[i] = fastopt_f32_to_bf16(src[i]);
 }
 
 /* A 32-bit integer hash with full avalanche (Chris Wellons' "lowbias32"):

@@ -21,6 +21,11 @@ cdef extern from "_half.h" nogil:
     uint16_t fastopt_f32_to_bf16_sr(float f, uint32_t rnd)
     uint32_t fastopt_hash32(uint32_t x)
     void fastopt_flag_set(unsigned char *flag)
+    # n values at once (F16C where the level has it: the same bits)
+    void fastopt_f16_to_f32_n(const uint16_t *src, float *dst, Py_ssize_t n)
+    void fastopt_f32_to_f16_n(const float *src, uint16_t *dst, Py_ssize_t n)
+    void fastopt_bf16_to_f32_n(const uint16_t *src, float *dst, Py_ssize_t n)
+    void fastopt_f32_to_bf16_n(const float *src, uint16_t *dst, Py_ssize_t n)
 
 
 # Storage codes, at run time (what a Segment or a Job records).
@@ -70,6 +75,22 @@ cdef inline void st(floating *a, Py_ssize_t i, floating x, Storage *tag,
         (<uint16_t *>a)[i] = fastopt_f32_to_bf16_sr(<float>x, fastopt_hash32(key + <uint32_t>i))
     else:
         a[i] = x
+
+
+cdef inline void widen_n(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil:
+    """f[0:n] = h[0:n] as float32 (code F16 or BF16)."""
+    if code == F16:
+        fastopt_f16_to_f32_n(h, f, n)
+    else:
+        fastopt_bf16_to_f32_n(h, f, n)
+
+
+cdef inline void narrow_n(const float *f, uint16_t *h, Py_ssize_t n, int code) noexcept nogil:
+    """h[0:n] = f[0:n] rounded to nearest even (code F16 or BF16)."""
+    if code == F16:
+        fastopt_f32_to_f16_n(f, h, n)
+    else:
+        fastopt_f32_to_bf16_n(f, h, n)
 
 
 cdef inline int store_of(int dtype_code) noexcept nogil:

@@ -896,30 +896,15 @@ cdef object state_dtype_name(object state_dtype):
     raise ValueError(f"state_dtype must be None or 'bfloat16', got {state_dtype!r}")
 
 
-cdef void widen(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil:
-    # f = h as float32 (exact)
-    cdef Py_ssize_t i
-    if code == F16:
-        for i in range(n):
-            f[i] = fastopt_f16_to_f32(h[i])
-    else:
-        for i in range(n):
-            f[i] = fastopt_bf16_to_f32(h[i])
-
-
 cdef void narrow(const float *f, uint16_t *h, Py_ssize_t n, int code,
                  uint32_t key) noexcept nogil:
     # h = f rounded to the 16-bit type (BF16_SR: r_i = hash32(key + i))
     cdef Py_ssize_t i
-    if code == F16:
-        for i in range(n):
-            h[i] = fastopt_f32_to_f16(f[i])
-    elif code == BF16:
-        for i in range(n):
-            h[i] = fastopt_f32_to_bf16(f[i])
-    else:
+    if code == BF16_SR:
         for i in range(n):
             h[i] = fastopt_f32_to_bf16_sr(f[i], fastopt_hash32(key + <uint32_t>i))
+    else:
+        narrow_n(f, h, n, code)
 
 
 def _convert(src, dst, stochastic_key=None):
@@ -937,8 +922,8 @@ def _convert(src, dst, stochastic_key=None):
     cdef int code
     if sc in (DT_F16, DT_BF16) and dc == DT_F32:
         with nogil:
-            widen(<const uint16_t *>cnp.PyArray_DATA(s), <float *>cnp.PyArray_DATA(d), n,
-                  store_of(sc))
+            widen_n(<const uint16_t *>cnp.PyArray_DATA(s), <float *>cnp.PyArray_DATA(d), n,
+                    store_of(sc))
     elif sc == DT_F32 and dc in (DT_F16, DT_BF16):
         code = store_of(dc)
         if stochastic_key is not None:
@@ -1173,8 +1158,8 @@ cdef class FusedStep:
             if st[3] is not None:
                 # a 16-bit parameter: the kernels update its master copy
                 s = st[3]
-                widen(<const uint16_t *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(s),
-                      cnp.PyArray_SIZE(p), self.okind[i])
+                widen_n(<const uint16_t *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(s),
+                        cnp.PyArray_SIZE(p), self.okind[i])
                 self.ptr[4 * i] = cnp.PyArray_DATA(s)
                 self.out[i] = cnp.PyArray_DATA(p)
             else:
