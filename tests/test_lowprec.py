@@ -62,13 +62,18 @@ def hash32(x):
     return x
 
 
-def stochastic_bf16(x, key):
+def draws(key, n):
+    """The generator's 32 random bits for elements 0..n-1: hash32(key + i)."""
+    return hash32(np.uint32(key) + np.arange(n, dtype=np.uint64).astype(np.uint32))
+
+
+def stochastic_bf16(x, rnd):
     """float32 x -> bfloat16 bits with stochastic rounding: element i adds the
-    high 16 bits of hash32(key + i) to the float32 bits and keeps the top 16;
-    NaN becomes a quiet NaN."""
+    high 16 bits of rnd[i] to the float32 bits and keeps the top 16; NaN
+    becomes a quiet NaN."""
     x = np.ascontiguousarray(x, dtype=np.float32).ravel()
     u = x.view(np.uint32)
-    r = hash32(np.uint32(key) + np.arange(x.size, dtype=np.uint64).astype(np.uint32))
+    r = np.asarray(rnd, np.uint32)
     out = (u + (r >> np.uint32(16))) >> np.uint32(16)
     nan = np.isnan(x)
     out[nan] = (u[nan] >> np.uint32(16)) | np.uint32(0x40)
@@ -79,8 +84,9 @@ def step_key(seed, index, step):
     return int(hash32(hash32(hash32(seed) ^ np.uint32(index)) ^ np.uint32(step)))
 
 
-def slot_key(key, slot):
-    return int(hash32(np.uint32((key + slot) & 0xffffffff)))
+def slot_bits(r, slot):
+    """The random bits state slot 1, 2 or 3 rounds with, from an element's draw r."""
+    return r if slot == 1 else (r << np.uint32(16)) if slot == 2 else hash32(r)
 
 
 SLOTS = {"exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 3, "square_avg": 1,
@@ -177,7 +183,7 @@ def test_stochastic_rounding_rule_and_unbiasedness():
     for key in (0, 1, 0xdeadbeef, 2**32 - 1):
         got = np.empty(x.size, BF16)
         K._convert(x, got, stochastic_key=key)
-        assert_bits(got, stochastic_bf16(x, key))
+        assert_bits(got, stochastic_bf16(x, draws(key, x.size)))
         # always one of the two bfloat16 neighbours of x (x itself if it is one)
         u = bits(x[~np.isnan(x)]) >> np.uint32(16)
         b = bits(got[~np.isnan(x)]).astype(np.uint32)
@@ -328,14 +334,14 @@ def round_state(opt, ref, rounding, active):
     for i, st in enumerate(ref.state):
         if not active[i]:
             continue
-        key = step_key(opt.seed, i, steps[i])
+        r = draws(step_key(opt.seed, i, steps[i]), opt._fused.params[i].size)
         for name, arr in st.items():
             if name == "master_param":
                 continue
             if rounding == "nearest":
                 arr[...] = arr.astype(BF16).astype(np.float32)
             else:
-                b = stochastic_bf16(arr, slot_key(key, slot_of(opt, name)))
+                b = stochastic_bf16(arr, slot_bits(r, slot_of(opt, name)))
                 arr[...] = b.view(BF16).reshape(arr.shape).astype(np.float32)
 
 
@@ -846,3 +852,55 @@ def test_low_precision_steps_identical_at_every_simd_level():
                                  env=dict(env, FASTOPT_SIMD=level), check=True,
                                  capture_output=True, text=True).stdout for level in lv}
     assert len(set(out.values())) == 1, out
+
+
+# ------------------------------------------------------------ bench report ---
+
+@pytest.fixture
+def tiny_bench(monkeypatch):
+    from fastopt import bench
+    monkeypatch.setattr(bench, "SOFTMAX_SHAPES", [((8, 130), True)])
+    monkeypatch.setattr(bench, "BN_SHAPES", [((4, 3, 5, 5), 1, True)])
+    real = bench.measure_pair
+    monkeypatch.setattr(bench, "measure_pair", lambda steps, budget, n: real(steps, 1e-3, 1))
+    return bench
+
+
+@pytest.mark.parametrize("dtype", ["float16", pytest.param("bfloat16", marks=needs_bf16)])
+def test_bench_16_bit_report(dtype, tiny_bench, tmp_path, capsys):
+    import json
+    path = tmp_path / "lowp.json"
+    assert tiny_bench.main(["--dtype", dtype, "--quick", "--kernels",
+                            "adam,cross_entropy,log_softmax,batchnorm", "--sizes", "3000",
+                            "--threads", "1", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"n=3,000, {dtype} params, {dtype} grads" in out
+    data = json.loads(path.read_text())
+    assert data["dtype"] == dtype and data["failed"] == 0
+    fams = [r["family"] for r in data["results"]]
+    assert fams == ["adam"] * 4 + ["cross_entropy", "log_softmax", "batchnorm"]
+    assert all(r["ok"] and r["float32_s"] > 0 and r["half_s"] > 0 and r["ratio"] > 0
+               for r in data["results"])
+
+
+def test_bench_16_bit_report_fails_a_wrong_kernel(tiny_bench, monkeypatch, capsys):
+    real = fastopt.log_softmax
+
+    def wrong(x, axis=-1, out=None):
+        r = real(x, axis=axis, out=out)
+        if r.dtype == np.float16:
+            r.flat[3] += np.float16(0.5)
+        return r
+    monkeypatch.setattr(fastopt, "log_softmax", wrong)
+    assert tiny_bench.main(["--dtype", "float16", "--quick", "--kernels", "log_softmax",
+                            "--threads", "1"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_bench_bfloat16_without_ml_dtypes_is_bad_input():
+    code = ("import sys; sys.modules['ml_dtypes'] = None\n"
+            "from fastopt import bench\n"
+            "sys.exit(bench.main(['--dtype', 'bfloat16', '--quick']))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and "needs ml_dtypes" in r.stderr and "fastopt[bf16]" in r.stderr

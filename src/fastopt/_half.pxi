@@ -64,17 +64,26 @@ cdef inline floating ld(const floating *a, Py_ssize_t i, Storage *tag) noexcept 
 
 
 cdef inline void st(floating *a, Py_ssize_t i, floating x, Storage *tag,
-                    uint32_t key) noexcept nogil:
-    """a[i] = x, rounded to the storage; AsBF16SR draws its random bits from
-    the counter-based generator hash32(key + i)."""
+                    uint32_t rnd) noexcept nogil:
+    """a[i] = x, rounded to the storage; AsBF16SR rounds stochastically with
+    the high 16 bits of `rnd` (see `draw`)."""
     if Storage is AsF16:
         (<uint16_t *>a)[i] = fastopt_f32_to_f16(<float>x)
     elif Storage is AsBF16:
         (<uint16_t *>a)[i] = fastopt_f32_to_bf16(<float>x)
     elif Storage is AsBF16SR:
-        (<uint16_t *>a)[i] = fastopt_f32_to_bf16_sr(<float>x, fastopt_hash32(key + <uint32_t>i))
+        (<uint16_t *>a)[i] = fastopt_f32_to_bf16_sr(<float>x, rnd)
     else:
         a[i] = x
+
+
+cdef inline uint32_t draw(Storage *tag, uint32_t key, Py_ssize_t i) noexcept nogil:
+    """The random bits of element i for stochastic rounding: the counter-based
+    generator hash32(key + i) (mod 2**32); 0 for the other storages."""
+    if Storage is AsBF16SR:
+        return fastopt_hash32(key + <uint32_t>i)
+    else:
+        return 0
 
 
 cdef inline void widen_n(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil:

@@ -131,7 +131,9 @@ cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
     # g = grad/grad_scale, negated if maximize; L2: g += wd*p; decoupled: p *= 1 - lr*wd
     # m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g;  amsgrad: vmax = max(vmax, v)
     # p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
-    # (the parameter uses m, v as computed; the stored m, v are rounded to S)
+    # (the parameter uses m, v as computed; the stored m, v are rounded to S;
+    # stochastic rounding: one draw r per element, its high 16 bits for m, its
+    # low 16 bits for v, hash32(r) for vmax)
     cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
     cdef floating wd = <floating>c.weight_decay, decay = <floating>c.decay
     cdef floating b1 = <floating>c.beta1, cb1 = <floating>c.one_minus_beta1
@@ -139,9 +141,8 @@ cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
     cdef floating step_size = <floating>c.step_size
     cdef floating bc2s = <floating>c.bias_correction2_sqrt, eps = <floating>c.eps
     cdef bint l2 = c.l2
-    cdef uint32_t k1 = fastopt_hash32(key + 1), k2 = fastopt_hash32(key + 2)
-    cdef uint32_t k3 = fastopt_hash32(key + 3)
     cdef floating gi, mi, vi, vm, pi
+    cdef uint32_t r
     cdef Py_ssize_t i
     for i in range(lo, hi):
         gi = gs * ld(g, i, G)
@@ -150,14 +151,15 @@ cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
             gi = gi + wd * pi
         mi = b1 * ld(m, i, S) + cb1 * gi
         vi = b2 * ld(v, i, S) + cb2 * (gi * gi)
-        st(m, i, mi, S, k1)
-        st(v, i, vi, S, k2)
+        r = draw(S, key, i)
+        st(m, i, mi, S, r)
+        st(v, i, vi, S, r << 16)
         if Amsgrad is On:
             vm = ld(vmax, i, S)
             # torch.maximum: NaN in either operand gives NaN.  `|`, not `or`:
             # a short-circuit branch here keeps the loop from vectorizing.
             vi = vi if ((vi >= vm) | (vi != vi)) else vm
-            st(vmax, i, vi, S, k3)
+            st(vmax, i, vi, S, draw(S, r, 0))
         pi = pi * decay - step_size * mi / (fsqrt(vi) / bc2s + eps)
         p[i] = pi
         if CopyStore is not AsOwn:
@@ -198,9 +200,8 @@ cdef void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *b
     cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr, eps = <floating>c.eps
     cdef floating a = <floating>c.alpha, ca = <floating>c.one_minus_alpha, mu = <floating>c.mu
     cdef bint l2 = c.l2
-    cdef uint32_t k1 = fastopt_hash32(key + 1), k2 = fastopt_hash32(key + 2)
-    cdef uint32_t k3 = fastopt_hash32(key + 3)
     cdef floating gi, vi, ga, avg, b, pi
+    cdef uint32_t r
     cdef Py_ssize_t i
     for i in range(lo, hi):
         gi = gs * ld(g, i, G)
@@ -208,16 +209,17 @@ cdef void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *b
         if l2:
             gi = gi + wd * pi
         vi = a * ld(sq, i, S) + ca * (gi * gi)
-        st(sq, i, vi, S, k1)
+        r = draw(S, key, i)
+        st(sq, i, vi, S, r)
         if Centered is On:
             ga = a * ld(gavg, i, S) + ca * gi
-            st(gavg, i, ga, S, k3)
+            st(gavg, i, ga, S, draw(S, r, 0))
             avg = fsqrt(vi - ga * ga) + eps
         else:
             avg = fsqrt(vi) + eps
         if Momentum is On:
             b = mu * ld(buf, i, S) + gi / avg
-            st(buf, i, b, S, k2)
+            st(buf, i, b, S, r << 16)
             pi = pi - lr * b
         else:
             pi = pi - lr * (gi / avg)
@@ -235,7 +237,6 @@ cdef void sgd_range(floating *p, const floating *g, floating *buf, floating *out
     cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr
     cdef floating mu = <floating>c.mu, damp1 = <floating>c.one_minus_dampening
     cdef bint l2 = c.l2, nesterov = c.nesterov, first = c.first
-    cdef uint32_t k1 = fastopt_hash32(key + 1)
     cdef floating gi, b, pi
     cdef Py_ssize_t i
     for i in range(lo, hi):
@@ -247,7 +248,7 @@ cdef void sgd_range(floating *p, const floating *g, floating *buf, floating *out
             # (selects, not branches: the buffer is read either way)
             b = mu * ld(buf, i, S) + damp1 * gi
             b = gi if first else b
-            st(buf, i, b, S, k1)
+            st(buf, i, b, S, draw(S, key, i))
             gi = (gi + mu * b) if nesterov else b
         pi = pi - lr * gi
         p[i] = pi
@@ -1311,11 +1312,12 @@ cdef class FusedStep:
         read.  If any of them holds an inf or NaN, nothing changes and
         `found_inf` is set (else cleared).
 
-        Stochastic rounding of bfloat16 state draws, for element i of
-        parameter j at its step count t (after this update) and state slot
-        s = 1, 2, 3 (in the order of `SLOT_NAMES`), the 32 bits
-        ``hash32(hash32(key + s) + i)`` with
-        ``key = hash32(hash32(hash32(seed) ^ j) ^ t)`` (all mod 2**32).
+        Stochastic rounding of bfloat16 state: element i of parameter j at
+        its step count t (after this update) draws the 32 random bits
+        ``r = hash32(key + i)``, ``key = hash32(hash32(hash32(seed) ^ j) ^ t)``
+        (all mod 2**32); the first state array of `SLOT_NAMES` rounds with the
+        high 16 bits of r, the second with its low 16 bits, the third with
+        the high 16 bits of hash32(r).
         """
         cdef Py_ssize_t nact = 0, total = 0
         cdef double inv = 1.0
