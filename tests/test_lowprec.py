@@ -621,6 +621,32 @@ def test_unscale_then_clip_follows_torch(rng):
         np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, np.inf, 3.0])
+@pytest.mark.parametrize("dtype", HALF)
+def test_clip_grad_norm_of_16_bit_gradients(dtype, norm_type, rng):
+    dtype = half(dtype)
+    grads = [rng.standard_normal(s).astype(dtype) for s in [(70_001,), (3, 5), (0,)]]
+    wide = [g.astype(np.float32) for g in grads]
+    total = fastopt.clip_grad_norm_(grads, 1.0, norm_type=norm_type)
+    assert total == fastopt.clip_grad_norm_(wide, 1.0, norm_type=norm_type)
+    for g, w in zip(grads, wide):                    # scaled in float32, rounded once
+        assert_bits(g, w.astype(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_unscale_of_16_bit_gradients(dtype, rng):
+    dtype = half(dtype)
+    params = [np.zeros(40_000, dtype), np.zeros(7, np.float32)]
+    grads = [rng.standard_normal(40_000).astype(dtype), rng.standard_normal(7).astype(np.float32)]
+    want = [(g.astype(np.float32) * np.float32(1 / 3.0)).astype(g.dtype) for g in grads]
+    opt = fastopt.SGD(params, lr=0.1)
+    assert opt._fused.unscale_(grads, 3.0) is False
+    for g, w in zip(grads, want):
+        assert_bits(g, w)
+    grads[0][123] = np.inf
+    assert opt._fused.unscale_(grads, 3.0) is True
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_grad_scaler_with_half_params_and_gradients(dtype, rng):
     dtype = half(dtype)

@@ -1553,6 +1553,7 @@ ctypedef struct Chunk:
     void *data
     Py_ssize_t n
     bint is_double
+    int kind            # Store code: NATIVE, F16 or BF16 (read as float32)
 
 
 cdef inline double max_nan(double a, double b) noexcept nogil:
@@ -1560,7 +1561,8 @@ cdef inline double max_nan(double a, double b) noexcept nogil:
     return a if (a > b or a != a) else b
 
 
-cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noexcept nogil:
+cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p,
+                       Storage *t) noexcept nogil:
     # 2: sum x^2;  1: sum |x|;  inf: max |x|;  p: sum |x|^p   (all in double)
     cdef double acc[8]
     cdef Py_ssize_t i, j, n8 = n - n % 8
@@ -1571,17 +1573,17 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
     if mode == NORM_2:
         for i in range(0, n8, 8):
             for j in range(8):
-                a = <double>x[i + j]
+                a = <double>ld(x, i + j, t)
                 acc[j] = acc[j] + a * a
         for i in range(n8, n):
-            a = <double>x[i]
+            a = <double>ld(x, i, t)
             acc[i - n8] = acc[i - n8] + a * a
     elif mode == NORM_1:
         for i in range(0, n8, 8):
             for j in range(8):
-                acc[j] = acc[j] + fabs(<double>x[i + j])
+                acc[j] = acc[j] + fabs(<double>ld(x, i + j, t))
         for i in range(n8, n):
-            acc[i - n8] = acc[i - n8] + fabs(<double>x[i])
+            acc[i - n8] = acc[i - n8] + fabs(<double>ld(x, i, t))
     elif mode == NORM_INF:
         # The max alone drops NaN; the sum of |x| (terms >= 0, so never
         # inf - inf) is NaN exactly when some x is.  Both vectorize.
@@ -1589,11 +1591,11 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
             tot[j] = 0.0
         for i in range(0, n8, 8):
             for j in range(8):
-                a = fabs(<double>x[i + j])
+                a = fabs(<double>ld(x, i + j, t))
                 acc[j] = a if a > acc[j] else acc[j]
                 tot[j] = tot[j] + a
         for i in range(n8, n):
-            a = fabs(<double>x[i])
+            a = fabs(<double>ld(x, i, t))
             acc[i - n8] = a if a > acc[i - n8] else acc[i - n8]
             tot[i - n8] = tot[i - n8] + a
         for j in range(8):
@@ -1603,28 +1605,37 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
                    max(max(acc[4], acc[5]), max(acc[6], acc[7])))
     else:
         for i in range(n):
-            acc[i % 8] = acc[i % 8] + pow(fabs(<double>x[i]), p)
+            acc[i % 8] = acc[i % 8] + pow(fabs(<double>ld(x, i, t)), p)
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
 cdef inline double chunk_value(const Chunk *c, int mode, double p) noexcept nogil:
     if c.is_double:
-        return chunk_norm(<const double *>c.data, c.n, mode, p)
-    return chunk_norm(<const float *>c.data, c.n, mode, p)
+        return chunk_norm(<const double *>c.data, c.n, mode, p, <AsOwn *>NULL)
+    if c.kind == F16:
+        return chunk_norm(<const float *>c.data, c.n, mode, p, <AsF16 *>NULL)
+    if c.kind == BF16:
+        return chunk_norm(<const float *>c.data, c.n, mode, p, <AsBF16 *>NULL)
+    return chunk_norm(<const float *>c.data, c.n, mode, p, <AsOwn *>NULL)
 
 
-cdef void scale_range(floating *x, Py_ssize_t n, double coef) noexcept nogil:
+cdef void scale_range(floating *x, Py_ssize_t n, double coef, Storage *t) noexcept nogil:
+    # 16-bit: computed in float32 and rounded
     cdef floating c = <floating>coef
     cdef Py_ssize_t i
     for i in range(n):
-        x[i] = x[i] * c
+        st(x, i, ld(x, i, t) * c, t, 0)
 
 
 cdef inline void scale_chunk(const Chunk *c, double coef) noexcept nogil:
     if c.is_double:
-        scale_range(<double *>c.data, c.n, coef)
+        scale_range(<double *>c.data, c.n, coef, <AsOwn *>NULL)
+    elif c.kind == F16:
+        scale_range(<float *>c.data, c.n, coef, <AsF16 *>NULL)
+    elif c.kind == BF16:
+        scale_range(<float *>c.data, c.n, coef, <AsBF16 *>NULL)
     else:
-        scale_range(<float *>c.data, c.n, coef)
+        scale_range(<float *>c.data, c.n, coef, <AsOwn *>NULL)
 
 
 def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
@@ -1640,7 +1651,9 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     Parameters
     ----------
     grads : ndarray or sequence of (ndarray or None)
-        float32/float64, C-contiguous, writeable, disjoint; None is skipped.
+        float32/float64/float16/bfloat16, C-contiguous, writeable,
+        disjoint; None is skipped.  16-bit gradients are read as float32
+        and scaled in float32, rounded to nearest.
     max_norm : float
         >= 0.
     norm_type : float
@@ -1661,7 +1674,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     for i, a in enumerate(grads):
         if a is None:
             continue
-        arrays.append(writable(float_array(a, f"grads[{i}]"), f"grads[{i}]"))
+        arrays.append(writable(any_float_array(a, f"grads[{i}]"), f"grads[{i}]"))
         names.append(f"grads[{i}]")
     cdef double mx = at_least(max_norm, "max_norm", 0.0)
     cdef double p
@@ -1703,7 +1716,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
     cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
     cdef Py_ssize_t m, itemsize
     cdef double tot = 0.0, coef
-    cdef int nt
+    cdef int nt, kind
     cdef bint is_double
     cdef char *base
     try:
@@ -1714,12 +1727,14 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False):
             arr = <cnp.ndarray>arrays[i]
             m = cnp.PyArray_SIZE(arr)
             is_double = cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64
-            itemsize = 8 if is_double else 4
+            kind = store_of(dtype_code(arr))
+            itemsize = cnp.PyArray_ITEMSIZE(arr)
             base = <char *>cnp.PyArray_DATA(arr)
             for lo in range(0, m, NORM_CHUNK):
                 chunks[k].data = base + lo * itemsize
                 chunks[k].n = min(NORM_CHUNK, m - lo)
                 chunks[k].is_double = is_double
+                chunks[k].kind = kind
                 k += 1
         with nogil:
             nt = threads_for(total, GRAIN)

@@ -384,17 +384,19 @@ cdef inline void chunk_output(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssiz
     there if a row buffer kept it."""
     cdef Py_ssize_t off = i * j.c + lo, n = hi - lo
     cdef const floating *xs = NULL
-    cdef const floating *e
+    cdef const floating *e = NULL
     cdef floating *o = out_chunk(j, off, <floating *>b.o)
-    if j.mode == LOG_SOFTMAX or (not exps_in_out(j) and kept == NULL):
-        xs = x_chunk(j, off, n, <floating *>b.x)
-    if exps_in_out(j):
+    cdef floating *scratch
+    if j.mode == LOG_SOFTMAX:
+        xs = x_chunk(j, off, n, <floating *>b.x)        # (log_softmax needs no exps)
+    elif exps_in_out(j):
         e = o
     elif kept != NULL:
         e = kept
     else:
-        span_exp(xs, <floating *>b.scratch, n, m)
-        e = <floating *>b.scratch
+        scratch = <floating *>b.scratch
+        span_exp(x_chunk(j, off, n, <floating *>b.x), scratch, n, m)
+        e = scratch
     chunk_write(j, i, lo, hi, m, coef, xs, e, o, <floating *>b.q)
     out_flush(j, off, n, o)
 
