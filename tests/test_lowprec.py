@@ -352,7 +352,7 @@ def round_state(opt, ref, rounding, active):
 @pytest.mark.parametrize("cls,kwargs", CASES, ids=CASE_IDS)
 def test_bfloat16_state_is_the_float32_step_rounded(cls, kwargs, param_dtype, rounding, rng):
     dtype = np.dtype(BF16 if param_dtype == "bfloat16" else param_dtype)
-    shapes = BIG_SHAPES if rounding == "stochastic" and param_dtype == np.float32 else SMALL_SHAPES
+    shapes = BIG_SHAPES if rounding == "stochastic" else SMALL_SHAPES
     params = [p.astype(dtype) for p in make_params(rng, shapes, np.float32)]
     masters = [p.astype(np.float32) for p in params]
     opt = cls(params, **kwargs, state_dtype="bfloat16", state_rounding=rounding, seed=77)

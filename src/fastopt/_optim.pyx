@@ -93,7 +93,6 @@ ctypedef struct Segment:
 
 ctypedef fused GradStore:
     AsOwn
-    AsF16
     AsBF16
 
 ctypedef fused StateStore:
@@ -103,7 +102,6 @@ ctypedef fused StateStore:
 
 ctypedef fused CopyStore:
     AsOwn
-    AsF16
     AsBF16
 
 ctypedef struct On:
@@ -283,10 +281,7 @@ cdef inline void float_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
     # The gradient is float32 or the 16-bit type of the parameter.
     cdef float *p = <float *>s.param
     if s.ok == F16:
-        if s.gk == F16:
-            kernel_range(p, s, lo, hi, <AsF16 *>NULL, S, <AsF16 *>NULL)
-        else:
-            kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsF16 *>NULL)
+        f16_blocks(s, lo, hi, S)
     elif s.ok == BF16:
         if s.gk == BF16:
             kernel_range(p, s, lo, hi, <AsBF16 *>NULL, S, <AsBF16 *>NULL)
@@ -294,6 +289,45 @@ cdef inline void float_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
             kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsBF16 *>NULL)
     else:
         kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsOwn *>NULL)
+
+
+# float16 is converted a block at a time: the bit-exact conversions of
+# _half.h cost several times the Adam arithmetic per element, and the block
+# conversions use the F16C instructions where the level has them (the same
+# bits).  The block's float32 gradient and updated master stay in L1.
+DEF F16_BLOCK = 1024
+
+
+cdef void f16_blocks(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
+                     StateStore *S) noexcept nogil:
+    """Elements [lo, hi) of a float16 parameter, F16_BLOCK at a time: the
+    gradient widened into a buffer (if float16), the float32 update of the
+    master, the parameter rounded from it."""
+    cdef float gbuf[F16_BLOCK]
+    cdef Segment t
+    cdef Py_ssize_t b0, n
+    cdef Py_ssize_t ssize = 4 if StateStore is AsOwn else 2
+    cdef float *p
+    t = s[0]
+    t.out = NULL
+    b0 = lo
+    while b0 < hi:
+        n = min(F16_BLOCK, hi - b0)
+        # the block as a segment of its own: element i is element b0 + i
+        p = <float *>s.param + b0
+        t.param = p
+        t.s1 = <char *>s.s1 + b0 * ssize if s.s1 != NULL else NULL
+        t.s2 = <char *>s.s2 + b0 * ssize if s.s2 != NULL else NULL
+        t.s3 = <char *>s.s3 + b0 * ssize if s.s3 != NULL else NULL
+        t.key = s.key + <uint32_t>b0
+        if s.gk == F16:
+            fastopt_f16_to_f32_n(<const uint16_t *>s.grad + b0, gbuf, n)
+            t.grad = gbuf
+        else:
+            t.grad = <float *>s.grad + b0
+        kernel_range(p, &t, 0, n, <AsOwn *>NULL, S, <AsOwn *>NULL)
+        fastopt_f32_to_f16_n(p, <uint16_t *>s.out + b0, n)
+        b0 += n
 
 
 cdef bint nonfinite_range(const void *x, Py_ssize_t lo, Py_ssize_t hi, int gk,
@@ -319,7 +353,7 @@ cdef bint nonfinite_range(const void *x, Py_ssize_t lo, Py_ssize_t hi, int gk,
 
 
 cdef void scale_grad(floating *g, Py_ssize_t lo, Py_ssize_t hi, floating inv,
-                     GradStore *G) noexcept nogil:
+                     Storage *G) noexcept nogil:
     # g = g * (1/grad_scale), rounded to g's storage
     cdef Py_ssize_t i
     for i in range(lo, hi):
