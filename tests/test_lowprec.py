@@ -904,7 +904,9 @@ def test_bench_16_bit_report(dtype, tiny_bench, tmp_path, capsys):
     data = json.loads(path.read_text())
     assert data["dtype"] == dtype and data["failed"] == 0
     fams = [r["family"] for r in data["results"]]
-    assert fams == ["adam"] * 4 + ["cross_entropy", "log_softmax", "batchnorm"]
+    # (bfloat16 state, two of the Adam cases, needs ml_dtypes)
+    assert fams == ["adam"] * (4 if BF16 is not None else 2) + [
+        "cross_entropy", "log_softmax", "batchnorm"]
     assert all(r["ok"] and r["float32_s"] > 0 and r["half_s"] > 0 and r["ratio"] > 0
                for r in data["results"])
 
@@ -930,3 +932,16 @@ def test_bench_bfloat16_without_ml_dtypes_is_bad_input():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 2 and "needs ml_dtypes" in r.stderr and "fastopt[bf16]" in r.stderr
+
+
+@needs_bf16
+def test_demo_trains_with_bfloat16_state(capsys):
+    pytest.importorskip("sklearn")
+    from fastopt import demo
+    assert demo.main(["--optimizers", "adam,momentum", "--epochs", "3",
+                      "--state-dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    final = [line.split() for line in out.splitlines() if line.strip().startswith(("adam", "momentum"))
+             and "%" in line and "epoch" not in line]
+    assert len(final) == 2 and all(float(f[2].rstrip("%")) > 90 for f in final), out
+    assert demo.main(["--epochs", "1", "--state-dtype", "bfloat16", "--dtype", "float64"]) == 2

@@ -24,6 +24,16 @@ def flat(model):
     return np.concatenate([p.ravel().astype(np.float64) for p in model.params])
 
 
+SECOND_MOMENT = {"adam": "exp_avg_sq", "rmsprop": "square_avg"}
+
+
+def second_moment(name, opt):
+    key = SECOND_MOMENT.get(name)
+    if key is None:
+        return np.nan
+    return float(sum(np.sum(st[key].astype(np.float64)) for st in opt.state))
+
+
 def run(name, data, epochs, state=None, nudge=False):
     if nudge:
         # Same weights one ulp away: wrap the model's constructor.
@@ -41,7 +51,8 @@ def run(name, data, epochs, state=None, nudge=False):
     finally:
         if nudge:
             demo.MLP.__init__ = orig
-    return h["epoch_loss"][-1], h["test_acc"][-1], flat(h["model"]), len(h["costs"])
+    return (h["epoch_loss"][-1], h["test_acc"][-1], flat(h["model"]), len(h["costs"]),
+            second_moment(name, h["optimizer"]))
 
 
 def main():
@@ -51,26 +62,29 @@ def main():
     ap.add_argument("--optimizers", default="momentum,rmsprop,adam")
     args = ap.parse_args()
     data = demo.load_data(0)
-    print("| optimizer | state | final loss | test accuracy | rel. distance to fp32 |")
-    print("|---|---|---|---|---|")
+    print("| optimizer | state | final loss | test accuracy | rel. distance to fp32 "
+          "| 2nd moment / fp32 |")
+    print("|---|---|---|---|---|---|")
     for name in args.optimizers.split(","):
-        loss0, acc0, th0, steps = run(name, data, args.epochs)
-        rows = [("fp32", [(loss0, acc0, 0.0)])]
-        loss, acc, th, _ = run(name, data, args.epochs, nudge=True)
-        rows.append(("fp32, init + 1 ulp", [(loss, acc, np.linalg.norm(th - th0) / np.linalg.norm(th0))]))
+        loss0, acc0, th0, steps, v0 = run(name, data, args.epochs)
+        rows = [("fp32", [(loss0, acc0, 0.0, 1.0)])]
+        loss, acc, th, _, v = run(name, data, args.epochs, nudge=True)
+        rows.append(("fp32, init + 1 ulp", [(loss, acc, np.linalg.norm(th - th0) / np.linalg.norm(th0),
+                                             v / v0)]))
         configs = [("bf16 nearest", [{"state_dtype": "bfloat16", "state_rounding": "nearest"}]),
                    ("bf16 stochastic", [{"state_dtype": "bfloat16", "state_rounding": "stochastic",
                                          "seed": s} for s in range(args.seeds)])]
         for label, states in configs:
             res = []
             for st in states:
-                loss, acc, th, _ = run(name, data, args.epochs, state=st)
-                res.append((loss, acc, np.linalg.norm(th - th0) / np.linalg.norm(th0)))
+                loss, acc, th, _, v = run(name, data, args.epochs, state=st)
+                res.append((loss, acc, np.linalg.norm(th - th0) / np.linalg.norm(th0), v / v0))
             rows.append((label + (f" ({len(res)} seeds)" if len(res) > 1 else ""), res))
         for label, res in rows:
             r = np.array(res)
             print(f"| {name} ({steps} steps) | {label} | {cell(r, 0, '.4f')} | "
-                  f"{cell(r, 1, '.2%')} | {cell(r, 2, '.2e')} |")
+                  f"{cell(r, 1, '.2%')} | {cell(r, 2, '.2e')} | "
+                  f"{cell(r, 3, '.3f') if name in SECOND_MOMENT else '-'} |")
 
 
 def cell(r, col, fmt):

@@ -20,7 +20,8 @@
 #   the kernels) plus its rounded copy (`out`), written in the same pass.
 #   Computation is in float32 whatever the storage.  The storage is a
 #   compile-time tag of each loop (`segment_range` picks the variant), so
-#   every variant is the same formulas, vectorized.
+#   every variant is the same formulas, vectorized; a float16 parameter's
+#   gradient and copy are converted a block at a time instead (`f16_blocks`).
 # * Loss scaling: the gradient is multiplied by 1/grad_scale (rounded to the
 #   compute type once per step) as it is read; `g *= 1` when there is none,
 #   which changes no bit.  The inf/NaN check that must precede a scaled step

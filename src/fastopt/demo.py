@@ -222,7 +222,7 @@ def train(name, data, *, epochs=15, batch_size=64, lr=None, beta=None, decay=0.9
     -------
     dict
         ``costs`` (every mini-batch's loss), ``epoch_loss`` and ``test_acc``
-        per epoch, ``seconds``, and the trained ``model``.
+        per epoch, ``seconds``, the trained ``model`` and its ``optimizer``.
     """
     X_train, y_train, X_test, y_test = data
     if not 2 <= batch_size <= len(X_train):
@@ -236,7 +236,7 @@ def train(name, data, *, epochs=15, batch_size=64, lr=None, beta=None, decay=0.9
     opt = make_optimizer(name, model.params, lr, beta, **(state or {}))
     from fastopt import lr_scheduler
     sched = lr_scheduler.ExponentialLR(opt, gamma=decay)
-    hist = {"costs": [], "epoch_loss": [], "test_acc": [], "model": model}
+    hist = {"costs": [], "epoch_loss": [], "test_acc": [], "model": model, "optimizer": opt}
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_costs = []

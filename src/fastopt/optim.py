@@ -140,7 +140,24 @@ class Optimizer:
 
     Subclasses set `_kind` (the native kernel family), `_slot_names` (the
     state arrays, in native slot order) and `_slots(group)` (which of those
-    a group needs).
+    a group needs).  Every optimizer takes the keyword arguments:
+
+    state_dtype : None or "bfloat16"
+        None: the state in the compute dtype (float64 for float64
+        parameters, else float32).  "bfloat16" (needs ml_dtypes,
+        ``pip install "fastopt[bf16]"``; not with float64 parameters): half
+        the state memory and traffic, computed in float32 and rounded when
+        stored.  float16 is refused: exp_avg_sq (squared gradients) leaves
+        its range.
+    state_rounding : {"stochastic", "nearest"}
+        Rounding of bfloat16 state.  Stochastic rounding is unbiased: an
+        update below half a bfloat16 ulp (exp_avg_sq's (1 - beta2) g^2 with
+        beta2 = 0.999) still moves the state on average, where rounding to
+        nearest drops it.
+    seed : int in [0, 2**32)
+        Of the counter-based generator of stochastic rounding: the random
+        bits of an element depend on (seed, parameter, step, element) only,
+        so results are the same on any number of threads and SIMD level.
     """
 
     _kind = None
