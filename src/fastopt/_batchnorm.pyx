@@ -178,48 +178,82 @@ cdef inline const floating *at(const floating *x, Py_ssize_t off, Storage *t) no
         return <const floating *>(<const uint16_t *>x + off)
 
 
+# float16 spans are widened SPAN16 values at a time into a float32 buffer
+# (F16C where the level has it) and go through the float32 loops: converting
+# float16 one element at a time in these loops cost twice BatchNorm's own work.
+# SPAN16 is a multiple of LANES, so every value keeps its lane.
+DEF SPAN16 = 512
+
+
+cdef inline floating *widen16(const floating *p, Py_ssize_t off, Py_ssize_t n,
+                              float *buf) noexcept nogil:
+    """p[off:off+n] (float16 bits) as float32, in buf."""
+    fastopt_f16_to_f32_n(<const uint16_t *>p + off, buf, n)
+    return <floating *>buf
+
+
 cdef inline void lanes_shifted(const floating *p, Py_ssize_t n, double shift,
                                double *acc, Storage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod LANES) of (p[i] - shift)
-    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef Py_ssize_t i, nw = n - n % LANES, b
     cdef int k
-    for i in range(0, nw, LANES):
-        for k in range(LANES):
-            acc[k] += <double>ld(p, i + k, t) - shift
-    for k in range(n - nw):
-        acc[k] += <double>ld(p, nw + k, t) - shift
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            lanes_shifted(widen16(p, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                          shift, acc, <AsOwn *>NULL)
+    else:
+        for i in range(0, nw, LANES):
+            for k in range(LANES):
+                acc[k] += <double>ld(p, i + k, t) - shift
+        for k in range(n - nw):
+            acc[k] += <double>ld(p, nw + k, t) - shift
 
 
 cdef inline void lanes_sqdev(const floating *p, Py_ssize_t n, double mean,
                              double *acc, Storage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod LANES) of (p[i] - mean)^2
-    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef Py_ssize_t i, nw = n - n % LANES, b
     cdef int k
     cdef double d
-    for i in range(0, nw, LANES):
-        for k in range(LANES):
-            d = <double>ld(p, i + k, t) - mean
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            lanes_sqdev(widen16(p, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                        mean, acc, <AsOwn *>NULL)
+    else:
+        for i in range(0, nw, LANES):
+            for k in range(LANES):
+                d = <double>ld(p, i + k, t) - mean
+                acc[k] += d * d
+        for k in range(n - nw):
+            d = <double>ld(p, nw + k, t) - mean
             acc[k] += d * d
-    for k in range(n - nw):
-        d = <double>ld(p, nw + k, t) - mean
-        acc[k] += d * d
 
 
 cdef inline void lanes_grad(const floating *x, const floating *dy, Py_ssize_t n,
                             double mean, double *a1, double *a2, Storage *t) noexcept nogil:
     # a1[k] += sum dy;  a2[k] += sum dy*(x - mean)   (over i = k mod LANES)
-    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef Py_ssize_t i, nw = n - n % LANES, b, m
     cdef int k
     cdef double g
-    for i in range(0, nw, LANES):
-        for k in range(LANES):
-            g = <double>ld(dy, i + k, t)
+    cdef float bx[SPAN16]
+    cdef float bg[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            m = min(SPAN16, n - b)
+            lanes_grad(widen16(x, b, m, bx), widen16(dy, b, m, bg), m, mean, a1, a2,
+                       <AsOwn *>NULL)
+    else:
+        for i in range(0, nw, LANES):
+            for k in range(LANES):
+                g = <double>ld(dy, i + k, t)
+                a1[k] += g
+                a2[k] += g * (<double>ld(x, i + k, t) - mean)
+        for k in range(n - nw):
+            g = <double>ld(dy, nw + k, t)
             a1[k] += g
-            a2[k] += g * (<double>ld(x, i + k, t) - mean)
-    for k in range(n - nw):
-        g = <double>ld(dy, nw + k, t)
-        a1[k] += g
-        a2[k] += g * (<double>ld(x, nw + k, t) - mean)
+            a2[k] += g * (<double>ld(x, nw + k, t) - mean)
 
 
 # ------------------------------------------------------------- row layout ---
@@ -256,6 +290,84 @@ cdef inline Py_ssize_t run_length(const Plan *p, Py_ssize_t o, Py_ssize_t o1,
     return p.R * nc if o + p.R <= o1 else nc
 
 
+cdef inline void run_shifted(const floating *x, Py_ssize_t n, const double *rep,
+                             double *acc, Storage *t) noexcept nogil:
+    # acc[v] += x[v] - rep[v]
+    cdef Py_ssize_t v, b
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            run_shifted(widen16(x, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                        rep + b, acc + b, <AsOwn *>NULL)
+    else:
+        for v in range(n):
+            acc[v] += <double>ld(x, v, t) - rep[v]
+
+
+cdef inline void run_sqdev(const floating *x, Py_ssize_t n, const double *rep,
+                           double *acc, Storage *t) noexcept nogil:
+    # acc[v] += (x[v] - rep[v])^2
+    cdef Py_ssize_t v, b
+    cdef double d
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            run_sqdev(widen16(x, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                      rep + b, acc + b, <AsOwn *>NULL)
+    else:
+        for v in range(n):
+            d = <double>ld(x, v, t) - rep[v]
+            acc[v] += d * d
+
+
+cdef inline void run_grad(const floating *x, const floating *dy, Py_ssize_t n,
+                          const double *rep, double *a1, double *a2, Storage *t) noexcept nogil:
+    # a1[v] += dy[v];  a2[v] += dy[v]*(x[v] - rep[v])
+    cdef Py_ssize_t v, b, m
+    cdef double g
+    cdef float bx[SPAN16]
+    cdef float bg[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            m = min(SPAN16, n - b)
+            run_grad(widen16(x, b, m, bx), widen16(dy, b, m, bg), m, rep + b, a1 + b,
+                     a2 + b, <AsOwn *>NULL)
+    else:
+        for v in range(n):
+            g = <double>ld(dy, v, t)
+            a1[v] += g
+            a2[v] += g * (<double>ld(x, v, t) - rep[v])
+
+
+cdef inline void run_affine(const floating *x, const floating *z, floating *out, Py_ssize_t n,
+                            const double *mu, const double *a, const double *b,
+                            const double *k, Storage *t) noexcept nogil:
+    # out = b*(x - mu) + k (z NULL);  a*z (b NULL);  a*z + b*(x - mu) + k
+    cdef Py_ssize_t v, s, m
+    cdef float bx[SPAN16]
+    cdef float bz[SPAN16]
+    cdef float bo[SPAN16]
+    if floating is float and Storage is AsF16:
+        for s in range(0, n, SPAN16):
+            m = min(SPAN16, n - s)
+            run_affine(widen16(x, s, m, bx) if b != NULL else NULL,
+                       widen16(z, s, m, bz) if z != NULL else NULL, <floating *>bo, m,
+                       mu + s, a + s if a != NULL else NULL, b + s if b != NULL else NULL,
+                       k + s, <AsOwn *>NULL)
+            fastopt_f32_to_f16_n(bo, <uint16_t *>out + s, m)
+    else:
+        if z == NULL:
+            for v in range(n):
+                st(out, v, <floating>(b[v] * (<double>ld(x, v, t) - mu[v]) + k[v]), t, 0)
+        elif b == NULL:
+            for v in range(n):
+                st(out, v, <floating>(a[v] * <double>ld(z, v, t)), t, 0)
+        else:
+            for v in range(n):
+                st(out, v, <floating>(a[v] * <double>ld(z, v, t)
+                                      + b[v] * (<double>ld(x, v, t) - mu[v]) + k[v]), t, 0)
+
+
 cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t n,
                     double *mean, double *m2, Storage *t) noexcept nogil:
     # mean = x0 + sum(x - x0)/n  (x0: the box's first row);  M2 = sum((x - mean)^2)
@@ -276,9 +388,7 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
     o = bx.o0
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
-        run = at(x, o * C + c0, t)
-        for v in range(L):
-            acc[v] += <double>ld(run, v, t) - rep[v]
+        run_shifted(at(x, o * C + c0, t), L, rep, acc, t)
         o = o + L // nc
     if R > 1:
         fold(acc, nc, R, acc)
@@ -294,10 +404,7 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
     o = bx.o0
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
-        run = at(x, o * C + c0, t)
-        for v in range(L):
-            d = <double>ld(run, v, t) - rep[v]
-            acc[v] += d * d
+        run_sqdev(at(x, o * C + c0, t), L, rep, acc, t)
         o = o + L // nc
     if R > 1:
         fold(acc, nc, R, m2 + c0)
@@ -327,10 +434,7 @@ cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
         off = o * C + c0
-        for v in range(L):
-            g = <double>ld(dy, off + v, t)
-            a1[v] += g
-            a2[v] += g * (<double>ld(x, off + v, t) - rep[v])
+        run_grad(at(x, off, t), at(dy, off, t), L, rep, a1, a2, t)
         o = o + L // nc
     if R > 1:
         fold(a1, nc, R, s1 + c0)
@@ -366,18 +470,8 @@ cdef void row_affine(const Plan *p, const floating *x, const floating *z,
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
         off = o * C + c0
-        if z == NULL:
-            for v in range(L):
-                st(out, off + v, <floating>(b[v] * (<double>ld(x, off + v, t) - mu[v]) + k[v]),
-                   t, 0)
-        elif b == NULL:
-            for v in range(L):
-                st(out, off + v, <floating>(a[v] * <double>ld(z, off + v, t)), t, 0)
-        else:
-            for v in range(L):
-                st(out, off + v, <floating>(a[v] * <double>ld(z, off + v, t)
-                                            + b[v] * (<double>ld(x, off + v, t) - mu[v]) + k[v]),
-                   t, 0)
+        run_affine(at(x, off, t), at(z, off, t) if z != NULL else NULL,
+                   <floating *>at(out, off, t), L, mu, a, b, k, t)
         o = o + L // nc
 
 
@@ -453,17 +547,37 @@ cdef void box_affine(const Plan *p, const floating *x, const floating *z,
         a = A[c] if A != NULL else 0.0
         bb = B[c] if B != NULL else 0.0
         for o in range(bx.o0, bx.o1):
-            off = (o * C + c) * inner
-            if z == NULL:
-                for i in range(off + bx.i0, off + bx.i1):
-                    st(out, i, <floating>(bb * (<double>ld(x, i, t) - mu) + k), t, 0)
-            elif B == NULL:
-                for i in range(off + bx.i0, off + bx.i1):
-                    st(out, i, <floating>(a * <double>ld(z, i, t)), t, 0)
-            else:
-                for i in range(off + bx.i0, off + bx.i1):
-                    st(out, i, <floating>(a * <double>ld(z, i, t) + bb * (<double>ld(x, i, t) - mu)
-                                          + k), t, 0)
+            off = (o * C + c) * inner + bx.i0
+            seg_affine(at(x, off, t), at(z, off, t) if z != NULL else NULL,
+                       <floating *>at(out, off, t), bx.i1 - bx.i0, mu, a, bb, k, B != NULL, t)
+
+
+cdef inline void seg_affine(const floating *x, const floating *z, floating *out, Py_ssize_t n,
+                            double mu, double a, double bb, double k, bint has_b,
+                            Storage *t) noexcept nogil:
+    # out = bb*(x - mu) + k (z NULL);  a*z (no bb);  a*z + bb*(x - mu) + k
+    cdef Py_ssize_t i, s, m
+    cdef float bx[SPAN16]
+    cdef float bz[SPAN16]
+    cdef float bo[SPAN16]
+    if floating is float and Storage is AsF16:
+        for s in range(0, n, SPAN16):
+            m = min(SPAN16, n - s)
+            seg_affine(widen16(x, s, m, bx) if has_b else NULL,
+                       widen16(z, s, m, bz) if z != NULL else NULL, <floating *>bo, m,
+                       mu, a, bb, k, has_b, <AsOwn *>NULL)
+            fastopt_f32_to_f16_n(bo, <uint16_t *>out + s, m)
+    else:
+        if z == NULL:
+            for i in range(n):
+                st(out, i, <floating>(bb * (<double>ld(x, i, t) - mu) + k), t, 0)
+        elif not has_b:
+            for i in range(n):
+                st(out, i, <floating>(a * <double>ld(z, i, t)), t, 0)
+        else:
+            for i in range(n):
+                st(out, i, <floating>(a * <double>ld(z, i, t) + bb * (<double>ld(x, i, t) - mu)
+                                      + k), t, 0)
 
 
 # ------------------------------------------------------------------ merges ---
