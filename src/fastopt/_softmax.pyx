@@ -548,6 +548,7 @@ cdef void piece_write(const floating *x, const Job *j, Py_ssize_t it) noexcept n
     b.x = xbuf
     b.o = obuf
     b.row = NULL
+    scratch[0] = 0      # (chunk_output fills it before use; gcc cannot tell)
     coef = piece_coef(j, i, &m, &loss)
     chunk_output(j, i, lo, hi, m, coef, &b, NULL)
 
