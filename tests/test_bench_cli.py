@@ -90,7 +90,7 @@ BAD_INPUT = [
     (["--sizes", "1e12"], "limit"),
     (["--threads", "0"], "--threads"),
     (["--threads", "two"], "--threads"),
-    (["--dtype", "float16"], "float16"),
+    (["--dtype", "int8"], "int8"),
     (["--json", "/nonexistent-dir/x/out.json"], "--json"),
     (["--json", "/"], "directory"),
     (["--plot", "speedups.txt"], "--plot: speedups.txt: '.txt' is not an image format"),

@@ -154,7 +154,7 @@ def test_check_state_dict_changes_nothing(rng):
     sd["param_groups.0.lr"] = 0.25
     other = fastopt.Adam([params[0].copy()], lr=0.1)
     snap = Snapshot(*other.state[0].values())
-    groups, steps, arrays = other.check_state_dict(sd)
+    groups, steps, arrays, rounding = other.check_state_dict(sd)
     assert groups[0]["lr"] == 0.25 and groups[0]["params"][0] is other.param_groups[0]["params"][0]
     assert steps.tolist() == [1]
     for name in ("exp_avg", "exp_avg_sq"):      # private copies of what was checked

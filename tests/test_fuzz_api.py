@@ -80,13 +80,17 @@ class Slot:
     role: "write" (array updated in place), "read" (array only read),
     "index" (class indices), "idx64" (take_rows' int64 rows), "real",
     "int", "flag", "choice", "list" (of written arrays), "grads" (a list of
-    read arrays) or "other" (the API lists its own bad values).
+    read arrays) or "other" (the API lists its own bad values).  `half_ok`:
+    float16 is a valid dtype there (a 16-bit parameter or gradient: its
+    numerics are tested in test_lowprec.py), so it is not tried as bad.
     """
 
     def __init__(self, role, *, optional=False, lo=None, hi=None, lo_open=False,
-                 hi_open=False, inf_ok=False, free_shape=False, bad=(), item=None):
+                 hi_open=False, inf_ok=False, free_shape=False, bad=(), item=None,
+                 half_ok=False):
         self.role, self.optional, self.lo, self.hi = role, optional, lo, hi
         self.lo_open, self.hi_open, self.inf_ok = lo_open, hi_open, inf_ok
+        self.half_ok = half_ok
         self.free_shape, self.bad = free_shape, list(bad)
         self.item = item        # lists: the slot of each element
 
@@ -150,6 +154,8 @@ def candidates(api, values):
             for b in ([v.tolist(), 1.0, "abc"] + ([] if slot.optional else [None])):
                 out.append((f"{key} not an array", setter(key, lambda _, b=b: b), "error"))
             for dt in NON_FLOAT:
+                if slot.half_ok and dt is np.float16:
+                    continue
                 out.append((f"{key} as {np.dtype(dt)}", setter(key, lambda a, dt=dt: a.astype(dt)),
                             "error"))
             if not slot.free_shape:
@@ -453,7 +459,7 @@ def run_construct(v):
 
 
 def construct_slots(values):
-    slots = {"params": Slot("list", item=Slot("write", free_shape=True))}
+    slots = {"params": Slot("list", item=Slot("write", free_shape=True, half_ok=True))}
     keys = {fastopt.SGD: ["lr", "momentum", "dampening", "weight_decay"],
             fastopt.RMSprop: ["lr", "alpha", "eps", "weight_decay", "momentum"],
             fastopt.Adam: ["lr", "betas", "eps", "weight_decay"],
@@ -604,7 +610,7 @@ def run_bn(v):
     return fastopt.batch_norm_forward(v["x"], v["gamma"], v["beta"], **kw)
 
 
-BN_SLOTS = dict(x=Slot("read", free_shape=True), gamma=Slot("read"), beta=Slot("read"),
+BN_SLOTS = dict(x=Slot("read", free_shape=True, half_ok=True), gamma=Slot("read"), beta=Slot("read"),
                 running_mean=Slot("write"), running_var=Slot("write"), out=Slot("write", optional=True),
                 axis=Slot("int", bad=[5, -5]), training=Slot("flag"),
                 momentum=Slot("real", lo=0, hi=1), eps=Slot("real", lo=0, lo_open=True))
@@ -644,7 +650,7 @@ def build_softmax(draw):
     return v
 
 
-SOFTMAX_SLOTS = dict(x=Slot("read", free_shape=True), out=Slot("write", optional=True),
+SOFTMAX_SLOTS = dict(x=Slot("read", free_shape=True, half_ok=True), out=Slot("write", optional=True),
                      axis=Slot("int", bad=[3, -4]))
 
 
@@ -673,7 +679,7 @@ def run_ce(v):
 
 
 def ce_slots(values):
-    slots = dict(logits=Slot("read", free_shape=True), weight=Slot("read", optional=True,
+    slots = dict(logits=Slot("read", free_shape=True, half_ok=True), weight=Slot("read", optional=True,
                                                                    bad=[np.array([-1.0])]),
                  grad_out=Slot("write", optional=True), reduction=Slot("choice"),
                  label_smoothing=Slot("real", lo=0, hi=1),
@@ -839,7 +845,7 @@ APIS = [
              weight_decay=Slot("real", lo=0), nesterov=Slot("flag"))),
     Api("clip_grad_norm_", build_clip, lambda v: fastopt.clip_grad_norm_(
         v["grads"], v["max_norm"], v["norm_type"]),
-        dict(grads=Slot("list", item=Slot("write", free_shape=True, optional=True)),
+        dict(grads=Slot("list", item=Slot("write", free_shape=True, optional=True, half_ok=True)),
              max_norm=Slot("real", lo=0, inf_ok=True),
              norm_type=Slot("real", lo=0, lo_open=True, inf_ok=True, bad=["2", "inf"]))),
     Api("optimizer construction", build_construct, run_construct, None),

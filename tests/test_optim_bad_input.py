@@ -72,6 +72,8 @@ def named(arg):
                                        np.float16, np.bool_, object])
 @pytest.mark.parametrize("kernel,arg", ARRAY_CASES, ids=ident)
 def test_non_float_dtype(kernel, arg, bad_dtype):
+    if arg == "param" and bad_dtype is np.float16:
+        pytest.skip("float16 params are valid, with a float32 master (tests/test_lowprec.py)")
     k = KERNELS[kernel]
     arrays = k.valid()
     arrays[arg] = arrays[arg].astype(bad_dtype)

@@ -15,6 +15,7 @@ from ._batchnorm import BatchNormContext, batch_norm_backward, batch_norm_forwar
 from ._softmax import cross_entropy, log_softmax, softmax
 
 from . import lr_scheduler
+from .amp import GradScaler
 from .optim import SGD, Adam, AdamW, RMSprop, flat_views
 from .training import (EWA, bias_corrected, ewa_update, log_uniform, minibatches,
                        sample_beta, take_rows)
@@ -22,7 +23,7 @@ from .training import (EWA, bias_corrected, ewa_update, log_uniform, minibatches
 __all__ = [
     "adam_step", "adamw_step", "rmsprop_step", "sgd_step", "clip_grad_norm_",
     "clip_grad_value_",
-    "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler",
+    "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler", "GradScaler",
     "batch_norm_forward", "batch_norm_backward", "BatchNormContext",
     "log_softmax", "softmax", "cross_entropy",
     "minibatches", "take_rows", "ewa_update", "bias_corrected", "EWA",

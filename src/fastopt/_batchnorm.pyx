@@ -42,10 +42,15 @@
 # * Arithmetic of the y and dx passes is in double (float32 inputs are widened
 #   and the result rounded once); the per-channel coefficients are computed in
 #   double once per call.  Saved statistics (ctx.mean, ctx.invstd) are float64.
+# * float16/bfloat16 x, dy (and so y, dx): the loops read and write them
+#   through `ld`/`st` with a storage tag (_half.pxi), widening to double as
+#   for float32; results are rounded to float32 and then to x's dtype.
+#   gamma, beta, the running statistics and dgamma, dbeta are float32 then.
 # * The `def` functions validate everything before `nogil`; nothing is
 #   written when a check fails.  Scratch (the per-box partial statistics, a
 #   few arrays of C doubles) is a small float64 array allocated per call.
 include "_common.pxi"
+include "_half.pxi"
 
 cimport cython
 from libc.math cimport sqrt
@@ -165,48 +170,90 @@ cdef inline double sum_lanes(const double *acc) noexcept nogil:
     return t[0]
 
 
+cdef inline const floating *at(const floating *x, Py_ssize_t off, Storage *t) noexcept nogil:
+    """x + off elements of its storage."""
+    if Storage is AsOwn:
+        return x + off
+    else:
+        return <const floating *>(<const uint16_t *>x + off)
+
+
+# float16 spans are widened SPAN16 values at a time into a float32 buffer
+# (F16C where the level has it) and go through the float32 loops: converting
+# float16 one element at a time in these loops cost twice BatchNorm's own work.
+# SPAN16 is a multiple of LANES, so every value keeps its lane.
+DEF SPAN16 = 512
+
+
+cdef inline floating *widen16(const floating *p, Py_ssize_t off, Py_ssize_t n,
+                              float *buf) noexcept nogil:
+    """p[off:off+n] (float16 bits) as float32, in buf."""
+    fastopt_f16_to_f32_n(<const uint16_t *>p + off, buf, n)
+    return <floating *>buf
+
+
 cdef inline void lanes_shifted(const floating *p, Py_ssize_t n, double shift,
-                               double *acc) noexcept nogil:
+                               double *acc, Storage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod LANES) of (p[i] - shift)
-    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef Py_ssize_t i, nw = n - n % LANES, b
     cdef int k
-    for i in range(0, nw, LANES):
-        for k in range(LANES):
-            acc[k] += <double>p[i + k] - shift
-    for k in range(n - nw):
-        acc[k] += <double>p[nw + k] - shift
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            lanes_shifted(widen16(p, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                          shift, acc, <AsOwn *>NULL)
+    else:
+        for i in range(0, nw, LANES):
+            for k in range(LANES):
+                acc[k] += <double>ld(p, i + k, t) - shift
+        for k in range(n - nw):
+            acc[k] += <double>ld(p, nw + k, t) - shift
 
 
 cdef inline void lanes_sqdev(const floating *p, Py_ssize_t n, double mean,
-                             double *acc) noexcept nogil:
+                             double *acc, Storage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod LANES) of (p[i] - mean)^2
-    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef Py_ssize_t i, nw = n - n % LANES, b
     cdef int k
     cdef double d
-    for i in range(0, nw, LANES):
-        for k in range(LANES):
-            d = <double>p[i + k] - mean
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            lanes_sqdev(widen16(p, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                        mean, acc, <AsOwn *>NULL)
+    else:
+        for i in range(0, nw, LANES):
+            for k in range(LANES):
+                d = <double>ld(p, i + k, t) - mean
+                acc[k] += d * d
+        for k in range(n - nw):
+            d = <double>ld(p, nw + k, t) - mean
             acc[k] += d * d
-    for k in range(n - nw):
-        d = <double>p[nw + k] - mean
-        acc[k] += d * d
 
 
 cdef inline void lanes_grad(const floating *x, const floating *dy, Py_ssize_t n,
-                            double mean, double *a1, double *a2) noexcept nogil:
+                            double mean, double *a1, double *a2, Storage *t) noexcept nogil:
     # a1[k] += sum dy;  a2[k] += sum dy*(x - mean)   (over i = k mod LANES)
-    cdef Py_ssize_t i, nw = n - n % LANES
+    cdef Py_ssize_t i, nw = n - n % LANES, b, m
     cdef int k
     cdef double g
-    for i in range(0, nw, LANES):
-        for k in range(LANES):
-            g = <double>dy[i + k]
+    cdef float bx[SPAN16]
+    cdef float bg[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            m = min(SPAN16, n - b)
+            lanes_grad(widen16(x, b, m, bx), widen16(dy, b, m, bg), m, mean, a1, a2,
+                       <AsOwn *>NULL)
+    else:
+        for i in range(0, nw, LANES):
+            for k in range(LANES):
+                g = <double>ld(dy, i + k, t)
+                a1[k] += g
+                a2[k] += g * (<double>ld(x, i + k, t) - mean)
+        for k in range(n - nw):
+            g = <double>ld(dy, nw + k, t)
             a1[k] += g
-            a2[k] += g * (<double>x[i + k] - mean)
-    for k in range(n - nw):
-        g = <double>dy[nw + k]
-        a1[k] += g
-        a2[k] += g * (<double>x[nw + k] - mean)
+            a2[k] += g * (<double>ld(x, nw + k, t) - mean)
 
 
 # ------------------------------------------------------------- row layout ---
@@ -243,8 +290,86 @@ cdef inline Py_ssize_t run_length(const Plan *p, Py_ssize_t o, Py_ssize_t o1,
     return p.R * nc if o + p.R <= o1 else nc
 
 
+cdef inline void run_shifted(const floating *x, Py_ssize_t n, const double *rep,
+                             double *acc, Storage *t) noexcept nogil:
+    # acc[v] += x[v] - rep[v]
+    cdef Py_ssize_t v, b
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            run_shifted(widen16(x, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                        rep + b, acc + b, <AsOwn *>NULL)
+    else:
+        for v in range(n):
+            acc[v] += <double>ld(x, v, t) - rep[v]
+
+
+cdef inline void run_sqdev(const floating *x, Py_ssize_t n, const double *rep,
+                           double *acc, Storage *t) noexcept nogil:
+    # acc[v] += (x[v] - rep[v])^2
+    cdef Py_ssize_t v, b
+    cdef double d
+    cdef float buf[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            run_sqdev(widen16(x, b, min(SPAN16, n - b), buf), min(SPAN16, n - b),
+                      rep + b, acc + b, <AsOwn *>NULL)
+    else:
+        for v in range(n):
+            d = <double>ld(x, v, t) - rep[v]
+            acc[v] += d * d
+
+
+cdef inline void run_grad(const floating *x, const floating *dy, Py_ssize_t n,
+                          const double *rep, double *a1, double *a2, Storage *t) noexcept nogil:
+    # a1[v] += dy[v];  a2[v] += dy[v]*(x[v] - rep[v])
+    cdef Py_ssize_t v, b, m
+    cdef double g
+    cdef float bx[SPAN16]
+    cdef float bg[SPAN16]
+    if floating is float and Storage is AsF16:
+        for b in range(0, n, SPAN16):
+            m = min(SPAN16, n - b)
+            run_grad(widen16(x, b, m, bx), widen16(dy, b, m, bg), m, rep + b, a1 + b,
+                     a2 + b, <AsOwn *>NULL)
+    else:
+        for v in range(n):
+            g = <double>ld(dy, v, t)
+            a1[v] += g
+            a2[v] += g * (<double>ld(x, v, t) - rep[v])
+
+
+cdef inline void run_affine(const floating *x, const floating *z, floating *out, Py_ssize_t n,
+                            const double *mu, const double *a, const double *b,
+                            const double *k, Storage *t) noexcept nogil:
+    # out = b*(x - mu) + k (z NULL);  a*z (b NULL);  a*z + b*(x - mu) + k
+    cdef Py_ssize_t v, s, m
+    cdef float bx[SPAN16]
+    cdef float bz[SPAN16]
+    cdef float bo[SPAN16]
+    if floating is float and Storage is AsF16:
+        for s in range(0, n, SPAN16):
+            m = min(SPAN16, n - s)
+            run_affine(widen16(x, s, m, bx) if b != NULL else NULL,
+                       widen16(z, s, m, bz) if z != NULL else NULL, <floating *>bo, m,
+                       mu + s, a + s if a != NULL else NULL, b + s if b != NULL else NULL,
+                       k + s, <AsOwn *>NULL)
+            fastopt_f32_to_f16_n(bo, <uint16_t *>out + s, m)
+    else:
+        if z == NULL:
+            for v in range(n):
+                st(out, v, <floating>(b[v] * (<double>ld(x, v, t) - mu[v]) + k[v]), t, 0)
+        elif b == NULL:
+            for v in range(n):
+                st(out, v, <floating>(a[v] * <double>ld(z, v, t)), t, 0)
+        else:
+            for v in range(n):
+                st(out, v, <floating>(a[v] * <double>ld(z, v, t)
+                                      + b[v] * (<double>ld(x, v, t) - mu[v]) + k[v]), t, 0)
+
+
 cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t n,
-                    double *mean, double *m2) noexcept nogil:
+                    double *mean, double *m2, Storage *t) noexcept nogil:
     # mean = x0 + sum(x - x0)/n  (x0: the box's first row);  M2 = sum((x - mean)^2)
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
     cdef Py_ssize_t o, v, L
@@ -252,20 +377,18 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
     cdef double s_rep[GROUP_V]
     cdef double *acc = &s_acc[0] if R > 1 else mean + c0
     cdef double *rep = &s_rep[0] if R > 1 else m2 + c0
-    cdef const floating *first = x + bx.o0 * C + c0
+    cdef const floating *first = at(x, bx.o0 * C + c0, t)
     cdef const floating *run
     cdef double d
     for v in range(nc):
-        rep[v] = <double>first[v]
+        rep[v] = <double>ld(first, v, t)
     repeat(rep, nc, R, rep)
     for v in range(V):
         acc[v] = 0.0
     o = bx.o0
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
-        run = x + o * C + c0
-        for v in range(L):
-            acc[v] += <double>run[v] - rep[v]
+        run_shifted(at(x, o * C + c0, t), L, rep, acc, t)
         o = o + L // nc
     if R > 1:
         fold(acc, nc, R, acc)
@@ -281,10 +404,7 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
     o = bx.o0
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
-        run = x + o * C + c0
-        for v in range(L):
-            d = <double>run[v] - rep[v]
-            acc[v] += d * d
+        run_sqdev(at(x, o * C + c0, t), L, rep, acc, t)
         o = o + L // nc
     if R > 1:
         fold(acc, nc, R, m2 + c0)
@@ -292,7 +412,7 @@ cdef void row_stats(const Plan *p, const floating *x, const Box *bx, Py_ssize_t 
 
 cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
                         const Box *bx, const double *mean,
-                        double *s1, double *s2) noexcept nogil:
+                        double *s1, double *s2, Storage *t) noexcept nogil:
     # s1 = sum(dy);  s2 = sum(dy*(x - mean))
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
     cdef Py_ssize_t o, v, L, off
@@ -314,10 +434,7 @@ cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
         off = o * C + c0
-        for v in range(L):
-            g = <double>dy[off + v]
-            a1[v] += g
-            a2[v] += g * (<double>x[off + v] - rep[v])
+        run_grad(at(x, off, t), at(dy, off, t), L, rep, a1, a2, t)
         o = o + L // nc
     if R > 1:
         fold(a1, nc, R, s1 + c0)
@@ -326,7 +443,8 @@ cdef void row_grad_sums(const Plan *p, const floating *x, const floating *dy,
 
 cdef void row_affine(const Plan *p, const floating *x, const floating *z,
                      floating *out, const Box *bx, const double *mean,
-                     const double *A, const double *B, const double *K) noexcept nogil:
+                     const double *A, const double *B, const double *K,
+                     Storage *t) noexcept nogil:
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R
     cdef Py_ssize_t o, v, L, off
     cdef double s_m[GROUP_V]
@@ -352,23 +470,15 @@ cdef void row_affine(const Plan *p, const floating *x, const floating *z,
     while o < bx.o1:
         L = run_length(p, o, bx.o1, nc)
         off = o * C + c0
-        if z == NULL:
-            for v in range(L):
-                out[off + v] = <floating>(b[v] * (<double>x[off + v] - mu[v]) + k[v])
-        elif b == NULL:
-            for v in range(L):
-                out[off + v] = <floating>(a[v] * <double>z[off + v])
-        else:
-            for v in range(L):
-                out[off + v] = <floating>(a[v] * <double>z[off + v]
-                                          + b[v] * (<double>x[off + v] - mu[v]) + k[v])
+        run_affine(at(x, off, t), at(z, off, t) if z != NULL else NULL,
+                   <floating *>at(out, off, t), L, mu, a, b, k, t)
         o = o + L // nc
 
 
 # ------------------------------------------------------------- box passes ---
 
 cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
-                    double *P1, double *P2) noexcept nogil:
+                    double *P1, double *P2, Storage *t) noexcept nogil:
     """Per channel of box b: its mean -> P1[u*C + c], its M2 -> P2[u*C + c]."""
     cdef Box bx
     box_of(p, b, &bx)
@@ -378,24 +488,24 @@ cdef void box_stats(const Plan *p, const floating *x, Py_ssize_t b,
     cdef double acc[LANES]
     cdef double shift, mu
     if inner == 1:
-        row_stats(p, x, &bx, n, mean, m2)
+        row_stats(p, x, &bx, n, mean, m2, t)
         return
     for c in range(bx.c0, bx.c1):
-        shift = <double>x[(bx.o0 * C + c) * inner + bx.i0]
+        shift = <double>ld(x, (bx.o0 * C + c) * inner + bx.i0, t)
         zero_lanes(acc)
         for o in range(bx.o0, bx.o1):
-            lanes_shifted(x + (o * C + c) * inner + bx.i0, bx.i1 - bx.i0, shift, acc)
+            lanes_shifted(at(x, (o * C + c) * inner + bx.i0, t), bx.i1 - bx.i0, shift, acc, t)
         mu = shift + sum_lanes(acc) / <double>n
         zero_lanes(acc)
         for o in range(bx.o0, bx.o1):
-            lanes_sqdev(x + (o * C + c) * inner + bx.i0, bx.i1 - bx.i0, mu, acc)
+            lanes_sqdev(at(x, (o * C + c) * inner + bx.i0, t), bx.i1 - bx.i0, mu, acc, t)
         mean[c] = mu
         m2[c] = sum_lanes(acc)
 
 
 cdef void box_grad_sums(const Plan *p, const floating *x, const floating *dy,
                         const double *mean, Py_ssize_t b,
-                        double *P1, double *P2) noexcept nogil:
+                        double *P1, double *P2, Storage *t) noexcept nogil:
     """Per channel of box b: sum(dy) -> P1[u*C + c], sum(dy*(x - mean)) -> P2."""
     cdef Box bx
     box_of(p, b, &bx)
@@ -405,21 +515,22 @@ cdef void box_grad_sums(const Plan *p, const floating *x, const floating *dy,
     cdef double a1[LANES]
     cdef double a2[LANES]
     if inner == 1:
-        row_grad_sums(p, x, dy, &bx, mean, s1, s2)
+        row_grad_sums(p, x, dy, &bx, mean, s1, s2, t)
         return
     for c in range(bx.c0, bx.c1):
         zero_lanes(a1)
         zero_lanes(a2)
         for o in range(bx.o0, bx.o1):
             off = (o * C + c) * inner + bx.i0
-            lanes_grad(x + off, dy + off, bx.i1 - bx.i0, mean[c], a1, a2)
+            lanes_grad(at(x, off, t), at(dy, off, t), bx.i1 - bx.i0, mean[c], a1, a2, t)
         s1[c] = sum_lanes(a1)
         s2[c] = sum_lanes(a2)
 
 
 cdef void box_affine(const Plan *p, const floating *x, const floating *z,
                      floating *out, Py_ssize_t b, const double *mean,
-                     const double *A, const double *B, const double *K) noexcept nogil:
+                     const double *A, const double *B, const double *K,
+                     Storage *t) noexcept nogil:
     """out = A*z + B*(x - mean) + K per channel over box b (z may be NULL: A
     unused; B may be NULL: x unused).  Forward: y = scale*(x - mean) + beta;
     backward: dx = a*dy + b*(x - mean) + k, or dx = a*dy in inference."""
@@ -428,7 +539,7 @@ cdef void box_affine(const Plan *p, const floating *x, const floating *z,
     cdef Py_ssize_t C = p.C, inner = p.inner, o, c, i, off
     cdef double a, bb, mu, k
     if inner == 1:
-        row_affine(p, x, z, out, &bx, mean, A, B, K)
+        row_affine(p, x, z, out, &bx, mean, A, B, K, t)
         return
     for c in range(bx.c0, bx.c1):
         mu = mean[c]
@@ -436,16 +547,37 @@ cdef void box_affine(const Plan *p, const floating *x, const floating *z,
         a = A[c] if A != NULL else 0.0
         bb = B[c] if B != NULL else 0.0
         for o in range(bx.o0, bx.o1):
-            off = (o * C + c) * inner
-            if z == NULL:
-                for i in range(off + bx.i0, off + bx.i1):
-                    out[i] = <floating>(bb * (<double>x[i] - mu) + k)
-            elif B == NULL:
-                for i in range(off + bx.i0, off + bx.i1):
-                    out[i] = <floating>(a * <double>z[i])
-            else:
-                for i in range(off + bx.i0, off + bx.i1):
-                    out[i] = <floating>(a * <double>z[i] + bb * (<double>x[i] - mu) + k)
+            off = (o * C + c) * inner + bx.i0
+            seg_affine(at(x, off, t), at(z, off, t) if z != NULL else NULL,
+                       <floating *>at(out, off, t), bx.i1 - bx.i0, mu, a, bb, k, B != NULL, t)
+
+
+cdef inline void seg_affine(const floating *x, const floating *z, floating *out, Py_ssize_t n,
+                            double mu, double a, double bb, double k, bint has_b,
+                            Storage *t) noexcept nogil:
+    # out = bb*(x - mu) + k (z NULL);  a*z (no bb);  a*z + bb*(x - mu) + k
+    cdef Py_ssize_t i, s, m
+    cdef float bx[SPAN16]
+    cdef float bz[SPAN16]
+    cdef float bo[SPAN16]
+    if floating is float and Storage is AsF16:
+        for s in range(0, n, SPAN16):
+            m = min(SPAN16, n - s)
+            seg_affine(widen16(x, s, m, bx) if has_b else NULL,
+                       widen16(z, s, m, bz) if z != NULL else NULL, <floating *>bo, m,
+                       mu, a, bb, k, has_b, <AsOwn *>NULL)
+            fastopt_f32_to_f16_n(bo, <uint16_t *>out + s, m)
+    else:
+        if z == NULL:
+            for i in range(n):
+                st(out, i, <floating>(bb * (<double>ld(x, i, t) - mu) + k), t, 0)
+        elif not has_b:
+            for i in range(n):
+                st(out, i, <floating>(a * <double>ld(z, i, t)), t, 0)
+        else:
+            for i in range(n):
+                st(out, i, <floating>(a * <double>ld(z, i, t) + bb * (<double>ld(x, i, t) - mu)
+                                      + k), t, 0)
 
 
 # ------------------------------------------------------------------ merges ---
@@ -488,6 +620,7 @@ cdef void merge_sums(const Plan *p, Py_ssize_t c0, Py_ssize_t c1,
 # ------------------------------------------------------------------ drivers ---
 
 ctypedef struct Job:
+    int xk                # Store code of x, dy and the output (NATIVE, F16, BF16)
     bint backward         # else the forward pass
     bint stats            # run the first pass (forward: training; backward: always)
     bint training         # backward: the training formula for dx
@@ -559,25 +692,50 @@ cdef inline Py_ssize_t nth_box(const Plan *p, Py_ssize_t i) noexcept nogil:
 
 cdef inline void first_pass(const Plan *p, const Job *j, const floating *x,
                             const floating *dy, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        if j.xk == F16:
+            first_pass_as(p, j, x, dy, lo, hi, <AsF16 *>NULL)
+            return
+        if j.xk == BF16:
+            first_pass_as(p, j, x, dy, lo, hi, <AsBF16 *>NULL)
+            return
+    first_pass_as(p, j, x, dy, lo, hi, <AsOwn *>NULL)
+
+
+cdef void first_pass_as(const Plan *p, const Job *j, const floating *x, const floating *dy,
+                        Py_ssize_t lo, Py_ssize_t hi, Storage *t) noexcept nogil:
     cdef Py_ssize_t i, b
     for i in range(lo, hi):
         b = nth_box(p, i)
         if j.backward:
-            box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2)
+            box_grad_sums(p, x, dy, j.mean, b, j.P1, j.P2, t)
         else:
-            box_stats(p, x, b, j.P1, j.P2)
+            box_stats(p, x, b, j.P1, j.P2, t)
 
 
 cdef inline void second_pass(const Plan *p, const Job *j, const floating *x,
                              const floating *dy, floating *out,
                              Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    if floating is float:
+        if j.xk == F16:
+            second_pass_as(p, j, x, dy, out, lo, hi, <AsF16 *>NULL)
+            return
+        if j.xk == BF16:
+            second_pass_as(p, j, x, dy, out, lo, hi, <AsBF16 *>NULL)
+            return
+    second_pass_as(p, j, x, dy, out, lo, hi, <AsOwn *>NULL)
+
+
+cdef void second_pass_as(const Plan *p, const Job *j, const floating *x, const floating *dy,
+                         floating *out, Py_ssize_t lo, Py_ssize_t hi,
+                         Storage *t) noexcept nogil:
     # Boxes in reverse order: the ones the first pass read last are still
     # in the caches.
     cdef const double *B = NULL if j.backward and not j.training else j.B
     cdef Py_ssize_t i = hi
     while i > lo:
         i = i - 1
-        box_affine(p, x, dy, out, nth_box(p, i), j.mean, j.A, B, j.K)
+        box_affine(p, x, dy, out, nth_box(p, i), j.mean, j.A, B, j.K, t)
 
 
 ctypedef struct Task:            # a call's arrays, for the chunk functions
@@ -712,7 +870,7 @@ cdef class BatchNormContext:
     cdef void *gdata
     cdef void *mdata
     cdef void *sdata
-    cdef int typenum
+    cdef int typenum, gtypenum                 # x's and gamma's (float32 for 16-bit x)
     cdef Py_ssize_t outer, C, inner
     cdef bint ready
     cdef readonly bint training
@@ -739,6 +897,7 @@ cdef class BatchNormContext:
         self.mdata = cnp.PyArray_DATA(mean)
         self.sdata = cnp.PyArray_DATA(invstd)
         self.typenum = cnp.PyArray_TYPE(x)
+        self.gtypenum = cnp.PyArray_TYPE(gamma)
         self.outer = outer
         self.C = C
         self.inner = inner
@@ -757,7 +916,7 @@ cdef class BatchNormContext:
         cdef cnp.ndarray s = <cnp.ndarray>self._invstd
         if (cnp.PyArray_DATA(x) != self.xdata or cnp.PyArray_TYPE(x) != self.typenum
                 or (<object>x).shape != self.shape or not direct(x)
-                or cnp.PyArray_DATA(g) != self.gdata or cnp.PyArray_TYPE(g) != self.typenum
+                or cnp.PyArray_DATA(g) != self.gdata or cnp.PyArray_TYPE(g) != self.gtypenum
                 or cnp.PyArray_NDIM(g) != 1 or cnp.PyArray_DIM(g, 0) != self.C or not direct(g)
                 or cnp.PyArray_DATA(m) != self.mdata or cnp.PyArray_SIZE(m) != self.C
                 or cnp.PyArray_DATA(s) != self.sdata or cnp.PyArray_SIZE(s) != self.C):
@@ -787,15 +946,22 @@ cdef class BatchNormContext:
                 f"axis={self.axis}, training={self.training})")
 
 
-cdef inline cnp.ndarray channel_vector(object a, str name, cnp.ndarray x, Py_ssize_t C):
-    """A (C,) array with x's dtype."""
-    cdef cnp.ndarray arr = float_array(a, name)
-    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(x):
+cdef inline cnp.ndarray channel_vector(object a, str name, cnp.ndarray x, Py_ssize_t C,
+                                       bint in_place=False):
+    """A (C,) array with x's dtype; for 16-bit x, float32 (or, if only read,
+    x's dtype, converted to float32)."""
+    cdef bint half = dtype_code(x) == DT_F16 or dtype_code(x) == DT_BF16
+    cdef cnp.ndarray arr = any_float_array(a, name) if half else float_array(a, name)
+    cdef int code = dtype_code(arr)
+    if half and code != DT_F32 and (in_place or code != dtype_code(x)):
+        raise TypeError(f"{name} has dtype {arr.dtype} but x has dtype {x.dtype} (for {x.dtype} "
+                        f"x: float32{'' if in_place else ' or ' + str(x.dtype)})")
+    if not half and cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(x):
         raise TypeError(f"{name} has dtype {arr.dtype} but x has dtype {x.dtype}")
     if cnp.PyArray_NDIM(arr) != 1 or cnp.PyArray_DIM(arr, 0) != C:
         raise ValueError(f"{name} must have shape ({C},) (the channels of x), "
                          f"got {(<object>arr).shape}")
-    return arr
+    return np.asarray(arr, dtype=np.float32) if half else arr
 
 
 cdef inline int channel_axis(object axis, int ndim) except -1:
@@ -841,13 +1007,15 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
+    x : ndarray, float32, float64, float16 or bfloat16, shape (N, C, *spatial) or (N, *spatial, C)
         At least 2-D.  Non-contiguous, unaligned or byte-swapped input is
-        copied first.
+        copied first.  16-bit x is computed as float32 x (statistics in
+        double) and y rounded to x's dtype.
     gamma, beta : ndarray, shape (C,), x's dtype
+        (float32 or x's dtype for 16-bit x.)
     running_mean, running_var : ndarray, shape (C,), x's dtype, optional
-        C-contiguous, aligned, writeable, native byte order.  Required in inference; in training
-        give both or neither.
+        C-contiguous, aligned, writeable, native byte order; float32 for
+        16-bit x.  Required in inference; in training give both or neither.
     training : bool
     momentum : float in [0, 1]
     eps : float > 0
@@ -873,7 +1041,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     TypeError
         Wrong types or dtypes.
     """
-    cdef cnp.ndarray X = float_array(x, "x")
+    cdef cnp.ndarray X = any_float_array(x, "x")
     cdef int nd = cnp.PyArray_NDIM(X)
     if nd < 2:
         raise ValueError(f"x must have at least 2 dimensions (N, C, ...), got shape {x.shape}")
@@ -890,8 +1058,8 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     if (running_mean is None) != (running_var is None):
         raise ValueError("give both running_mean and running_var, or neither")
     if running_mean is not None:
-        RM = writable(channel_vector(running_mean, "running_mean", X, C), "running_mean")
-        RV = writable(channel_vector(running_var, "running_var", X, C), "running_var")
+        RM = writable(channel_vector(running_mean, "running_mean", X, C, True), "running_mean")
+        RV = writable(channel_vector(running_var, "running_var", X, C, True), "running_var")
     cdef bint train = bool(training)
     if not train and RM is None:
         raise ValueError("training=False needs running_mean and running_var")
@@ -906,7 +1074,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
                          f"got input of shape {shape}")
     cdef cnp.ndarray Y = None
     if out is not None:
-        Y = writable(like(out, "out", X, "x"), "out")
+        Y = writable(like_any(out, "out", X, "x"), "out")
         no_overlap(Y, "out", [X, G, Bt, RM, RV],
                    ("x", "gamma", "beta", "running_mean", "running_var"))
     if RM is not None:
@@ -917,7 +1085,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
     G = readable(G)
     Bt = readable(Bt)
     if Y is None:
-        Y = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(X), cnp.PyArray_TYPE(X), 0)
+        Y = np.empty(shape, X.dtype)
 
     cdef Plan p
     make_plan(&p, outer, C, inner)
@@ -927,6 +1095,7 @@ def batch_norm_forward(x, gamma, beta, running_mean=None, running_var=None, *,
                                      dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
     cdef Job j
+    j.xk = store_of(dtype_code(X))
     j.backward = False
     j.stats = train
     j.training = train
@@ -987,7 +1156,8 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     Returns
     -------
     dx, dgamma, dbeta : ndarray
-        dx like x (`dx_out` if given); dgamma and dbeta of shape (C,), x's dtype.
+        dx like x (`dx_out` if given); dgamma and dbeta of shape (C,), the
+        dtype of ctx.gamma (x's dtype, float32 for 16-bit x).
     """
     if not isinstance(ctx, BatchNormContext):
         raise TypeError(f"ctx must be the BatchNormContext returned by batch_norm_forward, "
@@ -997,23 +1167,24 @@ def batch_norm_backward(dy, ctx, *, dx_out=None):
     # Everything below uses the shapes and arrays the context recorded.
     cdef cnp.ndarray X = <cnp.ndarray>cx._x
     cdef cnp.ndarray G = <cnp.ndarray>cx._gamma
-    cdef cnp.ndarray DY = like(dy, "dy", X, "x")
+    cdef cnp.ndarray DY = like_any(dy, "dy", X, "x")
     cdef cnp.ndarray DX = None
     if dx_out is not None:
-        DX = writable(like(dx_out, "dx_out", X, "x"), "dx_out")
+        DX = writable(like_any(dx_out, "dx_out", X, "x"), "dx_out")
         no_overlap(DX, "dx_out", [X, DY, G], ("x", "dy", "gamma"))
     DY = readable(DY)
     if DX is None:
         DX = cnp.PyArray_EMPTY(cnp.PyArray_NDIM(X), cnp.PyArray_DIMS(X), cx.typenum, 0)
     cdef Py_ssize_t C = cx.C, outer = cx.outer, inner = cx.inner
     cdef cnp.npy_intp nc = C
-    cdef cnp.ndarray dgamma = cnp.PyArray_ZEROS(1, &nc, cx.typenum, 0)
-    cdef cnp.ndarray dbeta = cnp.PyArray_ZEROS(1, &nc, cx.typenum, 0)
+    cdef cnp.ndarray dgamma = cnp.PyArray_ZEROS(1, &nc, cx.gtypenum, 0)
+    cdef cnp.ndarray dbeta = cnp.PyArray_ZEROS(1, &nc, cx.gtypenum, 0)
     cdef Plan p
     make_plan(&p, outer, C, inner)
     cdef cnp.ndarray work = np.empty(3 * C + (2 * p.U * C if p.U > 1 else 0), dtype=np.float64)
     cdef double *W = <double *>cnp.PyArray_DATA(work)
     cdef Job j
+    j.xk = store_of(dtype_code(X))
     j.backward = True
     j.stats = True
     j.training = cx.training

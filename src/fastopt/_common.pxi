@@ -291,3 +291,59 @@ cdef inline floating fsqrt(floating x) noexcept nogil:
         return sqrtf(x)
     else:
         return sqrt(x)
+
+
+# ------------------------------------------------- 16-bit float dtypes ---
+# float16 is NumPy's own dtype; bfloat16 is a user dtype (ml_dtypes registers
+# it, with a type number only known at run time), recognised by its name and
+# size the first time it is seen.
+
+cdef enum DType:
+    DT_OTHER = -1
+    DT_F32 = 0
+    DT_F64 = 1
+    DT_F16 = 2
+    DT_BF16 = 3
+
+cdef int _bf16_typenum = -1
+
+
+cdef inline int dtype_code(cnp.ndarray arr):
+    """DT_F32, DT_F64, DT_F16, DT_BF16 or DT_OTHER."""
+    global _bf16_typenum
+    cdef int t = cnp.PyArray_TYPE(arr)
+    if t == cnp.NPY_FLOAT32:
+        return DT_F32
+    if t == cnp.NPY_FLOAT64:
+        return DT_F64
+    if t == cnp.NPY_FLOAT16:
+        return DT_F16
+    if t == _bf16_typenum:
+        return DT_BF16
+    if _bf16_typenum < 0 and cnp.PyTypeNum_ISUSERDEF(t):
+        dt = (<object>arr).dtype
+        if dt.name == "bfloat16" and dt.itemsize == 2:
+            _bf16_typenum = t
+            return DT_BF16
+    return DT_OTHER
+
+
+cdef inline cnp.ndarray any_float_array(object a, str name):
+    """`a` must be a float32, float64, float16 or bfloat16 ndarray."""
+    if not cnp.PyArray_Check(a):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    cdef cnp.ndarray arr = <cnp.ndarray>a
+    if dtype_code(arr) == DT_OTHER:
+        raise TypeError(f"{name} must have dtype float32, float64, float16 or bfloat16, "
+                        f"got {arr.dtype}")
+    return arr
+
+
+cdef inline cnp.ndarray like_any(object a, str name, cnp.ndarray ref, str ref_name):
+    """`a` has the dtype and shape of `ref` (any of the four float dtypes)."""
+    cdef cnp.ndarray arr = any_float_array(a, name)
+    if dtype_code(arr) != dtype_code(ref):
+        raise TypeError(f"{name} has dtype {arr.dtype} but {ref_name} has dtype {ref.dtype}")
+    if not same_shape(arr, ref):
+        raise ValueError(f"{name} has shape {(<object>arr).shape} but {ref_name} has shape {(<object>ref).shape}")
+    return arr

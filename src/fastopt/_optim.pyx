@@ -14,17 +14,32 @@
 #   depend on the thread count.
 # * Scalars (bias corrections, step size) are computed in double once per
 #   segment and cast to the array's dtype, as PyTorch's fused kernels do.
+# * Low precision (_half.pxi): the gradient may be stored as float16 or
+#   bfloat16, the state as bfloat16 (rounded to nearest, or stochastically),
+#   and a float16/bfloat16 parameter is a float32 master copy (the `param` of
+#   the kernels) plus its rounded copy (`out`), written in the same pass.
+#   Computation is in float32 whatever the storage.  The storage is a
+#   compile-time tag of each loop (`segment_range` picks the variant), so
+#   every variant is the same formulas, vectorized; a float16 parameter's
+#   gradient and copy are converted a block at a time instead (`f16_blocks`).
+# * Loss scaling: the gradient is multiplied by 1/grad_scale (rounded to the
+#   compute type once per step) as it is read; `g *= 1` when there is none,
+#   which changes no bit.  The inf/NaN check that must precede a scaled step
+#   is a `CHECK` segment kind run by the same `run_segments` over the grads.
 # * The `def` functions validate everything before `nogil` and never let the
 #   kernels see a bad array; nothing is written when a check fails.
 include "_common.pxi"
+include "_half.pxi"
 
 from libc.math cimport pow, sqrt
-from libc.stdint cimport INT64_MAX
+from libc.stdint cimport INT64_MAX, uint64_t
 
 cdef enum Kind:
     ADAM = 0
     RMSPROP = 1
     SGD = 2
+    CHECK = 3       # no update: set *coef.found if the gradient holds inf or NaN
+    UNSCALE = 4     # no update: grad *= coef.inv_scale, in place
 
 # Bytes of parameter per thread below which an update stays on the calling
 # thread.  benchmarks/grain.py (2 cores): a second thread pays off for Adam
@@ -41,6 +56,8 @@ ctypedef struct Coef:
     int kind
     bint maximize, l2, amsgrad, centered, momentum, nesterov, first
     double lr, weight_decay, eps
+    double inv_scale               # 1/grad_scale (1: no loss scaling)
+    unsigned char *found           # CHECK: set to 1 when a gradient is not finite
     # Adam
     double beta1, one_minus_beta1, beta2, one_minus_beta2
     double step_size               # lr / (1 - beta1**step)
@@ -53,149 +70,320 @@ ctypedef struct Coef:
 
 
 ctypedef struct Segment:
-    void *param
+    void *param     # the parameter, or its float32 master copy
     void *grad
     void *s1        # exp_avg | square_avg | momentum_buffer
     void *s2        # exp_avg_sq | momentum_buffer (RMSprop)
     void *s3        # max_exp_avg_sq | grad_avg
+    void *out       # float16/bfloat16 parameter written from the master, or NULL
     Py_ssize_t n
     Py_ssize_t offset   # of the first element in the concatenation of segments
     bint is_double
+    int gk, sk, ok      # Store codes of the gradient, the state and `out`
+    uint32_t key        # of this array's stochastic rounding at this step
     const Coef *coef
 
 
 # ----------------------------------------------------------------- kernels ---
+# Storage tags (_half.pxi) of the gradient, of the state arrays, and of the
+# rounded parameter copy `out` (AsOwn: no copy).  The options that decide
+# which state arrays a loop reads and writes are tags too (On/Off): gcc
+# vectorizes a loop with a conditional load/store only by unswitching it,
+# which it stops doing as the body grows (16-bit stores).  Each combination
+# that `segment_range` can reach is its own C function; the others Cython
+# writes out are never referenced, and the C compiler drops them unseen.
+
+ctypedef fused GradStore:
+    AsOwn
+    AsBF16
+
+ctypedef fused StateStore:
+    AsOwn
+    AsBF16
+    AsBF16SR
+
+ctypedef fused CopyStore:
+    AsOwn
+    AsBF16
+
+ctypedef struct On:
+    char unused
+ctypedef struct Off:
+    char unused
+
+ctypedef fused Amsgrad:
+    On
+    Off
+
+ctypedef fused Centered:
+    On
+    Off
+
+ctypedef fused Momentum:
+    On
+    Off
+
 
 cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
-                     floating *vmax, Py_ssize_t lo, Py_ssize_t hi,
-                     const Coef *c) noexcept nogil:
-    # g = -grad if maximize; L2: g += wd*p; decoupled: p *= 1 - lr*wd
+                     floating *vmax, floating *out, Py_ssize_t lo, Py_ssize_t hi,
+                     const Coef *c, uint32_t key, Amsgrad *ams, GradStore *G, StateStore *S,
+                     CopyStore *O) noexcept nogil:
+    # g = grad/grad_scale, negated if maximize; L2: g += wd*p; decoupled: p *= 1 - lr*wd
     # m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g;  amsgrad: vmax = max(vmax, v)
     # p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
-    cdef floating sign = -1 if c.maximize else 1
+    # (the parameter uses m, v as computed; the stored m, v are rounded to S;
+    # stochastic rounding: one draw r per element, its high 16 bits for m, its
+    # low 16 bits for v, hash32(r) for vmax)
+    cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
     cdef floating wd = <floating>c.weight_decay, decay = <floating>c.decay
     cdef floating b1 = <floating>c.beta1, cb1 = <floating>c.one_minus_beta1
     cdef floating b2 = <floating>c.beta2, cb2 = <floating>c.one_minus_beta2
     cdef floating step_size = <floating>c.step_size
     cdef floating bc2s = <floating>c.bias_correction2_sqrt, eps = <floating>c.eps
-    cdef bint l2 = c.l2, ams = c.amsgrad
-    cdef floating gi, mi, vi, vm
+    cdef bint l2 = c.l2
+    cdef floating gi, mi, vi, vm, pi
+    cdef uint32_t r
     cdef Py_ssize_t i
     for i in range(lo, hi):
-        gi = sign * g[i]
+        gi = gs * ld(g, i, G)
+        pi = p[i]
         if l2:
-            gi = gi + wd * p[i]
-        mi = b1 * m[i] + cb1 * gi
-        vi = b2 * v[i] + cb2 * (gi * gi)
-        m[i] = mi
-        v[i] = vi
-        if ams:
-            vm = vmax[i]
+            gi = gi + wd * pi
+        mi = b1 * ld(m, i, S) + cb1 * gi
+        vi = b2 * ld(v, i, S) + cb2 * (gi * gi)
+        r = draw(S, key, i)
+        st(m, i, mi, S, r)
+        st(v, i, vi, S, r << 16)
+        if Amsgrad is On:
+            vm = ld(vmax, i, S)
             # torch.maximum: NaN in either operand gives NaN.  `|`, not `or`:
             # a short-circuit branch here keeps the loop from vectorizing.
             vi = vi if ((vi >= vm) | (vi != vi)) else vm
-            vmax[i] = vi
-        p[i] = p[i] * decay - step_size * mi / (fsqrt(vi) / bc2s + eps)
+            st(vmax, i, vi, S, draw(S, r, 0))
+        pi = pi * decay - step_size * mi / (fsqrt(vi) / bc2s + eps)
+        p[i] = pi
+        if CopyStore is not AsOwn:
+            st(out, i, pi, O, 0)
 
 
-cdef void rmsprop_range(floating *p, const floating *g, floating *sq, floating *buf,
-                        floating *gavg, Py_ssize_t lo, Py_ssize_t hi,
-                        const Coef *c) noexcept nogil:
+cdef inline void rmsprop_range(floating *p, const floating *g, floating *sq, floating *buf,
+                               floating *gavg, floating *out, Py_ssize_t lo, Py_ssize_t hi,
+                               const Coef *c, uint32_t key, GradStore *G, StateStore *S,
+                               CopyStore *O) noexcept nogil:
     # One loop testing `centered` and `momentum` (which decide the optional
     # arrays read and written) did not vectorize except with both on: gcc
-    # stops unswitching a body this size.  With constant flags each inlined
+    # stops unswitching a body this size.  With the options as tags each
     # copy vectorizes (10-60x faster on float32).
     if c.centered:
         if c.momentum:
-            rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, True, True)
+            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <On *>NULL, <On *>NULL,
+                         G, S, O)
         else:
-            rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, True, False)
+            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <On *>NULL, <Off *>NULL,
+                         G, S, O)
     elif c.momentum:
-        rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, False, True)
+        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <Off *>NULL, <On *>NULL,
+                     G, S, O)
     else:
-        rmsprop_loop(p, g, sq, buf, gavg, lo, hi, c, False, False)
+        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <Off *>NULL, <Off *>NULL,
+                     G, S, O)
 
 
-cdef inline void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *buf,
-                              floating *gavg, Py_ssize_t lo, Py_ssize_t hi, const Coef *c,
-                              const bint centered, const bint mom) noexcept nogil:
+cdef void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *buf,
+                       floating *gavg, floating *out, Py_ssize_t lo, Py_ssize_t hi,
+                       const Coef *c, uint32_t key, Centered *centered, Momentum *mom,
+                       GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
     # v = a*v + (1-a)*g*g;  centered: gbar = a*gbar + (1-a)*g, avg = sqrt(v - gbar^2)
     # else avg = sqrt(v);  avg += eps
     # momentum: b = mu*b + g/avg, p -= lr*b;  else p -= lr*g/avg
-    cdef floating sign = -1 if c.maximize else 1
+    cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
     cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr, eps = <floating>c.eps
     cdef floating a = <floating>c.alpha, ca = <floating>c.one_minus_alpha, mu = <floating>c.mu
     cdef bint l2 = c.l2
-    cdef floating gi, vi, ga, avg, b
+    cdef floating gi, vi, ga, avg, b, pi
+    cdef uint32_t r
     cdef Py_ssize_t i
     for i in range(lo, hi):
-        gi = sign * g[i]
+        gi = gs * ld(g, i, G)
+        pi = p[i]
         if l2:
-            gi = gi + wd * p[i]
-        vi = a * sq[i] + ca * (gi * gi)
-        sq[i] = vi
-        if centered:
-            ga = a * gavg[i] + ca * gi
-            gavg[i] = ga
+            gi = gi + wd * pi
+        vi = a * ld(sq, i, S) + ca * (gi * gi)
+        r = draw(S, key, i)
+        st(sq, i, vi, S, r)
+        if Centered is On:
+            ga = a * ld(gavg, i, S) + ca * gi
+            st(gavg, i, ga, S, draw(S, r, 0))
             avg = fsqrt(vi - ga * ga) + eps
         else:
             avg = fsqrt(vi) + eps
-        if mom:
-            b = mu * buf[i] + gi / avg
-            buf[i] = b
-            p[i] = p[i] - lr * b
+        if Momentum is On:
+            b = mu * ld(buf, i, S) + gi / avg
+            st(buf, i, b, S, r << 16)
+            pi = pi - lr * b
         else:
-            p[i] = p[i] - lr * (gi / avg)
+            pi = pi - lr * (gi / avg)
+        p[i] = pi
+        if CopyStore is not AsOwn:
+            st(out, i, pi, O, 0)
 
 
-cdef void sgd_range(floating *p, const floating *g, floating *buf,
-                    Py_ssize_t lo, Py_ssize_t hi, const Coef *c) noexcept nogil:
+cdef void sgd_range(floating *p, const floating *g, floating *buf, floating *out,
+                    Py_ssize_t lo, Py_ssize_t hi, const Coef *c, uint32_t key, Momentum *mom,
+                    GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
     # g += wd*p;  momentum: b = g at the first step, else b = mu*b + (1-dampening)*g;
     # g = g + mu*b (nesterov) or g = b;  p -= lr*g
-    cdef floating sign = -1 if c.maximize else 1
+    cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
     cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr
     cdef floating mu = <floating>c.mu, damp1 = <floating>c.one_minus_dampening
-    cdef bint l2 = c.l2, mom = c.momentum, nesterov = c.nesterov, first = c.first
-    cdef floating gi, b
+    cdef bint l2 = c.l2, nesterov = c.nesterov, first = c.first
+    cdef floating gi, b, pi
     cdef Py_ssize_t i
     for i in range(lo, hi):
-        gi = sign * g[i]
+        gi = gs * ld(g, i, G)
+        pi = p[i]
         if l2:
-            gi = gi + wd * p[i]
-        if mom:
-            if first:
-                b = gi
-            else:
-                b = mu * buf[i] + damp1 * gi
-            buf[i] = b
-            if nesterov:
-                gi = gi + mu * b
-            else:
-                gi = b
-        p[i] = p[i] - lr * gi
+            gi = gi + wd * pi
+        if Momentum is On:
+            # (selects, not branches: the buffer is read either way)
+            b = mu * ld(buf, i, S) + damp1 * gi
+            b = gi if first else b
+            st(buf, i, b, S, draw(S, key, i))
+            gi = (gi + mu * b) if nesterov else b
+        pi = pi - lr * gi
+        p[i] = pi
+        if CopyStore is not AsOwn:
+            st(out, i, pi, O, 0)
+
+
+cdef inline void kernel_range(floating *p, const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
+                              GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
+    """The segment's kind of update on elements [lo, hi) (p: its param, typed)."""
+    cdef int kind = s.coef.kind
+    cdef const floating *g = <const floating *>s.grad
+    cdef floating *s1 = <floating *>s.s1
+    cdef floating *s2 = <floating *>s.s2
+    cdef floating *s3 = <floating *>s.s3
+    cdef floating *out = <floating *>s.out
+    if kind == ADAM:
+        if s.coef.amsgrad:
+            adam_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, <On *>NULL, G, S, O)
+        else:
+            adam_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, <Off *>NULL, G, S, O)
+    elif kind == RMSPROP:
+        rmsprop_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, G, S, O)
+    elif s.coef.momentum:
+        sgd_range(p, g, s1, out, lo, hi, s.coef, s.key, <On *>NULL, G, S, O)
+    else:
+        sgd_range(p, g, s1, out, lo, hi, s.coef, s.key, <Off *>NULL, G, S, O)
+
+
+cdef inline void float_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
+                             StateStore *S) noexcept nogil:
+    # The gradient is float32 or the 16-bit type of the parameter.
+    cdef float *p = <float *>s.param
+    if s.ok == F16:
+        f16_blocks(s, lo, hi, S)
+    elif s.ok == BF16:
+        if s.gk == BF16:
+            kernel_range(p, s, lo, hi, <AsBF16 *>NULL, S, <AsBF16 *>NULL)
+        else:
+            kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsBF16 *>NULL)
+    else:
+        kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsOwn *>NULL)
+
+
+# float16 is converted a block at a time: the bit-exact conversions of
+# _half.h cost several times the Adam arithmetic per element, and the block
+# conversions use the F16C instructions where the level has them (the same
+# bits).  The block's float32 gradient and updated master stay in L1.
+DEF F16_BLOCK = 1024
+
+
+cdef void f16_blocks(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
+                     StateStore *S) noexcept nogil:
+    """Elements [lo, hi) of a float16 parameter, F16_BLOCK at a time: the
+    gradient widened into a buffer (if float16), the float32 update of the
+    master, the parameter rounded from it."""
+    cdef float gbuf[F16_BLOCK]
+    cdef Segment t
+    cdef Py_ssize_t b0, n
+    cdef Py_ssize_t ssize = 4 if StateStore is AsOwn else 2
+    cdef float *p
+    t = s[0]
+    t.out = NULL
+    b0 = lo
+    while b0 < hi:
+        n = min(F16_BLOCK, hi - b0)
+        # the block as a segment of its own: element i is element b0 + i
+        p = <float *>s.param + b0
+        t.param = p
+        t.s1 = <char *>s.s1 + b0 * ssize if s.s1 != NULL else NULL
+        t.s2 = <char *>s.s2 + b0 * ssize if s.s2 != NULL else NULL
+        t.s3 = <char *>s.s3 + b0 * ssize if s.s3 != NULL else NULL
+        t.key = s.key + <uint32_t>b0
+        if s.gk == F16:
+            fastopt_f16_to_f32_n(<const uint16_t *>s.grad + b0, gbuf, n)
+            t.grad = gbuf
+        else:
+            t.grad = <float *>s.grad + b0
+        kernel_range(p, &t, 0, n, <AsOwn *>NULL, S, <AsOwn *>NULL)
+        fastopt_f32_to_f16_n(p, <uint16_t *>s.out + b0, n)
+        b0 += n
+
+
+cdef bint nonfinite_range(const void *x, Py_ssize_t lo, Py_ssize_t hi, int gk,
+                          bint is_double) noexcept nogil:
+    """Whether x[lo:hi] holds an inf or NaN: an exponent field of all ones
+    (integer compares, OR-reduced: vectorized, no floating-point exceptions)."""
+    cdef const uint16_t *h = <const uint16_t *>x
+    cdef const uint32_t *w = <const uint32_t *>x
+    cdef const uint64_t *d = <const uint64_t *>x
+    cdef uint16_t e16 = 0x7c00 if gk == F16 else 0x7f80
+    cdef unsigned int acc = 0
+    cdef Py_ssize_t i
+    if gk == F16 or gk == BF16:
+        for i in range(lo, hi):
+            acc |= (h[i] & e16) == e16
+    elif is_double:
+        for i in range(lo, hi):
+            acc |= (d[i] & 0x7ff0000000000000ULL) == 0x7ff0000000000000ULL
+    else:
+        for i in range(lo, hi):
+            acc |= (w[i] & 0x7f800000U) == 0x7f800000U
+    return acc != 0
+
+
+cdef void scale_grad(floating *g, Py_ssize_t lo, Py_ssize_t hi, floating inv,
+                     Storage *G) noexcept nogil:
+    # g = g * (1/grad_scale), rounded to g's storage
+    cdef Py_ssize_t i
+    for i in range(lo, hi):
+        st(g, i, ld(g, i, G) * inv, G, 0)
 
 
 cdef inline void segment_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
     """Update elements [lo, hi) of one segment."""
-    cdef int kind = s.coef.kind
-    if s.is_double:
-        if kind == ADAM:
-            adam_range(<double *>s.param, <const double *>s.grad, <double *>s.s1,
-                       <double *>s.s2, <double *>s.s3, lo, hi, s.coef)
-        elif kind == RMSPROP:
-            rmsprop_range(<double *>s.param, <const double *>s.grad, <double *>s.s1,
-                          <double *>s.s2, <double *>s.s3, lo, hi, s.coef)
+    if s.coef.kind == CHECK:
+        if nonfinite_range(s.grad, lo, hi, s.gk, s.is_double):
+            fastopt_flag_set(s.coef.found)
+    elif s.coef.kind == UNSCALE:
+        if s.is_double:
+            scale_grad(<double *>s.grad, lo, hi, s.coef.inv_scale, <AsOwn *>NULL)
+        elif s.gk == F16:
+            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsF16 *>NULL)
+        elif s.gk == BF16:
+            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsBF16 *>NULL)
         else:
-            sgd_range(<double *>s.param, <const double *>s.grad, <double *>s.s1, lo, hi, s.coef)
+            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsOwn *>NULL)
+    elif s.is_double:
+        kernel_range(<double *>s.param, s, lo, hi, <AsOwn *>NULL, <AsOwn *>NULL, <AsOwn *>NULL)
+    elif s.sk == BF16:
+        float_range(s, lo, hi, <AsBF16 *>NULL)
+    elif s.sk == BF16_SR:
+        float_range(s, lo, hi, <AsBF16SR *>NULL)
     else:
-        if kind == ADAM:
-            adam_range(<float *>s.param, <const float *>s.grad, <float *>s.s1,
-                       <float *>s.s2, <float *>s.s3, lo, hi, s.coef)
-        elif kind == RMSPROP:
-            rmsprop_range(<float *>s.param, <const float *>s.grad, <float *>s.s1,
-                          <float *>s.s2, <float *>s.s3, lo, hi, s.coef)
-        else:
-            sgd_range(<float *>s.param, <const float *>s.grad, <float *>s.s1, lo, hi, s.coef)
+        float_range(s, lo, hi, <AsOwn *>NULL)
 
 
 ctypedef struct SegmentJob:
@@ -247,6 +435,8 @@ cdef inline void adam_coef(Coef *c, double lr, double beta1, double beta2, doubl
                            double weight_decay, bint decoupled, bint amsgrad,
                            bint maximize, double step) noexcept nogil:
     c.kind = ADAM
+    c.inv_scale = 1.0
+    c.found = NULL
     c.lr = lr
     c.eps = eps
     c.maximize = maximize
@@ -266,6 +456,8 @@ cdef inline void rmsprop_coef(Coef *c, double lr, double alpha, double eps,
                               double weight_decay, double momentum, bint centered,
                               bint maximize) noexcept nogil:
     c.kind = RMSPROP
+    c.inv_scale = 1.0
+    c.found = NULL
     c.lr = lr
     c.eps = eps
     c.maximize = maximize
@@ -282,6 +474,8 @@ cdef inline void sgd_coef(Coef *c, double lr, double momentum, double dampening,
                           bint nesterov, double weight_decay, bint maximize,
                           bint first) noexcept nogil:
     c.kind = SGD
+    c.inv_scale = 1.0
+    c.found = NULL
     c.lr = lr
     c.maximize = maximize
     c.weight_decay = weight_decay
@@ -303,12 +497,58 @@ cdef inline void fill_segment(Segment *s, cnp.ndarray param, cnp.ndarray grad, o
     s.n = cnp.PyArray_SIZE(param)
     s.offset = 0
     s.is_double = cnp.PyArray_TYPE(param) == cnp.NPY_FLOAT64
+    s.out = NULL
+    s.gk = s.sk = s.ok = NATIVE
+    s.key = 0
     s.coef = c
 
 
-cdef inline cnp.ndarray state_array(object a, str name, cnp.ndarray param):
+cdef inline cnp.ndarray state_array(object a, str name, cnp.ndarray param,
+                                    str param_name="param"):
     """An optimizer state array: like `param`, updatable in place."""
-    return writable(like(a, name, param, "param"), name)
+    return writable(like(a, name, param, param_name), name)
+
+
+cdef cnp.ndarray master_array(cnp.ndarray p, object master):
+    """The array a functional kernel updates: `p` (float32/float64), or the
+    float32 master copy of a float16/bfloat16 `p` (then written into p)."""
+    cdef int code = dtype_code(p)
+    if code == DT_F32 or code == DT_F64:
+        if master is not None:
+            raise ValueError(f"master is only for float16/bfloat16 params, but param is {p.dtype}")
+        return p
+    if master is None:
+        raise ValueError(f"a {p.dtype} param needs master, its float32 master copy "
+                         "(an array like param, updated in place)")
+    cdef cnp.ndarray w = writable(float_array(master, "master"), "master")
+    if cnp.PyArray_TYPE(w) != cnp.NPY_FLOAT32:
+        raise TypeError(f"master must have dtype float32, got {w.dtype}")
+    if not same_shape(w, p):
+        raise ValueError(f"master has shape {(<object>w).shape} but param has shape "
+                         f"{(<object>p).shape}")
+    return w
+
+
+cdef cnp.ndarray grad_for(object grad, cnp.ndarray p, cnp.ndarray w):
+    """The gradient of `p`: like p, or float32 for a float16/bfloat16 p."""
+    if w is p:
+        return like(grad, "grad", p, "param")
+    cdef cnp.ndarray g = any_float_array(grad, "grad")
+    if dtype_code(g) != dtype_code(p) and cnp.PyArray_TYPE(g) != cnp.NPY_FLOAT32:
+        raise TypeError(f"grad has dtype {g.dtype} but param has dtype {p.dtype} (the "
+                        f"gradient of a {p.dtype} param is {p.dtype} or float32)")
+    if not same_shape(g, p):
+        raise ValueError(f"grad has shape {(<object>g).shape} but param has shape "
+                         f"{(<object>p).shape}")
+    return g
+
+
+cdef inline void half_param(Segment *s, cnp.ndarray p, cnp.ndarray w, cnp.ndarray g):
+    """A segment over master `w` also writes the 16-bit `p` (and may read a 16-bit g)."""
+    if w is not p:
+        s.out = cnp.PyArray_DATA(p)
+        s.ok = store_of(dtype_code(p))
+        s.gk = store_of(dtype_code(g))
 
 
 cdef inline double step_count(object step) except -1.0:
@@ -324,16 +564,18 @@ cdef inline double step_count(object step) except -1.0:
 # ----------------------------------------------------------- functional API ---
 
 cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
-           bint decoupled, bint amsgrad, max_exp_avg_sq, bint maximize):
-    cdef cnp.ndarray p = writable(float_array(param, "param"), "param")
-    cdef cnp.ndarray g = like(grad, "grad", p, "param")
-    cdef cnp.ndarray m = state_array(exp_avg, "exp_avg", p)
-    cdef cnp.ndarray v = state_array(exp_avg_sq, "exp_avg_sq", p)
+           bint decoupled, bint amsgrad, max_exp_avg_sq, bint maximize, master):
+    cdef cnp.ndarray p = writable(any_float_array(param, "param"), "param")
+    cdef cnp.ndarray w = master_array(p, master)
+    cdef str wname = "param" if w is p else "master"
+    cdef cnp.ndarray g = grad_for(grad, p, w)
+    cdef cnp.ndarray m = state_array(exp_avg, "exp_avg", w, wname)
+    cdef cnp.ndarray v = state_array(exp_avg_sq, "exp_avg_sq", w, wname)
     cdef object vmax = None
     if amsgrad:
         if max_exp_avg_sq is None:
             raise ValueError("amsgrad=True requires max_exp_avg_sq (an array like param)")
-        vmax = state_array(max_exp_avg_sq, "max_exp_avg_sq", p)
+        vmax = state_array(max_exp_avg_sq, "max_exp_avg_sq", w, wname)
     cdef double k = step_count(step)
     cdef double lr_ = at_least(lr, "lr", 0.0)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -342,19 +584,21 @@ cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
     cdef double b2 = in_unit(betas[1], "betas[1]")
     cdef double eps_ = at_least(eps, "eps", 0.0)
     cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    check_disjoint([p, g, m, v, vmax], ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+    check_disjoint([p, g, m, v, vmax, None if w is p else w],
+                   ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"))
     g = readable(g)
     cdef Coef c
     cdef Segment s
     adam_coef(&c, lr_, b1, b2, eps_, wd, decoupled, amsgrad, maximize, k)
-    fill_segment(&s, p, g, m, v, vmax, &c)
+    fill_segment(&s, w, g, m, v, vmax, &c)
+    half_param(&s, p, w, g)
     with nogil:
         run_segments(&s, 1, s.n)
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
-              max_exp_avg_sq=None, maximize=False):
+              max_exp_avg_sq=None, maximize=False, master=None):
     """One Adam update of `param`, in place, in a single fused pass.
 
     Follows ``torch.optim.Adam``.  With g the gradient (negated if `maximize`)::
@@ -369,45 +613,51 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
 
     Parameters
     ----------
-    param : ndarray, float32 or float64, C-contiguous, aligned, writeable
-        Updated in place; native byte order.
+    param : ndarray, float32, float64, float16 or bfloat16, C-contiguous, aligned, writeable
+        Updated in place; native byte order; float16/bfloat16 through `master`.
     grad : ndarray
-        Same shape and dtype as `param`; read only, so it may be
-        non-contiguous, unaligned or byte-swapped (then it is copied first).
-        Must not overlap any array that is written.
+        Same shape and dtype as `param`, or float32 for a float16/bfloat16
+        param; read only, so it may be non-contiguous, unaligned or
+        byte-swapped (then it is copied first).  Must not overlap any array
+        that is written.
     exp_avg, exp_avg_sq : ndarray
-        First and second moment estimates, like `param`; updated in place.
-        Start them at zero.
+        First and second moment estimates, like `param` (float32 for a
+        float16/bfloat16 param); updated in place.  Start them at zero.
     step : int
         1 for the first update (bias corrections use it); at most 2**63 - 1.
     lr, betas, eps, weight_decay, decoupled_weight_decay, amsgrad, maximize
         As in ``torch.optim.Adam``.
     max_exp_avg_sq : ndarray, optional
-        Required when `amsgrad` is True; like `param`, updated in place.
+        Required when `amsgrad` is True; like `exp_avg`, updated in place.
+    master : ndarray, float32, optional
+        Required for a float16/bfloat16 `param`: its float32 master copy
+        (start it at ``param.astype(np.float32)``).  The update is computed
+        on `master` in float32 and `param` is written from it, rounded to
+        nearest even, in the same pass.
 
     Returns
     -------
     None
     """
     _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
-          decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize)
+          decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, master)
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
                eps=1e-8, weight_decay=1e-2, amsgrad=False, max_exp_avg_sq=None,
-               maximize=False):
+               maximize=False, master=None):
     """One AdamW update: `adam_step` with decoupled weight decay (default 1e-2).
 
     Follows ``torch.optim.AdamW``: ``param *= 1 - lr * weight_decay`` before the
     Adam update.  See `adam_step` for the parameters.
     """
     _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
-          True, amsgrad, max_exp_avg_sq, maximize)
+          True, amsgrad, max_exp_avg_sq, maximize, master)
 
 
 def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
                  weight_decay=0.0, momentum=0.0, momentum_buffer=None, centered=False,
-                 grad_avg=None, maximize=False):
+                 grad_avg=None, maximize=False, master=None):
     """One RMSprop update of `param`, in place, in a single fused pass.
 
     Follows ``torch.optim.RMSprop``.  With g the gradient (negated if `maximize`)::
@@ -425,15 +675,18 @@ def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
     updated in place (start them at zero); `momentum_buffer` is required when
     momentum > 0 and `grad_avg` when `centered`.  Arrays as in `adam_step`:
     the updated ones native, C-contiguous, aligned and writeable; `grad` any
-    layout and byte order.
+    layout and byte order.  A float16/bfloat16 `param` needs `master`, as in
+    `adam_step` (the state is then float32).
 
     Returns
     -------
     None
     """
-    cdef cnp.ndarray p = writable(float_array(param, "param"), "param")
-    cdef cnp.ndarray g = like(grad, "grad", p, "param")
-    cdef cnp.ndarray sq = state_array(square_avg, "square_avg", p)
+    cdef cnp.ndarray p = writable(any_float_array(param, "param"), "param")
+    cdef cnp.ndarray w = master_array(p, master)
+    cdef str wname = "param" if w is p else "master"
+    cdef cnp.ndarray g = grad_for(grad, p, w)
+    cdef cnp.ndarray sq = state_array(square_avg, "square_avg", w, wname)
     cdef double lr_ = at_least(lr, "lr", 0.0)
     cdef double a = in_unit(alpha, "alpha")
     cdef double eps_ = at_least(eps, "eps", 0.0)
@@ -443,23 +696,25 @@ def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
     if mu > 0:
         if momentum_buffer is None:
             raise ValueError("momentum > 0 requires momentum_buffer (an array like param)")
-        buf = state_array(momentum_buffer, "momentum_buffer", p)
+        buf = state_array(momentum_buffer, "momentum_buffer", w, wname)
     if centered:
         if grad_avg is None:
             raise ValueError("centered=True requires grad_avg (an array like param)")
-        gavg = state_array(grad_avg, "grad_avg", p)
-    check_disjoint([p, g, sq, buf, gavg], ("param", "grad", "square_avg", "momentum_buffer", "grad_avg"))
+        gavg = state_array(grad_avg, "grad_avg", w, wname)
+    check_disjoint([p, g, sq, buf, gavg, None if w is p else w],
+                   ("param", "grad", "square_avg", "momentum_buffer", "grad_avg", "master"))
     g = readable(g)
     cdef Coef c
     cdef Segment s
     rmsprop_coef(&c, lr_, a, eps_, wd, mu, centered, maximize)
-    fill_segment(&s, p, g, sq, buf, gavg, &c)
+    fill_segment(&s, w, g, sq, buf, gavg, &c)
+    half_param(&s, p, w, g)
     with nogil:
         run_segments(&s, 1, s.n)
 
 
 def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
-             nesterov=False, weight_decay=0.0, maximize=False, first_step=False):
+             nesterov=False, weight_decay=0.0, maximize=False, first_step=False, master=None):
     """One SGD update of `param`, in place, in a single fused pass.
 
     Follows ``torch.optim.SGD``.  With g the gradient (negated if `maximize`)::
@@ -482,13 +737,17 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     first_step : bool
         True on the first update of `momentum_buffer`: it is then set to g,
         as torch.optim.SGD does when it creates the buffer.
+    master : ndarray, float32, optional
+        Required for a float16/bfloat16 `param`, as in `adam_step`.
 
     Returns
     -------
     None
     """
-    cdef cnp.ndarray p = writable(float_array(param, "param"), "param")
-    cdef cnp.ndarray g = like(grad, "grad", p, "param")
+    cdef cnp.ndarray p = writable(any_float_array(param, "param"), "param")
+    cdef cnp.ndarray w = master_array(p, master)
+    cdef str wname = "param" if w is p else "master"
+    cdef cnp.ndarray g = grad_for(grad, p, w)
     cdef double lr_ = at_least(lr, "lr", 0.0)
     cdef double mu = at_least(momentum, "momentum", 0.0)
     cdef double damp = real(dampening, "dampening")
@@ -501,13 +760,15 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     if mu > 0:
         if momentum_buffer is None:
             raise ValueError("momentum > 0 requires momentum_buffer (an array like param)")
-        buf = state_array(momentum_buffer, "momentum_buffer", p)
-    check_disjoint([p, g, buf], ("param", "grad", "momentum_buffer"))
+        buf = state_array(momentum_buffer, "momentum_buffer", w, wname)
+    check_disjoint([p, g, buf, None if w is p else w],
+                   ("param", "grad", "momentum_buffer", "master"))
     g = readable(g)
     cdef Coef c
     cdef Segment s
     sgd_coef(&c, lr_, mu, damp, nesterov, wd, maximize, first_step)
-    fill_segment(&s, p, g, buf, None, None, &c)
+    fill_segment(&s, w, g, buf, None, None, &c)
+    half_param(&s, p, w, g)
     with nogil:
         run_segments(&s, 1, s.n)
 
@@ -535,6 +796,14 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
 # * The state arrays are views into one zeroed buffer per state kind, in
 #   parameter order, each on a 64-byte boundary: one allocation, and a step
 #   streams every state through memory in one direction.
+# * Low precision: a float16/bfloat16 parameter gets a float32 master copy
+#   (allocated like the state) that the kernels update, writing the
+#   parameter, rounded, in the same pass; `state_dtype="bfloat16"` allocates
+#   the state as bfloat16.
+# * Loss scaling: step(..., grad_scale) first runs a CHECK pass over the
+#   gradients (the same dispatch, reading only); if any holds inf or NaN,
+#   nothing is updated (no parameter, state or step count) and `found_inf`
+#   is set.
 
 from libc.stdlib cimport qsort
 from libc.stdint cimport int64_t, uintptr_t, INT64_MAX
@@ -552,7 +821,7 @@ ctypedef struct Interval:       # bytes [lo, hi) of one array that is written
     uintptr_t lo
     uintptr_t hi
     Py_ssize_t owner            # parameter index
-    int slot                    # 0: the parameter, 1..3: a state array
+    int slot                    # 0: the parameter, 1..3: a state array, 4: its master
 
 
 cdef int cmp_interval(const void *a, const void *b) noexcept nogil:
@@ -624,6 +893,133 @@ cdef bint group_flag(dict g, str key, Py_ssize_t gi) except -1:
     return bool(x)
 
 
+cdef double reciprocal_scale(object grad_scale) except? -1.0:
+    """1/grad_scale for a finite grad_scale > 0 (its reciprocal finite in float32)."""
+    cdef double sc = real(grad_scale, "grad_scale")
+    if not sc > 0:
+        raise ValueError(f"grad_scale must be > 0, got {sc!r}")
+    if 1.0 / sc > 3.4028234663852886e38:
+        raise ValueError(f"grad_scale must be >= 2**-127 (1/grad_scale must be a finite "
+                         f"float32), got {sc!r}")
+    return 1.0 / sc
+
+
+cdef int disjoint_arrays(list arrays, list names) except -1:
+    """No two of `arrays` share a byte (sorted by address: n log n)."""
+    cdef Py_ssize_t na = len(arrays), nw = 0, k
+    cdef cnp.ndarray arr
+    cdef Interval *iv = <Interval *>PyMem_Malloc(max(na, 1) * sizeof(Interval))
+    if iv == NULL:
+        raise MemoryError()
+    try:
+        for k in range(na):
+            arr = <cnp.ndarray>arrays[k]
+            if cnp.PyArray_NBYTES(arr) == 0:
+                continue
+            iv[nw].lo = <uintptr_t>cnp.PyArray_DATA(arr)
+            iv[nw].hi = iv[nw].lo + <uintptr_t>cnp.PyArray_NBYTES(arr)
+            iv[nw].owner = k
+            iv[nw].slot = 0
+            nw += 1
+        qsort(iv, nw, sizeof(Interval), cmp_interval)
+        for k in range(1, nw):
+            if iv[k].lo < iv[k - 1].hi:
+                raise ValueError(f"{names[min(iv[k - 1].owner, iv[k].owner)]} and "
+                                 f"{names[max(iv[k - 1].owner, iv[k].owner)]} overlap in memory")
+    finally:
+        PyMem_Free(iv)
+    return 0
+
+
+cdef object _bf16_dtype = None
+
+
+cdef object bfloat16_dtype(str what):
+    """numpy's bfloat16 dtype (from ml_dtypes, the optional extra)."""
+    global _bf16_dtype
+    if _bf16_dtype is None:
+        try:
+            import ml_dtypes
+            _bf16_dtype = np.dtype(ml_dtypes.bfloat16)
+        except (ImportError, AttributeError):    # (AttributeError: blocked in sys.modules)
+            raise ImportError(f"{what} needs the ml_dtypes package: "
+                              "pip install 'fastopt[bf16]' (or pip install ml_dtypes)") from None
+    return _bf16_dtype
+
+
+cdef object state_dtype_name(object state_dtype):
+    """None or "bfloat16" (the state dtypes fastopt keeps), else an error."""
+    if state_dtype is None:
+        return None
+    cdef object name = state_dtype
+    if not isinstance(state_dtype, str):
+        try:
+            name = np.dtype(state_dtype).name
+        except TypeError:
+            raise TypeError(f"state_dtype must be None or 'bfloat16', got {state_dtype!r}") from None
+    if name == "bfloat16":
+        return name
+    if name == "float16":
+        raise ValueError("state_dtype='float16' is not supported: exp_avg_sq holds squared "
+                         "gradients, which leave float16's range (6e-8 to 65504; 1e-4**2 "
+                         "flushes to 0): use 'bfloat16' (float32's range)")
+    raise ValueError(f"state_dtype must be None or 'bfloat16', got {state_dtype!r}")
+
+
+cdef void narrow(const float *f, uint16_t *h, Py_ssize_t n, int code,
+                 uint32_t key) noexcept nogil:
+    # h = f rounded to the 16-bit type (BF16_SR: r_i = hash32(key + i))
+    cdef Py_ssize_t i
+    if code == BF16_SR:
+        for i in range(n):
+            h[i] = fastopt_f32_to_bf16_sr(f[i], fastopt_hash32(key + <uint32_t>i))
+    else:
+        narrow_n(f, h, n, code)
+
+
+def _convert(src, dst, stochastic_key=None):
+    """dst[...] = src with fastopt's conversions (a test hook): float16 or
+    bfloat16 to float32, or float32 to float16 or bfloat16 (round to
+    nearest even; bfloat16 with stochastic rounding if `stochastic_key`,
+    r_i = hash32(key + i)).  Arrays C-contiguous, of one size."""
+    cdef cnp.ndarray s = any_float_array(src, "src")
+    cdef cnp.ndarray d = writable(any_float_array(dst, "dst"), "dst")
+    if not cnp.PyArray_IS_C_CONTIGUOUS(s) or cnp.PyArray_SIZE(s) != cnp.PyArray_SIZE(d):
+        raise ValueError("src must be C-contiguous, with the size of dst")
+    cdef int sc = dtype_code(s), dc = dtype_code(d)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(s)
+    cdef uint32_t key = 0
+    cdef int code
+    if sc in (DT_F16, DT_BF16) and dc == DT_F32:
+        with nogil:
+            widen_n(<const uint16_t *>cnp.PyArray_DATA(s), <float *>cnp.PyArray_DATA(d), n,
+                    store_of(sc))
+    elif sc == DT_F32 and dc in (DT_F16, DT_BF16):
+        code = store_of(dc)
+        if stochastic_key is not None:
+            if dc != DT_BF16:
+                raise ValueError("stochastic rounding is to bfloat16 only")
+            code = BF16_SR
+            key = <uint32_t>(int(stochastic_key) & 0xffffffff)
+        with nogil:
+            narrow(<const float *>cnp.PyArray_DATA(s), <uint16_t *>cnp.PyArray_DATA(d), n,
+                   code, key)
+    else:
+        raise TypeError(f"cannot convert {s.dtype} to {d.dtype}")
+
+
+def _hash32(x):
+    """fastopt_hash32 of every element of a uint32 array (a test hook)."""
+    cdef cnp.ndarray a = np.ascontiguousarray(x, dtype=np.uint32)
+    cdef cnp.ndarray o = np.empty_like(a)
+    cdef const uint32_t *pa = <const uint32_t *>cnp.PyArray_DATA(a)
+    cdef uint32_t *po = <uint32_t *>cnp.PyArray_DATA(o)
+    cdef Py_ssize_t i
+    for i in range(cnp.PyArray_SIZE(a)):
+        po[i] = fastopt_hash32(pa[i])
+    return o
+
+
 cdef class FusedStep:
     """Native state of an optimizer over a fixed list of parameter arrays.
 
@@ -631,27 +1027,49 @@ cdef class FusedStep:
     ----------
     kind : {"adam", "rmsprop", "sgd"}
     params : list of ndarray
-        float32/float64, C-contiguous, aligned, writeable, native byte order,
-        pairwise disjoint in memory, each at most once.  Updated in place by
-        `step`, which refuses a parameter whose memory, dtype, size, byte
-        order or layout was changed since.
+        float32/float64/float16/bfloat16, C-contiguous, aligned, writeable,
+        native byte order, pairwise disjoint in memory, each at most once.
+        Updated in place by `step`, which refuses a parameter whose memory,
+        dtype, size, byte order or layout was changed since; a
+        float16/bfloat16 parameter through a float32 master copy (`masters`)
+        that the step updates and rounds into it.
     group_of : list of int
         The param-group index of every parameter (non-decreasing not needed).
     slots : list of tuple of 3 bool
         Per group: which of the kind's three state arrays its parameters get
         (see `SLOT_NAMES`); they are allocated here, zero-filled, as
         64-byte-aligned views into one buffer per slot.
+    state_dtype : None or "bfloat16"
+        None: the state has the compute dtype (float64 for float64
+        parameters, else float32).  "bfloat16": half-size state (not with
+        float64 parameters), computed in float32 and rounded when stored.
+    state_rounding : {"nearest", "stochastic"}
+        How bfloat16 state is rounded: to nearest even, or stochastically
+        with the counter-based generator seeded by `seed` (see `step`).
+    seed : int in [0, 2**32)
     """
     cdef readonly int kind
     cdef readonly Py_ssize_t n, ngroups
     cdef readonly list params
     cdef readonly list states       # per parameter: [s1, s2, s3] (None if absent)
+    cdef readonly list masters      # per parameter: float32 master copy, or None
+    cdef readonly object state_dtype
+    cdef readonly str state_rounding
+    cdef readonly object seed
+    cdef public bint found_inf      # the last step saw an inf/NaN gradient and did nothing
     cdef cnp.ndarray steps_arr      # int64 per parameter
     cdef int64_t *steps
-    cdef void **ptr                 # 4 per parameter: param, s1, s2, s3
+    cdef void **ptr                 # 4 per parameter: param (or master), s1, s2, s3
+    cdef void **out                 # per parameter: the 16-bit parameter, or NULL
+    cdef int *okind                 # per parameter: Store code of `out` (NATIVE: none)
+    cdef int *pcode                 # per parameter: DT_* dtype code
     cdef int *typenum               # per parameter, as at construction
     cdef Py_ssize_t *size           # elements per parameter, as at construction
     cdef list buffers               # the state buffers (held: never resized under us)
+    cdef int skind                  # Store code of the state
+    cdef uint32_t seed_hash
+    cdef unsigned char found
+    cdef Coef check
     cdef int *group
     cdef Py_ssize_t *act            # parameter index of each active segment
     cdef bint *has                  # 3 per group: every parameter has slot k
@@ -667,6 +1085,9 @@ cdef class FusedStep:
         self.ptr = NULL
         self.typenum = NULL
         self.size = NULL
+        self.out = NULL
+        self.okind = NULL
+        self.pcode = NULL
         self.group = NULL
         self.act = NULL
         self.has = NULL
@@ -679,6 +1100,9 @@ cdef class FusedStep:
         PyMem_Free(self.ptr)
         PyMem_Free(self.typenum)
         PyMem_Free(self.size)
+        PyMem_Free(self.out)
+        PyMem_Free(self.okind)
+        PyMem_Free(self.pcode)
         PyMem_Free(self.group)
         PyMem_Free(self.act)
         PyMem_Free(self.has)
@@ -687,7 +1111,8 @@ cdef class FusedStep:
         PyMem_Free(self.coefs)
         PyMem_Free(self.written)
 
-    def __init__(self, str kind, list params, list group_of, list slots):
+    def __init__(self, str kind, list params, list group_of, list slots, state_dtype=None,
+                 state_rounding="nearest", seed=0):
         if self.ptr != NULL:
             raise RuntimeError("FusedStep is already initialized")
         if kind not in KINDS:
@@ -696,26 +1121,46 @@ cdef class FusedStep:
         cdef Py_ssize_t n = len(params), ng = len(slots), i, k, g
         if len(group_of) != n:
             raise ValueError("group_of must have one entry per parameter")
+        # Low-precision options.
+        cdef object sdt = state_dtype_name(state_dtype)
+        if state_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', "
+                             f"got {state_rounding!r}")
+        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        if not 0 <= seed.__index__() < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
+        cdef object bf16 = bfloat16_dtype("state_dtype='bfloat16'") if sdt is not None else None
         # Parameters: float, updatable in place, each at most once.
         cdef cnp.ndarray p
         cdef dict seen = {}
+        cdef list codes = []
         for i in range(n):
-            p = writable(float_array(params[i], f"params[{i}]"), f"params[{i}]")
+            p = writable(any_float_array(params[i], f"params[{i}]"), f"params[{i}]")
             if id(p) in seen:
                 raise ValueError(f"params[{seen[id(p)]}] and params[{i}] are the same array "
                                  "(a parameter may appear only once)")
             seen[id(p)] = i
+            codes.append(dtype_code(p))
+            if sdt is not None and codes[i] == DT_F64:
+                raise ValueError(f"state_dtype='bfloat16' needs float32, float16 or bfloat16 "
+                                 f"parameters, but params[{i}] is float64")
             g = group_of[i]
             if not 0 <= g < ng:
                 raise ValueError(f"group_of[{i}] = {g} is not a group index")
         cdef tuple names = SLOT_NAMES[self.kind]
         for g in range(ng):
+            if not isinstance(slots[g], (tuple, list)) or len(slots[g]) != 3:
+                raise ValueError(f"slots[{g}] must be a tuple of 3 bools, got {slots[g]!r}")
             for k in range(3):
                 if slots[g][k] and names[k] is None:
                     raise ValueError(f"this optimizer has no state slot {k}")
         # Allocate everything before building any state, so a MemoryError
         # leaves nothing half-made.
         self.ptr = <void **>PyMem_Malloc(4 * max(n, 1) * sizeof(void *))
+        self.out = <void **>PyMem_Malloc(max(n, 1) * sizeof(void *))
+        self.okind = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
+        self.pcode = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
         self.typenum = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
         self.size = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
         self.group = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
@@ -724,10 +1169,11 @@ cdef class FusedStep:
         self.hyper = <Hyper *>PyMem_Malloc(max(ng, 1) * sizeof(Hyper))
         self.segs = <Segment *>PyMem_Malloc(max(n, 1) * sizeof(Segment))
         self.coefs = <Coef *>PyMem_Malloc(max(n, 1) * sizeof(Coef))
-        self.written = <Interval *>PyMem_Malloc(4 * max(n, 1) * sizeof(Interval))
-        if (self.ptr == NULL or self.typenum == NULL or self.size == NULL or self.group == NULL
-                or self.act == NULL or self.has == NULL or self.hyper == NULL
-                or self.segs == NULL or self.coefs == NULL
+        self.written = <Interval *>PyMem_Malloc(5 * max(n, 1) * sizeof(Interval))
+        if (self.ptr == NULL or self.out == NULL or self.okind == NULL or self.pcode == NULL
+                or self.typenum == NULL or self.size == NULL
+                or self.group == NULL or self.act == NULL or self.has == NULL
+                or self.hyper == NULL or self.segs == NULL or self.coefs == NULL
                 or self.written == NULL):
             raise MemoryError()
         for g in range(ng):
@@ -737,28 +1183,45 @@ cdef class FusedStep:
         self.ngroups = ng
         self.params = list(params)
         self.states = []
+        self.masters = []
+        self.state_dtype = sdt
+        self.state_rounding = state_rounding
+        self.seed = seed.__index__()
+        self.seed_hash = fastopt_hash32(<uint32_t>self.seed)
+        self.skind = NATIVE if sdt is None else (BF16_SR if state_rounding == "stochastic" else BF16)
+        self.found_inf = False
         cdef cnp.npy_intp nsteps = n
         self.steps_arr = <cnp.ndarray>cnp.PyArray_ZEROS(1, &nsteps, cnp.NPY_INT64, 0)
         self.steps = <int64_t *>cnp.PyArray_DATA(self.steps_arr)
-        # Each state slot is one zeroed buffer with every array at a 64-byte
+        # Dtypes: slots 0-2 the state, slot 3 the master copies.
+        cdef list dtypes = [[None] * 4 for i in range(n)]
+        for i in range(n):
+            for k in range(3):
+                if self.has[3 * group_of[i] + k]:
+                    dtypes[i][k] = (np.dtype(np.float64) if codes[i] == DT_F64
+                                    else bf16 if sdt is not None else np.dtype(np.float32))
+            if codes[i] == DT_F16 or codes[i] == DT_BF16:
+                dtypes[i][3] = np.dtype(np.float32)
+        # Each slot is one zeroed buffer with every array at a 64-byte
         # aligned offset, in parameter order: a step streams each state
         # through memory in one direction, and it is one allocation, not n.
-        cdef list buffers = [None, None, None]
+        cdef list buffers = [None, None, None, None]
         cdef Py_ssize_t nbytes, total_bytes
         cdef bint used
-        for k in range(3):
+        for k in range(4):
             total_bytes = 0
             used = False
             for i in range(n):
-                if self.has[3 * group_of[i] + k]:
+                if dtypes[i][k] is not None:
                     used = True
-                    total_bytes += padded(cnp.PyArray_NBYTES(<cnp.ndarray>self.params[i]))
+                    total_bytes += padded(cnp.PyArray_SIZE(<cnp.ndarray>params[i])
+                                          * dtypes[i][k].itemsize)
             if used:       # (also when every parameter is empty: views of no bytes)
                 buf = np.zeros(total_bytes + STATE_ALIGN, np.uint8)
                 buffers[k] = buf[(-buf.ctypes.data) % STATE_ALIGN:]
         self.buffers = buffers
-        cdef Py_ssize_t[3] offset
-        offset[0] = offset[1] = offset[2] = 0
+        cdef Py_ssize_t[4] offset
+        offset[0] = offset[1] = offset[2] = offset[3] = 0
         cdef list st
         cdef cnp.ndarray s
         cdef Py_ssize_t nw = 0
@@ -766,22 +1229,34 @@ cdef class FusedStep:
             p = <cnp.ndarray>self.params[i]
             g = group_of[i]
             self.group[i] = <int>g
-            self.ptr[4 * i] = cnp.PyArray_DATA(p)
+            self.pcode[i] = codes[i]
             self.typenum[i] = cnp.PyArray_TYPE(p)
             self.size[i] = cnp.PyArray_SIZE(p)
             self.add_written(&nw, p, i, 0)
-            st = [None, None, None]
-            for k in range(3):
-                self.ptr[4 * i + 1 + k] = NULL
-                if self.has[3 * g + k]:
-                    nbytes = cnp.PyArray_NBYTES(p)
-                    s = buffers[k][offset[k]:offset[k] + nbytes].view(p.dtype).reshape(
+            st = [None, None, None, None]
+            for k in range(4):
+                if dtypes[i][k] is not None:
+                    nbytes = cnp.PyArray_SIZE(p) * dtypes[i][k].itemsize
+                    s = buffers[k][offset[k]:offset[k] + nbytes].view(dtypes[i][k]).reshape(
                         (<object>p).shape)
                     offset[k] += padded(nbytes)
                     st[k] = s
-                    self.ptr[4 * i + 1 + k] = cnp.PyArray_DATA(s)
                     self.add_written(&nw, s, i, 1 + k)
-            self.states.append(st)
+                if k < 3:
+                    self.ptr[4 * i + 1 + k] = cnp.PyArray_DATA(st[k]) if st[k] is not None else NULL
+            self.okind[i] = store_of(codes[i])
+            if st[3] is not None:
+                # a 16-bit parameter: the kernels update its master copy
+                s = st[3]
+                widen_n(<const uint16_t *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(s),
+                        cnp.PyArray_SIZE(p), self.okind[i])
+                self.ptr[4 * i] = cnp.PyArray_DATA(s)
+                self.out[i] = cnp.PyArray_DATA(p)
+            else:
+                self.ptr[4 * i] = cnp.PyArray_DATA(p)
+                self.out[i] = NULL
+            self.masters.append(st[3])
+            self.states.append(st[:3])
         self.nwritten = nw
         qsort(self.written, nw, sizeof(Interval), cmp_interval)
         cdef Interval *a
@@ -809,6 +1284,8 @@ cdef class FusedStep:
     cdef str array_name(self, Py_ssize_t i, int slot):
         if slot == 0:
             return f"params[{i}]"
+        if slot == 4:
+            return f"state[{i}]['master_param']"
         return f"state[{i}][{SLOT_NAMES[self.kind][slot - 1]!r}]"
 
     cdef Py_ssize_t find_written(self, uintptr_t lo, uintptr_t hi) noexcept:
@@ -913,24 +1390,30 @@ cdef class FusedStep:
             sgd_coef(c, h.lr, h.momentum, h.dampening, h.nesterov, h.weight_decay,
                      h.maximize, step == 1)
 
-    def step(self, grads, groups):
+    def step(self, grads, groups, grad_scale=None):
         """Update every parameter whose gradient is not None, in one native call.
 
         `grads` is a list (or tuple) with one entry per parameter, in order:
-        an ndarray of the parameter's dtype and shape, or None to leave that
-        parameter (and its state and step count) untouched.  `groups` are the
-        param-group dicts, read for this step's hyperparameters.
+        an ndarray of the parameter's dtype (or float32 for a float16/bfloat16
+        parameter) and shape, or None to leave that parameter (and its state
+        and step count) untouched.  `groups` are the param-group dicts, read
+        for this step's hyperparameters.
+
+        `grad_scale`: the gradients are multiplied by 1/grad_scale (a finite
+        number > 0; its reciprocal rounded to the compute dtype) as they are
+        read.  If any of them holds an inf or NaN, nothing changes and
+        `found_inf` is set (else cleared).
+
+        Stochastic rounding of bfloat16 state: element i of parameter j at
+        its step count t (after this update) draws the 32 random bits
+        ``r = hash32(key + i)``, ``key = hash32(hash32(hash32(seed) ^ j) ^ t)``
+        (all mod 2**32); the first state array of `SLOT_NAMES` rounds with the
+        high 16 bits of r, the second with its low 16 bits, the third with
+        the high 16 bits of hash32(r).
         """
-        cdef list gl
-        cdef Py_ssize_t i, k, j, nact = 0, total = 0
-        cdef object gobj
-        cdef cnp.ndarray ga, p
-        cdef list keep = None          # contiguous copies of strided grads
-        cdef Segment *s
-        cdef char *glo
-        cdef char *ghi
-        cdef int t
-        cdef const Hyper *h
+        cdef Py_ssize_t nact = 0, total = 0
+        cdef double inv = 1.0
+        cdef bint scaled = grad_scale is not None, found = False
         # Busy from the first check to the end: the checks may run Python code
         # (a custom number's __float__) that lets another thread in.
         if self.busy:
@@ -938,76 +1421,170 @@ cdef class FusedStep:
         self.busy = True
         try:
             self.parse_groups(groups)
-            # A private copy of the list: the arrays it references stay alive
-            # while the GIL is released, whatever other threads do to `grads`.
-            if type(grads) is list or type(grads) is tuple:
-                gl = list(grads)
-            else:
-                raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
-            if len(gl) != self.n:
-                raise ValueError(f"expected {self.n} grads (one per parameter, in order; "
-                                 f"None skips a parameter), got {len(gl)}")
-            for i in range(self.n):
-                gobj = gl[i]
-                if gobj is None:
-                    continue
-                p = <cnp.ndarray>self.params[i]
-                t = self.typenum[i]
-                # The kernel writes through the pointer and size recorded at
-                # construction: the array must still be that memory (Python
-                # code can change an array's dtype or byte order in place, or
-                # resize an array it holds the only other reference to).
-                if (cnp.PyArray_DATA(p) != self.ptr[4 * i] or cnp.PyArray_TYPE(p) != t
-                        or cnp.PyArray_SIZE(p) != self.size[i] or not direct(p)):
-                    raise ValueError(f"params[{i}] is no longer the array the optimizer was "
-                                     "made with (its memory, dtype, size, byte order or "
-                                     "layout was changed)")
-                h = &self.hyper[self.group[i]]
-                if self.steps[i] == INT64_MAX and (self.kind != SGD or h.momentum != 0):
-                    raise ValueError(f"params[{i}] has taken 2**63 - 1 steps, the most its "
-                                     "step count can hold")
-                if not cnp.PyArray_Check(gobj):
-                    raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, "
-                                    f"got {type(gobj).__name__}")
-                ga = <cnp.ndarray>gobj
-                if cnp.PyArray_TYPE(ga) != t:
-                    raise TypeError(f"grads[{i}] has dtype {ga.dtype} but params[{i}] has dtype {p.dtype}")
-                if not same_shape(ga, p):
-                    raise ValueError(f"grads[{i}] has shape {(<object>ga).shape} but params[{i}] "
-                                     f"has shape {(<object>p).shape}")
-                if not cnp.PyArray_ISWRITEABLE(p):
-                    raise ValueError(f"params[{i}] is read-only and cannot be updated in place")
-                extent(ga, &glo, &ghi)
-                if glo < ghi:
-                    j = self.find_written(<uintptr_t>glo, <uintptr_t>ghi)
-                    if j >= 0:
-                        raise ValueError(f"grads[{i}] overlaps "
-                                         f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
-                                         "in memory")
-                if not direct(ga):
-                    ga = readable(ga)      # a private native contiguous copy
-                    if keep is None:
-                        keep = []
-                    keep.append(ga)
-                s = &self.segs[nact]
-                s.param = self.ptr[4 * i]
-                s.grad = cnp.PyArray_DATA(ga)
-                s.s1 = self.ptr[4 * i + 1]
-                s.s2 = self.ptr[4 * i + 2]
-                s.s3 = self.ptr[4 * i + 3]
-                s.n = self.size[i]
-                s.offset = total
-                s.is_double = t == cnp.NPY_FLOAT64
-                total += s.n
-                self.act[nact] = i
-                nact += 1
+            if scaled:
+                inv = reciprocal_scale(grad_scale)
+            keep = self.parse_grads(grads, False, &nact, &total)
             # Everything is valid: from here on nothing can fail.
             with nogil:
-                self.run(nact, total)
+                if scaled:
+                    found = self.nonfinite(nact, total)
+                if not found:
+                    self.run(nact, total, inv)
+            self.found_inf = found
         finally:
             self.busy = False
 
-    cdef void run(self, Py_ssize_t nact, Py_ssize_t total) noexcept nogil:
+    def unscale_(self, grads, grad_scale):
+        """Multiply the gradients by 1/grad_scale in place (in their own
+        dtypes) and return whether any of them holds an inf or NaN (checked
+        first, in one parallel pass).  `grads` as for `step`; every array
+        given must be C-contiguous, aligned, writeable and disjoint from the
+        others and from the optimizer's arrays."""
+        cdef Py_ssize_t nact = 0, total = 0, k
+        cdef bint found
+        if self.busy:
+            raise RuntimeError("unscale_() called during a step of the same optimizer")
+        self.busy = True
+        try:
+            self.check.kind = CHECK
+            self.check.inv_scale = reciprocal_scale(grad_scale)
+            keep = self.parse_grads(grads, True, &nact, &total)
+            with nogil:
+                found = self.nonfinite(nact, total)
+                self.check.kind = UNSCALE
+                for k in range(nact):
+                    self.segs[k].coef = &self.check
+                run_segments(self.segs, nact, total)
+            return found
+        finally:
+            self.busy = False
+
+    cdef int check_param(self, Py_ssize_t i) except -1:
+        """params[i] is still the array the step writes through: the pointer,
+        dtype and size recorded at construction (Python code can change an
+        array's dtype or byte order in place, or resize an array it holds the
+        only other reference to), and it can still take a step."""
+        cdef cnp.ndarray p = <cnp.ndarray>self.params[i]
+        cdef void *data = self.out[i] if self.out[i] != NULL else self.ptr[4 * i]
+        if (cnp.PyArray_DATA(p) != data or cnp.PyArray_TYPE(p) != self.typenum[i]
+                or cnp.PyArray_SIZE(p) != self.size[i] or not direct(p)):
+            raise ValueError(f"params[{i}] is no longer the array the optimizer was "
+                             "made with (its memory, dtype, size, byte order or "
+                             "layout was changed)")
+        if not cnp.PyArray_ISWRITEABLE(p):
+            raise ValueError(f"params[{i}] is read-only and cannot be updated in place")
+        return 0
+
+    cdef int check_step_room(self, Py_ssize_t i) except -1:
+        """params[i]'s step count can count one more step (after parse_groups)."""
+        cdef const Hyper *h = &self.hyper[self.group[i]]
+        if self.steps[i] == INT64_MAX and (self.kind != SGD or h.momentum != 0):
+            raise ValueError(f"params[{i}] has taken 2**63 - 1 steps, the most its "
+                             "step count can hold")
+        return 0
+
+    cdef void fill_segment_of(self, Py_ssize_t i, Py_ssize_t na, void *grad, int gk,
+                              Py_ssize_t offset) noexcept:
+        cdef Segment *s = &self.segs[na]
+        s.param = self.ptr[4 * i]
+        s.grad = grad
+        s.s1 = self.ptr[4 * i + 1]
+        s.s2 = self.ptr[4 * i + 2]
+        s.s3 = self.ptr[4 * i + 3]
+        s.out = self.out[i]
+        s.n = self.size[i]
+        s.offset = offset
+        s.is_double = self.pcode[i] == DT_F64
+        s.gk = gk
+        s.sk = self.skind
+        s.ok = self.okind[i]
+        s.key = 0
+        self.act[na] = i
+
+    cdef object parse_grads(self, object grads, bint in_place, Py_ssize_t *nact,
+                            Py_ssize_t *total):
+        """Check `grads` and fill self.segs with the active ones; returns the
+        private native contiguous copies of the grads that are not (strided,
+        unaligned or byte-swapped), to keep alive while they are used.
+        `in_place` (unscale_): the grads will be written (no copies; disjoint
+        from each other); otherwise a step follows (parse_groups ran)."""
+        cdef list gl
+        cdef Py_ssize_t i, j, na = 0, tot = 0
+        cdef object gobj
+        cdef cnp.ndarray ga, p
+        cdef list keep = None
+        cdef char *glo
+        cdef char *ghi
+        cdef int pc, gc
+        # A private copy of the list: the arrays it references stay alive
+        # while the GIL is released, whatever other threads do to `grads`.
+        if type(grads) is list or type(grads) is tuple:
+            gl = list(grads)
+        else:
+            raise TypeError(f"grads must be a list or tuple of arrays, got {type(grads).__name__}")
+        if len(gl) != self.n:
+            raise ValueError(f"expected {self.n} grads (one per parameter, in order; "
+                             f"None skips a parameter), got {len(gl)}")
+        for i in range(self.n):
+            gobj = gl[i]
+            if gobj is None:
+                continue
+            p = <cnp.ndarray>self.params[i]
+            self.check_param(i)
+            if not in_place:
+                self.check_step_room(i)
+            if not cnp.PyArray_Check(gobj):
+                raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, "
+                                f"got {type(gobj).__name__}")
+            ga = <cnp.ndarray>gobj
+            pc = self.pcode[i]
+            gc = dtype_code(ga)
+            if gc != pc and not (gc == DT_F32 and (pc == DT_F16 or pc == DT_BF16)):
+                raise TypeError(f"grads[{i}] has dtype {ga.dtype} but params[{i}] has dtype "
+                                f"{p.dtype}" + (f" (the gradient of a {p.dtype} parameter is "
+                                                f"{p.dtype} or float32)" if self.out[i] != NULL
+                                                else ""))
+            if not same_shape(ga, p):
+                raise ValueError(f"grads[{i}] has shape {(<object>ga).shape} but params[{i}] "
+                                 f"has shape {(<object>p).shape}")
+            if in_place:
+                writable(ga, f"grads[{i}]")
+            # Every byte the gradient can reach, before any copy: a gradient
+            # that shares memory with what the step writes is refused.
+            extent(ga, &glo, &ghi)
+            if glo < ghi:
+                j = self.find_written(<uintptr_t>glo, <uintptr_t>ghi)
+                if j >= 0:
+                    raise ValueError(f"grads[{i}] overlaps "
+                                     f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
+                                     "in memory")
+            if not direct(ga):
+                ga = readable(ga)      # a private native contiguous copy
+                if keep is None:
+                    keep = []
+                keep.append(ga)
+            self.fill_segment_of(i, na, cnp.PyArray_DATA(ga), store_of(gc), tot)
+            tot += self.size[i]
+            na += 1
+        if in_place:
+            disjoint_arrays([gl[self.act[j]] for j in range(na)],
+                            [f"grads[{self.act[j]}]" for j in range(na)])
+        nact[0] = na
+        total[0] = tot
+        return keep
+
+    cdef bint nonfinite(self, Py_ssize_t nact, Py_ssize_t total) noexcept nogil:
+        """Whether a gradient of the active segments holds inf or NaN."""
+        cdef Py_ssize_t k
+        self.found = 0
+        self.check.kind = CHECK
+        self.check.found = &self.found
+        for k in range(nact):
+            self.segs[k].coef = &self.check
+        run_segments(self.segs, nact, total)
+        return self.found != 0
+
+    cdef void run(self, Py_ssize_t nact, Py_ssize_t total, double inv_scale) noexcept nogil:
         cdef Py_ssize_t k, i, nc = 0
         cdef int g, prev_g = -1
         cdef int64_t st, prev_st = -1
@@ -1023,13 +1600,46 @@ cdef class FusedStep:
             st = self.steps[i] + 1 if counts else self.steps[i]
             if g != prev_g or st != prev_st:
                 self.fill_coef(&self.coefs[nc], h, st)
+                self.coefs[nc].inv_scale = inv_scale
                 nc += 1
                 prev_g = g
                 prev_st = st
             self.segs[k].coef = &self.coefs[nc - 1]
+            self.segs[k].key = fastopt_hash32(fastopt_hash32(self.seed_hash ^ <uint32_t>i)
+                                              ^ <uint32_t>st)
             if counts:
                 self.steps[i] = st
         run_segments(self.segs, nact, total)
+
+    def set_rounding(self, state_rounding, seed):
+        """Change how bfloat16 state is rounded (arguments as at construction)."""
+        if state_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', "
+                             f"got {state_rounding!r}")
+        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+        if not 0 <= seed.__index__() < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
+        if self.busy:
+            raise RuntimeError("set_rounding() called during a step of the same optimizer")
+        self.state_rounding = state_rounding
+        self.seed = seed.__index__()
+        self.seed_hash = fastopt_hash32(<uint32_t>self.seed)
+        if self.state_dtype is not None:
+            self.skind = BF16_SR if state_rounding == "stochastic" else BF16
+
+    def sync_params(self):
+        """Write every float16/bfloat16 parameter from its master copy
+        (rounded to nearest even), e.g. after the masters were loaded."""
+        cdef Py_ssize_t i
+        cdef cnp.ndarray p
+        for i in range(self.n):
+            if self.out[i] != NULL:
+                p = <cnp.ndarray>self.params[i]
+                writable(p, f"params[{i}]")
+                with nogil:
+                    narrow(<const float *>self.ptr[4 * i], <uint16_t *>self.out[i],
+                           cnp.PyArray_SIZE(p), self.okind[i], 0)
 
     # ---------------------------------------------------------- step counts
 
@@ -1042,7 +1652,7 @@ cdef class FusedStep:
         in [0, 2**63 - 2], so that a step can still count itself."""
         if self.busy:
             raise RuntimeError("set_steps() called during a step of the same optimizer")
-        a = np.asarray(steps)
+        a = np.array(steps)        # a private copy: what is checked is what is set
         if a.shape != (self.n,):
             raise ValueError(f"steps must have shape ({self.n},), got {a.shape}")
         if a.dtype.kind not in "iu":
@@ -1080,7 +1690,6 @@ cdef class FusedStep:
         cdef const uintptr_t *av
         cdef uintptr_t a
         cdef Py_ssize_t i, j, k, nact = 0, total = 0, nb
-        cdef Segment *s
         cdef double c
         cdef bint sc_double = False
         if self.busy:
@@ -1109,6 +1718,9 @@ cdef class FusedStep:
                 if a == 0:
                     continue
                 p = <cnp.ndarray>self.params[i]
+                self.check_param(i)
+                if sc is None:
+                    self.check_step_room(i)
                 nb = cnp.PyArray_NBYTES(p)
                 if nb > 0:
                     if a % <uintptr_t>cnp.PyArray_ITEMSIZE(p) != 0:
@@ -1126,17 +1738,8 @@ cdef class FusedStep:
                         (<float *>cnp.PyArray_DATA(sc))[i]
                     if not (0.0 <= c <= 9007199254740992.0 and c == floor(c)):
                         raise ValueError(f"step_counts[{i}] must be a whole number >= 0, got {c!r}")
-                s = &self.segs[nact]
-                s.param = self.ptr[4 * i]
-                s.grad = <void *>a
-                s.s1 = self.ptr[4 * i + 1]
-                s.s2 = self.ptr[4 * i + 2]
-                s.s3 = self.ptr[4 * i + 3]
-                s.n = cnp.PyArray_SIZE(p)
-                s.offset = total
-                s.is_double = cnp.PyArray_TYPE(p) == cnp.NPY_FLOAT64
-                total += s.n
-                self.act[nact] = i
+                self.fill_segment_of(i, nact, <void *>a, self.okind[i], total)
+                total += self.size[i]
                 nact += 1
             # Everything is valid: from here on nothing can fail.
             if sc is not None:
@@ -1145,7 +1748,7 @@ cdef class FusedStep:
                     self.steps[i] = <int64_t>((<double *>cnp.PyArray_DATA(sc))[i] if sc_double
                                               else (<float *>cnp.PyArray_DATA(sc))[i])
             with nogil:
-                self.run(nact, total)
+                self.run(nact, total, 1.0)
             if sc is not None:
                 for k in range(nact):
                     i = self.act[k]
@@ -1181,6 +1784,7 @@ ctypedef struct Chunk:
     void *data
     Py_ssize_t n
     bint is_double
+    int kind            # Store code: NATIVE, F16 or BF16 (read as float32)
 
 
 cdef inline double max_nan(double a, double b) noexcept nogil:
@@ -1188,7 +1792,8 @@ cdef inline double max_nan(double a, double b) noexcept nogil:
     return a if (a > b or a != a) else b
 
 
-cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noexcept nogil:
+cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p,
+                       Storage *t) noexcept nogil:
     # 2: sum x^2;  1: sum |x|;  inf: max |x|;  p: sum |x|^p   (all in double)
     cdef double acc[8]
     cdef Py_ssize_t i, j, n8 = n - n % 8
@@ -1199,17 +1804,17 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
     if mode == NORM_2:
         for i in range(0, n8, 8):
             for j in range(8):
-                a = <double>x[i + j]
+                a = <double>ld(x, i + j, t)
                 acc[j] = acc[j] + a * a
         for i in range(n8, n):
-            a = <double>x[i]
+            a = <double>ld(x, i, t)
             acc[i - n8] = acc[i - n8] + a * a
     elif mode == NORM_1:
         for i in range(0, n8, 8):
             for j in range(8):
-                acc[j] = acc[j] + fabs(<double>x[i + j])
+                acc[j] = acc[j] + fabs(<double>ld(x, i + j, t))
         for i in range(n8, n):
-            acc[i - n8] = acc[i - n8] + fabs(<double>x[i])
+            acc[i - n8] = acc[i - n8] + fabs(<double>ld(x, i, t))
     elif mode == NORM_INF:
         # The max alone drops NaN; the sum of |x| (terms >= 0, so never
         # inf - inf) is NaN exactly when some x is.  Both vectorize.
@@ -1217,11 +1822,11 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
             tot[j] = 0.0
         for i in range(0, n8, 8):
             for j in range(8):
-                a = fabs(<double>x[i + j])
+                a = fabs(<double>ld(x, i + j, t))
                 acc[j] = a if a > acc[j] else acc[j]
                 tot[j] = tot[j] + a
         for i in range(n8, n):
-            a = fabs(<double>x[i])
+            a = fabs(<double>ld(x, i, t))
             acc[i - n8] = a if a > acc[i - n8] else acc[i - n8]
             tot[i - n8] = tot[i - n8] + a
         for j in range(8):
@@ -1231,39 +1836,49 @@ cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p) noex
                    max(max(acc[4], acc[5]), max(acc[6], acc[7])))
     else:
         for i in range(n):
-            acc[i % 8] = acc[i % 8] + pow(fabs(<double>x[i]), p)
+            acc[i % 8] = acc[i % 8] + pow(fabs(<double>ld(x, i, t)), p)
     return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
 
 
 cdef inline double chunk_value(const Chunk *c, int mode, double p) noexcept nogil:
     if c.is_double:
-        return chunk_norm(<const double *>c.data, c.n, mode, p)
-    return chunk_norm(<const float *>c.data, c.n, mode, p)
+        return chunk_norm(<const double *>c.data, c.n, mode, p, <AsOwn *>NULL)
+    if c.kind == F16:
+        return chunk_norm(<const float *>c.data, c.n, mode, p, <AsF16 *>NULL)
+    if c.kind == BF16:
+        return chunk_norm(<const float *>c.data, c.n, mode, p, <AsBF16 *>NULL)
+    return chunk_norm(<const float *>c.data, c.n, mode, p, <AsOwn *>NULL)
 
 
-cdef void scale_range(floating *x, Py_ssize_t n, double coef) noexcept nogil:
+cdef void scale_range(floating *x, Py_ssize_t n, double coef, Storage *t) noexcept nogil:
+    # 16-bit: computed in float32 and rounded
     cdef floating c = <floating>coef
     cdef Py_ssize_t i
     for i in range(n):
-        x[i] = x[i] * c
+        st(x, i, ld(x, i, t) * c, t, 0)
 
 
 cdef inline void scale_chunk(const Chunk *c, double coef) noexcept nogil:
     if c.is_double:
-        scale_range(<double *>c.data, c.n, coef)
+        scale_range(<double *>c.data, c.n, coef, <AsOwn *>NULL)
+    elif c.kind == F16:
+        scale_range(<float *>c.data, c.n, coef, <AsF16 *>NULL)
+    elif c.kind == BF16:
+        scale_range(<float *>c.data, c.n, coef, <AsBF16 *>NULL)
     else:
-        scale_range(<float *>c.data, c.n, coef)
+        scale_range(<float *>c.data, c.n, coef, <AsOwn *>NULL)
 
 
-cdef inline void clamp_range(floating *x, Py_ssize_t n, double clip) noexcept nogil:
-    # x = min(max(x, -clip), clip); NaN stays NaN (both comparisons are false)
+cdef void clamp_range(floating *x, Py_ssize_t n, double clip, Storage *t) noexcept nogil:
+    # x = min(max(x, -clip), clip); NaN stays NaN (both comparisons are false).
+    # 16-bit: compared in float32, the bound rounded to the storage as stored.
     cdef floating hi = <floating>clip, lo = -hi, v
     cdef Py_ssize_t i
     for i in range(n):
-        v = x[i]
+        v = ld(x, i, t)
         v = hi if v > hi else v
         v = lo if v < lo else v
-        x[i] = v
+        st(x, i, v, t, 0)
 
 
 ctypedef struct NormJob:
@@ -1288,9 +1903,13 @@ cdef void clamp_job_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
     cdef const NormJob *j = <const NormJob *>ctx
     cdef const Chunk *c = &j.chunks[k]
     if c.is_double:
-        clamp_range(<double *>c.data, c.n, j.coef)
+        clamp_range(<double *>c.data, c.n, j.coef, <AsOwn *>NULL)
+    elif c.kind == F16:
+        clamp_range(<float *>c.data, c.n, j.coef, <AsF16 *>NULL)
+    elif c.kind == BF16:
+        clamp_range(<float *>c.data, c.n, j.coef, <AsBF16 *>NULL)
     else:
-        clamp_range(<float *>c.data, c.n, j.coef)
+        clamp_range(<float *>c.data, c.n, j.coef, <AsOwn *>NULL)
 
 
 cdef list grad_arrays(object grads, list names):
@@ -1309,37 +1928,9 @@ cdef list grad_arrays(object grads, list names):
     for i, a in enumerate(grads):
         if a is None:
             continue
-        arrays.append(writable(float_array(a, f"grads[{i}]"), f"grads[{i}]"))
+        arrays.append(writable(any_float_array(a, f"grads[{i}]"), f"grads[{i}]"))
         names.append(f"grads[{i}]")
     return arrays
-
-
-cdef int check_grads_disjoint(list arrays, list names) except -1:
-    """No two of `arrays` share memory (each is updated exactly once):
-    sorted by address, neighbours compared."""
-    cdef Py_ssize_t na = len(arrays), nw = 0, i, k
-    cdef cnp.ndarray arr
-    cdef Interval *iv = <Interval *>PyMem_Malloc(max(na, 1) * sizeof(Interval))
-    if iv == NULL:
-        raise MemoryError()
-    try:
-        for i in range(na):
-            arr = <cnp.ndarray>arrays[i]
-            if cnp.PyArray_NBYTES(arr) == 0:
-                continue
-            iv[nw].lo = <uintptr_t>cnp.PyArray_DATA(arr)
-            iv[nw].hi = iv[nw].lo + <uintptr_t>cnp.PyArray_NBYTES(arr)
-            iv[nw].owner = i
-            iv[nw].slot = 0
-            nw += 1
-        qsort(iv, nw, sizeof(Interval), cmp_interval)
-        for k in range(1, nw):
-            if iv[k].lo < iv[k - 1].hi:
-                raise ValueError(f"{names[min(iv[k - 1].owner, iv[k].owner)]} and "
-                                 f"{names[max(iv[k - 1].owner, iv[k].owner)]} overlap in memory")
-    finally:
-        PyMem_Free(iv)
-    return 0
 
 
 cdef Chunk *grad_chunks(list arrays, Py_ssize_t *nchunks, Py_ssize_t *total) except NULL:
@@ -1348,6 +1939,7 @@ cdef Chunk *grad_chunks(list arrays, Py_ssize_t *nchunks, Py_ssize_t *total) exc
     cdef Py_ssize_t i, k = 0, m, lo, itemsize
     cdef cnp.ndarray arr
     cdef bint is_double
+    cdef int kind
     cdef char *base
     nchunks[0] = 0
     total[0] = 0
@@ -1362,12 +1954,14 @@ cdef Chunk *grad_chunks(list arrays, Py_ssize_t *nchunks, Py_ssize_t *total) exc
         arr = <cnp.ndarray>arrays[i]
         m = cnp.PyArray_SIZE(arr)
         is_double = cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64
-        itemsize = 8 if is_double else 4
+        kind = store_of(dtype_code(arr))
+        itemsize = cnp.PyArray_ITEMSIZE(arr)
         base = <char *>cnp.PyArray_DATA(arr)
         for lo in range(0, m, NORM_CHUNK):
             chunks[k].data = base + lo * itemsize
             chunks[k].n = min(NORM_CHUNK, m - lo)
             chunks[k].is_double = is_double
+            chunks[k].kind = kind
             k += 1
     return chunks
 
@@ -1412,8 +2006,9 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
     Parameters
     ----------
     grads : ndarray or sequence of (ndarray or None)
-        float32/float64, C-contiguous, writeable, native byte order,
-        disjoint; None is skipped.
+        float32/float64/float16/bfloat16, C-contiguous, writeable, native
+        byte order, disjoint; None is skipped.  16-bit gradients are read
+        as float32 and scaled in float32, rounded to nearest.
     max_norm : float
         >= 0; ``inf`` computes the norm and scales nothing (unless the norm
         is itself NaN or inf: then, as in PyTorch, the factor is NaN).
@@ -1445,7 +2040,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
         raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}")
     cdef int mode = (NORM_INF if p == INFINITY else NORM_2 if p == 2.0
                      else NORM_1 if p == 1.0 else NORM_P)
-    check_grads_disjoint(arrays, names)
+    disjoint_arrays(arrays, names)
     cdef Py_ssize_t nchunks, total, k
     cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
     cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
@@ -1494,7 +2089,7 @@ def clip_grad_value_(grads, clip_value):
 
     Follows ``torch.nn.utils.clip_grad_value_``: ``g = min(max(g,
     -clip_value), clip_value)`` elementwise over all arrays, with
-    `clip_value` cast to each array's dtype; NaN stays NaN.  One parallel
+    `clip_value` cast to each array's dtype; NaN stays NaN.  One threaded
     pass over the same fixed chunks as `clip_grad_norm_`.
 
     .. warning:: Pass the *gradients*, not the parameters (a NumPy array
@@ -1503,8 +2098,8 @@ def clip_grad_value_(grads, clip_value):
     Parameters
     ----------
     grads : ndarray or sequence of (ndarray or None)
-        The gradients: float32/float64, C-contiguous, writeable, disjoint;
-        None is skipped.
+        The gradients: float32/float64/float16/bfloat16, C-contiguous,
+        writeable, native byte order, disjoint; None is skipped.
     clip_value : float
         Finite, >= 0.
 
@@ -1515,7 +2110,7 @@ def clip_grad_value_(grads, clip_value):
     cdef list names = []
     cdef list arrays = grad_arrays(grads, names)
     cdef double clip = at_least(clip_value, "clip_value", 0.0)
-    check_grads_disjoint(arrays, names)
+    disjoint_arrays(arrays, names)
     cdef Py_ssize_t nchunks, total, k
     cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
     cdef NormJob job

@@ -32,9 +32,11 @@
 # * The `def` functions validate everything (including every class index)
 #   before `nogil`; nothing is written when a check fails.
 include "_common.pxi"
+include "_half.pxi"
 
 from libc.math cimport INFINITY
 from libc.stdint cimport int64_t, uint64_t, INT64_MAX
+from libc.stdlib cimport free, malloc
 import numpy as np
 
 cdef extern from "_vmath.h" nogil:
@@ -120,10 +122,11 @@ ctypedef struct Part:
 ctypedef struct Job:
     int mode
     bint is_double
+    int xk                  # Store code of x and out: NATIVE, F16 or BF16 (then computed in float)
     Py_ssize_t n, c, nchunk
     const void *x           # (N, C) rows
     void *out               # log_softmax/softmax output, or dlogits (NULL: loss only)
-    # cross-entropy
+    # cross-entropy (targets and weights are float32 for 16-bit logits)
     const int64_t *y        # class indices (N,), or NULL
     const void *t           # class probabilities (N, C), or NULL
     const void *w           # class weights (C,), or NULL
@@ -145,6 +148,66 @@ cdef inline double weight_at(const floating *w, Py_ssize_t c) noexcept nogil:
     return <double>w[c] if w != NULL else 1.0
 
 
+# 16-bit x and out (float16/bfloat16): every pass reads its chunk of x as
+# float32 (converted into a buffer on the thread's stack) and writes its
+# chunk of results into a float32 buffer that is then rounded into out; the
+# arithmetic is the float32 path's.  Where that path keeps exp(x - M) in out
+# between passes, the 16-bit path keeps it in a float32 row buffer (or
+# computes it again when there is none).
+
+cdef inline const floating *x_chunk(const Job *j, Py_ssize_t off, Py_ssize_t n,
+                                    floating *buf) noexcept nogil:
+    """x[off:off+n] (flat) as the loop's type: x itself, or `buf` converted."""
+    if floating is float:
+        if j.xk != NATIVE:
+            widen_n(<const uint16_t *>j.x + off, buf, n, j.xk)
+            return buf
+    return <const floating *>j.x + off
+
+
+cdef inline floating *out_chunk(const Job *j, Py_ssize_t off, floating *buf) noexcept nogil:
+    """Where results for out[off:...] are written: out itself, or `buf`
+    (then `out_flush`)."""
+    if floating is float:
+        if j.xk != NATIVE:
+            return buf
+    return <floating *>j.out + off
+
+
+cdef inline void out_flush(const Job *j, Py_ssize_t off, Py_ssize_t n,
+                           const floating *buf) noexcept nogil:
+    if floating is float:
+        if j.xk != NATIVE:
+            narrow_n(buf, <uint16_t *>j.out + off, n, j.xk)
+
+
+cdef inline double x_at(const Job *j, Py_ssize_t off) noexcept nogil:
+    """x[off] (flat), in double."""
+    if j.xk == F16:
+        return fastopt_f16_to_f32((<const uint16_t *>j.x)[off])
+    if j.xk == BF16:
+        return fastopt_bf16_to_f32((<const uint16_t *>j.x)[off])
+    if j.is_double:
+        return (<const double *>j.x)[off]
+    return (<const float *>j.x)[off]
+
+
+cdef inline void zero_out(const Job *j, Py_ssize_t off, Py_ssize_t n) noexcept nogil:
+    # an ignored row has a zero gradient (0 has all-zero bits in every dtype)
+    cdef Py_ssize_t k
+    if j.out == NULL:
+        return
+    if j.xk != NATIVE:
+        for k in range(n):
+            (<uint16_t *>j.out)[off + k] = 0
+    elif j.is_double:
+        for k in range(n):
+            (<double *>j.out)[off + k] = 0
+    else:
+        for k in range(n):
+            (<float *>j.out)[off + k] = 0
+
+
 cdef void q_chunk(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi,
                   floating *q) noexcept nogil:
     # probability targets: q_c = w_c * ((1-eps) t_c + eps/C) for c in [lo, hi)
@@ -163,19 +226,27 @@ cdef void q_chunk(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi,
             q[c - lo] = q[c - lo] * w[c]
 
 
-cdef inline floating *exp_dest(const Job *j, Py_ssize_t i, Py_ssize_t lo,
-                               floating *scratch) noexcept nogil:
-    """Where exp(x - M) of row i from class lo goes: the output when it is
-    scaled in place later (softmax, dlogits), else scratch."""
-    if j.out != NULL and j.mode != LOG_SOFTMAX:
-        return <floating *>j.out + i * j.c + lo
-    return scratch
+cdef inline bint exps_in_out(const Job *j) noexcept nogil:
+    """Whether exp(x - M) is written into out, to be scaled in place later
+    (softmax, dlogits in the native dtype)."""
+    return j.out != NULL and j.mode != LOG_SOFTMAX and j.xk == NATIVE
+
+
+cdef inline floating *exp_dest(const Job *j, Py_ssize_t off, floating *scratch,
+                               floating *keep) noexcept nogil:
+    """Where exp(x - M) of out[off:...] goes: out when it is scaled in place
+    later, else `keep` (a row buffer that keeps it for the write pass) if
+    there is one, else scratch."""
+    if exps_in_out(j):
+        return <floating *>j.out + off
+    return keep if keep != NULL else scratch
 
 
 cdef void chunk_part(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi, floating m,
-                     const floating *e, Part *pt, floating *qbuf) noexcept nogil:
-    """Partial sums of row i over classes [lo, hi), given e = exp(x - m) there."""
-    cdef const floating *x = <const floating *>j.x + i * j.c + lo
+                     const floating *x, const floating *e, Part *pt,
+                     floating *qbuf) noexcept nogil:
+    """Partial sums of row i over classes [lo, hi), given x there and
+    e = exp(x - m)."""
     cdef Py_ssize_t n = hi - lo
     pt.s = span_sum(e, n)
     pt.dot = 0.0
@@ -205,7 +276,7 @@ cdef double row_coef(const Job *j, Py_ssize_t i, floating m, Part tot, double lo
     if j.y != NULL:
         y = j.y[i]
         wy = weight_at(<const floating *>j.w, y)
-        dy = <double>(<const floating *>j.x)[i * j.c + y] - <double>m
+        dy = x_at(j, i * j.c + y) - <double>m
         # -w_y logp_y,  logp_y = (x_y - M) - log S
         loss[0] = -wy * (dy - log_s)
         q = wy
@@ -220,79 +291,81 @@ cdef double row_coef(const Job *j, Py_ssize_t i, floating m, Part tot, double lo
 
 
 cdef void chunk_write(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi, floating m,
-                      double coef, floating *qbuf) noexcept nogil:
-    """Write the outputs of row i over classes [lo, hi)."""
-    cdef const floating *x = <const floating *>j.x + i * j.c
-    cdef floating *o = <floating *>j.out + i * j.c
+                      double coef, const floating *x, const floating *e, floating *o,
+                      floating *qbuf) noexcept nogil:
+    """The outputs of row i over classes [lo, hi) into o[0:hi-lo], from x and
+    e = exp(x - M) there (e may be o itself)."""
     cdef const floating *w = <const floating *>j.w
     cdef floating a = <floating>coef, b, sc = <floating>j.scale
-    cdef Py_ssize_t c, y
+    cdef Py_ssize_t c, n = hi - lo, y
     if j.mode == LOG_SOFTMAX:
-        for c in range(lo, hi):
+        for c in range(n):
             o[c] = (x[c] - m) - a
     elif j.mode == SOFTMAX:
-        for c in range(lo, hi):
-            o[c] = o[c] * a
+        for c in range(n):
+            o[c] = e[c] * a
     elif j.t != NULL:
-        # dlogits = (softmax Q - q) * scale,  o holds exp(x - M)
+        # dlogits = (softmax Q - q) * scale
         q_chunk(j, i, lo, hi, qbuf)
-        for c in range(lo, hi):
-            o[c] = o[c] * a - qbuf[c - lo] * sc
+        for c in range(n):
+            o[c] = e[c] * a - qbuf[c] * sc
     else:
         if j.eps == 0:
-            for c in range(lo, hi):
-                o[c] = o[c] * a
+            for c in range(n):
+                o[c] = e[c] * a
         else:
             b = <floating>(j.eps / j.c * j.scale)
             if w == NULL:
-                for c in range(lo, hi):
-                    o[c] = o[c] * a - b
+                for c in range(n):
+                    o[c] = e[c] * a - b
             else:
-                for c in range(lo, hi):
-                    o[c] = o[c] * a - b * w[c]
+                for c in range(n):
+                    o[c] = e[c] * a - b * w[lo + c]
         y = j.y[i]
         if lo <= y < hi:
-            o[y] = o[y] - <floating>((1.0 - j.eps) * weight_at(w, y) * j.scale)
-
-
-cdef inline void ignored_row(const Job *j, floating *out, Py_ssize_t i, Py_ssize_t lo,
-                             Py_ssize_t hi) noexcept nogil:
-    # an ignored row has a zero gradient
-    cdef floating *o = out + i * j.c
-    cdef Py_ssize_t c
-    if out != NULL:
-        for c in range(lo, hi):
-            o[c] = 0
+            o[y - lo] = o[y - lo] - <floating>((1.0 - j.eps) * weight_at(w, y) * j.scale)
 
 
 cdef inline bint writes(const Job *j) noexcept nogil:
     return j.out != NULL
 
 
-cdef void one_row(const Job *j, Py_ssize_t i, floating *scratch, floating *qbuf) noexcept nogil:
-    """All passes over row i on this thread, chunk by chunk."""
-    cdef const floating *x = <const floating *>j.x + i * j.c
+ctypedef struct Bufs:           # a thread's work space (its stack), CHUNK values each
+    void *scratch               # exp(x - M) of a chunk
+    void *q                     # target distribution of a chunk
+    void *x                     # 16-bit x of a chunk, converted
+    void *o                     # results of a chunk before they are rounded into 16-bit out
+    void *row                   # exp(x - M) of a whole row, kept for the write pass (or NULL)
+
+
+cdef void one_row(const Job *j, Py_ssize_t i, const Bufs *b, floating *scratch) noexcept nogil:
+    """All passes over row i on this thread, chunk by chunk (scratch: b.scratch, typed)."""
+    cdef floating *qbuf = <floating *>b.q
+    cdef floating *xbuf = <floating *>b.x
+    cdef floating *row = <floating *>b.row
+    cdef const floating *xs
     cdef floating m = -INFINITY, mk
     cdef floating *e
     cdef Part tot, pt
     cdef double coef
-    cdef Py_ssize_t k, lo, hi
+    cdef Py_ssize_t k, lo, hi, base = i * j.c
     if ignored(j, i):
-        ignored_row(j, <floating *>j.out, i, 0, j.c)
+        zero_out(j, base, j.c)
         j.loss[i] = 0.0
         return
     for k in range(j.nchunk):
         lo = k * CHUNK
         hi = min(lo + CHUNK, j.c)
-        mk = span_max(x + lo, hi - lo)
+        mk = span_max(x_chunk(j, base + lo, hi - lo, xbuf), hi - lo)
         m = mk if mk > m else m
     tot.s = tot.dot = tot.qsum = 0.0
     for k in range(j.nchunk):
         lo = k * CHUNK
         hi = min(lo + CHUNK, j.c)
-        e = exp_dest(j, i, lo, scratch)
-        span_exp(x + lo, e, hi - lo, m)
-        chunk_part(j, i, lo, hi, m, e, &pt, qbuf)
+        xs = x_chunk(j, base + lo, hi - lo, xbuf)
+        e = exp_dest(j, base + lo, scratch, row + lo if row != NULL else NULL)
+        span_exp(xs, e, hi - lo, m)
+        chunk_part(j, i, lo, hi, m, xs, e, &pt, qbuf)
         tot.s += pt.s
         tot.dot += pt.dot
         tot.qsum += pt.qsum
@@ -301,11 +374,37 @@ cdef void one_row(const Job *j, Py_ssize_t i, floating *scratch, floating *qbuf)
         for k in range(j.nchunk):
             lo = k * CHUNK
             hi = min(lo + CHUNK, j.c)
-            chunk_write(j, i, lo, hi, m, coef, qbuf)
+            # exp(x - M) kept: in the row buffer, or still in scratch (one chunk)
+            chunk_output(j, i, lo, hi, m, coef, b, row + lo if row != NULL else
+                         scratch if j.nchunk == 1 else NULL)
 
 
-cdef void small_rows(const Job *j, Py_ssize_t r0, Py_ssize_t r1, floating *scratch,
-                     floating *qbuf) noexcept nogil:
+cdef inline void chunk_output(const Job *j, Py_ssize_t i, Py_ssize_t lo, Py_ssize_t hi,
+                              floating m, double coef, const Bufs *b,
+                              const floating *kept) noexcept nogil:
+    """The write pass over classes [lo, hi) of row i; `kept`: exp(x - M)
+    there if a row buffer kept it."""
+    cdef Py_ssize_t off = i * j.c + lo, n = hi - lo
+    cdef const floating *xs = NULL
+    cdef const floating *e = NULL
+    cdef floating *o = out_chunk(j, off, <floating *>b.o)
+    cdef floating *scratch
+    if j.mode == LOG_SOFTMAX:
+        xs = x_chunk(j, off, n, <floating *>b.x)        # (log_softmax needs no exps)
+    elif exps_in_out(j):
+        e = o
+    elif kept != NULL:
+        e = kept
+    else:
+        scratch = <floating *>b.scratch
+        span_exp(x_chunk(j, off, n, <floating *>b.x), scratch, n, m)
+        e = scratch
+    chunk_write(j, i, lo, hi, m, coef, xs, e, o, <floating *>b.q)
+    out_flush(j, off, n, o)
+
+
+cdef void small_rows(const Job *j, Py_ssize_t r0, Py_ssize_t r1, const Bufs *bf,
+                     floating *scratch) noexcept nogil:
     """Rows [r0, r1) with C < SMALL_C: the same arithmetic as one_row, but exp
     and log run over a block of rows at once (vectorized loops): with few
     classes, per-row scalar work would dominate."""
@@ -315,17 +414,22 @@ cdef void small_rows(const Job *j, Py_ssize_t r0, Py_ssize_t r1, floating *scrat
     cdef Part part[SMALL_ROWS]
     cdef double sums[SMALL_ROWS]
     cdef double logs[SMALL_ROWS]
+    cdef floating *qbuf = <floating *>bf.q
     cdef floating *e
     cdef floating *er
+    cdef floating *o
+    cdef const floating *xb
     cdef const floating *xr
     cdef double coef
     b0 = r0
     while b0 < r1:
         b1 = min(b0 + rows, r1)
-        e = exp_dest(j, b0, 0, scratch)          # rows b0..b1 are contiguous there
+        # rows b0..b1 are contiguous in x, out and the buffers
+        xb = x_chunk(j, b0 * c, (b1 - b0) * c, <floating *>bf.x)
+        e = exp_dest(j, b0 * c, scratch, NULL)
         for i in range(b0, b1):
             r = i - b0
-            xr = <const floating *>j.x + i * c
+            xr = xb + r * c
             er = e + r * c
             mrow[r] = span_max(xr, c)
             for k in range(c):
@@ -334,40 +438,59 @@ cdef void small_rows(const Job *j, Py_ssize_t r0, Py_ssize_t r1, floating *scrat
             e[k] = vexp(e[k])
         for i in range(b0, b1):
             r = i - b0
-            chunk_part(j, i, 0, c, mrow[r], e + r * c, &part[r], qbuf)
+            chunk_part(j, i, 0, c, mrow[r], xb + r * c, e + r * c, &part[r], qbuf)
             sums[r] = part[r].s
         for r in range(b1 - b0):
             logs[r] = fastopt_log(sums[r])
+        o = out_chunk(j, b0 * c, <floating *>bf.o) if writes(j) else NULL
         for i in range(b0, b1):
             r = i - b0
             if ignored(j, i):
-                ignored_row(j, <floating *>j.out, i, 0, c)
+                if o != NULL:
+                    for k in range(c):
+                        o[r * c + k] = 0
                 j.loss[i] = 0.0
                 continue
             coef = row_coef(j, i, mrow[r], part[r], logs[r], &j.loss[i])
-            if writes(j):
-                chunk_write(j, i, 0, c, mrow[r], coef, qbuf)
+            if o != NULL:
+                chunk_write(j, i, 0, c, mrow[r], coef, xb + r * c, e + r * c, o + r * c, qbuf)
+        if o != NULL:
+            out_flush(j, b0 * c, (b1 - b0) * c, o)
         b0 = b1
 
 
 cdef void rows_range(const floating *x, const Job *j, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
     cdef floating scratch[CHUNK]
     cdef floating qbuf[CHUNK]
+    cdef floating xbuf[CHUNK]
+    cdef floating obuf[CHUNK]
+    cdef Bufs b
     cdef Py_ssize_t i
+    b.scratch = scratch
+    b.q = qbuf
+    b.x = xbuf
+    b.o = obuf
+    b.row = NULL
     if j.c < SMALL_C:
-        small_rows(j, r0, r1, scratch, qbuf)
-    else:
-        for i in range(r0, r1):
-            one_row(j, i, scratch, qbuf)
+        small_rows(j, r0, r1, &b, scratch)
+        return
+    if writes(j) and j.mode != LOG_SOFTMAX and not exps_in_out(j) and j.nchunk > 1:
+        # 16-bit out: keep each row's exp(x - M) for the write pass (without
+        # the memory, it is computed again there)
+        b.row = malloc(j.c * sizeof(floating))
+    for i in range(r0, r1):
+        one_row(j, i, &b, scratch)
+    free(b.row)
 
 
 # Few long rows: the (row, chunk) pieces in three parallel steps.
 
 cdef void piece_max(const floating *x, const Job *j, Py_ssize_t it) noexcept nogil:
+    cdef floating xbuf[CHUNK]
     cdef Py_ssize_t i = it // j.nchunk, lo = (it % j.nchunk) * CHUNK
     cdef Py_ssize_t hi = min(lo + CHUNK, j.c)
     if not ignored(j, i):
-        j.pmax[it] = span_max(x + i * j.c + lo, hi - lo)
+        j.pmax[it] = span_max(x_chunk(j, i * j.c + lo, hi - lo, xbuf), hi - lo)
 
 
 cdef inline floating piece_row_max(const floating *x, const Job *j, Py_ssize_t i) noexcept nogil:
@@ -382,16 +505,19 @@ cdef inline floating piece_row_max(const floating *x, const Job *j, Py_ssize_t i
 cdef void piece_sums(const floating *x, const Job *j, Py_ssize_t it) noexcept nogil:
     cdef floating scratch[CHUNK]
     cdef floating qbuf[CHUNK]
+    cdef floating xbuf[CHUNK]
     cdef Py_ssize_t i = it // j.nchunk, lo = (it % j.nchunk) * CHUNK
     cdef Py_ssize_t hi = min(lo + CHUNK, j.c)
     cdef floating m
     cdef floating *e
+    cdef const floating *xs
     if ignored(j, i):
         return
     m = piece_row_max(x, j, i)
-    e = exp_dest(j, i, lo, scratch)
-    span_exp(x + i * j.c + lo, e, hi - lo, m)
-    chunk_part(j, i, lo, hi, m, e, &j.part[it], qbuf)
+    xs = x_chunk(j, i * j.c + lo, hi - lo, xbuf)
+    e = exp_dest(j, i * j.c + lo, scratch, NULL)
+    span_exp(xs, e, hi - lo, m)
+    chunk_part(j, i, lo, hi, m, xs, e, &j.part[it], qbuf)
 
 
 cdef double piece_coef(const Job *j, Py_ssize_t i, floating *m, double *loss) noexcept nogil:
@@ -407,16 +533,26 @@ cdef double piece_coef(const Job *j, Py_ssize_t i, floating *m, double *loss) no
 
 
 cdef void piece_write(const floating *x, const Job *j, Py_ssize_t it) noexcept nogil:
+    cdef floating scratch[CHUNK]
     cdef floating qbuf[CHUNK]
+    cdef floating xbuf[CHUNK]
+    cdef floating obuf[CHUNK]
+    cdef Bufs b
     cdef Py_ssize_t i = it // j.nchunk, lo = (it % j.nchunk) * CHUNK
     cdef Py_ssize_t hi = min(lo + CHUNK, j.c)
     cdef floating m
     cdef double coef, loss
     if ignored(j, i):
-        ignored_row(j, <floating *>j.out, i, lo, hi)
+        zero_out(j, i * j.c + lo, hi - lo)
         return
+    b.scratch = scratch
+    b.q = qbuf
+    b.x = xbuf
+    b.o = obuf
+    b.row = NULL
+    scratch[0] = 0      # (chunk_output fills it before use; gcc cannot tell)
     coef = piece_coef(j, i, &m, &loss)
-    chunk_write(j, i, lo, hi, m, coef, qbuf)
+    chunk_output(j, i, lo, hi, m, coef, &b, NULL)
 
 
 cdef void max_piece_chunk(void *ctx, Py_ssize_t it) noexcept nogil:
@@ -645,16 +781,17 @@ cdef inline int norm_axis(object axis, int nd) except -100:
 
 
 cdef cnp.ndarray _softmax_any(object x, object axis, object out, int mode):
-    cdef cnp.ndarray xa = float_array(x, "x")
+    cdef cnp.ndarray xa = any_float_array(x, "x")
     cdef int nd = cnp.PyArray_NDIM(xa)
     if nd == 0:
         raise ValueError("x must have at least one dimension")
     cdef int ax = norm_axis(axis, nd)
+    cdef int xk = store_of(dtype_code(xa))
     cdef cnp.ndarray o
-    if out is None:
+    if out is None:          # native byte order, whatever x's
         o = cnp.PyArray_EMPTY(nd, cnp.PyArray_DIMS(xa), cnp.PyArray_TYPE(xa), 0)
     else:
-        o = writable(like(out, "out", xa, "x"), "out")
+        o = writable(like_any(out, "out", xa, "x"), "out")
         # out=x (in place) is allowed: the same memory, element for element
         if not (cnp.PyArray_DATA(o) == cnp.PyArray_DATA(xa) and direct(xa)):
             check_disjoint([xa, o], ("x", "out"))
@@ -669,9 +806,16 @@ cdef cnp.ndarray _softmax_any(object x, object axis, object out, int mode):
     cdef bint is_double = cnp.PyArray_TYPE(xa) == cnp.NPY_FLOAT64
     if outer * c * inner == 0:
         return o
+    if inner != 1 and xk != NATIVE:
+        # 16-bit, class axis not last: rows of a copy with that axis last
+        # (16-bit copies: cheap next to the exps), written back
+        np.copyto(o, np.moveaxis(_softmax_any(np.ascontiguousarray(np.moveaxis(xa, ax, -1)),
+                                              -1, None, mode), -1, ax))
+        return o
     if inner == 1:
         j.mode = mode
         j.is_double = is_double
+        j.xk = xk
         j.n = outer
         j.c = c
         j.nchunk = (c + CHUNK - 1) // CHUNK
@@ -716,8 +860,10 @@ def log_softmax(x, axis=-1, out=None):
 
     Parameters
     ----------
-    x : ndarray, float32 or float64, at least 1-d
+    x : ndarray, float32, float64, float16 or bfloat16, at least 1-d
         Any layout and byte order (copied first when not native C-contiguous).
+        16-bit x is computed in float32 (the max and the sum as for float32)
+        and the output rounded to x's dtype.
     axis : int
         The class axis (default: the last).
     out : ndarray, optional
@@ -782,6 +928,22 @@ cdef Py_ssize_t first_above(const uint64_t *y, Py_ssize_t n, uint64_t limit) noe
     return -1
 
 
+cdef cnp.ndarray compute_like(object a, str name, cnp.ndarray x, str x_name, int xk,
+                              bint check_shape=True):
+    """A target or weight array for logits `x`: x's dtype (and shape); for
+    16-bit x, float32 or x's dtype, returned as float32 (converted)."""
+    cdef cnp.ndarray arr = any_float_array(a, name) if xk != NATIVE else float_array(a, name)
+    cdef int code = dtype_code(arr)
+    if code != dtype_code(x) and not (xk != NATIVE and code == DT_F32):
+        raise TypeError(f"{name} has dtype {arr.dtype} but {x_name} has dtype {x.dtype}"
+                        + (f" (float32 or {x.dtype} for {x.dtype} {x_name})" if xk != NATIVE
+                           else ""))
+    if check_shape and not same_shape(arr, x):
+        raise ValueError(f"{name} has shape {(<object>arr).shape} but {x_name} has shape "
+                         f"{(<object>x).shape}")
+    return arr if xk == NATIVE else np.asarray(arr, dtype=np.float32)
+
+
 cdef cnp.ndarray class_targets(cnp.ndarray t, Py_ssize_t n):
     """A private native int64 copy of class indices of any integer dtype and
     byte order.  The kernel reads only this copy, so no other thread can
@@ -824,16 +986,20 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
 
     Parameters
     ----------
-    logits : ndarray, float32 or float64, shape (N, C)
-        Any layout and byte order (copied first when not native C-contiguous).
+    logits : ndarray, float32, float64, float16 or bfloat16, shape (N, C)
+        Any layout and byte order (copied first when not native
+        C-contiguous).  16-bit logits are computed in float32 (sums in
+        double as for float32); the gradient is rounded to their dtype.
     target : ndarray
         Class indices, shape (N,), any integer dtype, byte order and layout,
         each in [0, C) or equal to `ignore_index` (they are copied, then
         checked, and only the copy is used); or class probabilities, shape
-        (N, C), the dtype of `logits` (soft labels, or the one-hot Y).
+        (N, C), the dtype of `logits` (soft labels, or the one-hot Y);
+        float32 or the logits' dtype for 16-bit logits.
     weight : ndarray, optional
-        Class weights, shape (C,), the dtype of `logits`, finite and >= 0
-        (copied, then checked).
+        Class weights, shape (C,), the dtype of `logits` (float32 or the
+        logits' dtype for 16-bit logits), finite and >= 0 (copied, then
+        checked).
     ignore_index : int
         Rows whose class index equals it contribute nothing (class indices
         only; must be negative with probabilities, as in PyTorch).
@@ -861,13 +1027,15 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     class with t'[i, c] * w[c] = 0 adds 0 to the loss even at a -inf logit
     (PyTorch computes 0 * -inf = NaN there).
     """
-    cdef cnp.ndarray x = float_array(logits, "logits")
+    cdef cnp.ndarray x = any_float_array(logits, "logits")
     if cnp.PyArray_NDIM(x) != 2:
         raise ValueError(f"logits must have shape (N, C), got shape {(<object>x).shape}")
     cdef cnp.ndarray x_in = x
     x = readable(x)
     cdef Py_ssize_t n = cnp.PyArray_DIM(x, 0), c = cnp.PyArray_DIM(x, 1)
-    cdef int typ = cnp.PyArray_TYPE(x)
+    cdef int xk = store_of(dtype_code(x))
+    # targets and weights of 16-bit logits are used as float32
+    cdef int typ = cnp.PyArray_TYPE(x) if xk == NATIVE else cnp.NPY_FLOAT32
     if not cnp.PyArray_Check(target):
         raise TypeError(f"target must be a numpy.ndarray, got {type(target).__name__}")
     cdef cnp.ndarray y = None, t = None, w = None, g = None
@@ -875,7 +1043,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     if tnd == 1 and cnp.PyArray_DIM(<cnp.ndarray>target, 0) == n:
         y = class_targets(target, n)
     elif tnd == 2:
-        t = readable(like(target, "target", x, "logits"))
+        t = readable(compute_like(target, "target", x, "logits", xk))
     else:
         raise ValueError(f"target must have shape ({n},) (class indices) or {(n, c)} "
                          f"(probabilities), got shape {(<object>target).shape}")
@@ -891,16 +1059,15 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
         raise ValueError("ignore_index is not supported with probability targets "
                          f"(got ignore_index={ignore_index})")
     if weight is not None:
-        w = float_array(weight, "weight")
+        w = any_float_array(weight, "weight")
         if cnp.PyArray_NDIM(w) != 1 or cnp.PyArray_DIM(w, 0) != c:
             raise ValueError(f"weight must have shape ({c},), got shape {(<object>w).shape}")
-        if cnp.PyArray_TYPE(w) != typ:
-            raise TypeError(f"weight has dtype {w.dtype} but logits has dtype {x.dtype}")
+        w = compute_like(w, "weight", x, "logits", xk, False)
     if grad_out is not None:
         if not return_grad:
             raise ValueError("grad_out requires return_grad=True")
-        g = writable(like(grad_out, "grad_out", x, "logits"), "grad_out")
-        check_disjoint([x_in, target, w, g], ("logits", "target", "weight", "grad_out"), 3)
+        g = writable(like_any(grad_out, "grad_out", x, "logits"), "grad_out")
+        check_disjoint([x_in, target, weight, g], ("logits", "target", "weight", "grad_out"), 3)
     if w is not None:
         # A private copy (C values: cheap), checked and then read only by us.
         w = copy_as(w, typ)
@@ -909,6 +1076,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     cdef Job j
     j.mode = XENT
     j.is_double = typ == cnp.NPY_FLOAT64
+    j.xk = xk
     j.n = n
     j.c = c
     j.nchunk = (c + CHUNK - 1) // CHUNK
@@ -932,7 +1100,7 @@ def cross_entropy(logits, target, *, weight=None, ignore_index=-100, reduction="
     j.wsum = float(np.sum(w, dtype=np.float64)) if w is not None else <double>c
     j.scale = 1.0 / denom if reduction == "mean" else 1.0
     if return_grad and g is None:
-        g = cnp.PyArray_EMPTY(2, cnp.PyArray_DIMS(x), typ, 0)
+        g = np.empty((<object>x).shape, x.dtype)
     j.out = cnp.PyArray_DATA(g) if g is not None else NULL
     cdef cnp.ndarray rows = cnp.PyArray_EMPTY(1, [n], cnp.NPY_FLOAT64, 0)
     j.loss = <double *>cnp.PyArray_DATA(rows)

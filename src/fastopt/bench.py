@@ -498,6 +498,235 @@ def build_cases(families, sizes, quick):
     return cases
 
 
+# ---------------------------------------------------------- low precision ---
+# `--dtype float16|bfloat16` runs these instead: each case times a 16-bit way
+# of doing a job against the float32 kernel doing the same job (the ratio is
+# what the 16-bit variant is for), after checking the 16-bit result against
+# the float32 one within the 16-bit type's rounding.
+
+@dataclass
+class LowpCase:
+    family: str
+    label: str
+    make: Callable          # (half dtype) -> (float32 factory, 16-bit factory, check)
+    elements: int
+
+
+def half_dtype(name):
+    """numpy float16, or ml_dtypes' bfloat16 (raises BadInput without it)."""
+    if name == "float16":
+        return np.dtype(np.float16)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise BadInput(f"--dtype {name} needs ml_dtypes: pip install ml_dtypes "
+                       "(or pip install 'fastopt[bf16]')") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _lowp_adam(n, how):
+    """Adam (torch defaults) on n elements: float32 against `how` =
+    ("state", rounding): bfloat16 state; ("params", grads16): 16-bit params
+    with float32 master and state, float32 or 16-bit gradients."""
+    def make(half):
+        rng = _rng()
+        p0 = _uniform(rng, n, np.float32, 0.1)
+        gs = [_uniform(rng, n, np.float32, 0.01) for _ in range(2)]
+
+        def stepper(opt, grads):
+            t = 0
+
+            def step():
+                nonlocal t
+                t += 1
+                opt.step([grads[t & 1]])
+                return opt
+            return step
+
+        def f32():
+            return stepper(fastopt.Adam([p0.copy()]), gs)
+
+        if how[0] == "state":
+            def f16():
+                return stepper(fastopt.Adam([p0.copy()], state_dtype="bfloat16",
+                                            state_rounding=how[1]), gs)
+        else:
+            def f16():
+                grads = [g.astype(half) for g in gs] if how[1] else gs
+                return stepper(fastopt.Adam([p0.astype(half)]), grads)
+
+        def check(o32, o16):
+            if how[0] == "params":
+                # exactly: the float32 step on the master, then rounding
+                ref = fastopt.Adam([p0.astype(half).astype(np.float32)])
+                grads = [g.astype(half).astype(np.float32) for g in gs] if how[1] else gs
+                step = stepper(ref, grads)
+                step()
+                step()
+                want = ref._fused.params[0].astype(half)
+                same = np.array_equal(o16._fused.params[0].view(np.uint16), want.view(np.uint16))
+                return None if same else "params differ from the float32 step, rounded"
+            # bfloat16 state changes an update by its rounding (2**-8 relative)
+            a, b = o32._fused.params[0], o16._fused.params[0]
+            bad = np.abs(b - a) > 2.0**-5 * np.abs(a - p0).max()
+            return None if not bad.any() else (f"params differ from float32 beyond the "
+                                               f"bfloat16 rounding at {int(bad.sum())} of {n}")
+        return f32, f16, check
+
+    if how[0] == "state":
+        label = f"n={n:,}, bfloat16 state ({how[1]})"
+    else:
+        label = f"n={n:,}, HALF params" + (", HALF grads" if how[1] else ", float32 grads")
+    return LowpCase("adam", label, make, n)
+
+
+def _lowp_softmax(family, shape):
+    def make(half):
+        rng = _rng()
+        x32 = _uniform(rng, shape, np.float32, 5.0)
+        target = rng.integers(0, shape[1], shape[0])
+
+        def impl(x):
+            out = np.empty_like(x)
+            if family == "log_softmax":
+                return lambda: fastopt.log_softmax(x, out=out)
+            return lambda: fastopt.cross_entropy(x, target, return_grad=True, grad_out=out)[1]
+
+        def check(r32, r16):
+            want = np.asarray(fastopt.cross_entropy(x32.astype(half).astype(np.float32), target,
+                              return_grad=True)[1] if family != "log_softmax" else
+                              fastopt.log_softmax(x32.astype(half).astype(np.float32)))
+            same = np.array_equal(r16.view(np.uint16), want.astype(half).view(np.uint16))
+            return None if same else "differs from the float32 kernel on the same logits"
+        return (lambda: impl(x32)), (lambda: impl(x32.astype(half))), check
+    return LowpCase(family, f"{shape}", make, math.prod(shape))
+
+
+def _lowp_batchnorm(shape, axis):
+    def make(half):
+        rng = _rng()
+        c = shape[axis]
+        x32, dy32 = _uniform(rng, shape, np.float32, 2.0, 0.5), _uniform(rng, shape, np.float32)
+        gamma, beta = _uniform(rng, (c,), np.float32, 0.2, 1.0), _uniform(rng, (c,), np.float32, 0.2)
+
+        def impl(x, dy):
+            y, dx = np.empty_like(x), np.empty_like(x)
+
+            def step():
+                _, ctx = fastopt.batch_norm_forward(x, gamma, beta, axis=axis, out=y)
+                fastopt.batch_norm_backward(dy, ctx, dx_out=dx)
+                return dx
+            return step
+
+        def check(r32, r16):
+            return None if np.allclose(r16.astype(np.float32), r32, rtol=2.0**-6,
+                                       atol=2.0**-6 * np.abs(r32).max()) else "dx differs"
+        return (lambda: impl(x32, dy32)), (lambda: impl(x32.astype(half), dy32.astype(half))), check
+    return LowpCase("batchnorm", f"{shape}", make, math.prod(shape))
+
+
+def measure_pair(steps, budget, min_samples):
+    """{name: median seconds per call} of two `steps`, their samples taken
+    alternately so that a busy machine slows both alike (`measure`'s rules)."""
+    n = {}
+    for k, st in steps.items():
+        n[k] = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(n[k]):
+                st()
+            if time.perf_counter() - t0 >= budget / 40 or n[k] >= 1 << 20:
+                break
+            n[k] *= 2
+    samples = {k: [] for k in steps}
+    start = time.perf_counter()
+    while (len(samples[next(iter(steps))]) < min_samples
+           or time.perf_counter() - start < 2 * budget) and len(samples[next(iter(steps))]) < 200:
+        for k, st in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(n[k]):
+                st()
+            samples[k].append((time.perf_counter() - t0) / n[k])
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def lowp_cases(families, n, quick):
+    """The low-precision cases of `families` for one-array size n."""
+    cases = []
+    if "adam" in families:
+        cases += [_lowp_adam(n, ("state", "stochastic")), _lowp_adam(n, ("state", "nearest")),
+                  _lowp_adam(n, ("params", False)), _lowp_adam(n, ("params", True))]
+    for family in ("cross_entropy", "log_softmax"):
+        if family in families:
+            cases += [_lowp_softmax(family, sh) for sh, q in SOFTMAX_SHAPES if q or not quick]
+    if "batchnorm" in families:
+        cases += [_lowp_batchnorm(sh, ax) for sh, ax, q in BN_SHAPES if q or not quick]
+    return cases
+
+
+def run_lowp(args, families, sizes, threads, notes):
+    """The `--dtype float16|bfloat16` report; returns the exit status."""
+    half = half_dtype(args.dtype)
+    budget, min_samples = (0.03, 3) if args.quick else (0.1, 5)
+    cases = lowp_cases(families, max(sizes), args.quick)
+    try:
+        half_dtype("bfloat16")
+    except BadInput:
+        cases = [c for c in cases if "bfloat16 state" not in c.label]
+        notes = notes + ["bfloat16 state: skipped, ml_dtypes is not installed"]
+    cfg = fastopt.config()
+    opts = argparse.Namespace(dtype=half, threads=threads, width=terminal_width())
+    print("\n".join(header(opts, cfg, notes, legend=[
+        ("times", f"medians of samples taken alternately from the float32 and the {half.name} "
+         f"way of doing the same job; ratio = float32 time / {half.name} time (above 1: "
+         f"{half.name} is faster)"),
+        ("check", f"the {half.name} result is compared with the float32 one before it is timed "
+         "(16-bit outputs: equal to the float32 kernel on the same inputs, rounded)")])),
+        flush=True)
+    print()
+    cols = [("case", 46, "<"), ("float32", 9, ">"), (half.name, 9, ">"), ("ratio", 7, ">"),
+            ("check", 6, "<")]
+    row = lambda v: " ".join(f"{x:{a}{w}}" for x, (_, w, a) in zip(v, cols)).rstrip()  # noqa: E731
+    print(row([c[0] for c in cols]))
+    records, family = [], None
+    for case in cases:
+        if case.family != family:
+            family = case.family
+            print(f"{family}: {FAMILIES[family][1]}", flush=True)
+        label = case.label.replace("HALF", half.name)
+        times, error = {}, None
+        try:
+            with fastopt_threads(threads):
+                f32, f16, check = case.make(half)
+                steps = {"float32": f32(), half.name: f16()}
+                outs = {k: [st() for _ in range(2)][-1] for k, st in steps.items()}
+                error = check(outs["float32"], outs[half.name])
+                if not error:
+                    times = measure_pair(steps, budget, min_samples)
+        except Exception as exc:          # a broken kernel must not stop the report
+            error = f"{type(exc).__name__}: {exc}"
+        t32, t16 = times.get("float32"), times.get(half.name)
+        print(row([f"  {label}", fmt_time(t32), "FAILED" if error else fmt_time(t16),
+                   fmt_ratio(t32, t16), "FAILED" if error else "ok"]), flush=True)
+        if error:
+            print(f"      FAILED: {error}")
+        records.append({"family": case.family, "case": label, "elements": case.elements,
+                        "float32_s": t32, "half_s": t16,
+                        "ratio": t32 / t16 if t32 and t16 else None, "ok": not error,
+                        "error": error})
+    failed = [r for r in records if not r["ok"]]
+    print()
+    print(f"FAILED: {len(failed)} of {len(records)} cases" if failed
+          else f"All {len(records)} cases match float32.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"fastopt": cfg["version"], "config": cfg, "dtype": half.name,
+                       "threads": threads, "quick": args.quick, "notes": notes,
+                       "results": records, "failed": len(failed)}, f, indent=1)
+        print(f"results written to {args.json}")
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------ peers ---
 
 def _import(name):
@@ -1201,8 +1430,9 @@ def _wrap(key, text, width=NARROW):
                          subsequent_indent=" " * 12)
 
 
-def header(opts, cfg, notes):
-    """The report's first lines: machine, settings, legend, notes."""
+def header(opts, cfg, notes, legend=None):
+    """The report's first lines: machine, settings, legend, notes (`legend`:
+    (key, text) items replacing the NumPy report's)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     omp = (f"OpenMP {cfg['openmp_version']} ({os.path.basename(cfg['openmp_library'] or '?')})"
            if cfg["openmp"] else "no OpenMP (one thread)")
@@ -1211,7 +1441,8 @@ def header(opts, cfg, notes):
         ("CPU", f"{cpu_model()}, {cpus} logical CPUs available ({platform.machine()})"),
         ("fastopt", f"SIMD {cfg['simd_level']}, {omp}{_omp_env()}, {opts.threads} thread(s)"
          + ("; '1 thread': the same kernel on one thread, scaling = its time / fastopt's"
-            if opts.threads > 1 else "")),
+            if opts.threads > 1 and legend is None else "")),
+    ] + (legend if legend is not None else [
         ("NumPy", f"{np.__version__} (its elementwise code and reductions run on one thread)"),
         ("times", f"{np.dtype(opts.dtype).name}, medians; 'vs X' = X's time / fastopt's time"),
         ("GB/s", "compulsory traffic (every input read once, every output written once) / "
@@ -1219,7 +1450,7 @@ def header(opts, cfg, notes):
          "streams memory faster than NumPy's copy and add (the probe is a lower bound)"),
         ("check", "every result is compared with a float64 run of the straightforward NumPy "
          "code before it is timed"),
-    ] + [("note", n) for n in notes]
+    ]) + [("note", n) for n in notes]
     lines = [f"fastopt {cfg['version']} benchmark, {now}"]
     for key, text in items:
         lines += _wrap(key, text, opts.width)
@@ -1252,8 +1483,11 @@ def parse_args(argv, prog):
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads for fastopt (default: all OpenMP allows); with N > 1 a "
                         "1-thread column shows the scaling")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                   help="dtype of every array (default float32)")
+    p.add_argument("--dtype", choices=("float32", "float64", "float16", "bfloat16"),
+                   default="float32",
+                   help="dtype of every array (default float32); float16/bfloat16: the "
+                        "low-precision variants (16-bit params, bfloat16 state, 16-bit "
+                        "logits and activations) against the same work in float32")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.add_argument("--plot", metavar="PATH.png",
                    help="bar chart of the speedups, in the format of the extension "
@@ -1301,6 +1535,10 @@ def resolve(args):
     families = parse_kernels(args.kernels) if args.kernels is not None else list(FAMILIES)
     sizes = parse_sizes(args.sizes) if args.sizes is not None else \
         list(QUICK_SIZES if args.quick else SIZES)
+    if args.dtype in ("float16", "bfloat16"):
+        half_dtype(args.dtype)
+        if args.plot:
+            raise BadInput(f"--plot is for the float32/float64 report, not --dtype {args.dtype}")
     if args.json:
         check_writable(args.json, "--json")
     if args.plot:
@@ -1385,6 +1623,8 @@ def _run(args, families, sizes):
         if "numba" in peers:
             notes.append("--peers: numba is compared on the one-array Adam/AdamW only")
 
+    if args.dtype in ("float16", "bfloat16"):
+        return run_lowp(args, present, sizes, threads, notes)
     cases = build_cases(present, sizes, args.quick)
     width = terminal_width()
     columns = layout(width, [c.label for c in cases], threads)

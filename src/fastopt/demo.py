@@ -172,27 +172,28 @@ class MLP:
 
 # -------------------------------------------------------------- training ---
 
-def make_optimizer(name, params, lr, beta=None):
+def make_optimizer(name, params, lr, beta=None, **state):
     """The course's four optimizers with fastopt's PyTorch-style classes.
 
     `beta` is the averaging beta of each method: Momentum's beta (the
     course's ``v = beta*v + (1-beta)*dW``: momentum=dampening=beta), RMSprop's
-    alpha, Adam's beta1 (beta2 stays 0.999).
+    alpha, Adam's beta1 (beta2 stays 0.999).  `state` may hold
+    ``state_dtype``, ``state_rounding`` and ``seed`` (half-size state).
     """
     if name == "sgd":
-        return fastopt.SGD(params, lr=lr)
+        return fastopt.SGD(params, lr=lr, **state)
     beta = DEFAULT_BETA[name] if beta is None else beta
     if name == "momentum":
-        return fastopt.SGD(params, lr=lr, momentum=beta, dampening=beta)
+        return fastopt.SGD(params, lr=lr, momentum=beta, dampening=beta, **state)
     if name == "rmsprop":
-        return fastopt.RMSprop(params, lr=lr, alpha=beta)
+        return fastopt.RMSprop(params, lr=lr, alpha=beta, **state)
     if name == "adam":
-        return fastopt.Adam(params, lr=lr, betas=(beta, 0.999))
+        return fastopt.Adam(params, lr=lr, betas=(beta, 0.999), **state)
     raise ValueError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
 
 
 def train(name, data, *, epochs=15, batch_size=64, lr=None, beta=None, decay=0.95,
-          hidden=(128, 64), seed=0, verbose=True, out=None):
+          hidden=(128, 64), seed=0, verbose=True, out=None, state=None):
     """Train a fresh MLP on `data` with optimizer `name`.
 
     Parameters
@@ -214,12 +215,15 @@ def train(name, data, *, epochs=15, batch_size=64, lr=None, beta=None, decay=0.9
         Initial weights and batch order.
     verbose : bool
         Print one line per epoch to `out` (default stdout).
+    state : dict, optional
+        Optimizer options for its state (``state_dtype``, ``state_rounding``,
+        ``seed``), e.g. ``{"state_dtype": "bfloat16"}``.
 
     Returns
     -------
     dict
         ``costs`` (every mini-batch's loss), ``epoch_loss`` and ``test_acc``
-        per epoch, ``seconds``, and the trained ``model``.
+        per epoch, ``seconds``, the trained ``model`` and its ``optimizer``.
     """
     X_train, y_train, X_test, y_test = data
     if not 2 <= batch_size <= len(X_train):
@@ -230,10 +234,10 @@ def train(name, data, *, epochs=15, batch_size=64, lr=None, beta=None, decay=0.9
     rng = np.random.default_rng(seed)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
     model = MLP((X_train.shape[1], *hidden, n_classes), rng, dtype=X_train.dtype)
-    opt = make_optimizer(name, model.params, lr, beta)
+    opt = make_optimizer(name, model.params, lr, beta, **(state or {}))
     from fastopt import lr_scheduler
     sched = lr_scheduler.ExponentialLR(opt, gamma=decay)
-    hist = {"costs": [], "epoch_loss": [], "test_acc": [], "model": model}
+    hist = {"costs": [], "epoch_loss": [], "test_acc": [], "model": model, "optimizer": opt}
     start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         epoch_costs = []
@@ -373,6 +377,11 @@ def _parser(prog):
                    help="widths of the two hidden layers (default %(default)s)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of the data and the parameters (default %(default)s)")
+    p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of the optimizer state (bfloat16: half the memory, needs "
+                        "ml_dtypes; default %(default)s)")
+    p.add_argument("--state-rounding", choices=("stochastic", "nearest"), default="stochastic",
+                   help="rounding of bfloat16 state (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the train/test split, the initial weights and the "
                         "batch order, >= 0 (default %(default)s)")
@@ -471,10 +480,20 @@ def main(argv=None, prog="python -m fastopt demo"):
               f"trained on the whole training set: test accuracy {h['test_acc'][-1]:.2%}")
         return 0
 
+    state = None
+    if args.state_dtype == "bfloat16":
+        if args.dtype == "float64":
+            print("error: --state-dtype bfloat16 needs --dtype float32", file=sys.stderr)
+            return 2
+        state = {"state_dtype": "bfloat16", "state_rounding": args.state_rounding}
     histories = {}
     for name in names:
-        histories[name] = train(name, data, epochs=args.epochs, batch_size=args.batch_size,
-                                decay=args.decay, hidden=hidden, seed=args.seed)
+        try:
+            histories[name] = train(name, data, epochs=args.epochs, batch_size=args.batch_size,
+                                    decay=args.decay, hidden=hidden, seed=args.seed, state=state)
+        except ImportError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     print("\noptimizer   final loss   test accuracy   seconds")
     for name, h in histories.items():
         print(f"{name:>9}   {h['epoch_loss'][-1]:10.4f}   {h['test_acc'][-1]:13.2%}   "

@@ -342,6 +342,16 @@ class DistributedOptimizer:
             if not isinstance(shard, (bool, np.bool_)):
                 raise TypeError(f"shard must be True or False, got {shard!r}")
             params = [p for g in optimizer.param_groups for p in g["params"]]
+            # Not yet over MPI: a float32 master per 16-bit parameter, and
+            # bfloat16 state, whose stochastic rounding is keyed by element
+            # positions that a shard's slices do not keep.
+            if optimizer.state_dtype is not None:
+                raise ValueError("DistributedOptimizer does not support state_dtype="
+                                 f"{optimizer.state_dtype!r} yet: use the default state")
+            half = [i for i, p in enumerate(params) if p.dtype.itemsize == 2]
+            if half:
+                raise ValueError(f"DistributedOptimizer does not support float16/bfloat16 "
+                                 f"parameters yet (parameter {half[0]} is {params[half[0]].dtype})")
             facts = self._describe(optimizer, params, bool(shard))
             # Per dtype, the parameters' own layout if they lie in one buffer.
             for dt in dict.fromkeys(p.dtype for p in params):
@@ -618,7 +628,7 @@ class DistributedOptimizer:
         if self.rank == 0:
             try:
                 sd = dict(state_dict)
-                groups, steps, arrays = self.optimizer.check_state_dict(sd)
+                groups, steps, arrays, _ = self.optimizer.check_state_dict(sd)
             except Exception as e:
                 error = e
         _agree(self.comm, error)

@@ -34,6 +34,24 @@ Differences from PyTorch, because NumPy arrays carry no ``.grad``:
 * Parameters may mix float32 and float64; each array is updated in its own
   precision (scalars in double), all in the same call.
 
+Low precision (see the README's "Low precision" section):
+
+* float16 and bfloat16 (``ml_dtypes.bfloat16``) parameters get a float32
+  master copy, ``state[i]["master_param"]``, and float32 state.  A step
+  reads the gradient (the parameter's dtype or float32), updates the master
+  and the state in float32 and writes the parameter rounded to nearest, in
+  one pass: exactly a float32 step on the master followed by rounding.  The
+  master is the parameter's true value: to change a parameter, change its
+  master.
+* ``state_dtype="bfloat16"`` keeps the state in bfloat16 (half the memory
+  and traffic), computed in float32 and rounded when stored:
+  ``state_rounding="stochastic"`` (the default; unbiased, with a
+  counter-based generator seeded by `seed`, the same on any number of
+  threads) or ``"nearest"``.
+* ``step(grads, grad_scale=s)`` divides the gradients by s inside the step
+  (loss scaling); if any gradient holds an inf or NaN nothing changes and
+  ``opt.found_inf`` is True.  `fastopt.GradScaler` drives it.
+
 State dicts are flat dicts of NumPy arrays and numbers, so they save with
 ``np.savez``::
 
@@ -43,8 +61,11 @@ State dicts are flat dicts of NumPy arrays and numbers, so they save with
 Keys: ``"optimizer"`` (the class name), ``"param_groups.<g>.<name>"`` for
 every hyperparameter of group g (``"param_groups.<g>.params"`` holds the
 parameter indices), ``"state.<i>.step"`` and ``"state.<i>.<state name>"``
-for parameter i.  Loading checks everything first and changes nothing when
-the dict does not match.
+for parameter i (``master_param`` included), and with bfloat16 state
+``"state_dtype"``, ``"state_rounding"`` and ``"seed"``.  Loading checks
+everything first and changes nothing when the dict does not match (another
+optimizer, parameter list, state dtype, or array shape or dtype).  ``np.load``
+returns bfloat16 arrays as raw 2-byte voids; loading accepts them.
 """
 from __future__ import annotations
 
@@ -144,7 +165,24 @@ class Optimizer:
 
     Subclasses set `_kind` (the native kernel family), `_slot_names` (the
     state arrays, in native slot order) and `_slots(group)` (which of those
-    a group needs).
+    a group needs).  Every optimizer takes the keyword arguments:
+
+    state_dtype : None or "bfloat16"
+        None: the state in the compute dtype (float64 for float64
+        parameters, else float32).  "bfloat16" (needs ml_dtypes,
+        ``pip install "fastopt[bf16]"``; not with float64 parameters): half
+        the state memory and traffic, computed in float32 and rounded when
+        stored.  float16 is refused: exp_avg_sq (squared gradients) leaves
+        its range.
+    state_rounding : {"stochastic", "nearest"}
+        Rounding of bfloat16 state.  Stochastic rounding is unbiased: an
+        update below half a bfloat16 ulp (exp_avg_sq's (1 - beta2) g^2 with
+        beta2 = 0.999) still moves the state on average, where rounding to
+        nearest drops it.
+    seed : int in [0, 2**32)
+        Of the counter-based generator of stochastic rounding: the random
+        bits of an element depend on (seed, parameter, step, element) only,
+        so results are the same on any number of threads and SIMD level.
     """
 
     _kind: str = ""
@@ -155,10 +193,12 @@ class Optimizer:
     state: list[dict[str, FloatArray]]
 
     def __init__(self, params: Params, defaults: dict[str, Any], *,
-                 slots: list[tuple[bool, bool, bool]] | None = None) -> None:
+                 state_dtype: str | None = None, state_rounding: str = "stochastic",
+                 seed: int = 0, slots: list[tuple[bool, bool, bool]] | None = None) -> None:
         self.defaults = dict(defaults)
         self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
-        self._fused, self.state = self._build(self.param_groups, slots)
+        self._fused, self.state = self._build(self.param_groups, slots,
+                                              (state_dtype, state_rounding, seed))
 
     def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
         group = {**self.defaults, **group}
@@ -168,9 +208,11 @@ class Optimizer:
 
     def _build(self, groups: list[dict[str, Any]],
                slots: list[tuple[bool, bool, bool]] | None = None,
+               config: tuple[str | None, str, int] | None = None,
                ) -> tuple[Any, list[dict[str, FloatArray]]]:
         """The native step over `groups` (zeroed state; the state arrays each
-        group has are `slots`, by default as its options ask) and its state
+        group has are `slots`, by default as its options ask; `config` the
+        low-precision options, by default this optimizer's) and its state
         dicts.  Raises (and builds nothing) on a bad parameter or
         hyperparameter."""
         flat, group_of = [], []
@@ -181,11 +223,16 @@ class Optimizer:
             raise ValueError("optimizer got an empty parameter list")
         if slots is None:
             slots = [self._slots(g) for g in groups]
-        fused = _kernels.FusedStep(self._kind, flat, group_of, slots)
+        if config is None:
+            config = (self.state_dtype, self.state_rounding, self.seed)
+        fused = _kernels.FusedStep(self._kind, flat, group_of, slots, *config)
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         fused.check_groups(groups)
-        state = [{name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
-                 for st in fused.states]
+        state = []
+        for st, master in zip(fused.states, fused.masters):
+            state.append({name: arr for name, arr in zip(self._slot_names, st) if arr is not None})
+            if master is not None:
+                state[-1]["master_param"] = master
         return fused, state
 
     def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -262,16 +309,46 @@ class Optimizer:
                 slots.append(self._slots(g))
             i += k
         new = object.__new__(type(self))
-        Optimizer.__init__(new, groups, self.defaults, slots=slots)
+        Optimizer.__init__(new, groups, self.defaults, slots=slots, state_dtype=self.state_dtype,
+                           state_rounding=self.state_rounding, seed=self.seed)
         return new
 
     # ------------------------------------------------------------------ step
 
-    def step(self, grads: Sequence[FloatArray | None]) -> None:
+    def step(self, grads: Sequence[FloatArray | None], grad_scale: float | None = None) -> None:
         """Update every parameter in place from `grads` (one per parameter, in
         order; None skips a parameter).  Everything is validated first: on an
-        error nothing is updated."""
-        self._fused.step(grads, self.param_groups)
+        error nothing is updated.
+
+        A gradient has the parameter's dtype, or float32 for a float16 or
+        bfloat16 parameter.  With `grad_scale` (a finite number > 0) the
+        gradients are multiplied by ``1/grad_scale`` (rounded to float32,
+        float64 for float64 parameters) as they are read; they are checked
+        first, and if any holds an inf or NaN, nothing changes (parameters,
+        state, step counts) and `found_inf` becomes True.
+        """
+        self._fused.step(grads, self.param_groups, grad_scale)
+
+    @property
+    def found_inf(self):
+        """True if the last `step` with a grad_scale found an inf or NaN
+        gradient and skipped the update (False after any other step)."""
+        return self._fused.found_inf
+
+    @property
+    def state_dtype(self):
+        """None (state in the compute dtype) or "bfloat16"."""
+        return self._fused.state_dtype
+
+    @property
+    def state_rounding(self):
+        """How bfloat16 state is rounded: "stochastic" or "nearest"."""
+        return self._fused.state_rounding
+
+    @property
+    def seed(self):
+        """Seed of the stochastic rounding of bfloat16 state."""
+        return self._fused.seed
 
     def check_param_groups(self) -> None:
         """Validate every group's hyperparameters now, as `step` does first
@@ -329,6 +406,9 @@ class Optimizer:
             out[f"state.{i}.step"] = int(steps[i])
             for name, arr in st.items():
                 out[f"state.{i}.{name}"] = arr.copy()
+        if self.state_dtype is not None:
+            out.update(state_dtype=self.state_dtype, state_rounding=self.state_rounding,
+                       seed=self.seed)
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -340,18 +420,21 @@ class Optimizer:
         values are copied), or step counts that are not integers in
         [0, 2**63 - 2] raise ValueError (TypeError if `state_dict` is not a
         mapping) and leave this optimizer as it was."""
-        new_groups, steps, staged = self.check_state_dict(state_dict)
+        new_groups, steps, staged, rounding = self.check_state_dict(state_dict)
         # All checked: commit (nothing below can fail).
         for i, st in enumerate(self.state):
             for name, arr in st.items():
                 np.copyto(arr, staged[f"state.{i}.{name}"])
         self._fused.set_steps(steps)
+        self._fused.set_rounding(*rounding)
+        self._fused.sync_params()      # float16/bfloat16 parameters from their masters
         for g, new in zip(self.param_groups, new_groups):
             g.clear()
             g.update(new)
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> tuple[
-            list[dict[str, Any]], np.ndarray[Any, np.dtype[np.int64]], dict[str, FloatArray]]:
+            list[dict[str, Any]], np.ndarray[Any, np.dtype[np.int64]], dict[str, FloatArray],
+            tuple[str, int]]:
         """Check `state_dict` as `load_state_dict` does, without loading it.
 
         Returns
@@ -363,6 +446,9 @@ class Optimizer:
         arrays : dict
             Private copies of its state arrays (by key, in this optimizer's
             dtypes and native byte order): what was checked is what loads.
+        rounding : tuple
+            Its (state_rounding, seed) of bfloat16 state (this optimizer's
+            own when it keeps none).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError("state_dict must be a mapping (a dict as made by state_dict()), "
@@ -375,6 +461,7 @@ class Optimizer:
         if kind != type(self).__name__:
             raise ValueError(f"state dict is for optimizer {kind!r}, not {type(self).__name__!r}")
         expected = {"optimizer"}
+        rounding = self._load_state_config(sd, expected)
         # Param groups: same number, same parameter indices, same keys.
         new_groups = []
         index = 0
@@ -418,7 +505,7 @@ class Optimizer:
                 key = f"state.{i}.{name}"
                 if key not in sd:
                     raise ValueError(f"state dict is missing {key!r}")
-                v = sd[key]
+                v = _stored(sd[key], arr.dtype)
                 if (not isinstance(v, np.ndarray) or v.shape != arr.shape
                         or v.dtype.newbyteorder("=") != arr.dtype):
                     raise ValueError(f"{key} must be an array of shape {arr.shape} and dtype "
@@ -430,7 +517,38 @@ class Optimizer:
         extra = set(sd) - expected
         if extra:
             raise ValueError(f"state dict has keys this optimizer lacks: {sorted(extra)[:5]}")
-        return new_groups, steps, staged
+        return new_groups, steps, staged, rounding
+
+    def _load_state_config(self, sd: dict[str, Any], expected: set[str]) -> tuple[str, int]:
+        """Check the state dict's state_dtype against this optimizer's; return
+        the (state_rounding, seed) to load."""
+        saved = _scalar(sd["state_dtype"], "state_dtype") if "state_dtype" in sd else None
+        if saved != self.state_dtype:
+            raise ValueError(f"state dict has state_dtype {saved!r} but this optimizer keeps "
+                             f"state_dtype={self.state_dtype!r}")
+        if saved is None:
+            return self.state_rounding, self.seed
+        for key in ("state_rounding", "seed"):
+            if key not in sd:
+                raise ValueError(f"state dict is missing {key!r}")
+        expected |= {"state_dtype", "state_rounding", "seed"}
+        rounding = _scalar(sd["state_rounding"], "state_rounding")
+        seed = _scalar(sd["seed"], "seed")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) \
+                or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+        return rounding, int(seed)
+
+
+def _stored(v: Any, dtype: np.dtype[Any]) -> Any:
+    """A state array from a state dict as `dtype`: np.load gives bfloat16
+    arrays back as raw 2-byte voids (their dtype is not NumPy's own)."""
+    if (isinstance(v, np.ndarray) and v.dtype.kind == "V" and v.dtype.fields is None
+            and v.dtype.itemsize == dtype.itemsize and dtype.name == "bfloat16"):
+        return v.view(dtype)
+    return v
 
 
 # A step count must leave room for the next step to count itself.
@@ -565,14 +683,16 @@ class SGD(Optimizer):
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
         _number("lr", lr)
         _number("momentum", momentum)
         _number("dampening", dampening, 0.0, 1.0, hi_closed=True)
         _number("weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
-                                      maximize=maximize))
+                                      maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
 
     def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
         return (group["momentum"] != 0, False, False)
@@ -590,14 +710,16 @@ class RMSprop(Optimizer):
 
     def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
         _number("lr", lr)
         _number("alpha", alpha, 0.0, 1.0)
         _number("eps", eps)
         _number("weight_decay", weight_decay)
         _number("momentum", momentum)
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-                                      momentum=momentum, centered=centered, maximize=maximize))
+                                      momentum=momentum, centered=centered, maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
 
     def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
         return (True, group["momentum"] > 0, bool(group["centered"]))
@@ -617,7 +739,8 @@ class Adam(Optimizer):
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
-                 decoupled_weight_decay: bool = False) -> None:
+                 decoupled_weight_decay: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
         _number("lr", lr)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise TypeError(f"betas must be a tuple of two numbers, got {betas!r}")
@@ -628,7 +751,8 @@ class Adam(Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize,
-                                      decoupled_weight_decay=decoupled_weight_decay))
+                                      decoupled_weight_decay=decoupled_weight_decay),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
 
     def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
         return (True, True, bool(group["amsgrad"]))
@@ -641,6 +765,8 @@ class AdamW(Adam):
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *,
-                 maximize: bool = False) -> None:
+                 maximize: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True)
+                         amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
