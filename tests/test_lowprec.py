@@ -634,6 +634,21 @@ def test_clip_grad_norm_of_16_bit_gradients(dtype, norm_type, rng):
 
 
 @pytest.mark.parametrize("dtype", HALF)
+def test_clip_grad_value_of_16_bit_gradients(dtype, rng):
+    # From the formula: clamp in float32 to [-c, c], rounded once to the dtype.
+    dtype = half(dtype)
+    grads = [(rng.standard_normal(s) * 3).astype(dtype) for s in [(70_001,), (3, 5), (0,)]]
+    grads[1][0, 0] = np.nan
+    grads[1][0, 1] = -np.inf
+    c = 1.3
+    want = [np.clip(g.astype(np.float32), np.float32(-c), np.float32(c)).astype(dtype)
+            for g in grads]
+    fastopt.clip_grad_value_(grads, c)
+    for g, w in zip(grads, want):
+        assert_bits(g, w)
+
+
+@pytest.mark.parametrize("dtype", HALF)
 def test_unscale_of_16_bit_gradients(dtype, rng):
     dtype = half(dtype)
     params = [np.zeros(40_000, dtype), np.zeros(7, np.float32)]
