@@ -485,6 +485,21 @@ def run_step(v):
     v["opt"].step(v["grads"])
 
 
+def build_scaled_step(draw):
+    v = build_opt(draw)
+    v["grad_scale"] = draw(st.sampled_from([1.0, 3.0, 2.0**16]))
+    return v
+
+
+def run_scaled_step(v):
+    v["opt"].step(v["grads"], grad_scale=v["grad_scale"])
+
+
+def build_clip_value(draw):
+    v = build_clip(draw)
+    return dict(grads=v["grads"], clip_value=draw(st.sampled_from([0.0, 0.5, 1e9])))
+
+
 class _GroupHyper:
     """Mutations of the optimizer's param_groups before a step."""
 
@@ -848,9 +863,16 @@ APIS = [
         dict(grads=Slot("list", item=Slot("write", free_shape=True, optional=True, half_ok=True)),
              max_norm=Slot("real", lo=0, inf_ok=True),
              norm_type=Slot("real", lo=0, lo_open=True, inf_ok=True, bad=["2", "inf"]))),
+    Api("clip_grad_value_", build_clip_value, lambda v: fastopt.clip_grad_value_(
+        v["grads"], v["clip_value"]),
+        dict(grads=Slot("list", item=Slot("write", free_shape=True, optional=True, half_ok=True)),
+             clip_value=Slot("real", lo=0))),
     Api("optimizer construction", build_construct, run_construct, None),
     Api("optimizer step", build_opt, run_step,
         dict(grads=Slot("grads", item=Slot("read", optional=True), bad=[np.zeros(3)]))),
+    Api("optimizer step with grad_scale", build_scaled_step, run_scaled_step,
+        dict(grads=Slot("grads", item=Slot("read", optional=True), bad=[np.zeros(3)]),
+             grad_scale=Slot("real", lo=0, lo_open=True, optional=True))),
     Api("load_state_dict", build_load, run_load, {}),
     Api("batch_norm_forward", build_bn, run_bn, BN_SLOTS),
     Api("batch_norm_backward", build_bn_backward, run_bn_backward,
