@@ -32,23 +32,32 @@ and `unscale_` take the gradients; there is no device argument; errors in
 the arguments are ValueError/TypeError (PyTorch asserts).  The scale is a
 float32 value, updated as PyTorch's ``_amp_update_scale_`` does.
 """
+from __future__ import annotations
+
 import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from .optim import Optimizer
+
+if TYPE_CHECKING:
+    from ._typing import FloatArray
+
+_T = TypeVar("_T")
 
 __all__ = ["GradScaler"]
 
 _READY, _UNSCALED, _STEPPED = "ready", "unscaled", "stepped"
 
 
-def _f32(x):
+def _f32(x: float) -> float:
     """x rounded to float32 (PyTorch keeps the scale in a float32 tensor)."""
     return float(np.float32(x))
 
 
-def _positive(name, value):
+def _positive(name: str, value: Any) -> float:
     """A finite number > 0."""
     try:
         if isinstance(value, (bool, str, bytes)):
@@ -81,8 +90,9 @@ class GradScaler:
         the rest does nothing.
     """
 
-    def __init__(self, init_scale=2.0**16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, enabled=True):
+    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000,
+                 enabled: bool = True) -> None:
         self._enabled = bool(enabled)
         if not self._enabled:
             return
@@ -97,10 +107,10 @@ class GradScaler:
         self._backoff_factor = float(backoff_factor)
         self._growth_interval = int(growth_interval)
         self._growth_tracker = 0
-        self._per_optimizer = {}        # id(optimizer) -> {"stage", "found_inf"}
+        self._per_optimizer: dict[int, dict[str, Any]] = {}   # id(optimizer) -> {"stage", "found_inf"}
 
     @staticmethod
-    def _check_interval(n):
+    def _check_interval(n: Any) -> None:
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"growth_interval must be an integer, got {n!r}")
         if n < 1:
@@ -108,7 +118,7 @@ class GradScaler:
 
     # ----------------------------------------------------------- scaling
 
-    def scale(self, outputs):
+    def scale(self, outputs: _T) -> _T:
         """`outputs` multiplied by the scale: a number, an ndarray (a new array
         of its dtype, computed in float32 for float16/bfloat16 and rounded
         once) or a list/tuple of those."""
@@ -120,15 +130,15 @@ class GradScaler:
                 np.multiply(outputs, self._scale, out=out)
             else:
                 np.multiply(outputs, np.float32(self._scale), out=out, casting="unsafe")
-            return out
+            return out    # type: ignore[return-value]
         if isinstance(outputs, (list, tuple)):
-            return type(outputs)(self.scale(o) for o in outputs)
+            return type(outputs)(self.scale(o) for o in outputs)   # type: ignore[return-value]
         if isinstance(outputs, (int, float, np.number)) and not isinstance(outputs, bool):
-            return outputs * self._scale
+            return outputs * self._scale    # type: ignore[no-any-return,operator]
         raise TypeError(f"outputs must be a number, an ndarray or a list/tuple of them, "
                         f"got {type(outputs).__name__}")
 
-    def unscale_(self, optimizer, grads):
+    def unscale_(self, optimizer: Optimizer, grads: Sequence[FloatArray | None]) -> None:
         """Divide `grads` (one per parameter of `optimizer`, None skips) by the
         scale in place and record whether any holds an inf or NaN, as
         ``torch.amp.GradScaler.unscale_``: call it before working on the true
@@ -151,14 +161,15 @@ class GradScaler:
         state["found_inf"] = bool(optimizer._fused.unscale_(grads, self._scale))
         state["stage"] = _UNSCALED
 
-    def step(self, optimizer, grads):
+    def step(self, optimizer: Optimizer, grads: Sequence[FloatArray | None]) -> None:
         """``optimizer.step(grads, grad_scale=scale)``: the update divides by the
         scale in its fused pass and is skipped (nothing changes, and
         ``optimizer.found_inf`` is True) if a gradient holds an inf or NaN.
         After `unscale_`: ``optimizer.step(grads)``, skipped if `unscale_`
         found an inf or NaN.  Returns None."""
         if not self._enabled:
-            return optimizer.step(grads)
+            optimizer.step(grads)
+            return None
         state = self._state(optimizer)
         if state["stage"] == _STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
@@ -173,7 +184,7 @@ class GradScaler:
         state["stage"] = _STEPPED
         return None
 
-    def update(self, new_scale=None):
+    def update(self, new_scale: float | None = None) -> None:
         """Update the scale after the steps of an iteration: times
         `backoff_factor` if a step found inf/NaN gradients; else, after
         `growth_interval` such steps in a row, times `growth_factor` (unless
@@ -200,7 +211,7 @@ class GradScaler:
                 self._growth_tracker += 1
         self._per_optimizer = {}
 
-    def _state(self, optimizer):
+    def _state(self, optimizer: Optimizer) -> dict[str, Any]:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a fastopt optimizer, got {type(optimizer).__name__}")
         st = self._per_optimizer.get(id(optimizer))
@@ -211,37 +222,37 @@ class GradScaler:
 
     # -------------------------------------------------------- attributes
 
-    def get_scale(self):
+    def get_scale(self) -> float:
         """The current scale (1.0 if disabled)."""
         return self._scale if self._enabled else 1.0
 
-    def get_growth_factor(self):
+    def get_growth_factor(self) -> float:
         return self._growth_factor
 
-    def set_growth_factor(self, new_factor):
+    def set_growth_factor(self, new_factor: float) -> None:
         if not _positive("growth_factor", new_factor) > 1.0:
             raise ValueError(f"growth_factor must be > 1, got {new_factor!r}")
         self._growth_factor = float(new_factor)
 
-    def get_backoff_factor(self):
+    def get_backoff_factor(self) -> float:
         return self._backoff_factor
 
-    def set_backoff_factor(self, new_factor):
+    def set_backoff_factor(self, new_factor: float) -> None:
         if not _positive("backoff_factor", new_factor) < 1.0:
             raise ValueError(f"backoff_factor must be in (0, 1), got {new_factor!r}")
         self._backoff_factor = float(new_factor)
 
-    def get_growth_interval(self):
+    def get_growth_interval(self) -> int:
         return self._growth_interval
 
-    def set_growth_interval(self, new_interval):
+    def set_growth_interval(self, new_interval: int) -> None:
         self._check_interval(new_interval)
         self._growth_interval = int(new_interval)
 
-    def is_enabled(self):
+    def is_enabled(self) -> bool:
         return self._enabled
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """PyTorch's five entries (``scale``, ``growth_factor``,
         ``backoff_factor``, ``growth_interval``, ``_growth_tracker``); empty
         if disabled.  Save it after `update`."""
@@ -252,7 +263,7 @@ class GradScaler:
                 "growth_interval": self._growth_interval,
                 "_growth_tracker": self._growth_tracker}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a `state_dict` (numbers, or 0-d arrays after ``np.load``);
         checked first: nothing changes on an error.  A no-op if disabled."""
         if not self._enabled:
@@ -280,7 +291,7 @@ class GradScaler:
         self._growth_interval = int(sd["growth_interval"])
         self._growth_tracker = int(tracker)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if not self._enabled:
             return "GradScaler(enabled=False)"
         return (f"GradScaler(scale={self._scale}, growth_factor={self._growth_factor}, "

@@ -330,23 +330,23 @@ class Optimizer:
         self._fused.step(grads, self.param_groups, grad_scale)
 
     @property
-    def found_inf(self):
+    def found_inf(self) -> bool:
         """True if the last `step` with a grad_scale found an inf or NaN
         gradient and skipped the update (False after any other step)."""
         return self._fused.found_inf
 
     @property
-    def state_dtype(self):
+    def state_dtype(self) -> str | None:
         """None (state in the compute dtype) or "bfloat16"."""
         return self._fused.state_dtype
 
     @property
-    def state_rounding(self):
+    def state_rounding(self) -> str:
         """How bfloat16 state is rounded: "stochastic" or "nearest"."""
         return self._fused.state_rounding
 
     @property
-    def seed(self):
+    def seed(self) -> int:
         """Seed of the stochastic rounding of bfloat16 state."""
         return self._fused.seed
 

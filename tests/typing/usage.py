@@ -55,6 +55,23 @@ fastopt.AdamW(arrays((3,)), amsgrad=True, maximize=True)
 flat, views = fastopt.flat_views(arrays((2, 3), (4,)))
 assert_type(views, list[NDArray[np.floating[Any]]])
 
+# --- low precision: 16-bit parameters, loss scaling ---------------------------
+half = [rng.standard_normal(6).astype(np.float16)]
+hopt = fastopt.Adam(half, lr=1e-3, state_rounding="nearest", seed=1)
+hopt.step([np.ones(6, np.float32)], grad_scale=2.0)
+assert_type(hopt.found_inf, bool)
+assert_type(hopt.state_dtype, "str | None")
+master: NDArray[np.floating[Any]] = hopt.state[0]["master_param"]
+scaler = fastopt.GradScaler(init_scale=2.0**8, growth_interval=10)
+grads16: list[NDArray[np.float16]] = [np.ones(6, np.float16)]
+scaled = scaler.scale(grads16)
+assert_type(scaled, list[NDArray[np.float16]])
+scaler.unscale_(hopt, scaled)
+scaler.step(hopt, scaled)
+scaler.update()
+assert_type(scaler.get_scale(), float)
+scaler.load_state_dict(scaler.state_dict())
+
 # --- learning-rate schedules -------------------------------------------------
 schedules: list[lr_scheduler.LRScheduler] = [
     lr_scheduler.InverseTimeLR(sgd, decay_rate=0.5),
