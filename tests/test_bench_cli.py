@@ -390,6 +390,7 @@ def test_verdict_lists_the_cases_slower_than_numpy():
 @pytest.mark.parametrize("change,load,cause", [
     ({}, {"loadavg": 7.0, "cpu_probe": 0.4}, "the machine is busy (load average 7.0 on 2 CPUs"),
     ({}, {"loadavg": 0.2, "cpu_probe": 0.5}, "a probe thread got 50% of a CPU"),
+    ({}, {"loadavg": 1.9, "cpu_probe": 1.0}, "no cause found"),   # its own threads' load
     ({"cpu_share": {"numpy": 1.0, "fastopt_1t": 0.3}}, QUIET, "the timing thread got 30%"),
     ({"cpu_share": {"numpy": 1.0, "fastopt": 0.3}}, QUIET, "no cause found"),   # waits for its team
     ({"best_s": {"fastopt": 1e-6}, "fastopt_s": 2e-6}, QUIET, "noisy timing"),
