@@ -759,39 +759,14 @@ def _tensor(a):
         return torch.from_numpy(a)
 
 
-def _torch_adam(decoupled):
-    def impl(s):
-        import torch
-        ps = [_tensor(p).requires_grad_() for p in s["p"]]
-        gs = [[_tensor(g) for g in grads] for grads in s["g"]]
-        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-        wd = WD_ADAMW if decoupled else 0.0
-        opt = cls(ps, lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM, weight_decay=wd, fused=True)
-        t = 0
-
-        def step():
-            nonlocal t
-            t += 1
-            for p, g in zip(ps, gs[t & 1]):
-                p.grad = g
-            opt.step()
-            out = tuple(p.detach().numpy() for p in ps)
-            if len(ps) == 1:     # one array: compare the moments as well
-                st = opt.state[ps[0]]
-                out += (st["exp_avg"].numpy(), st["exp_avg_sq"].numpy())
-            return out
-        return step
-    return impl
-
-
-def _fastopt_torch_adam(s):
-    """fastopt.torch.Adam (the bridge: reads p.grad, one native step) on torch
-    tensors sharing the parameters' memory; the gradients are assigned each
-    step as for the torch peers (a training loop's backward does that)."""
-    import fastopt.torch as fo
+def _torch_stepper(s, make_opt, moments):
+    """A step of the optimizer `make_opt(params)` on torch tensors sharing the
+    parameters' memory, the gradients assigned each step as a training loop's
+    backward does; returns the parameters (and, with `moments` and one array,
+    its exp_avg and exp_avg_sq)."""
     ps = [_tensor(p).requires_grad_() for p in s["p"]]
     gs = [[_tensor(g) for g in grads] for grads in s["g"]]
-    opt = fo.Adam(ps, lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM)
+    opt = make_opt(ps)
     t = 0
 
     def step():
@@ -800,8 +775,29 @@ def _fastopt_torch_adam(s):
         for p, g in zip(ps, gs[t & 1]):
             p.grad = g
         opt.step()
-        return tuple(s["p"])
+        out = tuple(p.detach().numpy() for p in ps)
+        if moments and len(ps) == 1:     # one array: compare the moments as well
+            st = opt.state[ps[0]]
+            out += (st["exp_avg"].numpy(), st["exp_avg_sq"].numpy())
+        return out
     return step
+
+
+def _torch_adam(decoupled):
+    def impl(s):
+        import torch
+        cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+        wd = WD_ADAMW if decoupled else 0.0
+        return _torch_stepper(s, lambda ps: cls(ps, lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM,
+                                                weight_decay=wd, fused=True), True)
+    return impl
+
+
+def _fastopt_torch_adam(s):
+    """fastopt.torch.Adam (the bridge: reads p.grad, one native step)."""
+    import fastopt.torch as fo
+    return _torch_stepper(s, lambda ps: fo.Adam(ps, lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM),
+                          False)
 
 
 def _numba_adam(decoupled):
@@ -986,23 +982,38 @@ class Result:
     cpu: Optional[float] = None        # share of a CPU the timing thread got (1: never waited)
 
 
-def run_impl(impl, work, ref, threads, budget, min_samples):
-    """Build, check and time one implementation on fresh copies of the inputs."""
+def _error_text(exc):
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {msg}"
+
+
+def checked_step(impl, work, ref, threads):
+    """`impl` built on fresh copies of the inputs, run `work.calls` times and
+    its result compared with `ref`: (step, None), or (None, why not)."""
     try:
         with fastopt_threads(threads):
             step = impl(fresh(work.inputs))
             for _ in range(work.calls):
                 out = step()
             error = compare(out, ref, work.names)
-            if error:
-                return Result(error=error)
+    except Exception as exc:        # a broken kernel must not stop the report
+        return None, _error_text(exc)
+    return (None, error) if error else (step, None)
+
+
+def run_impl(impl, work, ref, threads, budget, min_samples):
+    """Build, check and time one implementation on fresh copies of the inputs."""
+    step, error = checked_step(impl, work, ref, threads)
+    if error:
+        return Result(error=error)
+    try:
+        with fastopt_threads(threads):
             wall, cpu = time.perf_counter(), time.thread_time()
             median, best = measure(step, budget, min_samples)
             share = (time.thread_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
             return Result(time=median, best=best, cpu=min(share, 1.0))
-    except Exception as exc:        # a broken kernel must not stop the report
-        msg = str(exc).splitlines()[0] if str(exc) else ""
-        return Result(error=f"{type(exc).__name__}: {msg}")
+    except Exception as exc:
+        return Result(error=_error_text(exc))
 
 
 def reference(work, dtype):
@@ -1132,14 +1143,7 @@ def run_contention(case, opts, peers):
     results, steps = {}, {}
     with every_core_busy(busy_processes()):
         for name, (impl, threads) in impls.items():
-            try:
-                with fastopt_threads(threads):
-                    step = impl(fresh(work.inputs))
-                    for _ in range(work.calls):
-                        out = step()
-                error = compare(out, ref, work.names)
-            except Exception as exc:        # a broken kernel must not stop the report
-                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            step, error = checked_step(impl, work, ref, threads)
             if error:
                 results[name] = Result(error=error)
             else:

@@ -7,6 +7,9 @@ from mpi4py import MPI
 
 import fastopt
 from fastopt.distributed import DistributedOptimizer
+# Every optimizer and option: the single-process tests' cases (pytest puts
+# tests/ on sys.path for tests/mpi too).
+from test_optimizers import CASE_IDS, CASES
 
 WORLD = MPI.COMM_WORLD
 
@@ -14,28 +17,6 @@ WORLD = MPI.COMM_WORLD
 # ranks the slice boundaries fall inside arrays, and some ranks own no
 # element of the small ones.
 SHAPES = [(), (0,), (1,), (17,), (3, 5), (7, 1, 2), (1000,), (33, 31)]
-
-# Every optimizer and option (as tests/test_optimizers.py).
-CASES = [
-    (fastopt.Adam, {}),
-    (fastopt.Adam, {"weight_decay": 0.1, "lr": 1e-2}),
-    (fastopt.Adam, {"amsgrad": True, "betas": (0.8, 0.9)}),
-    (fastopt.Adam, {"maximize": True, "weight_decay": 0.01, "eps": 1e-3}),
-    (fastopt.Adam, {"decoupled_weight_decay": True, "weight_decay": 0.1}),
-    (fastopt.AdamW, {"lr": 1e-2}),
-    (fastopt.AdamW, {"amsgrad": True, "maximize": True}),
-    (fastopt.RMSprop, {}),
-    (fastopt.RMSprop, {"momentum": 0.9, "lr": 1e-3}),
-    (fastopt.RMSprop, {"centered": True, "alpha": 0.9}),
-    (fastopt.RMSprop, {"centered": True, "momentum": 0.5, "weight_decay": 0.1, "maximize": True}),
-    (fastopt.SGD, {"lr": 0.1}),
-    (fastopt.SGD, {"lr": 0.1, "momentum": 0.9}),
-    (fastopt.SGD, {"lr": 0.1, "momentum": 0.9, "dampening": 0.9}),
-    (fastopt.SGD, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
-    (fastopt.SGD, {"lr": 0.1, "momentum": 0.5, "maximize": True, "weight_decay": 0.1}),
-]
-CASE_IDS = [f"{cls.__name__}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}"
-            for cls, kw in CASES]
 
 
 def make_params(shapes=SHAPES, dtypes=(np.float64,), seed=0):
