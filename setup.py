@@ -1,8 +1,15 @@
 """Extensions and compiler flags.  Everything else lives in pyproject.toml.
 
-Each kernel module (``src/fastopt/_<family>.pyx``) is compiled once per SIMD
-level into ``fastopt._<level>._<family>``; ``fastopt._dispatch`` imports the
-best level the CPU supports.  Environment variables:
+Two layers (see src/fastopt/_core.pxd):
+
+* the kernel core, ``src/fastopt/_core.pyx`` (every family's ``nogil``
+  loops), is compiled once per SIMD level into ``fastopt._<level>._core``;
+  ``fastopt._dispatch`` imports the best level the CPU supports;
+* the fronts (``_optim``, ``_batchnorm``, ``_softmax``, ``_train``: the
+  ``def`` API and its checks), ``_runtime`` and ``_tensors`` are compiled
+  once, with the baseline flags.
+
+Environment variables:
 
 FASTOPT_NATIVE=1     build one level with -march=native instead (not for wheels)
 FASTOPT_LEVELS=a,b   build only these levels (baseline is always built)
@@ -42,7 +49,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-KERNEL_MODULES = ["_optim", "_batchnorm", "_softmax", "_train"]
+FRONTS = ["_optim", "_batchnorm", "_softmax", "_train"]
+BUILT_ONCE = ["_runtime", "_tensors"] + FRONTS
 SRC = os.path.join("src", "fastopt")
 DEBUG = os.environ.get("FASTOPT_DEBUG") == "1"
 NATIVE = os.environ.get("FASTOPT_NATIVE") == "1"
@@ -324,19 +332,17 @@ def generated_c(modules):
 def extensions():
     macros = [("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION")]
     incl = [np.get_include(), SRC]
-    c_dir = generated_c(KERNEL_MODULES + ["_runtime", "_tensors"])
-    # Not kernels: built once.
+    c_dir = generated_c(BUILT_ONCE + ["_core"])
     exts = [Extension(f"fastopt.{m}", [os.path.join(c_dir, SRC, m + ".c")],
-                      include_dirs=incl, define_macros=macros) for m in ("_runtime", "_tensors")]
-    for family in KERNEL_MODULES:
-        for level in simd_levels():
-            # One C file per level, so that each level's object file has its
-            # own path and the levels compile side by side.
-            dst = os.path.join(c_dir, "simd", level, family + ".c")
-            _write_if_changed(dst, _read(os.path.join(c_dir, SRC, family + ".c")))
-            e = Extension(f"fastopt._{level}.{family}", [dst], include_dirs=incl, define_macros=macros)
-            e.simd_level = level
-            exts.append(e)
+                      include_dirs=incl, define_macros=macros) for m in BUILT_ONCE]
+    for level in simd_levels():
+        # One C file per level, so that each level's object file has its own
+        # path and the levels compile side by side.
+        dst = os.path.join(c_dir, "simd", level, "_core.c")
+        _write_if_changed(dst, _read(os.path.join(c_dir, SRC, "_core.c")))
+        e = Extension(f"fastopt._{level}._core", [dst], include_dirs=incl, define_macros=macros)
+        e.simd_level = level
+        exts.append(e)
     return exts
 
 

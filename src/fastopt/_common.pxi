@@ -1,82 +1,23 @@
-# Shared by every kernel module.  It is included (not cimported) so that each
-# SIMD build of a module is self-contained.  Two things live here:
-#   * the threads: one place decides how many threads a kernel uses
-#     (`threads_for`), and one helper runs a job on fastopt's thread pool
-#     (`run_chunks`);
-#   * the argument checks: every kernel's `def` wrapper validates with these
-#     before it enters `nogil` code, so kernels can assume clean input.
+# Shared by the fronts (the Python-facing modules _optim, _batchnorm,
+# _softmax, _train; compiled once): the argument checks every `def` wrapper
+# makes before it enters `nogil` code, so that the kernels can assume clean
+# input, and the kernel core of the chosen SIMD level (`core`, see _core.pxd).
 cimport numpy as cnp
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.math cimport isfinite, sqrt, sqrtf
+from libc.math cimport isfinite
+
+from fastopt._core cimport *
 
 cnp.import_array()
 
-cdef extern from "_omp.h" nogil:
-    int fastopt_omp_threads()
-
-cdef extern from "_pool_api.h" nogil:
-    ctypedef void (*fastopt_chunk_fn)(void *ctx, Py_ssize_t chunk) noexcept nogil
-    ctypedef struct fastopt_pool_api:
-        void (*run)(fastopt_chunk_fn fn, void *ctx, Py_ssize_t nchunks, int nt, int flags) noexcept nogil
-    const char *FASTOPT_POOL_CAPSULE
-    enum: FASTOPT_POOL_REVERSE
-
-
-# ---------------------------------------------------------------- threads ---
-
-cdef int _thread_limit = 0        # 0: no limit beyond OpenMP's own
-
-
-def _set_thread_limit(int n):
-    """Cap the team size of this module's kernels (0 removes the cap)."""
-    global _thread_limit
-    _thread_limit = n if n > 0 else 0
-
-
-cdef inline int max_threads() noexcept nogil:
-    """OpenMP's team size for the calling thread (OMP_NUM_THREADS,
-    threadpoolctl, OMP_THREAD_LIMIT), capped by set_num_threads."""
-    cdef int nt = fastopt_omp_threads()
-    if 0 < _thread_limit < nt:
-        nt = _thread_limit
-    return nt
-
-
-cdef inline int threads_for(Py_ssize_t work, Py_ssize_t grain) noexcept nogil:
-    """Team size for `work` units of which each thread should get >= `grain`:
-    small jobs run on the calling thread and never reach the pool."""
-    cdef int nt = max_threads()
-    cdef Py_ssize_t useful = work // grain
-    if useful < nt:
-        nt = <int>useful if useful > 1 else 1
-    return nt
-
-
-# The process's one thread pool lives in fastopt._runtime (see _pool.h).
-from fastopt import _runtime
-cdef const fastopt_pool_api *_pool = <const fastopt_pool_api *>PyCapsule_GetPointer(
-    _runtime._pool_api, FASTOPT_POOL_CAPSULE)
-
-
-cdef inline void run_chunks(fastopt_chunk_fn fn, void *ctx, Py_ssize_t nchunks, int nt,
-                            bint reverse=False) noexcept nogil:
-    """fn(ctx, c) for every chunk c in [0, nchunks), on up to `nt` threads.
-
-    The chunks are split into one contiguous range per thread; each thread
-    runs its own range (from the end if `reverse`), then helps with the
-    others.  The calling thread never waits for a thread that has not
-    started, so a busy machine costs at most about the 1-thread time.  The
-    chunks must be a partition fixed by the kernel, never by `nt`: then the
-    results do not depend on the number of threads."""
-    cdef Py_ssize_t c
-    if nt > 1 and nchunks > 1:
-        _pool.run(fn, ctx, nchunks, nt, FASTOPT_POOL_REVERSE if reverse else 0)
-    elif reverse:
-        for c in range(nchunks - 1, -1, -1):
-            fn(ctx, c)
-    else:
-        for c in range(nchunks):
-            fn(ctx, c)
+# The kernels of the SIMD level fastopt._dispatch chose, as a table of C
+# functions (FASTOPT_CORE_CAPSULE names its layout's version).
+from fastopt import _dispatch
+cdef const CoreAPI *core = <const CoreAPI *>PyCapsule_GetPointer(_dispatch.CORE.api,
+                                                                 FASTOPT_CORE_CAPSULE)
+if core.size != sizeof(CoreAPI):
+    raise ImportError(f"fastopt: the kernel core {_dispatch.CORE.__name__} does not match "
+                      "this build of fastopt (reinstall fastopt)")
 
 
 # ----------------------------------------------------------------- checks ---
@@ -278,32 +219,10 @@ cdef inline double in_unit(object x, str name) except? -1.0:
     return v
 
 
-# ------------------------------------------------------------------- math ---
-
-ctypedef fused floating:
-    float
-    double
-
-
-cdef inline floating fsqrt(floating x) noexcept nogil:
-    """sqrt in the array's own precision (libc's sqrt would widen floats)."""
-    if floating is float:
-        return sqrtf(x)
-    else:
-        return sqrt(x)
-
-
 # ------------------------------------------------- 16-bit float dtypes ---
 # float16 is NumPy's own dtype; bfloat16 is a user dtype (ml_dtypes registers
 # it, with a type number only known at run time), recognised by its name and
 # size the first time it is seen.
-
-cdef enum DType:
-    DT_OTHER = -1
-    DT_F32 = 0
-    DT_F64 = 1
-    DT_F16 = 2
-    DT_BF16 = 3
 
 cdef int _bf16_typenum = -1
 
@@ -347,3 +266,12 @@ cdef inline cnp.ndarray like_any(object a, str name, cnp.ndarray ref, str ref_na
     if not same_shape(arr, ref):
         raise ValueError(f"{name} has shape {(<object>arr).shape} but {ref_name} has shape {(<object>ref).shape}")
     return arr
+
+
+cdef inline int store_of(int dtype_code) noexcept nogil:
+    """The storage code of an array of a DT_* dtype (NATIVE for float32/64)."""
+    if dtype_code == DT_F16:
+        return F16
+    if dtype_code == DT_BF16:
+        return BF16
+    return NATIVE

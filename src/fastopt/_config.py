@@ -113,9 +113,7 @@ def _set_default_cap(n: int, reason: str | None) -> None:
 
 
 def _apply_thread_limit() -> None:
-    limit = _limit()
-    for module in _dispatch.MODULES.values():
-        module._set_thread_limit(limit)
+    _runtime._set_thread_limit(_limit())
 
 
 def get_num_threads() -> int:

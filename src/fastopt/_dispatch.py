@@ -1,27 +1,24 @@
-"""Choose the SIMD level of the kernel modules once, at import.
+"""Choose the SIMD level of the kernel core once, at import.
 
-Every kernel module is built for several instruction-set levels
-(``fastopt._<level>._<family>``).  The best level the CPU supports is used;
+The kernel core (``_core.pyx``: every family's ``nogil`` loops, nothing
+else) is built once per instruction-set level, as ``fastopt._<level>._core``;
+the Python-facing modules (``fastopt._optim``, ``fastopt._batchnorm``,
+``fastopt._softmax``, ``fastopt._train``) are built once and call the chosen
+core through the table of C functions it publishes (``CORE.api``, see
+``_core.pxd``).  The best level the CPU supports is used;
 ``FASTOPT_SIMD=<level>`` forces a level (a lower one, for testing).
-
-The chosen modules are also importable under their level-neutral names,
-``fastopt._optim``, ``fastopt._batchnorm``, ``fastopt._softmax`` and
-``fastopt._train`` -- the names they were generated under (their functions'
-``__module__``), and the names of their type stubs (``_optim.pyi``...).
 """
 from __future__ import annotations
 
 import importlib
 import os
-import sys
 from types import ModuleType
 
 from . import _runtime
 
-__all__ = ["ORDER", "FAMILIES", "LEVEL", "MODULES", "optim", "batchnorm", "softmax", "train"]
+__all__ = ["ORDER", "LEVEL", "CORE"]
 
 ORDER = ("native", "avx512", "avx2", "baseline")
-FAMILIES = ("_optim", "_batchnorm", "_softmax", "_train")
 
 
 def _built_levels() -> list[str]:
@@ -49,13 +46,4 @@ def _choose_level() -> str:
 
 
 LEVEL = _choose_level()
-MODULES: dict[str, ModuleType] = {
-    name: importlib.import_module(f"fastopt._{LEVEL}.{name}") for name in FAMILIES}
-for _name, _module in MODULES.items():
-    sys.modules[f"{__package__}.{_name}"] = _module
-    setattr(sys.modules[__package__], _name, _module)
-
-from . import _batchnorm as batchnorm  # noqa: E402  (registered just above)
-from . import _optim as optim  # noqa: E402
-from . import _softmax as softmax  # noqa: E402
-from . import _train as train  # noqa: E402
+CORE: ModuleType = importlib.import_module(f"fastopt._{LEVEL}._core")

@@ -1,4 +1,4 @@
-# 16-bit storage for the kernels (included after _common.pxi).
+# 16-bit storage for the kernels (included by _core.pyx, after _core_common.pxi).
 #
 # A kernel loop reads and writes its arrays through `ld`/`st`, which take a
 # storage *tag*: an empty struct type that selects, at compile time, how the
@@ -28,15 +28,7 @@ cdef extern from "_half.h" nogil:
     void fastopt_f32_to_bf16_n(const float *src, uint16_t *dst, Py_ssize_t n)
 
 
-# Storage codes, at run time (what a Segment or a Job records).
-cdef enum Store:
-    NATIVE = 0      # the loop's own type (float or double); for an optional copy: none
-    F16 = 1         # float16, round to nearest even
-    BF16 = 2        # bfloat16, round to nearest even
-    BF16_SR = 3     # bfloat16, stochastic rounding (reads like BF16)
-
-
-# The same, as compile-time tags.
+# Storage codes at run time: `Store` (_core.pxd).  The same, as compile-time tags:
 ctypedef struct AsOwn:
     char unused
 ctypedef struct AsF16:
@@ -100,12 +92,3 @@ cdef inline void narrow_n(const float *f, uint16_t *h, Py_ssize_t n, int code) n
         fastopt_f32_to_f16_n(f, h, n)
     else:
         fastopt_f32_to_bf16_n(f, h, n)
-
-
-cdef inline int store_of(int dtype_code) noexcept nogil:
-    """The storage code of an array of a DT_* dtype (NATIVE for float32/64)."""
-    if dtype_code == DT_F16:
-        return F16
-    if dtype_code == DT_BF16:
-        return BF16
-    return NATIVE

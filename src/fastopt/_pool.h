@@ -494,7 +494,17 @@ static int fo_busy(void) { return 0; }
 
 /* ------------------------------------------------ what _runtime.pyx uses --- */
 
-static const fastopt_pool_api fastopt_pool_table = {fo_run};
+/* The thread cap of fastopt.set_num_threads (0: none), read once by every
+ * kernel call (an aligned int: a call sees the old cap or the new one). */
+static volatile int fo_thread_limit = 0;
+static void fastopt_pool_set_thread_limit(int n) { fo_thread_limit = n > 0 ? n : 0; }
+static int fo_max_threads(void) {
+    int nt = fastopt_omp_threads();
+    int cap = fo_thread_limit;
+    return cap > 0 && cap < nt ? cap : nt;
+}
+
+static const fastopt_pool_api fastopt_pool_table = {fo_run, fo_max_threads};
 
 /* Registers the fork handler; returns the table (NULL if that failed). */
 static const fastopt_pool_api *fastopt_pool_init(void) {

@@ -12,10 +12,12 @@ cdef extern from "_pool.h" nogil:
     ctypedef void (*fastopt_chunk_fn)(void *ctx, Py_ssize_t chunk) noexcept nogil
     ctypedef struct fastopt_pool_api:
         void (*run)(fastopt_chunk_fn fn, void *ctx, Py_ssize_t nchunks, int nt, int flags) noexcept nogil
+        int (*max_threads)() noexcept nogil
     const char *FASTOPT_POOL_CAPSULE
     const fastopt_pool_api *fastopt_pool_init()
     const char *fastopt_pool_backend()
     void fastopt_pool_set_spin(long long ns)
+    void fastopt_pool_set_thread_limit(int n)
     void fastopt_pool_hold_workers(int hold)
     int fastopt_pool_participant()
     void fastopt_pool_stats(long long *out)
@@ -57,6 +59,12 @@ cdef const fastopt_pool_api *_api = fastopt_pool_init()
 if _api == NULL:
     raise ImportError("fastopt: cannot register the thread pool's fork handler")
 _pool_api = PyCapsule_New(<void *>_api, FASTOPT_POOL_CAPSULE, NULL)
+
+def _set_thread_limit(int n):
+    """Cap the team size of every kernel (0 removes the cap).  `fastopt._config`
+    keeps the Python side of the cap (set_num_threads, the MPI default)."""
+    fastopt_pool_set_thread_limit(n)
+
 
 def _set_spin_ns(long long ns):
     """How long idle workers poll for a job before they sleep (< 0: forever).

@@ -1,0 +1,20 @@
+# The kernel core: every family's `noexcept nogil` kernels, compiled once per
+# SIMD level into fastopt._<level>._core (setup.py), and nothing else -- no
+# argument checks, no Python objects, no state.  fastopt._dispatch imports the
+# best level the CPU runs; the fronts (compiled once) call the kernels through
+# the table `api` published here (types and layout: _core.pxd).  Only these
+# loops gain from AVX2/AVX-512, so only they are built per level.
+from cpython.pycapsule cimport PyCapsule_New
+
+include "_core_common.pxi"
+include "_half.pxi"
+include "_core_train.pxi"
+
+
+cdef CoreAPI table
+table.size = sizeof(CoreAPI)
+table.train.gather_rows = gather_rows
+table.train.ewa_f32 = ewa[float]
+table.train.ewa_f64 = ewa[double]
+
+api = PyCapsule_New(&table, FASTOPT_CORE_CAPSULE, NULL)
