@@ -67,4 +67,11 @@ ctypedef struct TrainCore:
 
 ctypedef struct CoreAPI:
     Py_ssize_t size         # sizeof(CoreAPI) of the core's build: checked by the fronts
+
     TrainCore train
+
+    # (optim)
+
+    # (batchnorm)
+
+    # (softmax)

@@ -8,13 +8,26 @@ from cpython.pycapsule cimport PyCapsule_New
 
 include "_core_common.pxi"
 include "_half.pxi"
-include "_core_train.pxi"
-
 
 cdef CoreAPI table
 table.size = sizeof(CoreAPI)
+
+# ------------------------------------------------------------------ train ---
+include "_core_train.pxi"
+
 table.train.gather_rows = gather_rows
 table.train.ewa_f32 = ewa[float]
 table.train.ewa_f64 = ewa[double]
+
+# ------------------------------------------------------------------ optim ---
+# (optim)
+
+# -------------------------------------------------------------- batchnorm ---
+# (batchnorm)
+
+# ---------------------------------------------------------------- softmax ---
+# (softmax)
+
+# ------------------------------------------------------------- the table ---
 
 api = PyCapsule_New(&table, FASTOPT_CORE_CAPSULE, NULL)
