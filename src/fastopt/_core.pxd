@@ -58,7 +58,56 @@ ctypedef struct TrainCore:
 # (OptimCore)
 
 # -------------------------------------------------------------- batchnorm ---
-# (BatchNormCore)
+# x viewed as (outer, C, inner), cut into boxes: a fixed partition that
+# depends only on the shape (see _batchnorm.pyx).
+ctypedef struct BnPlan:
+    Py_ssize_t outer, C, inner, m   # m = outer*inner values per channel
+    bint rows                       # row layout (else segment layout)
+    Py_ssize_t og, il, cc           # box extent along outer, inner, channels
+    Py_ssize_t R                    # row layout, inner == 1: rows per group
+    Py_ssize_t ni                   # boxes along inner (segment layout)
+    Py_ssize_t nk                   # channel chunks (= C in the segment layout)
+    Py_ssize_t U                    # boxes per channel (chunk)
+    Py_ssize_t nbox                 # nk * U
+    int nt                          # threads
+
+
+# What a call computes, and where (the front allocates every array).
+ctypedef struct BnJob:
+    int xk                # Store code of x, dy and the output (NATIVE, F16, BF16)
+    bint backward         # else the forward pass
+    bint stats            # run the first pass (forward: training; backward: always)
+    bint training         # backward: the training formula for dx
+    bint update           # forward: update the running statistics
+    double momentum, eps
+    double *mean          # (C,) forward: the batch mean (out); backward: saved mean
+    double *invstd        # (C,) forward: out (holds M2 until finished); backward: saved
+    double *A             # (C,) second pass: out = A*z + B*(x - mean) + K
+    double *B             #      (forward: z unused, B = gamma*invstd, K = beta;
+    double *K             #       backward inference: B unused)
+    double *P1            # (U*C,) per-box partial results of the first pass
+    double *P2
+
+
+ctypedef struct BatchNormCore:
+    # Cut (outer, C, inner) into boxes, and the team size for the call.
+    void (*plan)(BnPlan *p, Py_ssize_t outer, Py_ssize_t C, Py_ssize_t inner) noexcept nogil
+    # Both passes of a forward (dy NULL; r1, r2 the running statistics, or
+    # NULL without them) or backward (r1, r2 = dgamma, dbeta) call over
+    # non-empty x, in the loop type (16-bit x, dy, out: float, j.xk).
+    void (*run_f32)(const BnPlan *p, const BnJob *j, const float *x, const float *dy,
+                    float *out, const float *gamma, const float *beta,
+                    float *r1, float *r2) noexcept nogil
+    void (*run_f64)(const BnPlan *p, const BnJob *j, const double *x, const double *dy,
+                    double *out, const double *gamma, const double *beta,
+                    double *r1, double *r2) noexcept nogil
+    # Forward inference, C channels: j.mean, j.invstd from the running
+    # statistics, and the coefficients j.B, j.K of the y pass.
+    void (*infer_f32)(const BnJob *j, Py_ssize_t C, const float *gamma, const float *beta,
+                      const float *rmean, const float *rvar) noexcept nogil
+    void (*infer_f64)(const BnJob *j, Py_ssize_t C, const double *gamma, const double *beta,
+                      const double *rmean, const double *rvar) noexcept nogil
+
 
 # ---------------------------------------------------------------- softmax ---
 # (SoftmaxCore)
@@ -72,6 +121,6 @@ ctypedef struct CoreAPI:
 
     # (optim)
 
-    # (batchnorm)
+    BatchNormCore batchnorm
 
     # (softmax)

@@ -23,7 +23,13 @@ table.train.ewa_f64 = ewa[double]
 # (optim)
 
 # -------------------------------------------------------------- batchnorm ---
-# (batchnorm)
+include "_core_batchnorm.pxi"
+
+table.batchnorm.plan = make_plan
+table.batchnorm.run_f32 = bn_run[float]
+table.batchnorm.run_f64 = bn_run[double]
+table.batchnorm.infer_f32 = infer_coefs[float]
+table.batchnorm.infer_f64 = infer_coefs[double]
 
 # ---------------------------------------------------------------- softmax ---
 # (softmax)
