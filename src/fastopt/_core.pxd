@@ -55,7 +55,89 @@ ctypedef struct TrainCore:
 
 
 # ------------------------------------------------------------------ optim ---
-# (OptimCore)
+# A `Segment` is one parameter array with its gradient, state and
+# coefficients; `run_segments` updates a list of them as one job (the design
+# is described in _optim.pyx).
+
+cdef enum Kind:
+    ADAM = 0
+    RMSPROP = 1
+    SGD = 2
+    CHECK = 3       # no update: set *coef.found if the gradient holds inf or NaN
+    UNSCALE = 4     # no update: grad *= coef.inv_scale, in place
+
+
+ctypedef struct Coef:
+    int kind
+    bint maximize, l2, amsgrad, centered, momentum, nesterov, first
+    double lr, weight_decay, eps
+    double inv_scale               # 1/grad_scale (1: no loss scaling)
+    unsigned char *found           # CHECK: set to 1 when a gradient is not finite
+    # Adam
+    double beta1, one_minus_beta1, beta2, one_minus_beta2
+    double step_size               # lr / (1 - beta1**step)
+    double bias_correction2_sqrt   # sqrt(1 - beta2**step)
+    double decay                   # 1 - lr*weight_decay (decoupled), else 1
+    # RMSprop
+    double alpha, one_minus_alpha
+    # SGD / RMSprop momentum
+    double mu, one_minus_dampening
+
+
+ctypedef struct Segment:
+    void *param     # the parameter, or its float32 master copy
+    void *grad
+    void *s1        # exp_avg | square_avg | momentum_buffer
+    void *s2        # exp_avg_sq | momentum_buffer (RMSprop)
+    void *s3        # max_exp_avg_sq | grad_avg
+    void *out       # float16/bfloat16 parameter written from the master, or NULL
+    Py_ssize_t n
+    Py_ssize_t offset   # of the first element in the concatenation of segments
+    bint is_double
+    int gk, sk, ok      # Store codes of the gradient, the state and `out`
+    uint32_t key        # of this array's stochastic rounding at this step
+    const Coef *coef
+
+
+# Gradient clipping: the gradients cut into fixed chunks (`Chunk`), one
+# partial per chunk.
+cdef enum NormKind:
+    NORM_2 = 0
+    NORM_1 = 1
+    NORM_INF = 2
+    NORM_P = 3
+
+ctypedef struct Chunk:
+    void *data
+    Py_ssize_t n
+    bint is_double
+    int kind            # Store code: NATIVE, F16 or BF16 (read as float32)
+
+
+ctypedef struct NormJob:
+    const Chunk *chunks
+    double *part        # per chunk: its sum (or max)
+    int mode
+    double p
+    double coef         # the scale (clip_grad_norm_) or the bound (clip_grad_value_)
+
+
+cdef inline double max_nan(double a, double b) noexcept nogil:
+    """max(a, b); NaN in either gives NaN (torch's max of |x|)."""
+    return a if (a > b or a != a) else b
+
+
+ctypedef struct OptimCore:
+    # every segment's update (or CHECK / UNSCALE pass), one threaded job
+    void (*run_segments)(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) noexcept nogil
+    # j.part[k] = chunk k's partial norm (j.mode, j.p), for k in [0, nchunks)
+    void (*norm_parts)(NormJob *j, Py_ssize_t nchunks, Py_ssize_t total) noexcept nogil
+    # every chunk scaled by j.coef / clamped to [-j.coef, j.coef], in place
+    void (*scale)(const NormJob *j, Py_ssize_t nchunks, Py_ssize_t total) noexcept nogil
+    void (*clamp)(const NormJob *j, Py_ssize_t nchunks, Py_ssize_t total) noexcept nogil
+    # 16-bit <-> float32 (code F16, BF16 or, for narrow, BF16_SR with r_i = hash32(key + i))
+    void (*widen)(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil
+    void (*narrow)(const float *f, uint16_t *h, Py_ssize_t n, int code, uint32_t key) noexcept nogil
 
 # -------------------------------------------------------------- batchnorm ---
 # (BatchNormCore)
@@ -131,7 +213,7 @@ ctypedef struct CoreAPI:
 
     TrainCore train
 
-    # (optim)
+    OptimCore optim
 
     # (batchnorm)
 

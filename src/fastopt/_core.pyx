@@ -20,7 +20,14 @@ table.train.ewa_f32 = ewa[float]
 table.train.ewa_f64 = ewa[double]
 
 # ------------------------------------------------------------------ optim ---
-# (optim)
+include "_core_optim.pxi"
+
+table.optim.run_segments = run_segments
+table.optim.norm_parts = norm_parts
+table.optim.scale = scale_chunks
+table.optim.clamp = clamp_chunks
+table.optim.widen = widen
+table.optim.narrow = narrow
 
 # -------------------------------------------------------------- batchnorm ---
 # (batchnorm)
