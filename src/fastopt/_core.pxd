@@ -143,7 +143,68 @@ ctypedef struct OptimCore:
 # (BatchNormCore)
 
 # ---------------------------------------------------------------- softmax ---
-# (SoftmaxCore)
+
+# Elements of a row per chunk: a row's partial sums are taken per chunk and
+# combined in chunk order (8 KiB-16 KiB: in L1).  The front sizes the partials
+# of the few-long-rows schedule (SmJob.pmax, .part) with it.
+cdef enum:
+    SM_CHUNK = 2048
+
+cdef enum SmMode:
+    LOG_SOFTMAX = 0
+    SOFTMAX = 1
+    XENT = 2
+
+
+ctypedef struct SmPart:
+    double s        # sum exp(x_c - M)
+    double dot      # sum q_c (x_c - M) over the classes that need it
+    double qsum     # sum q_c (probability targets)
+
+
+ctypedef struct SmJob:
+    int mode                # SmMode
+    bint is_double
+    int xk                  # Store code of x and out: NATIVE, F16 or BF16 (then computed in float)
+    Py_ssize_t n, c, nchunk
+    const void *x           # (N, C) rows
+    void *out               # log_softmax/softmax output, or dlogits (NULL: loss only)
+    # cross-entropy (targets and weights are float32 for 16-bit logits)
+    const int64_t *y        # class indices (N,), or NULL
+    const void *t           # class probabilities (N, C), or NULL
+    const void *w           # class weights (C,), or NULL
+    int64_t ignore
+    double eps              # label smoothing
+    double wsum             # sum of the weights (C without weights)
+    double scale            # gradient scale: 1/D for 'mean', else 1
+    double *loss            # per-row loss (N,)
+    # few long rows: partials per (row, chunk), row-major
+    double *pmax
+    SmPart *part
+
+
+ctypedef struct SoftmaxCore:
+    # every row of a job: log_softmax/softmax over the last axis, cross-entropy
+    void (*run_rows)(const SmJob *j) noexcept nogil
+    # log_softmax (log_out) or softmax over the middle axis of an (outer, C, inner) array
+    void (*run_cols_f32)(const float *x, float *out, Py_ssize_t outer, Py_ssize_t c,
+                         Py_ssize_t inner, bint log_out) noexcept nogil
+    void (*run_cols_f64)(const double *x, double *out, Py_ssize_t outer, Py_ssize_t c,
+                         Py_ssize_t inner, bint log_out) noexcept nogil
+    # cross-entropy: the first y[i] > limit, or -1 (uint64 class indices)
+    Py_ssize_t (*first_above)(const uint64_t *y, Py_ssize_t n, uint64_t limit) noexcept nogil
+    # the first class index outside [0, c) other than `ignore`, or -1; total = the
+    # sum of w[y_i] (w NULL: the count) over the rows not ignored
+    Py_ssize_t (*check_classes_f32)(const int64_t *y, Py_ssize_t n, Py_ssize_t c, int64_t ignore,
+                                    const float *w, double *total) noexcept nogil
+    Py_ssize_t (*check_classes_f64)(const int64_t *y, Py_ssize_t n, Py_ssize_t c, int64_t ignore,
+                                    const double *w, double *total) noexcept nogil
+    # the sum of v[0:n] in a fixed order
+    double (*ordered_sum)(const double *v, Py_ssize_t n) noexcept nogil
+    # test hooks: out = exp(x) (nonpos: the variant for x <= 0), out = log(x)
+    void (*exp_f32)(const float *x, float *out, Py_ssize_t n, bint nonpos) noexcept nogil
+    void (*exp_f64)(const double *x, double *out, Py_ssize_t n, bint nonpos) noexcept nogil
+    void (*log_f64)(const double *x, double *out, Py_ssize_t n) noexcept nogil
 
 # ------------------------------------------------------------- the table ---
 
@@ -156,4 +217,4 @@ ctypedef struct CoreAPI:
 
     # (batchnorm)
 
-    # (softmax)
+    SoftmaxCore softmax

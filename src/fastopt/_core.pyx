@@ -33,7 +33,18 @@ table.optim.narrow = narrow
 # (batchnorm)
 
 # ---------------------------------------------------------------- softmax ---
-# (softmax)
+include "_core_softmax.pxi"
+
+table.softmax.run_rows = run_rows
+table.softmax.run_cols_f32 = run_cols[float]
+table.softmax.run_cols_f64 = run_cols[double]
+table.softmax.first_above = first_above
+table.softmax.check_classes_f32 = check_classes[float]
+table.softmax.check_classes_f64 = check_classes[double]
+table.softmax.ordered_sum = ordered_sum
+table.softmax.exp_f32 = exp_array[float]
+table.softmax.exp_f64 = exp_array[double]
+table.softmax.log_f64 = log_array
 
 # ------------------------------------------------------------- the table ---
 
