@@ -303,6 +303,19 @@ def _compiler_version(compiler):
         return cc[0]
 
 
+def render_templates():
+    """Write each Tempita template ``src/fastopt/X.tp`` as ``X`` (the kernel
+    variants that exist, from the table in the template; as scikit-learn
+    generates its loss kernels).  Written only if changed, so the cache keys
+    below see the rendered text."""
+    from Cython import Tempita
+    for name in sorted(os.listdir(SRC)):
+        if name.endswith(".tp"):
+            path = os.path.join(SRC, name)
+            text = Tempita.sub(_read(path).decode("utf-8"), __name=path)
+            _write_if_changed(path[:-len(".tp")], text.encode("utf-8"))
+
+
 def generated_c(modules):
     """Cythonize `modules` (``_optim``...) once per set of inputs; returns the
     directory that holds the C files (``<dir>/src/fastopt/_optim.c``...).
@@ -313,6 +326,7 @@ def generated_c(modules):
     timestamp check would regenerate everything in every fresh build
     environment, whose NumPy files are new.)
     """
+    render_templates()
     inputs = sorted(f for f in os.listdir(SRC) if f.endswith((".pyx", ".pxi", ".pxd")))
     key = _digest(repr((Cython.__version__, np.__version__, sorted(DIRECTIVES.items()),
                         inputs)).encode(), *(_read(os.path.join(SRC, f)) for f in inputs))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt._dispatch import softmax as _softmax_kernels
+from fastopt import _softmax as _softmax_kernels
 from conftest import DTYPES, Snapshot, tol
 from test_batchnorm import close as bn_close
 from test_batchnorm import ref_backward, ref_forward

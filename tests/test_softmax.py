@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastopt
-from fastopt._dispatch import softmax as _kernels
+from fastopt import _softmax as _kernels
 
 from conftest import DTYPES, Snapshot, num_threads, tol
 

@@ -8,7 +8,6 @@ SIMD build and OpenMP runtime are in use.
 __version__ = "0.1.0"
 
 from ._config import config, get_num_threads, set_num_threads, show_config
-from . import _dispatch  # noqa: F401  (chooses the SIMD level; fastopt._optim... exist after it)
 from ._optim import (adam_step, adamw_step, clip_grad_norm_, clip_grad_value_, rmsprop_step,
                      sgd_step)
 from ._batchnorm import BatchNormContext, batch_norm_backward, batch_norm_forward
@@ -30,13 +29,3 @@ __all__ = [
     "log_uniform", "sample_beta",
     "get_num_threads", "set_num_threads", "show_config", "config",
 ]
-
-# The compiled functions say they live in the level-neutral kernel module
-# (fastopt._optim...); help() and pickle should find them under their public
-# name.  (The class BatchNormContext is an immutable extension type: its
-# module stays fastopt._batchnorm.)
-for _f in (adam_step, adamw_step, rmsprop_step, sgd_step, clip_grad_norm_, clip_grad_value_,
-           batch_norm_forward, batch_norm_backward, cross_entropy, log_softmax, softmax,
-           take_rows, ewa_update):
-    _f.__module__ = __name__
-del _f

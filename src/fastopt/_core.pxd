@@ -55,7 +55,89 @@ ctypedef struct TrainCore:
 
 
 # ------------------------------------------------------------------ optim ---
-# (OptimCore)
+# A `Segment` is one parameter array with its gradient, state and
+# coefficients; `run_segments` updates a list of them as one job (the design
+# is described in _optim.pyx).
+
+cdef enum Kind:
+    ADAM = 0
+    RMSPROP = 1
+    SGD = 2
+    CHECK = 3       # no update: set *coef.found if the gradient holds inf or NaN
+    UNSCALE = 4     # no update: grad *= coef.inv_scale, in place
+
+
+ctypedef struct Coef:
+    int kind
+    bint maximize, l2, amsgrad, centered, momentum, nesterov, first
+    double lr, weight_decay, eps
+    double inv_scale               # 1/grad_scale (1: no loss scaling)
+    unsigned char *found           # CHECK: set to 1 when a gradient is not finite
+    # Adam
+    double beta1, one_minus_beta1, beta2, one_minus_beta2
+    double step_size               # lr / (1 - beta1**step)
+    double bias_correction2_sqrt   # sqrt(1 - beta2**step)
+    double decay                   # 1 - lr*weight_decay (decoupled), else 1
+    # RMSprop
+    double alpha, one_minus_alpha
+    # SGD / RMSprop momentum
+    double mu, one_minus_dampening
+
+
+ctypedef struct Segment:
+    void *param     # the parameter, or its float32 master copy
+    void *grad
+    void *s1        # exp_avg | square_avg | momentum_buffer
+    void *s2        # exp_avg_sq | momentum_buffer (RMSprop)
+    void *s3        # max_exp_avg_sq | grad_avg
+    void *out       # float16/bfloat16 parameter written from the master, or NULL
+    Py_ssize_t n
+    Py_ssize_t offset   # of the first element in the concatenation of segments
+    bint is_double
+    int gk, sk, ok      # Store codes of the gradient, the state and `out`
+    uint32_t key        # of this array's stochastic rounding at this step
+    const Coef *coef
+
+
+# Gradient clipping: the gradients cut into fixed chunks (`Chunk`), one
+# partial per chunk.
+cdef enum NormKind:
+    NORM_2 = 0
+    NORM_1 = 1
+    NORM_INF = 2
+    NORM_P = 3
+
+ctypedef struct Chunk:
+    void *data
+    Py_ssize_t n
+    bint is_double
+    int kind            # Store code: NATIVE, F16 or BF16 (read as float32)
+
+
+ctypedef struct NormJob:
+    const Chunk *chunks
+    double *part        # per chunk: its sum (or max)
+    int mode
+    double p
+    double coef         # the scale (clip_grad_norm_) or the bound (clip_grad_value_)
+
+
+cdef inline double max_nan(double a, double b) noexcept nogil:
+    """max(a, b); NaN in either gives NaN (torch's max of |x|)."""
+    return a if (a > b or a != a) else b
+
+
+ctypedef struct OptimCore:
+    # every segment's update (or CHECK / UNSCALE pass), one threaded job
+    void (*run_segments)(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) noexcept nogil
+    # j.part[k] = chunk k's partial norm (j.mode, j.p), for k in [0, nchunks)
+    void (*norm_parts)(NormJob *j, Py_ssize_t nchunks, Py_ssize_t total) noexcept nogil
+    # every chunk scaled by j.coef / clamped to [-j.coef, j.coef], in place
+    void (*scale)(const NormJob *j, Py_ssize_t nchunks, Py_ssize_t total) noexcept nogil
+    void (*clamp)(const NormJob *j, Py_ssize_t nchunks, Py_ssize_t total) noexcept nogil
+    # 16-bit <-> float32 (code F16, BF16 or, for narrow, BF16_SR with r_i = hash32(key + i))
+    void (*widen)(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil
+    void (*narrow)(const float *f, uint16_t *h, Py_ssize_t n, int code, uint32_t key) noexcept nogil
 
 # -------------------------------------------------------------- batchnorm ---
 # x viewed as (outer, C, inner), cut into boxes: a fixed partition that
@@ -110,7 +192,68 @@ ctypedef struct BatchNormCore:
 
 
 # ---------------------------------------------------------------- softmax ---
-# (SoftmaxCore)
+
+# Elements of a row per chunk: a row's partial sums are taken per chunk and
+# combined in chunk order (8 KiB-16 KiB: in L1).  The front sizes the partials
+# of the few-long-rows schedule (SmJob.pmax, .part) with it.
+cdef enum:
+    SM_CHUNK = 2048
+
+cdef enum SmMode:
+    LOG_SOFTMAX = 0
+    SOFTMAX = 1
+    XENT = 2
+
+
+ctypedef struct SmPart:
+    double s        # sum exp(x_c - M)
+    double dot      # sum q_c (x_c - M) over the classes that need it
+    double qsum     # sum q_c (probability targets)
+
+
+ctypedef struct SmJob:
+    int mode                # SmMode
+    bint is_double
+    int xk                  # Store code of x and out: NATIVE, F16 or BF16 (then computed in float)
+    Py_ssize_t n, c, nchunk
+    const void *x           # (N, C) rows
+    void *out               # log_softmax/softmax output, or dlogits (NULL: loss only)
+    # cross-entropy (targets and weights are float32 for 16-bit logits)
+    const int64_t *y        # class indices (N,), or NULL
+    const void *t           # class probabilities (N, C), or NULL
+    const void *w           # class weights (C,), or NULL
+    int64_t ignore
+    double eps              # label smoothing
+    double wsum             # sum of the weights (C without weights)
+    double scale            # gradient scale: 1/D for 'mean', else 1
+    double *loss            # per-row loss (N,)
+    # few long rows: partials per (row, chunk), row-major
+    double *pmax
+    SmPart *part
+
+
+ctypedef struct SoftmaxCore:
+    # every row of a job: log_softmax/softmax over the last axis, cross-entropy
+    void (*run_rows)(const SmJob *j) noexcept nogil
+    # log_softmax (log_out) or softmax over the middle axis of an (outer, C, inner) array
+    void (*run_cols_f32)(const float *x, float *out, Py_ssize_t outer, Py_ssize_t c,
+                         Py_ssize_t inner, bint log_out) noexcept nogil
+    void (*run_cols_f64)(const double *x, double *out, Py_ssize_t outer, Py_ssize_t c,
+                         Py_ssize_t inner, bint log_out) noexcept nogil
+    # cross-entropy: the first y[i] > limit, or -1 (uint64 class indices)
+    Py_ssize_t (*first_above)(const uint64_t *y, Py_ssize_t n, uint64_t limit) noexcept nogil
+    # the first class index outside [0, c) other than `ignore`, or -1; total = the
+    # sum of w[y_i] (w NULL: the count) over the rows not ignored
+    Py_ssize_t (*check_classes_f32)(const int64_t *y, Py_ssize_t n, Py_ssize_t c, int64_t ignore,
+                                    const float *w, double *total) noexcept nogil
+    Py_ssize_t (*check_classes_f64)(const int64_t *y, Py_ssize_t n, Py_ssize_t c, int64_t ignore,
+                                    const double *w, double *total) noexcept nogil
+    # the sum of v[0:n] in a fixed order
+    double (*ordered_sum)(const double *v, Py_ssize_t n) noexcept nogil
+    # test hooks: out = exp(x) (nonpos: the variant for x <= 0), out = log(x)
+    void (*exp_f32)(const float *x, float *out, Py_ssize_t n, bint nonpos) noexcept nogil
+    void (*exp_f64)(const double *x, double *out, Py_ssize_t n, bint nonpos) noexcept nogil
+    void (*log_f64)(const double *x, double *out, Py_ssize_t n) noexcept nogil
 
 # ------------------------------------------------------------- the table ---
 
@@ -119,8 +262,8 @@ ctypedef struct CoreAPI:
 
     TrainCore train
 
-    # (optim)
+    OptimCore optim
 
     BatchNormCore batchnorm
 
-    # (softmax)
+    SoftmaxCore softmax

@@ -20,7 +20,14 @@ table.train.ewa_f32 = ewa[float]
 table.train.ewa_f64 = ewa[double]
 
 # ------------------------------------------------------------------ optim ---
-# (optim)
+include "_core_optim.pxi"
+
+table.optim.run_segments = run_segments
+table.optim.norm_parts = norm_parts
+table.optim.scale = scale_chunks
+table.optim.clamp = clamp_chunks
+table.optim.widen = widen
+table.optim.narrow = narrow
 
 # -------------------------------------------------------------- batchnorm ---
 include "_core_batchnorm.pxi"
@@ -32,7 +39,18 @@ table.batchnorm.infer_f32 = infer_coefs[float]
 table.batchnorm.infer_f64 = infer_coefs[double]
 
 # ---------------------------------------------------------------- softmax ---
-# (softmax)
+include "_core_softmax.pxi"
+
+table.softmax.run_rows = run_rows
+table.softmax.run_cols_f32 = run_cols[float]
+table.softmax.run_cols_f64 = run_cols[double]
+table.softmax.first_above = first_above
+table.softmax.check_classes_f32 = check_classes[float]
+table.softmax.check_classes_f64 = check_classes[double]
+table.softmax.ordered_sum = ordered_sum
+table.softmax.exp_f32 = exp_array[float]
+table.softmax.exp_f64 = exp_array[double]
+table.softmax.log_f64 = log_array
 
 # ------------------------------------------------------------- the table ---
 

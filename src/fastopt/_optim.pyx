@@ -28,406 +28,18 @@
 #   is a `CHECK` segment kind run by the same `run_segments` over the grads.
 # * The `def` functions validate everything before `nogil` and never let the
 #   kernels see a bad array; nothing is written when a check fails.
+# * This module checks, plans and owns; the loops are in the kernel core
+#   (_core_optim.pxi, compiled per SIMD level), reached through `core.optim`.
 include "_common.pxi"
-include "_half.pxi"
 
 from libc.math cimport pow, sqrt
-from libc.stdint cimport INT64_MAX, uint64_t
+from libc.stdint cimport INT64_MAX, uint16_t, uint32_t, uint64_t
 
-cdef enum Kind:
-    ADAM = 0
-    RMSPROP = 1
-    SGD = 2
-    CHECK = 3       # no update: set *coef.found if the gradient holds inf or NaN
-    UNSCALE = 4     # no update: grad *= coef.inv_scale, in place
+cdef extern from "_half.h" nogil:
+    uint32_t fastopt_hash32(uint32_t x)
 
 # Bytes of parameter per thread below which an update stays on the calling
-# thread.  benchmarks/grain.py (2 cores): a second thread pays off for Adam
-# from ~16k float32 elements on a quiet machine, ~40k on a busy one; at 32k
-# (128 KiB) it gains 1.3x.  float64 elements cost 2-3x more, so a threshold
-# in bytes fits both dtypes (16k float64 elements: 1.6x).
-DEF GRAIN = 65536
-# Elements per chunk of a threaded update (a thread claims one chunk at a
-# time; 16 KiB of float32 per array, whole cache lines).
-DEF CHUNK = 4096
-
-
-ctypedef struct Coef:
-    int kind
-    bint maximize, l2, amsgrad, centered, momentum, nesterov, first
-    double lr, weight_decay, eps
-    double inv_scale               # 1/grad_scale (1: no loss scaling)
-    unsigned char *found           # CHECK: set to 1 when a gradient is not finite
-    # Adam
-    double beta1, one_minus_beta1, beta2, one_minus_beta2
-    double step_size               # lr / (1 - beta1**step)
-    double bias_correction2_sqrt   # sqrt(1 - beta2**step)
-    double decay                   # 1 - lr*weight_decay (decoupled), else 1
-    # RMSprop
-    double alpha, one_minus_alpha
-    # SGD / RMSprop momentum
-    double mu, one_minus_dampening
-
-
-ctypedef struct Segment:
-    void *param     # the parameter, or its float32 master copy
-    void *grad
-    void *s1        # exp_avg | square_avg | momentum_buffer
-    void *s2        # exp_avg_sq | momentum_buffer (RMSprop)
-    void *s3        # max_exp_avg_sq | grad_avg
-    void *out       # float16/bfloat16 parameter written from the master, or NULL
-    Py_ssize_t n
-    Py_ssize_t offset   # of the first element in the concatenation of segments
-    bint is_double
-    int gk, sk, ok      # Store codes of the gradient, the state and `out`
-    uint32_t key        # of this array's stochastic rounding at this step
-    const Coef *coef
-
-
-# ----------------------------------------------------------------- kernels ---
-# Storage tags (_half.pxi) of the gradient, of the state arrays, and of the
-# rounded parameter copy `out` (AsOwn: no copy).  The options that decide
-# which state arrays a loop reads and writes are tags too (On/Off): gcc
-# vectorizes a loop with a conditional load/store only by unswitching it,
-# which it stops doing as the body grows (16-bit stores).  Each combination
-# that `segment_range` can reach is its own C function; the others Cython
-# writes out are never referenced, and the C compiler drops them unseen.
-
-ctypedef fused GradStore:
-    AsOwn
-    AsBF16
-
-ctypedef fused StateStore:
-    AsOwn
-    AsBF16
-    AsBF16SR
-
-ctypedef fused CopyStore:
-    AsOwn
-    AsBF16
-
-ctypedef struct On:
-    char unused
-ctypedef struct Off:
-    char unused
-
-ctypedef fused Amsgrad:
-    On
-    Off
-
-ctypedef fused Centered:
-    On
-    Off
-
-ctypedef fused Momentum:
-    On
-    Off
-
-
-cdef void adam_range(floating *p, const floating *g, floating *m, floating *v,
-                     floating *vmax, floating *out, Py_ssize_t lo, Py_ssize_t hi,
-                     const Coef *c, uint32_t key, Amsgrad *ams, GradStore *G, StateStore *S,
-                     CopyStore *O) noexcept nogil:
-    # g = grad/grad_scale, negated if maximize; L2: g += wd*p; decoupled: p *= 1 - lr*wd
-    # m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g*g;  amsgrad: vmax = max(vmax, v)
-    # p -= (lr/bc1) * m / (sqrt(v)/sqrt(bc2) + eps)
-    # (the parameter uses m, v as computed; the stored m, v are rounded to S;
-    # stochastic rounding: one draw r per element, its high 16 bits for m, its
-    # low 16 bits for v, hash32(r) for vmax)
-    cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
-    cdef floating wd = <floating>c.weight_decay, decay = <floating>c.decay
-    cdef floating b1 = <floating>c.beta1, cb1 = <floating>c.one_minus_beta1
-    cdef floating b2 = <floating>c.beta2, cb2 = <floating>c.one_minus_beta2
-    cdef floating step_size = <floating>c.step_size
-    cdef floating bc2s = <floating>c.bias_correction2_sqrt, eps = <floating>c.eps
-    cdef bint l2 = c.l2
-    cdef floating gi, mi, vi, vm, pi
-    cdef uint32_t r
-    cdef Py_ssize_t i
-    for i in range(lo, hi):
-        gi = gs * ld(g, i, G)
-        pi = p[i]
-        if l2:
-            gi = gi + wd * pi
-        mi = b1 * ld(m, i, S) + cb1 * gi
-        vi = b2 * ld(v, i, S) + cb2 * (gi * gi)
-        r = draw(S, key, i)
-        st(m, i, mi, S, r)
-        st(v, i, vi, S, r << 16)
-        if Amsgrad is On:
-            vm = ld(vmax, i, S)
-            # torch.maximum: NaN in either operand gives NaN.  `|`, not `or`:
-            # a short-circuit branch here keeps the loop from vectorizing.
-            vi = vi if ((vi >= vm) | (vi != vi)) else vm
-            st(vmax, i, vi, S, draw(S, r, 0))
-        pi = pi * decay - step_size * mi / (fsqrt(vi) / bc2s + eps)
-        p[i] = pi
-        if CopyStore is not AsOwn:
-            st(out, i, pi, O, 0)
-
-
-cdef inline void rmsprop_range(floating *p, const floating *g, floating *sq, floating *buf,
-                               floating *gavg, floating *out, Py_ssize_t lo, Py_ssize_t hi,
-                               const Coef *c, uint32_t key, GradStore *G, StateStore *S,
-                               CopyStore *O) noexcept nogil:
-    # One loop testing `centered` and `momentum` (which decide the optional
-    # arrays read and written) did not vectorize except with both on: gcc
-    # stops unswitching a body this size.  With the options as tags each
-    # copy vectorizes (10-60x faster on float32).
-    if c.centered:
-        if c.momentum:
-            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <On *>NULL, <On *>NULL,
-                         G, S, O)
-        else:
-            rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <On *>NULL, <Off *>NULL,
-                         G, S, O)
-    elif c.momentum:
-        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <Off *>NULL, <On *>NULL,
-                     G, S, O)
-    else:
-        rmsprop_loop(p, g, sq, buf, gavg, out, lo, hi, c, key, <Off *>NULL, <Off *>NULL,
-                     G, S, O)
-
-
-cdef void rmsprop_loop(floating *p, const floating *g, floating *sq, floating *buf,
-                       floating *gavg, floating *out, Py_ssize_t lo, Py_ssize_t hi,
-                       const Coef *c, uint32_t key, Centered *centered, Momentum *mom,
-                       GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
-    # v = a*v + (1-a)*g*g;  centered: gbar = a*gbar + (1-a)*g, avg = sqrt(v - gbar^2)
-    # else avg = sqrt(v);  avg += eps
-    # momentum: b = mu*b + g/avg, p -= lr*b;  else p -= lr*g/avg
-    cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
-    cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr, eps = <floating>c.eps
-    cdef floating a = <floating>c.alpha, ca = <floating>c.one_minus_alpha, mu = <floating>c.mu
-    cdef bint l2 = c.l2
-    cdef floating gi, vi, ga, avg, b, pi
-    cdef uint32_t r
-    cdef Py_ssize_t i
-    for i in range(lo, hi):
-        gi = gs * ld(g, i, G)
-        pi = p[i]
-        if l2:
-            gi = gi + wd * pi
-        vi = a * ld(sq, i, S) + ca * (gi * gi)
-        r = draw(S, key, i)
-        st(sq, i, vi, S, r)
-        if Centered is On:
-            ga = a * ld(gavg, i, S) + ca * gi
-            st(gavg, i, ga, S, draw(S, r, 0))
-            avg = fsqrt(vi - ga * ga) + eps
-        else:
-            avg = fsqrt(vi) + eps
-        if Momentum is On:
-            b = mu * ld(buf, i, S) + gi / avg
-            st(buf, i, b, S, r << 16)
-            pi = pi - lr * b
-        else:
-            pi = pi - lr * (gi / avg)
-        p[i] = pi
-        if CopyStore is not AsOwn:
-            st(out, i, pi, O, 0)
-
-
-cdef void sgd_range(floating *p, const floating *g, floating *buf, floating *out,
-                    Py_ssize_t lo, Py_ssize_t hi, const Coef *c, uint32_t key, Momentum *mom,
-                    GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
-    # g += wd*p;  momentum: b = g at the first step, else b = mu*b + (1-dampening)*g;
-    # g = g + mu*b (nesterov) or g = b;  p -= lr*g
-    cdef floating gs = <floating>(-c.inv_scale if c.maximize else c.inv_scale)
-    cdef floating wd = <floating>c.weight_decay, lr = <floating>c.lr
-    cdef floating mu = <floating>c.mu, damp1 = <floating>c.one_minus_dampening
-    cdef bint l2 = c.l2, nesterov = c.nesterov, first = c.first
-    cdef floating gi, b, pi
-    cdef Py_ssize_t i
-    for i in range(lo, hi):
-        gi = gs * ld(g, i, G)
-        pi = p[i]
-        if l2:
-            gi = gi + wd * pi
-        if Momentum is On:
-            # (selects, not branches: the buffer is read either way)
-            b = mu * ld(buf, i, S) + damp1 * gi
-            b = gi if first else b
-            st(buf, i, b, S, draw(S, key, i))
-            gi = (gi + mu * b) if nesterov else b
-        pi = pi - lr * gi
-        p[i] = pi
-        if CopyStore is not AsOwn:
-            st(out, i, pi, O, 0)
-
-
-cdef inline void kernel_range(floating *p, const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
-                              GradStore *G, StateStore *S, CopyStore *O) noexcept nogil:
-    """The segment's kind of update on elements [lo, hi) (p: its param, typed)."""
-    cdef int kind = s.coef.kind
-    cdef const floating *g = <const floating *>s.grad
-    cdef floating *s1 = <floating *>s.s1
-    cdef floating *s2 = <floating *>s.s2
-    cdef floating *s3 = <floating *>s.s3
-    cdef floating *out = <floating *>s.out
-    if kind == ADAM:
-        if s.coef.amsgrad:
-            adam_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, <On *>NULL, G, S, O)
-        else:
-            adam_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, <Off *>NULL, G, S, O)
-    elif kind == RMSPROP:
-        rmsprop_range(p, g, s1, s2, s3, out, lo, hi, s.coef, s.key, G, S, O)
-    elif s.coef.momentum:
-        sgd_range(p, g, s1, out, lo, hi, s.coef, s.key, <On *>NULL, G, S, O)
-    else:
-        sgd_range(p, g, s1, out, lo, hi, s.coef, s.key, <Off *>NULL, G, S, O)
-
-
-cdef inline void float_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
-                             StateStore *S) noexcept nogil:
-    # The gradient is float32 or the 16-bit type of the parameter.
-    cdef float *p = <float *>s.param
-    if s.ok == F16:
-        f16_blocks(s, lo, hi, S)
-    elif s.ok == BF16:
-        if s.gk == BF16:
-            kernel_range(p, s, lo, hi, <AsBF16 *>NULL, S, <AsBF16 *>NULL)
-        else:
-            kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsBF16 *>NULL)
-    else:
-        kernel_range(p, s, lo, hi, <AsOwn *>NULL, S, <AsOwn *>NULL)
-
-
-# float16 is converted a block at a time: the bit-exact conversions of
-# _half.h cost several times the Adam arithmetic per element, and the block
-# conversions use the F16C instructions where the level has them (the same
-# bits).  The block's float32 gradient and updated master stay in L1.
-DEF F16_BLOCK = 1024
-
-
-cdef void f16_blocks(const Segment *s, Py_ssize_t lo, Py_ssize_t hi,
-                     StateStore *S) noexcept nogil:
-    """Elements [lo, hi) of a float16 parameter, F16_BLOCK at a time: the
-    gradient widened into a buffer (if float16), the float32 update of the
-    master, the parameter rounded from it."""
-    cdef float gbuf[F16_BLOCK]
-    cdef Segment t
-    cdef Py_ssize_t b0, n
-    cdef Py_ssize_t ssize = 4 if StateStore is AsOwn else 2
-    cdef float *p
-    t = s[0]
-    t.out = NULL
-    b0 = lo
-    while b0 < hi:
-        n = min(F16_BLOCK, hi - b0)
-        # the block as a segment of its own: element i is element b0 + i
-        p = <float *>s.param + b0
-        t.param = p
-        t.s1 = <char *>s.s1 + b0 * ssize if s.s1 != NULL else NULL
-        t.s2 = <char *>s.s2 + b0 * ssize if s.s2 != NULL else NULL
-        t.s3 = <char *>s.s3 + b0 * ssize if s.s3 != NULL else NULL
-        t.key = s.key + <uint32_t>b0
-        if s.gk == F16:
-            fastopt_f16_to_f32_n(<const uint16_t *>s.grad + b0, gbuf, n)
-            t.grad = gbuf
-        else:
-            t.grad = <float *>s.grad + b0
-        kernel_range(p, &t, 0, n, <AsOwn *>NULL, S, <AsOwn *>NULL)
-        fastopt_f32_to_f16_n(p, <uint16_t *>s.out + b0, n)
-        b0 += n
-
-
-cdef bint nonfinite_range(const void *x, Py_ssize_t lo, Py_ssize_t hi, int gk,
-                          bint is_double) noexcept nogil:
-    """Whether x[lo:hi] holds an inf or NaN: an exponent field of all ones
-    (integer compares, OR-reduced: vectorized, no floating-point exceptions)."""
-    cdef const uint16_t *h = <const uint16_t *>x
-    cdef const uint32_t *w = <const uint32_t *>x
-    cdef const uint64_t *d = <const uint64_t *>x
-    cdef uint16_t e16 = 0x7c00 if gk == F16 else 0x7f80
-    cdef unsigned int acc = 0
-    cdef Py_ssize_t i
-    if gk == F16 or gk == BF16:
-        for i in range(lo, hi):
-            acc |= (h[i] & e16) == e16
-    elif is_double:
-        for i in range(lo, hi):
-            acc |= (d[i] & 0x7ff0000000000000ULL) == 0x7ff0000000000000ULL
-    else:
-        for i in range(lo, hi):
-            acc |= (w[i] & 0x7f800000U) == 0x7f800000U
-    return acc != 0
-
-
-cdef void scale_grad(floating *g, Py_ssize_t lo, Py_ssize_t hi, floating inv,
-                     Storage *G) noexcept nogil:
-    # g = g * (1/grad_scale), rounded to g's storage
-    cdef Py_ssize_t i
-    for i in range(lo, hi):
-        st(g, i, ld(g, i, G) * inv, G, 0)
-
-
-cdef inline void segment_range(const Segment *s, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
-    """Update elements [lo, hi) of one segment."""
-    if s.coef.kind == CHECK:
-        if nonfinite_range(s.grad, lo, hi, s.gk, s.is_double):
-            fastopt_flag_set(s.coef.found)
-    elif s.coef.kind == UNSCALE:
-        if s.is_double:
-            scale_grad(<double *>s.grad, lo, hi, s.coef.inv_scale, <AsOwn *>NULL)
-        elif s.gk == F16:
-            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsF16 *>NULL)
-        elif s.gk == BF16:
-            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsBF16 *>NULL)
-        else:
-            scale_grad(<float *>s.grad, lo, hi, <float>s.coef.inv_scale, <AsOwn *>NULL)
-    elif s.is_double:
-        kernel_range(<double *>s.param, s, lo, hi, <AsOwn *>NULL, <AsOwn *>NULL, <AsOwn *>NULL)
-    elif s.sk == BF16:
-        float_range(s, lo, hi, <AsBF16 *>NULL)
-    elif s.sk == BF16_SR:
-        float_range(s, lo, hi, <AsBF16SR *>NULL)
-    else:
-        float_range(s, lo, hi, <AsOwn *>NULL)
-
-
-ctypedef struct SegmentJob:
-    const Segment *segs
-    Py_ssize_t nseg, total
-
-
-cdef void segments_chunk(void *ctx, Py_ssize_t c) noexcept nogil:
-    """Elements [c*CHUNK, (c+1)*CHUNK) of the concatenation of the segments."""
-    cdef const SegmentJob *j = <const SegmentJob *>ctx
-    cdef const Segment *segs = j.segs
-    cdef Py_ssize_t lo = c * CHUNK, hi = min(lo + CHUNK, j.total)
-    cdef Py_ssize_t k = 0, top = j.nseg, mid, a, b
-    # Segments are sorted by offset: find the first that ends after lo.
-    while k < top:
-        mid = (k + top) // 2
-        if segs[mid].offset + segs[mid].n <= lo:
-            k = mid + 1
-        else:
-            top = mid
-    while k < j.nseg and segs[k].offset < hi:
-        a = max(lo - segs[k].offset, 0)
-        b = min(hi - segs[k].offset, segs[k].n)
-        if a < b:
-            segment_range(&segs[k], a, b)
-        k += 1
-
-
-cdef void run_segments(const Segment *segs, Py_ssize_t nseg, Py_ssize_t total) noexcept nogil:
-    """Update every segment; one job of fixed chunks across all of them."""
-    cdef Py_ssize_t k, nbytes = 0
-    for k in range(nseg):
-        nbytes += segs[k].n * (8 if segs[k].is_double else 4)
-    cdef int nt = threads_for(nbytes, GRAIN)
-    if nt == 1:
-        for k in range(nseg):
-            segment_range(&segs[k], 0, segs[k].n)
-        return
-    cdef SegmentJob j
-    j.segs = segs
-    j.nseg = nseg
-    j.total = total
-    run_chunks(segments_chunk, &j, (total + CHUNK - 1) // CHUNK, nt)
-
+# thread: see OPT_GRAIN in _core_optim.pxi.
 
 # ----------------------------------------------------- coefficient set-up ---
 
@@ -593,7 +205,7 @@ cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
     fill_segment(&s, w, g, m, v, vmax, &c)
     half_param(&s, p, w, g)
     with nogil:
-        run_segments(&s, 1, s.n)
+        core.optim.run_segments(&s, 1, s.n)
 
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -710,7 +322,7 @@ def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
     fill_segment(&s, w, g, sq, buf, gavg, &c)
     half_param(&s, p, w, g)
     with nogil:
-        run_segments(&s, 1, s.n)
+        core.optim.run_segments(&s, 1, s.n)
 
 
 def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
@@ -770,7 +382,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     fill_segment(&s, w, g, buf, None, None, &c)
     half_param(&s, p, w, g)
     with nogil:
-        run_segments(&s, 1, s.n)
+        core.optim.run_segments(&s, 1, s.n)
 
 
 # ======================================================= fused optimizer ===
@@ -965,18 +577,6 @@ cdef object state_dtype_name(object state_dtype):
                          "flushes to 0): use 'bfloat16' (float32's range)")
     raise ValueError(f"state_dtype must be None or 'bfloat16', got {state_dtype!r}")
 
-
-cdef void narrow(const float *f, uint16_t *h, Py_ssize_t n, int code,
-                 uint32_t key) noexcept nogil:
-    # h = f rounded to the 16-bit type (BF16_SR: r_i = hash32(key + i))
-    cdef Py_ssize_t i
-    if code == BF16_SR:
-        for i in range(n):
-            h[i] = fastopt_f32_to_bf16_sr(f[i], fastopt_hash32(key + <uint32_t>i))
-    else:
-        narrow_n(f, h, n, code)
-
-
 def _convert(src, dst, stochastic_key=None):
     """dst[...] = src with fastopt's conversions (a test hook): float16 or
     bfloat16 to float32, or float32 to float16 or bfloat16 (round to
@@ -992,7 +592,7 @@ def _convert(src, dst, stochastic_key=None):
     cdef int code
     if sc in (DT_F16, DT_BF16) and dc == DT_F32:
         with nogil:
-            widen_n(<const uint16_t *>cnp.PyArray_DATA(s), <float *>cnp.PyArray_DATA(d), n,
+            core.optim.widen(<const uint16_t *>cnp.PyArray_DATA(s), <float *>cnp.PyArray_DATA(d), n,
                     store_of(sc))
     elif sc == DT_F32 and dc in (DT_F16, DT_BF16):
         code = store_of(dc)
@@ -1002,8 +602,8 @@ def _convert(src, dst, stochastic_key=None):
             code = BF16_SR
             key = <uint32_t>(int(stochastic_key) & 0xffffffff)
         with nogil:
-            narrow(<const float *>cnp.PyArray_DATA(s), <uint16_t *>cnp.PyArray_DATA(d), n,
-                   code, key)
+            core.optim.narrow(<const float *>cnp.PyArray_DATA(s),
+                              <uint16_t *>cnp.PyArray_DATA(d), n, code, key)
     else:
         raise TypeError(f"cannot convert {s.dtype} to {d.dtype}")
 
@@ -1248,7 +848,7 @@ cdef class FusedStep:
             if st[3] is not None:
                 # a 16-bit parameter: the kernels update its master copy
                 s = st[3]
-                widen_n(<const uint16_t *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(s),
+                core.optim.widen(<const uint16_t *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(s),
                         cnp.PyArray_SIZE(p), self.okind[i])
                 self.ptr[4 * i] = cnp.PyArray_DATA(s)
                 self.out[i] = cnp.PyArray_DATA(p)
@@ -1454,7 +1054,7 @@ cdef class FusedStep:
                 self.check.kind = UNSCALE
                 for k in range(nact):
                     self.segs[k].coef = &self.check
-                run_segments(self.segs, nact, total)
+                core.optim.run_segments(self.segs, nact, total)
             return found
         finally:
             self.busy = False
@@ -1581,7 +1181,7 @@ cdef class FusedStep:
         self.check.found = &self.found
         for k in range(nact):
             self.segs[k].coef = &self.check
-        run_segments(self.segs, nact, total)
+        core.optim.run_segments(self.segs, nact, total)
         return self.found != 0
 
     cdef void run(self, Py_ssize_t nact, Py_ssize_t total, double inv_scale) noexcept nogil:
@@ -1609,7 +1209,7 @@ cdef class FusedStep:
                                               ^ <uint32_t>st)
             if counts:
                 self.steps[i] = st
-        run_segments(self.segs, nact, total)
+        core.optim.run_segments(self.segs, nact, total)
 
     def set_rounding(self, state_rounding, seed):
         """Change how bfloat16 state is rounded (arguments as at construction)."""
@@ -1638,8 +1238,8 @@ cdef class FusedStep:
                 p = <cnp.ndarray>self.params[i]
                 writable(p, f"params[{i}]")
                 with nogil:
-                    narrow(<const float *>self.ptr[4 * i], <uint16_t *>self.out[i],
-                           cnp.PyArray_SIZE(p), self.okind[i], 0)
+                    core.optim.narrow(<const float *>self.ptr[4 * i], <uint16_t *>self.out[i],
+                                      cnp.PyArray_SIZE(p), self.okind[i], 0)
 
     # ---------------------------------------------------------- step counts
 
@@ -1774,144 +1374,6 @@ cdef class FusedStep:
 
 DEF NORM_CHUNK = 16384
 
-cdef enum NormKind:
-    NORM_2 = 0
-    NORM_1 = 1
-    NORM_INF = 2
-    NORM_P = 3
-
-ctypedef struct Chunk:
-    void *data
-    Py_ssize_t n
-    bint is_double
-    int kind            # Store code: NATIVE, F16 or BF16 (read as float32)
-
-
-cdef inline double max_nan(double a, double b) noexcept nogil:
-    """max(a, b); NaN in either gives NaN (torch's max of |x|)."""
-    return a if (a > b or a != a) else b
-
-
-cdef double chunk_norm(const floating *x, Py_ssize_t n, int mode, double p,
-                       Storage *t) noexcept nogil:
-    # 2: sum x^2;  1: sum |x|;  inf: max |x|;  p: sum |x|^p   (all in double)
-    cdef double acc[8]
-    cdef Py_ssize_t i, j, n8 = n - n % 8
-    cdef double a
-    cdef double tot[8]
-    for j in range(8):
-        acc[j] = 0.0
-    if mode == NORM_2:
-        for i in range(0, n8, 8):
-            for j in range(8):
-                a = <double>ld(x, i + j, t)
-                acc[j] = acc[j] + a * a
-        for i in range(n8, n):
-            a = <double>ld(x, i, t)
-            acc[i - n8] = acc[i - n8] + a * a
-    elif mode == NORM_1:
-        for i in range(0, n8, 8):
-            for j in range(8):
-                acc[j] = acc[j] + fabs(<double>ld(x, i + j, t))
-        for i in range(n8, n):
-            acc[i - n8] = acc[i - n8] + fabs(<double>ld(x, i, t))
-    elif mode == NORM_INF:
-        # The max alone drops NaN; the sum of |x| (terms >= 0, so never
-        # inf - inf) is NaN exactly when some x is.  Both vectorize.
-        for j in range(8):
-            tot[j] = 0.0
-        for i in range(0, n8, 8):
-            for j in range(8):
-                a = fabs(<double>ld(x, i + j, t))
-                acc[j] = a if a > acc[j] else acc[j]
-                tot[j] = tot[j] + a
-        for i in range(n8, n):
-            a = fabs(<double>ld(x, i, t))
-            acc[i - n8] = a if a > acc[i - n8] else acc[i - n8]
-            tot[i - n8] = tot[i - n8] + a
-        for j in range(8):
-            if tot[j] != tot[j]:
-                return NAN
-        return max(max(max(acc[0], acc[1]), max(acc[2], acc[3])),
-                   max(max(acc[4], acc[5]), max(acc[6], acc[7])))
-    else:
-        for i in range(n):
-            acc[i % 8] = acc[i % 8] + pow(fabs(<double>ld(x, i, t)), p)
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
-
-
-cdef inline double chunk_value(const Chunk *c, int mode, double p) noexcept nogil:
-    if c.is_double:
-        return chunk_norm(<const double *>c.data, c.n, mode, p, <AsOwn *>NULL)
-    if c.kind == F16:
-        return chunk_norm(<const float *>c.data, c.n, mode, p, <AsF16 *>NULL)
-    if c.kind == BF16:
-        return chunk_norm(<const float *>c.data, c.n, mode, p, <AsBF16 *>NULL)
-    return chunk_norm(<const float *>c.data, c.n, mode, p, <AsOwn *>NULL)
-
-
-cdef void scale_range(floating *x, Py_ssize_t n, double coef, Storage *t) noexcept nogil:
-    # 16-bit: computed in float32 and rounded
-    cdef floating c = <floating>coef
-    cdef Py_ssize_t i
-    for i in range(n):
-        st(x, i, ld(x, i, t) * c, t, 0)
-
-
-cdef inline void scale_chunk(const Chunk *c, double coef) noexcept nogil:
-    if c.is_double:
-        scale_range(<double *>c.data, c.n, coef, <AsOwn *>NULL)
-    elif c.kind == F16:
-        scale_range(<float *>c.data, c.n, coef, <AsF16 *>NULL)
-    elif c.kind == BF16:
-        scale_range(<float *>c.data, c.n, coef, <AsBF16 *>NULL)
-    else:
-        scale_range(<float *>c.data, c.n, coef, <AsOwn *>NULL)
-
-
-cdef void clamp_range(floating *x, Py_ssize_t n, double clip, Storage *t) noexcept nogil:
-    # x = min(max(x, -clip), clip); NaN stays NaN (both comparisons are false).
-    # 16-bit: compared in float32, the bound rounded to the storage as stored.
-    cdef floating hi = <floating>clip, lo = -hi, v
-    cdef Py_ssize_t i
-    for i in range(n):
-        v = ld(x, i, t)
-        v = hi if v > hi else v
-        v = lo if v < lo else v
-        st(x, i, v, t, 0)
-
-
-ctypedef struct NormJob:
-    const Chunk *chunks
-    double *part        # per chunk: its sum (or max)
-    int mode
-    double p
-    double coef         # the scale (clip_grad_norm_) or the bound (clip_grad_value_)
-
-
-cdef void norm_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
-    cdef NormJob *j = <NormJob *>ctx
-    j.part[k] = chunk_value(&j.chunks[k], j.mode, j.p)
-
-
-cdef void scale_job_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
-    cdef const NormJob *j = <const NormJob *>ctx
-    scale_chunk(&j.chunks[k], j.coef)
-
-
-cdef void clamp_job_chunk(void *ctx, Py_ssize_t k) noexcept nogil:
-    cdef const NormJob *j = <const NormJob *>ctx
-    cdef const Chunk *c = &j.chunks[k]
-    if c.is_double:
-        clamp_range(<double *>c.data, c.n, j.coef, <AsOwn *>NULL)
-    elif c.kind == F16:
-        clamp_range(<float *>c.data, c.n, j.coef, <AsF16 *>NULL)
-    elif c.kind == BF16:
-        clamp_range(<float *>c.data, c.n, j.coef, <AsBF16 *>NULL)
-    else:
-        clamp_range(<float *>c.data, c.n, j.coef, <AsOwn *>NULL)
-
-
 cdef list grad_arrays(object grads, list names):
     """The arrays of `grads` (an array, or a sequence of arrays and Nones),
     each float32/float64 and updatable in place; their names go to `names`."""
@@ -2045,7 +1507,6 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
     cdef Chunk *chunks = grad_chunks(arrays, &nchunks, &total)
     cdef double *part = <double *>PyMem_Malloc(max(nchunks, 1) * sizeof(double))
     cdef double tot = 0.0, coef
-    cdef int nt
     cdef NormJob job
     job.chunks = chunks
     job.part = part
@@ -2055,8 +1516,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
         if part == NULL:
             raise MemoryError()
         with nogil:
-            nt = threads_for(total, GRAIN)
-            run_chunks(norm_chunk, &job, nchunks, nt)
+            core.optim.norm_parts(&job, nchunks, total)
             for k in range(nchunks):
                 tot = max_nan(tot, part[k]) if mode == NORM_INF else tot + part[k]
         if allgather is not None:
@@ -2077,7 +1537,7 @@ def clip_grad_norm_(grads, max_norm, norm_type=2.0, error_if_nonfinite=False, *,
         if not (coef >= 1.0):      # clamp(max=1); NaN scales by NaN as in PyTorch
             job.coef = coef
             with nogil:
-                run_chunks(scale_job_chunk, &job, nchunks, nt)
+                core.optim.scale(&job, nchunks, total)
     finally:
         PyMem_Free(chunks)
         PyMem_Free(part)
@@ -2118,6 +1578,6 @@ def clip_grad_value_(grads, clip_value):
     job.coef = clip
     try:
         with nogil:
-            run_chunks(clamp_job_chunk, &job, nchunks, threads_for(total, GRAIN))
+            core.optim.clamp(&job, nchunks, total)
     finally:
         PyMem_Free(chunks)

@@ -64,7 +64,7 @@ import time
 import numpy as np
 
 from . import _config
-from ._dispatch import optim as _kernels
+from . import _optim as _kernels
 from .optim import Optimizer
 
 __all__ = ["DistributedOptimizer", "DistributedSampler"]

@@ -76,7 +76,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._dispatch import optim as _kernels
+from . import _optim as _kernels
 
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike

@@ -79,9 +79,9 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from . import _tensors
-from ._dispatch import batchnorm as _bn_kernels
-from ._dispatch import optim as _optim_kernels
-from ._dispatch import softmax as _softmax_kernels
+from . import _batchnorm as _bn_kernels
+from . import _optim as _optim_kernels
+from . import _softmax as _softmax_kernels
 
 __all__ = ["Adam", "AdamW", "SGD", "RMSprop", "cross_entropy", "batch_norm", "BatchNorm2d"]
 

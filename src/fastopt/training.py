@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union, overload
 
 import numpy as np
 
-from ._dispatch import train as _kernels
+from . import _train as _kernels
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
