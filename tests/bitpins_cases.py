@@ -12,11 +12,13 @@ Sizes hit SIMD tails (1, 7, 31, 33), the optimizer's 4096-element chunks
 grains), and the other kernels' chunks and grains (noted where they are
 chosen).  Cases marked ``bf16`` need ml_dtypes (bfloat16 arrays or state).
 
-The inputs come from NumPy's Generator (``standard_normal``, ``integers``,
-``permutation``) and NumPy/ml_dtypes casts to float16/bfloat16: NumPy does
-not promise the Generator's streams across versions, so a NumPy that changed
-them would move the pins without any change in fastopt (the pins were made
-with the NumPy and ml_dtypes that tests/data/bitpins.json names).
+The inputs come from NumPy's Generator (``standard_normal``, ``random``,
+``integers``, ``choice``...) and NumPy/ml_dtypes casts to float16/bfloat16:
+NumPy does not promise the Generator's streams across versions, so a NumPy
+that changed them would move the pins without any change in fastopt (the
+pins were made with the NumPy and ml_dtypes that tests/data/bitpins.json
+names).  The digests hash the arrays' bytes in native order: the pins are
+those of a little-endian machine.
 """
 import hashlib
 import zlib
