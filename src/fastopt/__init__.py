@@ -29,3 +29,14 @@ __all__ = [
     "log_uniform", "sample_beta",
     "get_num_threads", "set_num_threads", "show_config", "config",
 ]
+
+# help() and pickle name the compiled functions by their public name, as
+# NumPy does for its own (numpy's set_module); they are defined in the real
+# modules fastopt._optim, ._batchnorm, ._softmax and ._train.  (The class
+# BatchNormContext is an immutable extension type: its module stays
+# fastopt._batchnorm.)
+for _f in (adam_step, adamw_step, rmsprop_step, sgd_step, clip_grad_norm_, clip_grad_value_,
+           batch_norm_forward, batch_norm_backward, cross_entropy, log_softmax, softmax,
+           take_rows, ewa_update):
+    _f.__module__ = __name__
+del _f
