@@ -1,9 +1,12 @@
+# cython: emit_code_comments=False
 # The kernel core: every family's `noexcept nogil` kernels, compiled once per
 # SIMD level into fastopt._<level>._core (setup.py), and nothing else -- no
 # argument checks, no Python objects, no state.  fastopt._dispatch imports the
 # best level the CPU runs; the fronts (compiled once) call the kernels through
 # the table `api` published here (types and layout: _core.pxd).  Only these
-# loops gain from AVX2/AVX-512, so only they are built per level.
+# loops gain from AVX2/AVX-512, so only they are built per level.  (Its C
+# carries no copy of these sources in comments: it is compiled three times,
+# and the .pxi files are where to read it.)
 from cpython.pycapsule cimport PyCapsule_New
 
 include "_core_common.pxi"

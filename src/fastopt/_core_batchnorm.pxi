@@ -106,9 +106,9 @@ cdef inline double sum_lanes(const double *acc) noexcept nogil:
     return t[0]
 
 
-cdef inline const floating *at(const floating *x, Py_ssize_t off, Storage *t) noexcept nogil:
+cdef inline const floating *at(const floating *x, Py_ssize_t off, NearStorage *t) noexcept nogil:
     """x + off elements of its storage."""
-    if Storage is AsOwn:
+    if NearStorage is AsOwn:
         return x + off
     else:
         return <const floating *>(<const uint16_t *>x + off)
@@ -129,12 +129,12 @@ cdef inline floating *widen16(const floating *p, Py_ssize_t off, Py_ssize_t n,
 
 
 cdef inline void lanes_shifted(const floating *p, Py_ssize_t n, double shift,
-                               double *acc, Storage *t) noexcept nogil:
+                               double *acc, NearStorage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod BN_LANES) of (p[i] - shift)
     cdef Py_ssize_t i, nw = n - n % BN_LANES, b
     cdef int k
     cdef float buf[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for b in range(0, n, BN_SPAN16):
             lanes_shifted(widen16(p, b, min(BN_SPAN16, n - b), buf), min(BN_SPAN16, n - b),
                           shift, acc, <AsOwn *>NULL)
@@ -147,13 +147,13 @@ cdef inline void lanes_shifted(const floating *p, Py_ssize_t n, double shift,
 
 
 cdef inline void lanes_sqdev(const floating *p, Py_ssize_t n, double mean,
-                             double *acc, Storage *t) noexcept nogil:
+                             double *acc, NearStorage *t) noexcept nogil:
     # acc[k] += sum over i = k (mod BN_LANES) of (p[i] - mean)^2
     cdef Py_ssize_t i, nw = n - n % BN_LANES, b
     cdef int k
     cdef double d
     cdef float buf[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for b in range(0, n, BN_SPAN16):
             lanes_sqdev(widen16(p, b, min(BN_SPAN16, n - b), buf), min(BN_SPAN16, n - b),
                         mean, acc, <AsOwn *>NULL)
@@ -168,14 +168,14 @@ cdef inline void lanes_sqdev(const floating *p, Py_ssize_t n, double mean,
 
 
 cdef inline void lanes_grad(const floating *x, const floating *dy, Py_ssize_t n,
-                            double mean, double *a1, double *a2, Storage *t) noexcept nogil:
+                            double mean, double *a1, double *a2, NearStorage *t) noexcept nogil:
     # a1[k] += sum dy;  a2[k] += sum dy*(x - mean)   (over i = k mod BN_LANES)
     cdef Py_ssize_t i, nw = n - n % BN_LANES, b, m
     cdef int k
     cdef double g
     cdef float bx[BN_SPAN16]
     cdef float bg[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for b in range(0, n, BN_SPAN16):
             m = min(BN_SPAN16, n - b)
             lanes_grad(widen16(x, b, m, bx), widen16(dy, b, m, bg), m, mean, a1, a2,
@@ -227,11 +227,11 @@ cdef inline Py_ssize_t run_length(const BnPlan *p, Py_ssize_t o, Py_ssize_t o1,
 
 
 cdef inline void run_shifted(const floating *x, Py_ssize_t n, const double *rep,
-                             double *acc, Storage *t) noexcept nogil:
+                             double *acc, NearStorage *t) noexcept nogil:
     # acc[v] += x[v] - rep[v]
     cdef Py_ssize_t v, b
     cdef float buf[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for b in range(0, n, BN_SPAN16):
             run_shifted(widen16(x, b, min(BN_SPAN16, n - b), buf), min(BN_SPAN16, n - b),
                         rep + b, acc + b, <AsOwn *>NULL)
@@ -241,12 +241,12 @@ cdef inline void run_shifted(const floating *x, Py_ssize_t n, const double *rep,
 
 
 cdef inline void run_sqdev(const floating *x, Py_ssize_t n, const double *rep,
-                           double *acc, Storage *t) noexcept nogil:
+                           double *acc, NearStorage *t) noexcept nogil:
     # acc[v] += (x[v] - rep[v])^2
     cdef Py_ssize_t v, b
     cdef double d
     cdef float buf[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for b in range(0, n, BN_SPAN16):
             run_sqdev(widen16(x, b, min(BN_SPAN16, n - b), buf), min(BN_SPAN16, n - b),
                       rep + b, acc + b, <AsOwn *>NULL)
@@ -257,13 +257,13 @@ cdef inline void run_sqdev(const floating *x, Py_ssize_t n, const double *rep,
 
 
 cdef inline void run_grad(const floating *x, const floating *dy, Py_ssize_t n,
-                          const double *rep, double *a1, double *a2, Storage *t) noexcept nogil:
+                          const double *rep, double *a1, double *a2, NearStorage *t) noexcept nogil:
     # a1[v] += dy[v];  a2[v] += dy[v]*(x[v] - rep[v])
     cdef Py_ssize_t v, b, m
     cdef double g
     cdef float bx[BN_SPAN16]
     cdef float bg[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for b in range(0, n, BN_SPAN16):
             m = min(BN_SPAN16, n - b)
             run_grad(widen16(x, b, m, bx), widen16(dy, b, m, bg), m, rep + b, a1 + b,
@@ -277,13 +277,13 @@ cdef inline void run_grad(const floating *x, const floating *dy, Py_ssize_t n,
 
 cdef inline void run_affine(const floating *x, const floating *z, floating *out, Py_ssize_t n,
                             const double *mu, const double *a, const double *b,
-                            const double *k, Storage *t) noexcept nogil:
+                            const double *k, NearStorage *t) noexcept nogil:
     # out = b*(x - mu) + k (z NULL);  a*z (b NULL);  a*z + b*(x - mu) + k
     cdef Py_ssize_t v, s, m
     cdef float bx[BN_SPAN16]
     cdef float bz[BN_SPAN16]
     cdef float bo[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for s in range(0, n, BN_SPAN16):
             m = min(BN_SPAN16, n - s)
             run_affine(widen16(x, s, m, bx) if b != NULL else NULL,
@@ -305,7 +305,7 @@ cdef inline void run_affine(const floating *x, const floating *z, floating *out,
 
 
 cdef void row_stats(const BnPlan *p, const floating *x, const BnBox *bx, Py_ssize_t n,
-                    double *mean, double *m2, Storage *t) noexcept nogil:
+                    double *mean, double *m2, NearStorage *t) noexcept nogil:
     # mean = x0 + sum(x - x0)/n  (x0: the box's first row);  M2 = sum((x - mean)^2)
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
     cdef Py_ssize_t o, v, L
@@ -348,7 +348,7 @@ cdef void row_stats(const BnPlan *p, const floating *x, const BnBox *bx, Py_ssiz
 
 cdef void row_grad_sums(const BnPlan *p, const floating *x, const floating *dy,
                         const BnBox *bx, const double *mean,
-                        double *s1, double *s2, Storage *t) noexcept nogil:
+                        double *s1, double *s2, NearStorage *t) noexcept nogil:
     # s1 = sum(dy);  s2 = sum(dy*(x - mean))
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R, V = R * nc
     cdef Py_ssize_t o, v, L, off
@@ -380,7 +380,7 @@ cdef void row_grad_sums(const BnPlan *p, const floating *x, const floating *dy,
 cdef void row_affine(const BnPlan *p, const floating *x, const floating *z,
                      floating *out, const BnBox *bx, const double *mean,
                      const double *A, const double *B, const double *K,
-                     Storage *t) noexcept nogil:
+                     NearStorage *t) noexcept nogil:
     cdef Py_ssize_t C = p.C, c0 = bx.c0, nc = bx.c1 - bx.c0, R = p.R
     cdef Py_ssize_t o, v, L, off
     cdef double s_m[BN_GROUP_V]
@@ -414,7 +414,7 @@ cdef void row_affine(const BnPlan *p, const floating *x, const floating *z,
 # ------------------------------------------------------------- box passes ---
 
 cdef void box_stats(const BnPlan *p, const floating *x, Py_ssize_t b,
-                    double *P1, double *P2, Storage *t) noexcept nogil:
+                    double *P1, double *P2, NearStorage *t) noexcept nogil:
     """Per channel of box b: its mean -> P1[u*C + c], its M2 -> P2[u*C + c]."""
     cdef BnBox bx
     box_of(p, b, &bx)
@@ -441,7 +441,7 @@ cdef void box_stats(const BnPlan *p, const floating *x, Py_ssize_t b,
 
 cdef void box_grad_sums(const BnPlan *p, const floating *x, const floating *dy,
                         const double *mean, Py_ssize_t b,
-                        double *P1, double *P2, Storage *t) noexcept nogil:
+                        double *P1, double *P2, NearStorage *t) noexcept nogil:
     """Per channel of box b: sum(dy) -> P1[u*C + c], sum(dy*(x - mean)) -> P2."""
     cdef BnBox bx
     box_of(p, b, &bx)
@@ -466,7 +466,7 @@ cdef void box_grad_sums(const BnPlan *p, const floating *x, const floating *dy,
 cdef void box_affine(const BnPlan *p, const floating *x, const floating *z,
                      floating *out, Py_ssize_t b, const double *mean,
                      const double *A, const double *B, const double *K,
-                     Storage *t) noexcept nogil:
+                     NearStorage *t) noexcept nogil:
     """out = A*z + B*(x - mean) + K per channel over box b (z may be NULL: A
     unused; B may be NULL: x unused).  Forward: y = scale*(x - mean) + beta;
     backward: dx = a*dy + b*(x - mean) + k, or dx = a*dy in inference."""
@@ -490,13 +490,13 @@ cdef void box_affine(const BnPlan *p, const floating *x, const floating *z,
 
 cdef inline void seg_affine(const floating *x, const floating *z, floating *out, Py_ssize_t n,
                             double mu, double a, double bb, double k, bint has_b,
-                            Storage *t) noexcept nogil:
+                            NearStorage *t) noexcept nogil:
     # out = bb*(x - mu) + k (z NULL);  a*z (no bb);  a*z + bb*(x - mu) + k
     cdef Py_ssize_t i, s, m
     cdef float bx[BN_SPAN16]
     cdef float bz[BN_SPAN16]
     cdef float bo[BN_SPAN16]
-    if floating is float and Storage is AsF16:
+    if floating is float and NearStorage is AsF16:
         for s in range(0, n, BN_SPAN16):
             m = min(BN_SPAN16, n - s)
             seg_affine(widen16(x, s, m, bx) if has_b else NULL,
@@ -636,7 +636,7 @@ cdef inline void first_pass(const BnPlan *p, const BnJob *j, const floating *x,
 
 
 cdef void first_pass_as(const BnPlan *p, const BnJob *j, const floating *x, const floating *dy,
-                        Py_ssize_t lo, Py_ssize_t hi, Storage *t) noexcept nogil:
+                        Py_ssize_t lo, Py_ssize_t hi, NearStorage *t) noexcept nogil:
     cdef Py_ssize_t i, b
     for i in range(lo, hi):
         b = nth_box(p, i)
@@ -661,7 +661,7 @@ cdef inline void second_pass(const BnPlan *p, const BnJob *j, const floating *x,
 
 cdef void second_pass_as(const BnPlan *p, const BnJob *j, const floating *x, const floating *dy,
                          floating *out, Py_ssize_t lo, Py_ssize_t hi,
-                         Storage *t) noexcept nogil:
+                         NearStorage *t) noexcept nogil:
     # Boxes in reverse order: the ones the first pass read last are still
     # in the caches.
     cdef const double *B = NULL if j.backward and not j.training else j.B

@@ -44,6 +44,14 @@ ctypedef fused Storage:
     AsBF16
     AsBF16SR
 
+# The storages of arrays that are only read, or written rounded to nearest
+# (BatchNorm, softmax, gradient clipping and unscaling): kernels over these
+# exist without a stochastic-rounding variant that nothing would call.
+ctypedef fused NearStorage:
+    AsOwn
+    AsF16
+    AsBF16
+
 
 cdef inline floating ld(const floating *a, Py_ssize_t i, Storage *tag) noexcept nogil:
     """a[i] as the loop's type."""
