@@ -577,6 +577,35 @@ def test_grad_scaler_scales_follow_torch(init, growth, backoff, interval):
     assert ours.get_scale() != init
 
 
+@pytest.mark.parametrize("cls,kwargs", CASES[:6], ids=CASE_IDS[:6])
+def test_optimizer_unscale_and_found_inf_step(cls, kwargs, rng):
+    # The interface GradScaler uses: unscale_ divides in place and reports
+    # non-finite gradients; step(found_inf=True) changes nothing.
+    shapes = [(5000,), (7, 3)]
+    params = make_params(rng, shapes, np.float32)
+    opt = cls(params, **kwargs)
+    scale = 2.0**12
+    true = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    grads = [g * np.float32(scale) for g in true]
+    assert opt.unscale_(grads, scale) is False
+    for g, t in zip(grads, true):
+        assert_bits(g, t * np.float32(scale) * np.float32(1 / scale))
+    bad = [g * np.float32(scale) for g in grads]
+    bad[1][2, 1] = np.inf
+    assert opt.unscale_(bad, scale) is True         # scaled all the same, as torch's unscale_
+    assert_bits(bad[0], grads[0] * np.float32(scale) * np.float32(1 / scale))
+    opt.step(grads)
+    snap = Snapshot(*params, *[a for st in opt.state for a in st.values()])
+    steps = opt.state_dict()
+    opt.step(grads, found_inf=True)
+    snap.assert_unchanged()
+    assert opt.found_inf is True
+    assert {k: v for k, v in opt.state_dict().items() if "step" in k} == \
+        {k: v for k, v in steps.items() if "step" in k}
+    opt.step(grads)
+    assert opt.found_inf is False
+
+
 def test_unscale_then_clip_equals_clipping_the_true_gradients(rng):
     shapes = [(70_000,), (33,)]
     params = make_params(rng, shapes, np.float32)

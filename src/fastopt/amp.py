@@ -158,7 +158,7 @@ class GradScaler:
                                "since the last update().")
         if state["stage"] == _STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
-        state["found_inf"] = bool(optimizer._fused.unscale_(grads, self._scale))
+        state["found_inf"] = optimizer.unscale_(grads, self._scale)
         state["stage"] = _UNSCALED
 
     def step(self, optimizer: Optimizer, grads: Sequence[FloatArray | None]) -> None:
@@ -174,10 +174,7 @@ class GradScaler:
         if state["stage"] == _STEPPED:
             raise RuntimeError("step() has already been called since the last update().")
         if state["stage"] == _UNSCALED:
-            if state["found_inf"]:
-                optimizer._fused.found_inf = True
-            else:
-                optimizer.step(grads)
+            optimizer.step(grads, found_inf=state["found_inf"])
         else:
             optimizer.step(grads, grad_scale=self._scale)
             state["found_inf"] = bool(optimizer.found_inf)

@@ -315,7 +315,8 @@ class Optimizer:
 
     # ------------------------------------------------------------------ step
 
-    def step(self, grads: Sequence[FloatArray | None], grad_scale: float | None = None) -> None:
+    def step(self, grads: Sequence[FloatArray | None], grad_scale: float | None = None,
+             found_inf: bool = False) -> None:
         """Update every parameter in place from `grads` (one per parameter, in
         order; None skips a parameter).  Everything is validated first: on an
         error nothing is updated.
@@ -326,8 +327,25 @@ class Optimizer:
         float64 for float64 parameters) as they are read; they are checked
         first, and if any holds an inf or NaN, nothing changes (parameters,
         state, step counts) and `found_inf` becomes True.
+
+        ``found_inf=True`` (what `unscale_` returned) skips the step: nothing
+        changes and `found_inf` becomes True, as a fused ``torch.optim`` step
+        given ``found_inf``.  With `grad_scale` and `unscale_` this is the
+        whole interface `fastopt.GradScaler` uses.
         """
+        if found_inf:
+            self._fused.found_inf = True
+            return
         self._fused.step(grads, self.param_groups, grad_scale)
+
+    def unscale_(self, grads: Sequence[FloatArray | None], grad_scale: float) -> bool:
+        """Multiply `grads` (as for `step`) by ``1/grad_scale`` in place, in their
+        own dtypes, and return whether any holds an inf or NaN (checked first,
+        in one parallel pass over the same chunks as a step).  Every array
+        given must be C-contiguous, aligned, writeable and disjoint from the
+        others and from the optimizer's arrays.  `fastopt.GradScaler.unscale_`
+        calls it; pass what it returns to ``step(..., found_inf=)``."""
+        return bool(self._fused.unscale_(grads, grad_scale))
 
     @property
     def found_inf(self) -> bool:
