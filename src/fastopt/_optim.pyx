@@ -2,10 +2,15 @@
 #
 # Design
 # ------
+# * Two layers: this module (compiled once) checks, plans and owns
+#   FusedStep; the loops are in the kernel core (_core_optim.pxi.tp, compiled
+#   per SIMD level), reached through the table `core.optim` (_core.pxd).
 # * `*_range` functions update elements [lo, hi) of one parameter array and
 #   its state in a single pass (one read of every array, one write of every
-#   updated array, no temporaries).  They are `noexcept nogil`, fused over
-#   float/double, and branch only on loop-invariant options.
+#   updated array, no temporaries).  They are `noexcept nogil`, written once
+#   in a Tempita template and generated for each variant of VARIANTS, the
+#   table of the element types and storages that exist, and branch only on
+#   loop-invariant options.
 # * A `Segment` describes one parameter array with its gradient, state and
 #   precomputed coefficients.  `run_segments` updates a list of segments as
 #   one job of fixed chunks of the *total* element count (a chunk may span
@@ -19,7 +24,7 @@
 #   and a float16/bfloat16 parameter is a float32 master copy (the `param` of
 #   the kernels) plus its rounded copy (`out`), written in the same pass.
 #   Computation is in float32 whatever the storage.  The storage is a
-#   compile-time tag of each loop (`segment_range` picks the variant), so
+#   compile-time tag of each loop variant (`segment_range` picks it), so
 #   every variant is the same formulas, vectorized; a float16 parameter's
 #   gradient and copy are converted a block at a time instead (`f16_blocks`).
 # * Loss scaling: the gradient is multiplied by 1/grad_scale (rounded to the
@@ -28,18 +33,13 @@
 #   is a `CHECK` segment kind run by the same `run_segments` over the grads.
 # * The `def` functions validate everything before `nogil` and never let the
 #   kernels see a bad array; nothing is written when a check fails.
-# * This module checks, plans and owns; the loops are in the kernel core
-#   (_core_optim.pxi, compiled per SIMD level), reached through `core.optim`.
 include "_common.pxi"
 
 from libc.math cimport pow, sqrt
 from libc.stdint cimport INT64_MAX, uint16_t, uint32_t, uint64_t
 
 cdef extern from "_half.h" nogil:
-    uint32_t fastopt_hash32(uint32_t x)
-
-# Bytes of parameter per thread below which an update stays on the calling
-# thread: see OPT_GRAIN in _core_optim.pxi.
+    uint32_t fastopt_hash32(uint32_t x)     # the keys of stochastic rounding
 
 # ----------------------------------------------------- coefficient set-up ---
 
