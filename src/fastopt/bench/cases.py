@@ -139,51 +139,51 @@ def optimizer_impls(spec, with_state):
     arrays too.  Kernels and classes are looked up in `fastopt` when an
     implementation is built, so that a replaced one is what runs."""
     steps = spec.counts_steps
-    nslots = len(spec.slots)
 
-    def result(ps, states):
-        return tuple(ps) + (tuple(st[0] for st in states) if with_state else ())
+    def result(s):
+        """The arrays a step returns (updated in place by all but `numpy_`)."""
+        return tuple(s["p"]) + (tuple(st[0] for st in s["s"]) if with_state else ())
+
+    # The argument tuples and keywords are built once, not in the step: a
+    # call of ~1 us would otherwise time the Python that assembles them.
+    def arguments(s):
+        """For each of the two gradients, one (p, g, *state) per array."""
+        return [[(p, g, *st) for p, g, *st in zip(s["p"], grads, *s["s"])] for grads in s["g"]]
 
     def numpy_(s):
-        ps, (g0, g1), states = s["p"], s["g"], s["s"]
+        arrays = [[p, *st] for p, *st in zip(s["p"], *s["s"])]   # each parameter's, now
+        (g0, g1), fn, hp = s["g"], spec.numpy, spec.numpy_hp
         t = 0
 
         def step():
             nonlocal t
             t += 1
-            grads, ts = (g1 if t & 1 else g0), ((t,) if steps else ())
-            for i in range(len(ps)):
-                new = spec.numpy(ps[i], grads[i], *(st[i] for st in states), *ts, **spec.numpy_hp)
-                ps[i] = new[0]
-                for k in range(nslots):
-                    states[k][i] = new[k + 1]
-            return result(ps, states)
+            ts = (t,) if steps else ()
+            for a, g in zip(arrays, g1 if t & 1 else g0):
+                a[:] = fn(a[0], g, *a[1:], *ts, **hp)
+            return tuple(arrays[0]) if with_state else tuple(a[0] for a in arrays)
         return step
 
     def inplace(s):
-        ps, (g0, g1), states = s["p"], s["g"], s["s"]
+        ps = s["p"]
         flat = np.empty(max(p.size for p in ps), ps[0].dtype)    # one workspace, reused
-        works = [flat[:p.size].reshape(p.shape) for p in ps]
-        out = result(ps, states)
+        kws = [dict(spec.numpy_hp, work=flat[:p.size].reshape(p.shape)) for p in ps]
+        calls = [list(zip(args, kws)) for args in arguments(s)]
+        fn, out = spec.inplace, result(s)
         t = 0
 
         def step():
             nonlocal t
             t += 1
-            grads, ts = (g1 if t & 1 else g0), ((t,) if steps else ())
-            for i, (p, w) in enumerate(zip(ps, works)):
-                spec.inplace(p, grads[i], *(st[i] for st in states), *ts, **spec.numpy_hp, work=w)
+            ts = (t,) if steps else ()
+            for args, kw in calls[t & 1]:
+                fn(*args, *ts, **kw)
             return out
         return step
 
     def kernel(s):
-        ps, states = s["p"], s["s"]
         fn = getattr(fastopt, spec.kernel)
-        kw = dict(spec.hp)
-        # The argument tuples, built once for each of the two gradients: a
-        # call of ~1 us would otherwise time the Python that assembles them.
-        calls = [[(p, g, *st) for p, g, *st in zip(ps, grads, *states)] for grads in s["g"]]
-        out = result(ps, states)
+        kw, calls, out = dict(spec.hp), arguments(s), result(s)
         t = 0
 
         def step():

@@ -4,7 +4,6 @@ Each function returns an implementation factory ``impl(inputs) -> step``
 (see the package docstring); the libraries are imported when an
 implementation is built, so that the benchmark runs without them.
 """
-import functools
 import math
 import warnings
 
@@ -84,26 +83,20 @@ def fastopt_torch(name, hp):
     return impl
 
 
-@functools.lru_cache(maxsize=None)
-def _numba_adam_kernel():
-    """Adam's update as a numba parallel loop, compiled at its first call."""
-    import numba
-
-    @numba.njit(parallel=True, cache=False)
-    def kernel(p, g, m, v, decay, b1, b2, step_size, bc2_sqrt, eps):
-        for i in numba.prange(p.size):
-            p[i] *= decay
-            m[i] = b1 * m[i] + (1 - b1) * g[i]
-            v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
-            p[i] -= step_size * m[i] / (math.sqrt(v[i]) / bc2_sqrt + eps)
-    return kernel
-
-
 def numba_adam(hp):
     """Adam (AdamW with ``hp["decoupled"]``) on one array as a numba parallel
     loop; `hp` as `fastopt._baselines.adam_numpy` names them."""
     def impl(s):
-        kernel = _numba_adam_kernel()
+        import numba
+
+        @numba.njit(parallel=True, cache=False)      # compiled at its first call
+        def kernel(p, g, m, v, decay, b1, b2, step_size, bc2_sqrt, eps):
+            for i in numba.prange(p.size):
+                p[i] *= decay
+                m[i] = b1 * m[i] + (1 - b1) * g[i]
+                v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+                p[i] -= step_size * m[i] / (math.sqrt(v[i]) / bc2_sqrt + eps)
+
         p, g0, g1 = s["p"][0], s["g"][0][0], s["g"][1][0]
         m, v = (st[0] for st in s["s"])
         lr, b1, b2, eps = hp["lr"], hp["b1"], hp["b2"], hp["eps"]
