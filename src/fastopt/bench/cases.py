@@ -85,8 +85,8 @@ class OptimizerSpec:
 _ADAM_HP = dict(lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM)
 _ADAM_NUMPY_HP = dict(lr=LR_ADAM, b1=BETAS[0], b2=BETAS[1], eps=EPS_ADAM)
 
-# Hyperparameters: see settings.py.  PyTorch's state names; the NumPy
-# baselines' own names for the hyperparameters.
+# The values are those of settings.py (PyTorch's defaults); `hp` names them
+# as fastopt and PyTorch do, `numpy_hp` as the NumPy baselines do.
 OPTIMIZERS = {
     "adam": OptimizerSpec(
         kernel="adam_step", hp=_ADAM_HP, numpy=B.adam_numpy, inplace=B.adam_inplace,
@@ -151,17 +151,22 @@ def optimizer_impls(spec, with_state):
         return [[(p, g, *st) for p, g, *st in zip(s["p"], grads, *s["s"])] for grads in s["g"]]
 
     def numpy_(s):
-        arrays = [[p, *st] for p, *st in zip(s["p"], *s["s"])]   # each parameter's, now
-        (g0, g1), fn, hp = s["g"], spec.numpy, spec.numpy_hp
+        ps = list(s["p"])
+        sts = [tuple(st[i] for st in s["s"]) for i in range(len(ps))]   # of array i, now
+        (g0, g1), fn, kw = s["g"], spec.numpy, dict(spec.numpy_hp)
+        indices = range(len(ps))
         t = 0
 
         def step():
             nonlocal t
             t += 1
-            ts = (t,) if steps else ()
-            for a, g in zip(arrays, g1 if t & 1 else g0):
-                a[:] = fn(a[0], g, *a[1:], *ts, **hp)
-            return tuple(arrays[0]) if with_state else tuple(a[0] for a in arrays)
+            grads = g1 if t & 1 else g0
+            if steps:
+                kw["t"] = t
+            for i in indices:
+                new = fn(ps[i], grads[i], *sts[i], **kw)
+                ps[i], sts[i] = new[0], new[1:]
+            return (ps[0], *sts[0]) if with_state else tuple(ps)
         return step
 
     def inplace(s):
