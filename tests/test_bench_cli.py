@@ -35,16 +35,18 @@ def run_cli(*args, columns=None):
 
 @pytest.fixture
 def small(monkeypatch):
-    """Tiny shapes for the model/BatchNorm/softmax families, a small probe, short timing."""
+    """Tiny shapes for the model/BatchNorm/softmax families, a small probe, short timing
+    (each replaced in the module of fastopt.bench that defines it)."""
     real_measure = bench.measure
-    monkeypatch.setattr(bench, "measure", lambda step, budget, min_samples, **kw:
+    monkeypatch.setattr(bench.timing, "measure", lambda step, budget, min_samples, **kw:
                         real_measure(step, 1e-3, 1, **kw))
-    monkeypatch.setattr(bench, "MODELS", [("3 arrays", [(5, 3), (7,), (2, 2, 3)], True)])
-    monkeypatch.setattr(bench, "BN_SHAPES", [((4, 3, 5, 5), 1, True), ((6, 2, 3, 4), -1, True),
-                                             ((16, 5), 1, True)])
-    monkeypatch.setattr(bench, "SOFTMAX_SHAPES", [((8, 13), True), ((3, 1), True)])
+    monkeypatch.setattr(bench.settings, "MODELS",
+                        [("3 arrays", [(5, 3), (7,), (2, 2, 3)], True)])
+    monkeypatch.setattr(bench.settings, "BN_SHAPES", [((4, 3, 5, 5), 1, True),
+                                                      ((6, 2, 3, 4), -1, True), ((16, 5), 1, True)])
+    monkeypatch.setattr(bench.settings, "SOFTMAX_SHAPES", [((8, 13), True), ((3, 1), True)])
     real_probe = bench.probe_bandwidth
-    monkeypatch.setattr(bench, "probe_bandwidth",
+    monkeypatch.setattr(bench.timing, "probe_bandwidth",
                         lambda threads, mib, budget: real_probe(threads, 4, budget))
 
 
@@ -256,7 +258,7 @@ def test_missing_family_is_skipped_with_a_note(monkeypatch, small, capsys):
 
 
 def test_peers_absent_are_noted(monkeypatch, small, capsys):
-    monkeypatch.setattr(bench, "_import", lambda name: None)
+    monkeypatch.setattr(bench.peers, "_import", lambda name: None)
     assert bench.main(["--quick", "--peers", "--kernels", "adam", "--sizes", "10"]) == 0
     assert "torch and numba not installed, skipped" in capsys.readouterr().out
 
@@ -463,7 +465,7 @@ def test_contention_failure_is_reported(monkeypatch, small, capsys):
             finally:
                 busy_now = False
     monkeypatch.setattr(fastopt, "sgd_step", wrong_when_busy)
-    monkeypatch.setattr(bench, "every_core_busy", flagging_busy)
+    monkeypatch.setattr(bench.timing, "every_core_busy", flagging_busy)
     assert bench.main(["--quick", "--contention", "--kernels", "sgd", "--sizes", "100"]) == 1
     out = capsys.readouterr().out
     assert "+ every core busy: FAILED param[0]" in out and "FAILED: 1 of 1 cases" in out

@@ -941,10 +941,10 @@ def test_low_precision_steps_identical_at_every_simd_level():
 @pytest.fixture
 def tiny_bench(monkeypatch):
     from fastopt import bench
-    monkeypatch.setattr(bench, "SOFTMAX_SHAPES", [((8, 130), True)])
-    monkeypatch.setattr(bench, "BN_SHAPES", [((4, 3, 5, 5), 1, True)])
+    monkeypatch.setattr(bench.settings, "SOFTMAX_SHAPES", [((8, 130), True)])
+    monkeypatch.setattr(bench.settings, "BN_SHAPES", [((4, 3, 5, 5), 1, True)])
     real = bench.measure_pair
-    monkeypatch.setattr(bench, "measure_pair", lambda steps, budget, n: real(steps, 1e-3, 1))
+    monkeypatch.setattr(bench.timing, "measure_pair", lambda steps, budget, n: real(steps, 1e-3, 1))
     return bench
 
 

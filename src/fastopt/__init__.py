@@ -5,8 +5,7 @@ Functional kernels update arrays in place (``adam_step``, ``batch_norm_forward``
 list of parameter arrays in one native call.  ``show_config()`` tells which
 SIMD build and OpenMP runtime are in use.
 """
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__  # "as": a re-export, for type checkers
 from ._config import config, get_num_threads, set_num_threads, show_config
 from ._optim import (adam_step, adamw_step, clip_grad_norm_, clip_grad_value_, rmsprop_step,
                      sgd_step)

@@ -8,6 +8,7 @@ import sys
 from typing import Any, Mapping, SupportsIndex, TextIO
 
 from . import _dispatch, _runtime
+from ._version import __version__
 
 _thread_limit = 0
 
@@ -163,7 +164,6 @@ def config() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - only for a tree built by hand
         build = {"openmp": bool(_runtime.openmp_version()), "compiler": "unknown",
                  "cflags": [], "level_flags": {}, "sanitize": []}
-    from . import __version__
     return {
         "version": __version__,
         "python": sys.version.split()[0],

@@ -1,0 +1,384 @@
+"""The cases: their inputs and the implementations that are timed on them.
+
+The optimizers are declared once, in `OPTIMIZERS`; `optimizer_impls` makes
+every implementation of one (NumPy, in-place NumPy, the functional kernel,
+fastopt's optimizer class, the peers) from its declaration.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
+
+import numpy as np
+
+import fastopt
+
+from .. import _baselines as B
+from . import peers, settings
+from .settings import (ALPHA, BETAS, ELEMENTWISE, EPS_ADAM, EPS_BN, EPS_RMS, FAMILIES, LR_ADAM,
+                       LR_RMS, LR_SGD, MOMENTUM, WD_ADAMW)
+
+
+@dataclass
+class Work:
+    """Inputs and implementations of one case (see the package docstring)."""
+    inputs: dict
+    numpy: Callable
+    inplace: Callable
+    fastopt: Callable
+    names: tuple                       # of the result arrays, for messages
+    extras: dict = field(default_factory=dict)   # other fastopt entry points
+    peers: dict = field(default_factory=dict)    # other libraries
+    calls: int = 2                     # steps before the result is compared
+
+
+@dataclass
+class Case:
+    family: str
+    label: str
+    make: Callable                     # (dtype, peers) -> Work
+    traffic: Optional[int]             # compulsory traffic in elements, or None
+    elements: int
+
+
+def _rng():
+    return np.random.default_rng(20240607)
+
+
+def _uniform(rng, shape, dtype, scale=1.0, shift=0.0):
+    """Values in [shift - scale, shift + scale) (uniform: quick to draw)."""
+    x = rng.random(shape, dtype=dtype)
+    x -= 0.5
+    x *= 2 * scale
+    x += shift
+    return x
+
+
+def _const(a):
+    """Mark an input no implementation may change: runs share it (see `fresh`)."""
+    a.flags.writeable = False
+    return a
+
+
+# ------------------------------------------------------------- optimizers ---
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How the benchmark runs one optimizer (an entry of `OPTIMIZERS`)."""
+    kernel: str             # fastopt's functional kernel: kernel(p, g, *state, **hp)
+    hp: dict                # its hyperparameters, which torch.optim's and fastopt's classes share
+    numpy: Callable         # `fastopt._baselines`: (p, g, *state[, t], **numpy_hp) -> (p, *state)
+    inplace: Callable       # the same in place, with a `work` array
+    numpy_hp: dict          # the same hyperparameters, as the baselines name them
+    slots: tuple            # the state arrays, in argument order (PyTorch's names)
+    counts_steps: bool      # the kernel (step=t) and the baselines (t) take the step number
+    cls: Optional[str] = None       # fastopt's (and fastopt.torch's) optimizer class
+    torch: Optional[str] = None     # the torch.optim class timed with --peers
+    numba: Optional[Callable] = None    # numba_hp -> factory timed with --peers (one array)
+
+    @property
+    def traffic(self):
+        """Compulsory traffic per parameter element, in elements: the parameter
+        and each state array read and written, the gradient read."""
+        return 3 + 2 * len(self.slots)
+
+
+_ADAM_HP = dict(lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM)
+_ADAM_NUMPY_HP = dict(lr=LR_ADAM, b1=BETAS[0], b2=BETAS[1], eps=EPS_ADAM)
+
+# The values are those of settings.py (PyTorch's defaults); `hp` names them
+# as fastopt and PyTorch do, `numpy_hp` as the NumPy baselines do.
+OPTIMIZERS = {
+    "adam": OptimizerSpec(
+        kernel="adam_step", hp=_ADAM_HP, numpy=B.adam_numpy, inplace=B.adam_inplace,
+        numpy_hp=dict(_ADAM_NUMPY_HP, weight_decay=0.0, decoupled=False),
+        slots=("exp_avg", "exp_avg_sq"), counts_steps=True,
+        cls="Adam", torch="Adam", numba=peers.numba_adam),
+    "adamw": OptimizerSpec(
+        kernel="adamw_step", hp=dict(_ADAM_HP, weight_decay=WD_ADAMW),
+        numpy=B.adam_numpy, inplace=B.adam_inplace,
+        numpy_hp=dict(_ADAM_NUMPY_HP, weight_decay=WD_ADAMW, decoupled=True),
+        slots=("exp_avg", "exp_avg_sq"), counts_steps=True,
+        torch="AdamW", numba=peers.numba_adam),
+    "rmsprop": OptimizerSpec(
+        kernel="rmsprop_step", hp=dict(lr=LR_RMS, alpha=ALPHA, eps=EPS_RMS),
+        numpy=B.rmsprop_numpy, inplace=B.rmsprop_inplace,
+        numpy_hp=dict(lr=LR_RMS, alpha=ALPHA, eps=EPS_RMS),
+        slots=("square_avg",), counts_steps=False),
+    "sgd": OptimizerSpec(      # the course's Momentum: dampening = momentum
+        kernel="sgd_step", hp=dict(lr=LR_SGD, momentum=MOMENTUM, dampening=MOMENTUM),
+        numpy=B.momentum_numpy, inplace=B.momentum_inplace,
+        numpy_hp=dict(lr=LR_SGD, beta=MOMENTUM),
+        slots=("momentum_buffer",), counts_steps=False),
+}
+MODEL_OPTIMIZER = "adam"        # the `optimizer` family: fastopt.Adam over a model's arrays
+
+
+def _optimizer_inputs(shapes, dtype, nstate):
+    """Parameters, two gradients (alternating between steps), zero state."""
+    rng = _rng()
+    params = [_uniform(rng, s, dtype, 0.1) for s in shapes]
+    grads = [[_const(_uniform(rng, s, dtype, 0.01)) for s in shapes] for _ in range(2)]
+    state = [[np.zeros(s, dtype) for s in shapes] for _ in range(nstate)]
+    return {"p": params, "g": grads, "s": state}
+
+
+class Impls(NamedTuple):
+    """Implementation factories of one optimizer (see `optimizer_impls`)."""
+    numpy: Callable
+    inplace: Callable
+    kernel: Callable            # a loop of functional-kernel calls, one per array
+    cls: Optional[Callable]     # fastopt's optimizer class
+    peers: dict                 # {label: (library, factory)}
+    bridge: Optional[Callable]  # fastopt.torch's class on torch tensors
+
+
+def optimizer_impls(spec, with_state):
+    """Every implementation of the optimizer `spec` over the arrays of an
+    `_optimizer_inputs` dict.  Steps alternate between the two gradients and
+    return the parameters, and with `with_state` (one array) its state
+    arrays too.  Kernels and classes are looked up in `fastopt` when an
+    implementation is built, so that a replaced one is what runs."""
+    steps = spec.counts_steps
+
+    def result(s):
+        """The arrays a step returns (updated in place by all but `numpy_`)."""
+        return tuple(s["p"]) + (tuple(st[0] for st in s["s"]) if with_state else ())
+
+    # The argument tuples and keywords are built once, not in the step: a
+    # call of ~1 us would otherwise time the Python that assembles them.
+    def arguments(s):
+        """For each of the two gradients, one (p, g, *state) per array."""
+        return [[(p, g, *st) for p, g, *st in zip(s["p"], grads, *s["s"])] for grads in s["g"]]
+
+    def numpy_(s):
+        ps = list(s["p"])
+        sts = [tuple(st[i] for st in s["s"]) for i in range(len(ps))]   # of array i, now
+        (g0, g1), fn, kw = s["g"], spec.numpy, dict(spec.numpy_hp)
+        indices = range(len(ps))
+        t = 0
+
+        def step():
+            nonlocal t
+            t += 1
+            grads = g1 if t & 1 else g0
+            if steps:
+                kw["t"] = t
+            for i in indices:
+                new = fn(ps[i], grads[i], *sts[i], **kw)
+                ps[i], sts[i] = new[0], new[1:]
+            return (ps[0], *sts[0]) if with_state else tuple(ps)
+        return step
+
+    def inplace(s):
+        ps = s["p"]
+        flat = np.empty(max(p.size for p in ps), ps[0].dtype)    # one workspace, reused
+        kws = [dict(spec.numpy_hp, work=flat[:p.size].reshape(p.shape)) for p in ps]
+        calls = [list(zip(args, kws)) for args in arguments(s)]
+        fn, out = spec.inplace, result(s)
+        t = 0
+
+        def step():
+            nonlocal t
+            t += 1
+            ts = (t,) if steps else ()
+            for args, kw in calls[t & 1]:
+                fn(*args, *ts, **kw)
+            return out
+        return step
+
+    def kernel(s):
+        fn = getattr(fastopt, spec.kernel)
+        kw, calls, out = dict(spec.hp), arguments(s), result(s)
+        t = 0
+
+        def step():
+            nonlocal t
+            t += 1
+            if steps:
+                kw["step"] = t
+            for args in calls[t & 1]:
+                fn(*args, **kw)
+            return out
+        return step
+
+    def cls(s):
+        ps, (g0, g1) = s["p"], s["g"]
+        opt = getattr(fastopt, spec.cls)(ps, **spec.hp)
+        out = tuple(ps) + (tuple(opt.state[0][k] for k in spec.slots) if with_state else ())
+        t = 0
+
+        def step():
+            nonlocal t
+            t += 1
+            opt.step(g1 if t & 1 else g0)
+            return out
+        return step
+
+    others = {}
+    if spec.torch:
+        others[f"torch {spec.torch}(fused=True)"] = (
+            "torch", peers.torch_optimizer(spec.torch, spec.hp, spec.slots if with_state else ()))
+    if spec.numba and with_state:       # a loop over one array
+        others["numba parallel loop"] = ("numba", spec.numba(spec.numpy_hp))
+    bridge = peers.fastopt_torch(spec.cls, spec.hp) if spec.cls else None
+    return Impls(numpy_, inplace, kernel, cls if spec.cls else None, others, bridge)
+
+
+def _add_peers(work, impls, peers_):
+    """Add the peers of `impls` whose library is in `peers_`."""
+    for label, (library, factory) in impls.peers.items():
+        if library in peers_:
+            work.peers[label] = factory
+
+
+def _elementwise_case(family, n):
+    spec = OPTIMIZERS[family]
+    impls = optimizer_impls(spec, with_state=True)
+
+    def make(dtype, peers_):
+        work = Work(_optimizer_inputs([(n,)], dtype, len(spec.slots)), impls.numpy,
+                    impls.inplace, impls.kernel, ("param",) + spec.slots)
+        _add_peers(work, impls, peers_)
+        return work
+
+    return Case(family, f"n={n:,}", make, spec.traffic * n, n)
+
+
+def _model_case(label, shapes):
+    """Many arrays: fastopt's optimizer class (``fastopt.Adam(params).step(grads)``)
+    against NumPy loops, and a loop of functional-kernel calls."""
+    n = sum(math.prod(s) for s in shapes)
+    spec = OPTIMIZERS[MODEL_OPTIMIZER]
+    impls = optimizer_impls(spec, with_state=False)
+
+    def make(dtype, peers_):
+        work = Work(_optimizer_inputs(shapes, dtype, len(spec.slots)), impls.numpy,
+                    impls.inplace, impls.cls, tuple(f"param[{i}]" for i in range(len(shapes))))
+        work.extras[f"loop of {spec.kernel} calls"] = impls.kernel
+        if "torch" in peers_:
+            work.extras[f"torch.{spec.cls} on torch tensors (incl. setting .grad)"] = impls.bridge
+        _add_peers(work, impls, peers_)
+        return work
+
+    return Case("optimizer", f"{label} ({n / 1e6:.1f}M)", make, spec.traffic * n, n)
+
+
+# fastopt.torch.Adam with the `optimizer` family's hyperparameters (as the
+# --peers row times it; benchmarks/test_bench_torch.py uses it directly).
+_fastopt_torch_adam = optimizer_impls(OPTIMIZERS[MODEL_OPTIMIZER], with_state=False).bridge
+
+
+# -------------------------------------------------------- other families ---
+
+def _batchnorm_case(shape, axis):
+    def numpy_(s):
+        x, gamma, beta, dy = s["x"], s["gamma"], s["beta"], s["dy"]
+
+        def step():
+            y, cache = B.batch_norm_numpy(x, gamma, beta, EPS_BN, axis)
+            return (y,) + B.batch_norm_backward_numpy(dy, cache)
+        return step
+
+    def inplace(s):
+        x, gamma, beta, dy = s["x"], s["gamma"], s["beta"], s["dy"]
+        ws = {}
+
+        def step():
+            y = B.batch_norm_inplace(x, gamma, beta, EPS_BN, axis, ws=ws)
+            return (y,) + B.batch_norm_backward_inplace(dy, ws=ws)
+        return step
+
+    def fast(s):
+        x, gamma, beta, dy = s["x"], s["gamma"], s["beta"], s["dy"]
+        y, dx = np.empty_like(x), np.empty_like(x)
+
+        def step():
+            _, ctx = fastopt.batch_norm_forward(x, gamma, beta, eps=EPS_BN, axis=axis, out=y)
+            return (y,) + tuple(fastopt.batch_norm_backward(dy, ctx, dx_out=dx))
+        return step
+
+    def make(dtype, peers_):
+        rng = _rng()
+        c = shape[axis]
+        inputs = {"x": _uniform(rng, shape, dtype, 2.0, 0.5),
+                  "gamma": _uniform(rng, (c,), dtype, 0.2, 1.0),
+                  "beta": _uniform(rng, (c,), dtype, 0.2),
+                  "dy": _uniform(rng, shape, dtype)}
+        inputs = {k: _const(v) for k, v in inputs.items()}
+        work = Work(inputs, numpy_, inplace, fast, ("y", "dx", "dgamma", "dbeta"), calls=1)
+        if "torch" in peers_:
+            work.peers["torch F.batch_norm fwd+bwd"] = peers.torch_batchnorm(axis)
+        return work
+
+    layout = {1: "NCHW", -1: "NHWC"}[axis] if len(shape) == 4 else "N, C"
+    n = math.prod(shape)
+    # forward reads x, writes y; backward reads x and dy, writes dx
+    return Case("batchnorm", f"{shape} {layout}", make, 5 * n, n)
+
+
+def _softmax_case(family, shape):
+    def numpy_(s):
+        x, target = s["x"], s["target"]
+        if family == "log_softmax":
+            return lambda: (B.log_softmax_numpy(x),)
+
+        def step():
+            loss, d = B.cross_entropy_numpy(x, target)
+            return np.asarray(loss), d
+        return step
+
+    def inplace(s):
+        x, target = s["x"], s["target"]
+        ws = {}
+        if family == "log_softmax":
+            return lambda: (B.log_softmax_inplace(x, ws=ws),)
+
+        def step():
+            loss, d = B.cross_entropy_inplace(x, target, ws=ws)
+            return np.asarray(loss), d
+        return step
+
+    def fast(s):
+        x, target = s["x"], s["target"]
+        out = np.empty_like(x)
+        if family == "log_softmax":
+            return lambda: (fastopt.log_softmax(x, out=out),)
+
+        def step():
+            loss, d = fastopt.cross_entropy(x, target, return_grad=True, grad_out=out)
+            return np.asarray(loss), d
+        return step
+
+    def make(dtype, peers_):
+        rng = _rng()
+        inputs = {"x": _const(_uniform(rng, shape, dtype, 5.0)),
+                  "target": _const(rng.integers(0, shape[1], shape[0]))}
+        names = ("log_softmax",) if family == "log_softmax" else ("loss", "dlogits")
+        work = Work(inputs, numpy_, inplace, fast, names, calls=1)
+        if "torch" in peers_:
+            label = ("torch F.log_softmax" if family == "log_softmax"
+                     else "torch F.cross_entropy fwd+bwd")
+            work.peers[label] = peers.torch_softmax(family)
+        return work
+
+    return Case(family, f"{shape}", make, None, math.prod(shape))
+
+
+def build_cases(families, sizes, quick):
+    """The cases of `families`, in the order of FAMILIES."""
+    cases = []
+    for family in FAMILIES:
+        if family not in families:
+            continue
+        if family in ELEMENTWISE:
+            cases += [_elementwise_case(family, n) for n in sizes]
+        elif family == "optimizer":
+            cases += [_model_case(lb, shapes) for lb, shapes, q in settings.MODELS
+                      if q or not quick]
+        elif family == "batchnorm":
+            cases += [_batchnorm_case(sh, ax) for sh, ax, q in settings.BN_SHAPES
+                      if q or not quick]
+        else:
+            cases += [_softmax_case(family, sh) for sh, q in settings.SOFTMAX_SHAPES
+                      if q or not quick]
+    return cases
