@@ -195,13 +195,14 @@ def main(argv=None):
     except ImportError:
         print("error: mpi4py is not installed (pip install \"fastopt[mpi]\")", file=sys.stderr)
         return 2
-    worker_args = ["--script", os.path.abspath(args.script)] if args.script else []
-    label = f" {os.path.relpath(args.script, ROOT)} {' '.join(rest)}".rstrip() if args.script else ""
+    if args.script:
+        worker_args = ["--script", os.path.abspath(args.script), "--", *rest]
+        label = " ".join(["", os.path.relpath(args.script, ROOT), *rest])
+    else:
+        worker_args, label = ["--", *(rest or ["-q", TESTS])], ""
     ok = True
     for n in args.ranks or [2, 3]:
-        passed, report = launch(mpiexec, n, args.timeout, args.grace,
-                                [*worker_args, "--", *(rest or ([] if args.script else ["-q", TESTS]))],
-                                label)
+        passed, report = launch(mpiexec, n, args.timeout, args.grace, worker_args, label)
         print(report, flush=True)
         ok = ok and passed
     return 0 if ok else 1

@@ -137,7 +137,9 @@ def _agree(comm, op, error, facts=()):
     table = np.empty((comm.Get_size(), 2), np.int64)
     comm.Allgather(row, table)
     codes, digests = table[:, 0] // 2, table[:, 1]
-    if (codes != codes[0]).any():   # the table says it all; the ranks' next messages would not match
+    # Different operations: the table says it all (and the ranks' next
+    # messages would not match).
+    if (codes != codes[0]).any():
         return RuntimeError(_mixed_operations(codes))
     if not (table[:, 0] % 2).any() and (digests == digests[0]).all():
         return None
