@@ -202,15 +202,17 @@ def _collective(comm, op, error=None, facts=()):
 
 
 class _Guard:
+    """What `_collective` does with an exception: abort while `armed`."""
+
     def __init__(self, comm, op):
         self.comm, self.op, self.armed = comm, op, True
 
     def abort(self):
         """Print the exception being handled and abort the job."""
         traceback.print_exc()
-        print(f"fastopt.distributed: {self.op} failed on rank {self.comm.Get_rank()} after the "
-              "ranks had agreed to run it; the other ranks would wait for it forever in a "
-              "collective: aborting the job (MPI_Abort)", file=sys.stderr, flush=True)
+        print(f"fastopt.distributed: {self.op} failed on rank {self.comm.Get_rank()} amid its "
+              "messages; the other ranks would wait for it forever in a collective: aborting "
+              "the job (MPI_Abort)", file=sys.stderr, flush=True)
         self.comm.Abort(1)
         os._exit(1)     # MPICH's MPI_Abort may return before the launcher ends the job
 
