@@ -3,6 +3,7 @@
 
     python benchmarks/distributed.py                  # launches mpiexec -n 1, then -n 2
     python benchmarks/distributed.py --ranks 1,2,4 --steps 30 --dtype float64
+    sudo tools/mpi_netns.sh --bench                   # over TCP, across two network namespaces
 
 For each number of ranks and each mode (replicated, shard) and gradient
 layout (``flat``: parameters and gradients are `fastopt.flat_views`, sent
@@ -11,9 +12,15 @@ reports the median step time split into its phases (the agreement check,
 packing, Reduce_scatter, the division by P, Allgather, unpacking, the fused
 update), the optimizer state held per rank, and the time of MPI's own
 collectives on the same bytes: ``Reduce_scatter`` + ``Allgatherv`` with the
-same counts (what fastopt calls) and one ``Allreduce``.  The one-rank run
+same counts (what fastopt calls) and one ``Allreduce``, each timed once
+after every fastopt step (so that both are measured under the same load).  The one-rank run
 also times the plain optimizer (no MPI) on 1 and on all threads.  Ends with
 an estimate, on paper, of what 8 and 64 ranks send and hold per step.
+
+``--mpiexec`` gives another launcher command (tools/mpi_netns.sh passes one
+that starts the ranks on two hosts, network namespaces joined by a veth
+pair, with the MPI transport forced to TCP); the report names the hosts of
+the ranks and the transport variables that were set.
 
 Not collected by pytest (no ``test_`` prefix); ``--quick`` is a smoke run.
 """
@@ -30,6 +37,10 @@ import time
 import numpy as np
 
 HERE = os.path.abspath(__file__)
+# The environment variables that choose MPI's transport (and the threads),
+# named in the report when set.
+TRANSPORT = ("MPIR_CVAR_CH4_NETMOD", "UCX_TLS", "UCX_NET_DEVICES", "FI_PROVIDER",
+             "MPIR_CVAR_NOLOCAL", "OMP_NUM_THREADS")
 
 
 # ------------------------------------------------------------- worker ---
@@ -64,7 +75,8 @@ def worker(out, steps, dtype):
     grads_arrays = [grad_rng.standard_normal(s).astype(dtype) for s in shapes]
     n = sum(a.size for a in init)
     result = {"ranks": P, "elements": n, "itemsize": dtype.itemsize, "dtype": dtype.name,
-              "arrays": len(shapes), "rows": [], "mpi": MPI.Get_library_version().splitlines()[0]}
+              "arrays": len(shapes), "rows": [], "mpi": MPI.Get_library_version().splitlines()[0],
+              "hosts": comm.allgather(MPI.Get_processor_name())}
 
     def timed(fn, reps):
         ts = []
@@ -86,6 +98,23 @@ def worker(out, steps, dtype):
                                                    "threads": fastopt.get_num_threads()}
         fastopt.set_num_threads(None)
         del opt, params
+
+    # MPI's own collectives on the same bytes, split as fastopt splits them,
+    # each timed once after every fastopt step: both see the same machine
+    # (the load of a shared machine, a TCP link's state) through the run.
+    raw_calls, raw = {}, {}
+    if P > 1:
+        share = -(-n // P)
+        counts = [min(share, max(0, n - r * share)) for r in range(P)]
+        displs = [min(r * share, n) for r in range(P)]
+        send = np.ones(n, dtype)
+        part = np.empty(counts[rank], dtype)
+        whole = np.empty(n, dtype)
+        raw_calls = {"reduce_scatter": lambda: comm.Reduce_scatter(send, part, counts),
+                     "allgather": lambda: comm.Allgatherv(part, [whole, (counts, displs)]),
+                     "allreduce": lambda: comm.Allreduce(send, whole)}
+        for fn in raw_calls.values():
+            fn()
 
     for shard in (False, True):
         for layout in ("flat", "arrays"):
@@ -113,6 +142,8 @@ def worker(out, steps, dtype):
                 totals.append(time.perf_counter() - t)
                 for k, v in dopt.timings.items():
                     phases.setdefault(k, []).append(v)
+                for k, fn in raw_calls.items():
+                    raw.setdefault(k, []).extend(timed(fn, 1))
             state = sum(a.nbytes for st in dopt.local_optimizer.state for a in st.values())
             row = {"mode": "shard" if shard else "replicated", "layout": layout,
                    "step": _median(totals), "threads": fastopt.get_num_threads(),
@@ -123,20 +154,14 @@ def worker(out, steps, dtype):
                    for k, v in row.items()}
             row["state_bytes_max"] = max(comm.allgather(state))
             result["rows"].append(row)
-            f = dopt._flats[0]
-            counts, displs = f.counts, f.displs
+            if P > 1:
+                f = dopt._flats[0]
+                assert (f.counts, f.displs) == (counts, displs), "not fastopt's split"
             del dopt, opt, params, grads
             gc.collect()
 
-    if P > 1:       # MPI's own collectives on the same bytes
-        send = np.ones(n, dtype)
-        part = np.empty(counts[rank], dtype)
-        whole = np.empty(n, dtype)
-        rs = timed(lambda: comm.Reduce_scatter(send, part, counts), steps)
-        ag = timed(lambda: comm.Allgatherv(part, [whole, (counts, displs)]), steps)
-        ar = timed(lambda: comm.Allreduce(send, whole), steps)
-        result["raw"] = {k: max(comm.allgather(_median(v)))
-                         for k, v in (("reduce_scatter", rs), ("allgather", ag), ("allreduce", ar))}
+    if raw:
+        result["raw"] = {k: max(comm.allgather(_median(v))) for k, v in raw.items()}
     if rank == 0:
         with open(out, "w") as fh:
             json.dump(result, fh)
@@ -158,10 +183,18 @@ def report(results, link_gbs, latency_us):
     G = n * item
     lines = [f"fastopt.distributed: ResNet-18's {first['arrays']} parameter arrays, {n:,} "
              f"{first['dtype']} elements ({_mb(G)} of gradients), Adam (state {_mb(2 * G)})",
-             f"MPI: {first['mpi']}; {os.cpu_count()} CPUs; medians, the slowest rank's", ""]
+             f"MPI: {first['mpi']}; {os.cpu_count()} CPUs; medians, the slowest rank's"]
+    hosts = max(results, key=lambda r: r["ranks"]).get("hosts", [])
+    if len(set(hosts)) > 1:
+        lines.append("ranks on hosts " + ", ".join(f"{r}: {h}" for r, h in enumerate(hosts)))
+    chosen = [f"{k}={os.environ[k]}" for k in TRANSPORT if k in os.environ]
+    if chosen:
+        lines.append("transport and threads: " + " ".join(chosen))
+    lines.append("")
     one = next((r for r in results if r["ranks"] == 1), None)
     if one:
-        for key in ("plain_all", "plain_1"):
+        same = one["plain_all"]["threads"] == one["plain_1"]["threads"]
+        for key in ("plain_1",) if same else ("plain_all", "plain_1"):
             p = one[key]
             lines.append(f"  one process, no MPI, {p['threads']} thread(s): Adam.step "
                          f"{_t(p['step'])}")
@@ -237,21 +270,30 @@ def main(argv=None):
     p.add_argument("--latency-us", type=float, default=2.0)
     p.add_argument("--quick", action="store_true", help="3 steps (smoke run)")
     p.add_argument("--json", metavar="PATH", help="also save the raw results")
+    p.add_argument("--mpiexec", help="the launcher command, split like a shell's (default: "
+                   "mpiexec on PATH or next to this Python)")
     p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     steps = 3 if args.quick else args.steps
     if args.worker:
         worker(args.worker, steps, args.dtype)
         return 0
-    mpiexec = shutil.which("mpiexec") or shutil.which("mpiexec", path=os.path.dirname(sys.executable))
-    if mpiexec is None:
+    if args.mpiexec:
+        import shlex
+        mpiexec = shlex.split(args.mpiexec)
+    else:
+        found = shutil.which("mpiexec") or shutil.which("mpiexec",
+                                                        path=os.path.dirname(sys.executable))
+        mpiexec = [found] if found else None
+    if not mpiexec:
         print('error: no mpiexec (pip install "fastopt[mpi]")', file=sys.stderr)
         return 2
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for P in [int(s) for s in args.ranks.split(",")]:
             out = os.path.join(tmp, f"{P}.json")
-            cmd = [mpiexec, "-n", str(P), sys.executable, HERE, "--worker", out,
+            # python -m mpi4py: a rank that fails ends the job (no rank left waiting).
+            cmd = [*mpiexec, "-n", str(P), sys.executable, "-m", "mpi4py", HERE, "--worker", out,
                    "--steps", str(steps), "--dtype", args.dtype]
             r = subprocess.run(cmd, timeout=1800)
             if r.returncode != 0 or not os.path.exists(out):

@@ -1,9 +1,14 @@
 #!/usr/bin/env python
 """Train the digits MLP data-parallel over MPI, one process per rank.
 
-    mpiexec -n 2 python examples/train_digits_mpi.py                  # Adam, both modes
-    mpiexec -n 2 python examples/train_digits_mpi.py --mode shard --optimizer momentum
+    mpiexec -n 2 python -m mpi4py examples/train_digits_mpi.py        # Adam, both modes
+    mpiexec -n 2 python -m mpi4py examples/train_digits_mpi.py --mode shard --optimizer momentum
     python examples/train_digits_mpi.py                               # one process
+
+``python -m mpi4py`` runs the script so that an uncaught exception or
+Ctrl-C on any rank ends the whole job (MPI_Abort) in about a second;
+with plain ``python``, that rank would exit and the others would wait
+for it forever in their next collective.
 
 The model, data and optimizers are those of ``examples/train_digits.py``
 (``fastopt/demo.py``).  Every step, each rank takes its share of the batch

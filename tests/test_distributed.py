@@ -3,14 +3,18 @@
 The pieces that need no MPI are tested here directly (the sampler, the
 optimizer hooks, the clipping hook, the thread cap, the lazy import).  The
 tests that need several ranks are in tests/mpi; the last tests here run
-them under ``mpiexec -n 2`` and ``-n 3`` through tools/run_mpi_tests.py
-(skipped without mpi4py and mpiexec).
+them under ``mpiexec -n 2`` and ``-n 3`` through tools/run_mpi_tests.py,
+and jobs with a fault on one rank (tests/mpi/cases/faults.py), which must
+end within seconds, with the same error on every rank where the ranks
+called different operations (skipped without mpi4py and mpiexec).
 """
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -279,9 +283,84 @@ def test_mpi_runner_fails_when_one_rank_fails_or_hangs():
     assert "rank 0: exit status 0" in r.stdout and "rank 1: exit status 1" in r.stdout
     assert "deliberate failure on the last rank" in r.stdout
     assert "FAILED: rank 1: exit status 1" in r.stdout
-    r = subprocess.run([sys.executable, runner, "-n", "2", "--timeout", "12", "--",
-                        "-q", os.path.join(cases, "case_hang.py")],
+    # The last rank skips a barrier: once it has waited --grace seconds for
+    # the others, it has them print their stacks and ends the job.
+    r = subprocess.run([sys.executable, runner, "-n", "2", "--timeout", "60", "--grace", "3",
+                        "--", "-q", os.path.join(cases, "case_hang.py")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "rank 1 finished (exit status 0) but rank(s) 0 did not within 3 s" in r.stdout
+    assert "FAILED: rank 0: no exit status (crashed or killed)" in r.stdout
+    assert "timed out" not in r.stdout
+    assert "test_last_rank_skips_a_barrier" in r.stdout    # the hung rank's stack
+    # With a longer grace, the timeout ends it.
+    r = subprocess.run([sys.executable, runner, "-n", "2", "--timeout", "12", "--grace", "60",
+                        "--", "-q", os.path.join(cases, "case_hang.py")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "FAILED: timed out after 12.0 s (killed)" in r.stdout
-    assert "test_last_rank_skips_a_barrier" in r.stdout    # the hung rank's stack
+    assert "test_last_rank_skips_a_barrier" in r.stdout
+
+
+# ------------------------------------------------- jobs with a fault ---
+
+FAULTS = os.path.join(ROOT, "tests", "mpi", "cases", "faults.py")
+
+
+def _run_faults(scenario, n=2):
+    """tests/mpi/cases/faults.py `scenario` on `n` ranks: (runner's exit
+    status, its output, each rank's output).  The job must end within 10 s
+    of the fault on every rank (mpiexec returns when all ranks have ended)."""
+    runner = _mpi_runner()
+    r = subprocess.run([sys.executable, runner, "-n", str(n), "--timeout", "60", "--script",
+                        FAULTS, "--", scenario], capture_output=True, text=True, timeout=90)
+    ended = time.time()
+    assert "timed out" not in r.stdout, r.stdout[-5000:]
+    faults = [float(t) for t in re.findall(r"^fault at ([\d.]+)$", r.stdout, re.M)]
+    assert faults, r.stdout[-5000:]
+    assert ended - max(faults) < 10, f"the job ended {ended - max(faults):.1f} s after the fault"
+    parts = re.split(r"^----- mpiexec -n \d+ \S+ \S+, rank (\d+): .* -----$", r.stdout,
+                     flags=re.M)
+    logs = {int(rank): text for rank, text in zip(parts[1::2], parts[2::2])}
+    assert sorted(logs) == list(range(n)), r.stdout[-5000:]
+    return r.returncode, r.stdout, logs
+
+
+@pytest.mark.parametrize("scenario,expect", [
+    ("raise-between", ["RuntimeError: deliberate failure between reduce and step on rank 1",
+                       "MPI_Abort(MPI_COMM_WORLD, 1)"]),
+    ("sigint-between", ["KeyboardInterrupt", "MPI_Abort(MPI_COMM_WORLD, 130)"]),
+    ("raise-in-step", ["RuntimeError: deliberate failure in the update on rank 1",
+                       "fastopt.distributed: DistributedOptimizer.step(grads) failed on rank 1"]),
+    ("sigint-in-step", ["KeyboardInterrupt",
+                        "fastopt.distributed: DistributedOptimizer.step(grads) failed on rank 1"]),
+])
+def test_a_fault_on_one_rank_ends_the_whole_job(scenario, expect):
+    """Between reduce and step, `python -m mpi4py` ends the job; inside a
+    collective call, fastopt aborts it itself (the script there catches the
+    errors of step and would go on)."""
+    rc, out, logs = _run_faults(scenario)
+    assert rc == 1, out[-5000:]
+    assert "FAILED: rank 0: no exit status (crashed or killed)" in out
+    for text in expect:
+        assert text in logs[1], logs[1]
+    assert "going on" not in out and "the job went on" not in out
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_different_operations_raise_the_same_error_on_every_rank(n):
+    rc, out, logs = _run_faults("mismatches", n)
+    assert rc == 0, out[-5000:]
+    errors = [re.findall(r"^error: (.*)$", logs[r], re.M) for r in range(n)]
+    assert all(e == errors[0] for e in errors), errors
+    others = "rank 1" if n == 2 else "ranks 1, 2"
+    want = [("DistributedOptimizer.state_dict()", "DistributedOptimizer.step(grads)"),
+            ("DistributedOptimizer.clip_grad_norm_(...)", "DistributedOptimizer.step()"),
+            ("DistributedSampler(...)", "DistributedOptimizer.step(grads)"),
+            ("DistributedOptimizer.reduce(grads)", "DistributedOptimizer.step(grads)"),
+            ("DistributedOptimizer.load_state_dict(...)", "DistributedOptimizer.state_dict()")] * 2
+    assert errors[0] == [f"RuntimeError: ranks called different collective operations: {a} "
+                         f"(on rank 0); {b} (on {others}); every rank must make the same "
+                         "collective calls in the same order" for a, b in want]
+    for r in range(n):
+        assert logs[r].count("still in step: True") == 2, logs[r]

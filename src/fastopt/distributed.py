@@ -5,7 +5,7 @@ share of each batch, and calls ``dopt.step(grads)``; the wrapper averages the
 gradients over the ranks and applies the same fused update everywhere, so the
 parameters stay bit-identical on every rank::
 
-    from mpi4py import MPI                        # mpiexec -n 4 python train.py
+    from mpi4py import MPI             # mpiexec -n 4 python -m mpi4py train.py
     import fastopt
     from fastopt.distributed import DistributedOptimizer, DistributedSampler
 
@@ -21,10 +21,10 @@ MPI moves bytes, fastopt does the math.  The parameters of each dtype form
 one flat space of elements (all parameters, in order), split by elements
 into P contiguous slices, slice r belonging to rank r.  A step is:
 
-1. a check that every rank made a valid call with the same hyperparameters
-   and the same None gradients (one Allgather of 16 bytes per rank; on a
-   mismatch or a bad gradient on any rank, every rank raises the same
-   error, before any large message);
+1. a check that every rank made the same call, valid, with the same
+   hyperparameters and the same None gradients (one Allgather of 16 bytes
+   per rank; on a mismatch or a bad gradient on any rank, every rank
+   raises the same error, before any large message);
 2. ``Reduce_scatter``: rank r receives the sum of everyone's gradients over
    its slice, from one contiguous buffer per dtype (the gradients
    themselves when they are views of one buffer laid out like the
@@ -49,6 +49,18 @@ receives about 2 (P-1)/P times the gradient bytes per step, in both modes.
 `reduce` and `step`; `state_dict`/`load_state_dict` use the single-process
 format, so a checkpoint moves between any numbers of ranks.
 
+Every collective call (construction, `reduce`, `step`, `clip_grad_norm_`,
+`state_dict`, `load_state_dict`, and `DistributedSampler`'s construction)
+starts with that same 16-byte agreement, which names the operation: ranks
+that call different ones (one ``state_dict()`` while another steps) all
+raise the same RuntimeError naming both, instead of matching one call's
+messages with another's.  Once the ranks have agreed, an exception on one
+rank (a bug, MemoryError, Ctrl-C) would leave the others waiting in a
+collective forever: the rank prints its traceback and ends the whole job
+with ``comm.Abort(1)``.  Launch with ``mpiexec -n 4 python -m mpi4py
+train.py`` so that an exception or Ctrl-C anywhere else in a rank's script
+ends the job too.
+
 Constructing a `DistributedOptimizer` caps each rank's kernels at
 ``max(1, cores // ranks_on_this_node)`` threads unless ``OMP_NUM_THREADS``
 or `fastopt.set_num_threads` chose (``fastopt.show_config()`` says so).
@@ -56,10 +68,13 @@ or `fastopt.set_num_threads` chose (``fastopt.show_config()`` says so).
 Needs mpi4py and an MPI library (``pip install "fastopt[mpi]"``); importing
 this module does not import mpi4py, using it does.
 """
+import contextlib
 import hashlib
 import numbers
 import os
+import sys
 import time
+import traceback
 
 import numpy as np
 
@@ -94,39 +109,112 @@ def _digest(value):
     return int.from_bytes(h, "little", signed=True)
 
 
-def _agree(comm, error, facts=()):
+# Every collective call of this module starts with the same message, whatever
+# the operation (see _agree), so ranks that make different calls meet there
+# and learn so.  The codes only need to be the same in every process.
+_OPERATIONS = ("DistributedOptimizer(...)", "DistributedOptimizer.reduce(grads)",
+               "DistributedOptimizer.step(grads)", "DistributedOptimizer.step()",
+               "DistributedOptimizer.clip_grad_norm_(...)", "DistributedOptimizer.state_dict()",
+               "DistributedOptimizer.load_state_dict(...)", "DistributedSampler(...)")
+
+
+def _agree(comm, op, error, facts=()):
     """Turn a local outcome into a collective one.
 
-    Every rank calls this with the exception its own checks raised (or None)
-    and `facts`, ``(label, value)`` pairs that must be equal on every rank.
-    If every rank is fine and all agree, it returns after one Allgather of
-    16 bytes per rank.  Otherwise every rank raises the same error: the
-    failing ranks' messages (the type of the first), or a ValueError naming
-    the first fact on which ranks differ.  Nobody is left waiting in a
-    later collective.
+    Every rank calls this at the start of collective operation `op` (one of
+    `_OPERATIONS`) with the exception its own checks raised (or None) and
+    `facts`, ``(label, value)`` pairs that must be equal on every rank.
+    One Allgather of 16 bytes per rank (the operation's code, whether this
+    rank failed, a digest of the facts) tells every rank the same thing.
+    Returns None if every rank called `op`, is fine and all agree.  Else it
+    returns the exception every rank raises: a RuntimeError naming the
+    operations if ranks called different ones; the failing ranks' messages
+    (the type of the first); or a ValueError naming the first fact on which
+    ranks differ.  Nobody is left waiting in a later collective.
     """
     facts = list(facts)
-    row = np.array([error is not None, _digest(facts)], np.int64)
+    row = np.array([2 * _OPERATIONS.index(op) + (error is not None), _digest(facts)], np.int64)
     table = np.empty((comm.Get_size(), 2), np.int64)
     comm.Allgather(row, table)
-    if not table[:, 0].any() and (table[:, 1] == table[0, 1]).all():
-        return
+    codes, digests = table[:, 0] // 2, table[:, 1]
+    # Different operations: the table says it all (and the ranks' next
+    # messages would not match).
+    if (codes != codes[0]).any():
+        return RuntimeError(_mixed_operations(codes))
+    if not (table[:, 0] % 2).any() and (digests == digests[0]).all():
+        return None
     # Every rank takes this branch: they all see the same table.
     mine = (type(error).__name__, str(error)) if error is not None else None
-    infos = comm.allgather((mine, facts if (table[:, 1] != table[0, 1]).any() else None))
+    infos = comm.allgather((mine, facts if (digests != digests[0]).any() else None))
     failed = [(r, info[0]) for r, info in enumerate(infos) if info[0] is not None]
     if failed:
         messages = {}
         for r, (_, msg) in failed:
             messages.setdefault(msg, []).append(r)
-        text = "; ".join(f"{msg} (on rank{'s' if len(rs) > 1 else ''} "
-                         f"{', '.join(map(str, rs))})" for msg, rs in messages.items())
-        exc = _ERROR_TYPES.get(failed[0][1][0], RuntimeError)(text)
-    else:
-        exc = ValueError(_disagreement([info[1] for info in infos]))
-    if error is not None:
-        raise exc from error
-    raise exc
+        text = "; ".join(f"{msg} ({_on_ranks(rs)})" for msg, rs in messages.items())
+        return _ERROR_TYPES.get(failed[0][1][0], RuntimeError)(text)
+    return ValueError(_disagreement([info[1] for info in infos]))
+
+
+def _on_ranks(ranks):
+    return f"on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
+def _mixed_operations(codes):
+    """'ranks called different collective operations: X (on rank 0); Y (on rank 1)...'"""
+    calls = {}
+    for r, c in enumerate(codes.tolist()):
+        calls.setdefault(c, []).append(r)
+    listed = "; ".join(f"{_OPERATIONS[c] if 0 <= c < len(_OPERATIONS) else f'operation {c}'} "
+                       f"({_on_ranks(rs)})" for c, rs in calls.items())
+    return (f"ranks called different collective operations: {listed}; every rank must make "
+            "the same collective calls in the same order")
+
+
+@contextlib.contextmanager
+def _collective(comm, op, error=None, facts=()):
+    """The frame of every collective operation: agree, then run the body.
+
+    First `_agree`: if it finds a fault, every rank raises the same
+    exception (chained to this rank's own `error`, if any) and the body does
+    not run.  Then the body, whose messages every rank now expects: an
+    exception in it on one rank (a bug, MemoryError, KeyboardInterrupt)
+    would leave the others waiting for them, so the rank prints the
+    traceback and aborts the job (``comm.Abort(1)``).  The body may set
+    ``guard.armed = False`` once its last message is through, if what
+    follows is the same on every rank (then an exception is raised on all).
+    """
+    guard = _Guard(comm, op)
+    try:
+        agreed = _agree(comm, op, error, facts)
+    except BaseException:
+        guard.abort()
+    if agreed is not None:
+        if error is not None:
+            raise agreed from error
+        raise agreed
+    try:
+        yield guard
+    except BaseException:
+        if guard.armed:
+            guard.abort()
+        raise
+
+
+class _Guard:
+    """What `_collective` does with an exception: abort while `armed`."""
+
+    def __init__(self, comm, op):
+        self.comm, self.op, self.armed = comm, op, True
+
+    def abort(self):
+        """Print the exception being handled and abort the job."""
+        traceback.print_exc()
+        print(f"fastopt.distributed: {self.op} failed on rank {self.comm.Get_rank()} amid its "
+              "messages; the other ranks would wait for it forever in a collective: aborting "
+              "the job (MPI_Abort)", file=sys.stderr, flush=True)
+        self.comm.Abort(1)
+        os._exit(1)     # MPICH's MPI_Abort may return before the launcher ends the job
 
 
 def _disagreement(all_facts):
@@ -323,6 +411,16 @@ class DistributedOptimizer:
     timings : dict
         Seconds spent in each phase of the last step: ``check``, ``pack``,
         ``reduce_scatter``, ``scale``, ``allgather``, ``update``, ``unpack``.
+
+    Notes
+    -----
+    Construction, `reduce`, `step`, `clip_grad_norm_`, `state_dict` and
+    `load_state_dict` are collective: every rank makes the same calls in
+    the same order.  Each starts with one small message that names it, so
+    ranks that make different calls all raise the same RuntimeError naming
+    them.  An exception on one rank after that message (once the others
+    may be waiting in a collective for it) prints its traceback and aborts
+    the job (``comm.Abort(1)``).
     """
 
     def __init__(self, optimizer, comm=None, shard=False):
@@ -359,14 +457,19 @@ class DistributedOptimizer:
                 candidates.append(None if found is None else found[1])
         except Exception as e:          # every rank must hear of it
             error = e
-        _agree(comm, error, facts)
+        with _collective(comm, "DistributedOptimizer(...)", error, facts):
+            self._setup(optimizer, params, bool(shard), candidates)
+
+    def _setup(self, optimizer, params, shard, candidates):
+        """The construction, once the ranks agreed (`candidates`: this rank's
+        layout of each dtype's parameters in one buffer, or None)."""
         self.optimizer = optimizer
-        self.shard = bool(shard)
+        self.shard = shard
         self._params = params
         # A dtype's parameters are communicated in their own buffer (no
         # copies) if every rank has them laid out the same way; else packed.
         use_own = [len(set(map(repr, c))) == 1 and c[0] is not None
-                   for c in zip(*comm.allgather(candidates))]
+                   for c in zip(*self.comm.allgather(candidates))]
         self._flats = []
         for k, dt in enumerate(dict.fromkeys(p.dtype for p in params)):
             index = [i for i, p in enumerate(params) if p.dtype == dt]
@@ -380,6 +483,11 @@ class DistributedOptimizer:
         for f in self._flats:
             for k, i in enumerate(f.index):
                 self._where[i] = (f, k)
+        # Named in every later agreement: ranks that step different
+        # optimizers (of different models) are told so.
+        n = sum(p.size for p in params)
+        self._name = (f"{type(optimizer).__name__} over {len(params)} parameters "
+                      f"({n} elements), {'shard' if self.shard else 'replicated'}")
         if self.shard:
             views = []
             for i, p in enumerate(params):
@@ -392,7 +500,7 @@ class DistributedOptimizer:
             for f in self._flats:
                 f.whole()
         self._pending = None                # None mask of reduced, not yet applied grads
-        _cap_threads(comm)
+        _cap_threads(self.comm)
 
     @staticmethod
     def _describe(opt, params, shard):
@@ -449,6 +557,12 @@ class DistributedOptimizer:
         every rank, and nothing changes.
         """
         t0 = time.perf_counter()
+        grads, error, facts = self._reduce_checks(grads)
+        with self._collective("DistributedOptimizer.reduce(grads)", error, facts):
+            self._reduce(grads, t0)
+
+    def _reduce_checks(self, grads):
+        """(grads, error, facts) of a reduce on this rank, for the agreement."""
         error, facts = None, []
         try:
             grads = self._check(grads)
@@ -457,7 +571,14 @@ class DistributedOptimizer:
             facts += _hyper_facts(self.optimizer.param_groups)
         except Exception as e:
             error = e
-        _agree(self.comm, error, facts)
+        return grads, error, facts
+
+    def _collective(self, op, error=None, facts=()):
+        return _collective(self.comm, op, error,
+                           [("which DistributedOptimizer", self._name), *facts])
+
+    def _reduce(self, grads, t0):
+        """Reduce_scatter of checked, agreed `grads`: this rank's slices of their mean."""
         t1 = time.perf_counter()
         pack = rs = scale = 0.0
         for f in self._flats:
@@ -502,19 +623,28 @@ class DistributedOptimizer:
         the same norm.  Returns it.  Every rank must pass the same
         arguments (checked).
         """
-        if self._pending is None:
-            raise RuntimeError("clip_grad_norm_() needs the reduced gradients: call reduce(grads) first")
         error, facts = None, []
-        try:    # the kernel's own argument checks, on no arrays
-            _kernels.clip_grad_norm_([], max_norm, norm_type)
+        try:
+            if self._pending is None:
+                raise RuntimeError("clip_grad_norm_() needs the reduced gradients: call "
+                                   "reduce(grads) first")
+            _kernels.clip_grad_norm_([], max_norm, norm_type)   # the kernel's own argument checks
             facts = [("clip_grad_norm_ arguments",
                       (float(max_norm), float(norm_type), bool(error_if_nonfinite)))]
         except Exception as e:
             error = e
-        _agree(self.comm, error, facts)
-        pieces = [self._grad_piece(i) for i, skip in enumerate(self._pending) if not skip]
-        return _kernels.clip_grad_norm_(pieces, max_norm, norm_type, error_if_nonfinite,
-                                        allgather=self.comm.allgather)
+        with self._collective("DistributedOptimizer.clip_grad_norm_(...)", error, facts) as guard:
+            pieces = [self._grad_piece(i) for i, skip in enumerate(self._pending) if not skip]
+
+            def allgather(partial):
+                parts = self.comm.allgather(partial)
+                # The last message: every rank now computes the same norm,
+                # and raises (error_if_nonfinite) or not, together.
+                guard.armed = False
+                return parts
+
+            return _kernels.clip_grad_norm_(pieces, max_norm, norm_type, error_if_nonfinite,
+                                            allgather=allgather)
 
     def _grad_piece(self, i):
         f, k = self._where[i]
@@ -527,10 +657,26 @@ class DistributedOptimizer:
         applies gradients already reduced (and perhaps clipped).
         """
         if grads is not None:
-            self.reduce(grads)
-        elif self._pending is None:
-            raise RuntimeError("step() without grads applies reduced gradients: call "
-                               "reduce(grads) first, or pass grads")
+            t0 = time.perf_counter()
+            grads, error, facts = self._reduce_checks(grads)
+            with self._collective("DistributedOptimizer.step(grads)", error, facts):
+                self._reduce(grads, t0)
+                self._apply()
+            return
+        error, facts = None, []
+        try:
+            if self._pending is None:
+                raise RuntimeError("step() without grads applies reduced gradients: call "
+                                   "reduce(grads) first, or pass grads")
+            # The hyperparameters may have changed since reduce().
+            self.optimizer.check_param_groups()
+            facts = _hyper_facts(self.optimizer.param_groups)
+        except Exception as e:
+            error = e
+        with self._collective("DistributedOptimizer.step()", error, facts):
+            self._apply()
+
+    def _apply(self):
         skip, self._pending = self._pending, None
         if self.shard:
             self._step_shard(skip)
@@ -589,6 +735,10 @@ class DistributedOptimizer:
             if dopt.rank == 0:
                 np.savez(path, **sd)
         """
+        with self._collective("DistributedOptimizer.state_dict()"):
+            return self._state_dict()
+
+    def _state_dict(self):
         if not self.shard:
             return self.optimizer.state_dict()
         local = self.local_optimizer
@@ -624,14 +774,18 @@ class DistributedOptimizer:
         by any number of ranks, or by a single process, loads on any number
         of ranks.
         """
-        error, sd = None, None
+        error = groups = steps = arrays = None
         if self.rank == 0:
             try:
                 sd = dict(state_dict)
                 groups, steps, arrays, _ = self.optimizer.check_state_dict(sd)
             except Exception as e:
                 error = e
-        _agree(self.comm, error)
+        with self._collective("DistributedOptimizer.load_state_dict(...)", error):
+            self._load_state_dict(groups, steps, arrays)
+
+    def _load_state_dict(self, groups, steps, arrays):
+        """Send each rank its part of rank 0's checked `groups`, `steps`, `arrays`."""
         if self.rank == 0:
             hypers = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         else:
@@ -738,8 +892,10 @@ class DistributedSampler:
             error = e
         if rank is None:
             comm = _world(comm)
-            _agree(comm, error, [("DistributedSampler arguments",
-                                  _plain((num_examples, shuffle, seed, drop_last)))])
+            with _collective(comm, "DistributedSampler(...)", error,
+                             [("DistributedSampler arguments",
+                               _plain((num_examples, shuffle, seed, drop_last)))]):
+                pass
             self.rank, self.num_replicas = comm.Get_rank(), comm.Get_size()
         self.shuffle = bool(shuffle)
         self.drop_last = bool(drop_last)

@@ -413,6 +413,45 @@ def test_bad_step_on_one_rank_raises_on_every_rank_and_changes_nothing(shard, ki
     assert same_on_every_rank(params)
 
 
+def test_one_agreement_per_call(monkeypatch):
+    """Each collective call starts with one agreement (one 16-byte Allgather)
+    naming it; step(grads) is one call, not reduce then step."""
+    import fastopt.distributed as d
+    calls = []
+    agree = d._agree
+    monkeypatch.setattr(d, "_agree", lambda comm, op, *a: calls.append(op) or agree(comm, op, *a))
+    params = make_params()
+    dopt = DistributedOptimizer(fastopt.Adam(params), shard=True)
+    for t in range(3):
+        dopt.step(rank_grads(params, t, RANK))
+    dopt.reduce(rank_grads(params, 3, RANK))
+    dopt.clip_grad_norm_(1.0)
+    dopt.step()
+    dopt.state_dict()
+    assert calls == (["DistributedOptimizer(...)"] + ["DistributedOptimizer.step(grads)"] * 3
+                     + ["DistributedOptimizer.reduce(grads)",
+                        "DistributedOptimizer.clip_grad_norm_(...)",
+                        "DistributedOptimizer.step()", "DistributedOptimizer.state_dict()"])
+
+
+def test_step_after_reduce_checks_the_hyperparameters_again():
+    if P == 1:
+        pytest.skip("needs 2 ranks")
+    params = make_params()
+    dopt = DistributedOptimizer(fastopt.SGD(params, lr=0.1))
+    dopt.reduce(rank_grads(params, 0, RANK))
+    before = copies(params)
+    if RANK == LAST:
+        dopt.param_groups[0]["lr"] = 0.2
+    with pytest.raises(ValueError, match=r"ranks disagree on param_groups\[0\]\['lr'\]"):
+        dopt.step()
+    for a, b in zip(params, before):
+        np.testing.assert_array_equal(a, b)
+    dopt.param_groups[0]["lr"] = 0.1
+    dopt.step()                                      # still reduced: applies it
+    assert same_on_every_rank(params)
+
+
 # -------------------------------------------------------------- threads ---
 
 def test_threads_default_to_cores_over_ranks_per_node():
