@@ -5,6 +5,8 @@ Optimizer objects are checked two ways over 100-step trajectories:
 bit-for-bit against the functional kernels applied array by array, and
 against a float64 NumPy reference written from PyTorch's formulas.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -961,3 +963,92 @@ def test_step_is_not_reentrant(rng):
     opt.step([g])
     assert inner == [True]
     np.testing.assert_allclose(p, p0 - 0.1 * g, rtol=1e-15)
+
+
+# ------------------------------------------------------ the declared kinds ---
+# What an optimizer is (fastopt._kinds) is declared once: the classes'
+# defaults, torch.optim's, and the ranges the native group parser enforces
+# at every step must all be the declaration's.
+
+from fastopt import _kinds  # noqa: E402
+
+KIND_CLASSES = [fastopt.SGD, fastopt.RMSprop, fastopt.Adam, fastopt.AdamW]
+
+
+@pytest.mark.parametrize("cls", KIND_CLASSES, ids=lambda c: c.__name__)
+def test_class_defaults_are_the_declared_ones(cls):
+    import inspect
+    decl = cls._kind
+    assert decl is _kinds.KINDS[cls.__name__]
+    sig = inspect.signature(cls)
+    for h in decl.hypers:
+        if h.name in sig.parameters:
+            assert sig.parameters[h.name].default == h.default, h.name
+    opt = cls([np.zeros(3)])
+    assert {k: v for k, v in opt.defaults.items()} == decl.defaults()
+
+
+@pytest.mark.parametrize("cls", KIND_CLASSES, ids=lambda c: c.__name__)
+def test_declared_defaults_are_torchs(cls):
+    torch = pytest.importorskip("torch")
+    import inspect
+    sig = inspect.signature(getattr(torch.optim, cls.__name__))
+    for h in cls._kind.hypers:
+        if h.name in sig.parameters:
+            assert sig.parameters[h.name].default == h.default, h.name
+
+
+def _outside(h):
+    """Values just outside the declared range of a number."""
+    out = [h.lo - 1e-9 if h.lo != 0 else -1e-12, float("nan"), float("inf")]
+    if h.hi != np.inf:
+        out.append(h.hi + 1e-9 if h.closed else h.hi)
+    return out
+
+
+@pytest.mark.parametrize("cls", KIND_CLASSES, ids=lambda c: c.__name__)
+def test_the_native_parser_enforces_the_declared_ranges(cls):
+    p = np.zeros(5)
+    for h in cls._kind.hypers:
+        if h.kind == "flag":
+            continue
+        for bad in _outside(h):
+            opt = cls([p.copy()])
+            before = opt.state_dict()
+            if h.kind == "pair":
+                for k in range(2):
+                    pair = list(h.default)
+                    pair[k] = bad
+                    opt.param_groups[0][h.name] = tuple(pair)
+                    with pytest.raises(ValueError, match=re.escape(f"param_groups[0][{h.name!r}][{k}]")):
+                        opt.step([np.ones(5)])
+            else:
+                opt.param_groups[0][h.name] = bad
+                with pytest.raises(ValueError, match=re.escape(f"param_groups[0][{h.name!r}]")):
+                    opt.step([np.ones(5)])
+            opt.param_groups[0][h.name] = h.default
+            after = opt.state_dict()
+            assert before.keys() == after.keys()
+            for key in before:
+                np.testing.assert_array_equal(before[key], after[key])
+        if h.kind != "pair" and np.isfinite(h.hi) and h.closed:
+            opt = cls([p.copy()])
+            opt.param_groups[0][h.name] = h.hi          # the closed end is allowed
+            opt.step([np.ones(5)])
+
+
+@pytest.mark.parametrize("cls", KIND_CLASSES, ids=lambda c: c.__name__)
+def test_options_that_need_state_follow_the_declared_slots(cls):
+    for slot in cls._kind.slots:
+        if slot.option is None:
+            continue
+        flag = cls._kind.hyper(slot.option).kind == "flag"
+        opt = cls([np.zeros(5)])
+        assert slot.name not in opt.state[0]
+        opt.param_groups[0][slot.option] = True if flag else 0.5
+        if cls is fastopt.SGD:
+            opt.param_groups[0]["nesterov"] = False
+        with pytest.raises(ValueError, match=f"no {slot.name} state"):
+            opt.step([np.ones(5)])
+        opt2 = cls([np.zeros(5)], **{slot.option: True if flag else 0.5})
+        assert slot.name in opt2.state[0]

@@ -454,11 +454,85 @@ cdef inline Py_ssize_t padded(Py_ssize_t nbytes) noexcept:
     return (nbytes + STATE_ALIGN - 1) // STATE_ALIGN * STATE_ALIGN
 
 
+# ---------------------------------------------------- the declared kinds ---
+# What each optimizer kind is (hyperparameters and their ranges, state slots
+# and the options that ask for them) is declared once, in fastopt._kinds.
+# Here it becomes the group parser's table: per native kind, one HyperSpec
+# per hyperparameter, in declaration order, saying where the parsed value
+# goes in `Hyper` (the fields that the coefficient functions read).
+
+from fastopt import _kinds
+
 cdef dict KINDS = {"adam": ADAM, "rmsprop": RMSPROP, "sgd": SGD}
-# State slots s1, s2, s3 of a Segment, by kind (names as in PyTorch's state).
-cdef tuple SLOT_NAMES = (("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                         ("square_avg", "momentum_buffer", "grad_avg"),
-                         ("momentum_buffer", None, None))
+
+cdef enum HyperType:
+    H_NUMBER = 0
+    H_FLAG = 1
+    H_PAIR = 2      # two numbers (betas), stored in two consecutive doubles
+
+ctypedef struct HyperSpec:
+    int type
+    double lo, hi
+    bint closed
+    Py_ssize_t offset           # of its field in Hyper
+
+DEF MAX_HYPERS = 16
+cdef Hyper _layout
+
+
+cdef inline Py_ssize_t field_of(void *field) noexcept:
+    return <char *>field - <char *>&_layout
+
+
+cdef dict HYPER_FIELDS = {      # a declared name -> its field's offset in Hyper
+    "lr": field_of(&_layout.lr), "betas": field_of(&_layout.beta1),
+    "eps": field_of(&_layout.eps), "weight_decay": field_of(&_layout.weight_decay),
+    "alpha": field_of(&_layout.alpha), "momentum": field_of(&_layout.momentum),
+    "dampening": field_of(&_layout.dampening), "amsgrad": field_of(&_layout.amsgrad),
+    "decoupled_weight_decay": field_of(&_layout.decoupled),
+    "centered": field_of(&_layout.centered), "nesterov": field_of(&_layout.nesterov),
+    "maximize": field_of(&_layout.maximize)}
+
+cdef HyperSpec SPECS[3][MAX_HYPERS]
+cdef int NSPECS[3]
+cdef list SPEC_KEYS = [None, None, None]    # per native kind: the keys, in spec order
+# Per native kind: the state slots s1, s2, s3 of a Segment (names as in
+# PyTorch's state; None: no such slot), and for each the option that asks
+# for it: None, or (key, offset of its field in Hyper, whether it is a flag).
+cdef list SLOT_NAMES = [None, None, None]
+cdef list SLOT_OPTIONS = [None, None, None]
+
+
+cdef int load_kinds() except -1:
+    cdef int k, j
+    cdef object h
+    for decl in _kinds.KINDS.values():
+        k = KINDS[decl.native]
+        if SPEC_KEYS[k] is not None:    # AdamW: Adam's kernel and ranges, other defaults
+            if [(h.name, h.kind, h.lo, h.hi, h.closed) for h in decl.hypers] != SPEC_KEYS[k][1]:
+                raise ImportError(f"{decl.name} shares the {decl.native} kernel but not its ranges")
+            continue
+        if len(decl.hypers) > MAX_HYPERS or len(decl.slots) > 3:
+            raise ImportError(f"{decl.name}: too many hyperparameters or state slots")
+        for j, h in enumerate(decl.hypers):
+            SPECS[k][j].type = {"number": H_NUMBER, "flag": H_FLAG, "pair": H_PAIR}[h.kind]
+            SPECS[k][j].lo = h.lo
+            SPECS[k][j].hi = h.hi
+            SPECS[k][j].closed = h.closed
+            SPECS[k][j].offset = HYPER_FIELDS[h.name]
+        NSPECS[k] = len(decl.hypers)
+        SPEC_KEYS[k] = (tuple(h.name for h in decl.hypers),
+                        [(h.name, h.kind, h.lo, h.hi, h.closed) for h in decl.hypers])
+        names = [s.name for s in decl.slots] + [None] * (3 - len(decl.slots))
+        SLOT_NAMES[k] = tuple(names)
+        SLOT_OPTIONS[k] = tuple(None if s.option is None else
+                                (s.option, HYPER_FIELDS[s.option],
+                                 decl.hyper(s.option).kind == "flag")
+                                for s in decl.slots) + (None,) * (3 - len(decl.slots))
+    return 0
+
+
+load_kinds()
 
 
 cdef object group_get(dict g, str key, Py_ssize_t gi):
@@ -471,18 +545,23 @@ cdef object group_get(dict g, str key, Py_ssize_t gi):
         raise ValueError(f"param_groups[{gi}] has no {key!r}") from None
 
 
-cdef double group_num(dict g, str key, Py_ssize_t gi, double lo, double hi,
+cdef str hyper_name(Py_ssize_t gi, str key, int k):
+    """How errors name param_groups[gi][key] (k >= 0: its element k)."""
+    return f"param_groups[{gi}][{key!r}]" + (f"[{k}]" if k >= 0 else "")
+
+
+cdef double hyper_num(object x, Py_ssize_t gi, str key, int k, double lo, double hi,
                       bint hi_closed) except? -1.0:
-    """g[key], a finite number in [lo, hi) (or [lo, hi]); errors name the group."""
-    cdef object x = group_get(g, key, gi)
+    """x, a finite number in [lo, hi) (or [lo, hi]), for param_groups[gi][key]
+    (element k if k >= 0); the error message is built only on failure."""
     cdef double v
     if type(x) is float:
         v = <double>x
     else:
-        v = real(x, f"param_groups[{gi}][{key!r}]")
+        v = real(x, hyper_name(gi, key, k))
     if isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi)):
         return v
-    cdef str name = f"param_groups[{gi}][{key!r}]"
+    cdef str name = hyper_name(gi, key, k)
     if not isfinite(v):
         raise ValueError(f"{name} must be finite, got {v!r}")
     if hi == INFINITY:
@@ -490,15 +569,8 @@ cdef double group_num(dict g, str key, Py_ssize_t gi, double lo, double hi,
     raise ValueError(f"{name} must be in [{lo:g}, {hi:g}{']' if hi_closed else ')'}, got {v!r}")
 
 
-cdef double group_beta(object x, Py_ssize_t gi, int k) except? -1.0:
-    """betas[k] of a group, in [0, 1) (the error message is built only on failure)."""
-    if type(x) is float and 0.0 <= <double>x < 1.0:
-        return <double>x
-    return in_unit(x, f"param_groups[{gi}]['betas'][{k}]")
-
-
-cdef bint group_flag(dict g, str key, Py_ssize_t gi) except -1:
-    cdef object x = group_get(g, key, gi)
+cdef bint group_flag(object x, str key, Py_ssize_t gi) except -1:
+    """x, the value of param_groups[gi][key], as a bool."""
     if isinstance(x, (tuple, list, str, bytes)) or (
             cnp.PyArray_Check(x) and cnp.PyArray_SIZE(<cnp.ndarray>x) != 1):
         raise TypeError(f"param_groups[{gi}][{key!r}] must be a bool, got {kind_of(x)}")
@@ -905,7 +977,9 @@ cdef class FusedStep:
     # ------------------------------------------------------ hyperparameters
 
     cdef int parse_groups(self, object groups) except -1:
-        """Validate every group's hyperparameters into self.hyper."""
+        """Validate every group's hyperparameters into self.hyper, as the
+        optimizer's kind declares them (fastopt._kinds: ranges, and the
+        options that need a state array)."""
         cdef list gl
         if type(groups) is list:
             gl = <list>groups
@@ -916,58 +990,56 @@ cdef class FusedStep:
         if len(gl) != self.ngroups:
             raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
                              "(add a group with add_param_group)")
-        cdef Py_ssize_t gi
+        cdef Py_ssize_t gi, j
         cdef dict g
         cdef Hyper *h
-        cdef object betas
+        cdef object x, opt
+        cdef str key
+        cdef char *field
+        cdef const HyperSpec *spec
         cdef bint *has
+        cdef bint on
+        cdef tuple keys = SPEC_KEYS[self.kind][0]
+        cdef tuple options = SLOT_OPTIONS[self.kind]
         for gi in range(self.ngroups):
             if type(gl[gi]) is not dict:
                 raise TypeError(f"param_groups[{gi}] must be a dict, got {type(gl[gi]).__name__}")
             g = <dict>gl[gi]
             h = &self.hyper[gi]
             has = &self.has[3 * gi]
-            h.lr = group_num(g, "lr", gi, 0.0, INFINITY, False)
-            h.weight_decay = group_num(g, "weight_decay", gi, 0.0, INFINITY, False)
-            h.maximize = group_flag(g, "maximize", gi)
-            if self.kind == ADAM:
-                betas = group_get(g, "betas", gi)
-                if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-                    raise TypeError(f"param_groups[{gi}]['betas'] must be a tuple of two "
-                                    f"numbers, got {betas!r}")
-                h.beta1 = group_beta(betas[0], gi, 0)
-                h.beta2 = group_beta(betas[1], gi, 1)
-                h.eps = group_num(g, "eps", gi, 0.0, INFINITY, False)
-                h.amsgrad = group_flag(g, "amsgrad", gi)
-                h.decoupled = group_flag(g, "decoupled_weight_decay", gi)
-                if h.amsgrad and not has[2]:
-                    raise ValueError(f"param_groups[{gi}]['amsgrad'] was False at construction, "
-                                     "so there is no max_exp_avg_sq state: construct the "
-                                     "optimizer with amsgrad=True")
-            elif self.kind == RMSPROP:
-                h.alpha = group_num(g, "alpha", gi, 0.0, 1.0, False)
-                h.eps = group_num(g, "eps", gi, 0.0, INFINITY, False)
-                h.momentum = group_num(g, "momentum", gi, 0.0, INFINITY, False)
-                h.centered = group_flag(g, "centered", gi)
-                if h.momentum > 0 and not has[1]:
-                    raise ValueError(f"param_groups[{gi}]['momentum'] was 0 at construction, "
-                                     "so there is no momentum_buffer state: construct the "
-                                     "optimizer with momentum > 0")
-                if h.centered and not has[2]:
-                    raise ValueError(f"param_groups[{gi}]['centered'] was False at construction, "
-                                     "so there is no grad_avg state: construct the "
-                                     "optimizer with centered=True")
-            else:
-                h.momentum = group_num(g, "momentum", gi, 0.0, INFINITY, False)
-                h.dampening = group_num(g, "dampening", gi, 0.0, 1.0, True)
-                h.nesterov = group_flag(g, "nesterov", gi)
-                if h.nesterov and (h.momentum <= 0 or h.dampening != 0):
-                    raise ValueError(f"param_groups[{gi}]: nesterov=True requires "
-                                     "momentum > 0 and dampening == 0")
-                if h.momentum != 0 and not has[0]:
-                    raise ValueError(f"param_groups[{gi}]['momentum'] was 0 at construction, "
-                                     "so there is no momentum_buffer state: construct the "
-                                     "optimizer with momentum > 0")
+            for j in range(NSPECS[self.kind]):
+                spec = &SPECS[self.kind][j]
+                key = <str>keys[j]
+                field = <char *>h + spec.offset
+                x = group_get(g, key, gi)
+                if spec.type == H_FLAG:
+                    (<bint *>field)[0] = group_flag(x, key, gi)
+                elif spec.type == H_NUMBER:
+                    (<double *>field)[0] = hyper_num(x, gi, key, -1, spec.lo, spec.hi, spec.closed)
+                else:
+                    if not isinstance(x, (tuple, list)) or len(x) != 2:
+                        raise TypeError(f"param_groups[{gi}][{key!r}] must be a tuple of two "
+                                        f"numbers, got {x!r}")
+                    (<double *>field)[0] = hyper_num(x[0], gi, key, 0, spec.lo, spec.hi,
+                                                     spec.closed)
+                    (<double *>field)[1] = hyper_num(x[1], gi, key, 1, spec.lo, spec.hi,
+                                                     spec.closed)
+            if self.kind == SGD and h.nesterov and (h.momentum <= 0 or h.dampening != 0):
+                raise ValueError(f"param_groups[{gi}]: nesterov=True requires "
+                                 "momentum > 0 and dampening == 0")
+            # An option that needs a state array the parameters were built without.
+            for j in range(3):
+                opt = options[j]
+                if opt is None or has[j]:
+                    continue
+                field = <char *>h + <Py_ssize_t>opt[1]
+                on = (<bint *>field)[0] if opt[2] else (<double *>field)[0] != 0
+                if on:
+                    raise ValueError(
+                        f"param_groups[{gi}][{opt[0]!r}] was {'False' if opt[2] else 0} at "
+                        f"construction, so there is no {SLOT_NAMES[self.kind][j]} state: "
+                        f"construct the optimizer with "
+                        f"{opt[0]}{'=True' if opt[2] else ' > 0'}")
         return 0
 
     def check_groups(self, groups):

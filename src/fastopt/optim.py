@@ -76,6 +76,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import _kinds
 from . import _optim as _kernels
 
 if TYPE_CHECKING:
@@ -163,9 +164,9 @@ def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike 
 class Optimizer:
     """Base class: param groups, native state, state dicts.
 
-    Subclasses set `_kind` (the native kernel family), `_slot_names` (the
-    state arrays, in native slot order) and `_slots(group)` (which of those
-    a group needs).  Every optimizer takes the keyword arguments:
+    Subclasses set `_kind`, what the optimizer is (its hyperparameters with
+    their ranges, its state arrays: `fastopt._kinds`).  Every optimizer
+    takes the keyword arguments:
 
     state_dtype : None or "bfloat16"
         None: the state in the compute dtype (float64 for float64
@@ -185,8 +186,7 @@ class Optimizer:
         so results are the same on any number of threads and SIMD level.
     """
 
-    _kind: str = ""
-    _slot_names: tuple[str, ...] = ()
+    _kind: _kinds.Kind
 
     defaults: dict[str, Any]
     param_groups: list[dict[str, Any]]
@@ -195,7 +195,7 @@ class Optimizer:
     def __init__(self, params: Params, defaults: dict[str, Any], *,
                  state_dtype: str | None = None, state_rounding: str = "stochastic",
                  seed: int = 0, slots: list[tuple[bool, bool, bool]] | None = None) -> None:
-        self.defaults = dict(defaults)
+        self.defaults = _check_hypers(self._kind, defaults)
         self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
         self._fused, self.state = self._build(self.param_groups, slots,
                                               (state_dtype, state_rounding, seed))
@@ -225,7 +225,7 @@ class Optimizer:
             slots = [self._slots(g) for g in groups]
         if config is None:
             config = (self.state_dtype, self.state_rounding, self.seed)
-        fused = _kernels.FusedStep(self._kind, flat, group_of, slots, *config)
+        fused = _kernels.FusedStep(self._kind.native, flat, group_of, slots, *config)
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         fused.check_groups(groups)
         state = []
@@ -235,8 +235,15 @@ class Optimizer:
                 state[-1]["master_param"] = master
         return fused, state
 
+    @property
+    def _slot_names(self) -> tuple[str, ...]:
+        """The state arrays, in the native kernel's slot order."""
+        return self._kind.slot_names
+
     def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
-        raise NotImplementedError
+        """Which of the three native state slots the parameters of `group` need."""
+        needs = self._kind.needs(group) + (False,) * 3
+        return (needs[0], needs[1], needs[2])
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, as ``torch.optim.Optimizer.add_param_group``.
@@ -659,6 +666,26 @@ def _describe(v: Any) -> str:
     return type(v).__name__
 
 
+def _check_hypers(kind: _kinds.Kind, values: dict[str, Any]) -> dict[str, Any]:
+    """Validate constructor arguments against the ranges `kind` declares
+    (PyTorch raises "Invalid ..." at construction too); returns them, pairs
+    as tuples."""
+    values = dict(values)
+    for h in kind.hypers:
+        if h.name not in values:
+            continue
+        v = values[h.name]
+        if h.kind == "number":
+            _number(h.name, v, h.lo, h.hi, h.closed)
+        elif h.kind == "pair":
+            if not isinstance(v, (tuple, list)) or len(v) != 2:
+                raise TypeError(f"{h.name} must be a tuple of two numbers, got {v!r}")
+            for k in range(2):
+                _number(f"{h.name}[{k}]", v[k], h.lo, h.hi, h.closed)
+            values[h.name] = tuple(v)
+    return values
+
+
 def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf,
             hi_closed: bool = False) -> float:
     """Validate a constructor argument (PyTorch raises "Invalid ..." here too)."""
@@ -696,24 +723,17 @@ class SGD(Optimizer):
     momentum updates (0: the next one initializes the buffer).
     """
 
-    _kind = "sgd"
-    _slot_names = ("momentum_buffer",)
+    _kind = _kinds.SGD
 
     def __init__(self, params: Params, lr: float = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  maximize: bool = False, state_dtype: str | None = None,
                  state_rounding: str = "stochastic", seed: int = 0) -> None:
-        _number("lr", lr)
-        _number("momentum", momentum)
-        _number("dampening", dampening, 0.0, 1.0, hi_closed=True)
-        _number("weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov,
                                       maximize=maximize),
                          state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
-        return (group["momentum"] != 0, False, False)
 
 
 class RMSprop(Optimizer):
@@ -723,24 +743,16 @@ class RMSprop(Optimizer):
     and ``grad_avg`` if centered (at construction).
     """
 
-    _kind = "rmsprop"
-    _slot_names = ("square_avg", "momentum_buffer", "grad_avg")
+    _kind = _kinds.RMSPROP
 
     def __init__(self, params: Params, lr: float = 1e-2, alpha: float = 0.99, eps: float = 1e-8,
                  weight_decay: float = 0.0, momentum: float = 0.0, centered: bool = False, *,
                  maximize: bool = False, state_dtype: str | None = None,
                  state_rounding: str = "stochastic", seed: int = 0) -> None:
-        _number("lr", lr)
-        _number("alpha", alpha, 0.0, 1.0)
-        _number("eps", eps)
-        _number("weight_decay", weight_decay)
-        _number("momentum", momentum)
         super().__init__(params, dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
                                       momentum=momentum, centered=centered, maximize=maximize),
                          state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
-        return (True, group["momentum"] > 0, bool(group["centered"]))
 
 
 class Adam(Optimizer):
@@ -751,34 +763,26 @@ class Adam(Optimizer):
     ``decoupled_weight_decay=True`` is AdamW.
     """
 
-    _kind = "adam"
-    _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    _kind = _kinds.ADAM
 
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, amsgrad: bool = False, *, maximize: bool = False,
                  decoupled_weight_decay: bool = False, state_dtype: str | None = None,
                  state_rounding: str = "stochastic", seed: int = 0) -> None:
-        _number("lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise TypeError(f"betas must be a tuple of two numbers, got {betas!r}")
-        _number("betas[0]", betas[0], 0.0, 1.0)
-        _number("betas[1]", betas[1], 0.0, 1.0)
-        _number("eps", eps)
-        _number("weight_decay", weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps,
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps,
                                       weight_decay=weight_decay, amsgrad=amsgrad,
                                       maximize=maximize,
                                       decoupled_weight_decay=decoupled_weight_decay),
                          state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
 
-    def _slots(self, group: dict[str, Any]) -> tuple[bool, bool, bool]:
-        return (True, True, bool(group["amsgrad"]))
 
 
 class AdamW(Adam):
     """AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay
     (``param *= 1 - lr * weight_decay``), default weight_decay 1e-2."""
+
+    _kind = _kinds.ADAMW
 
     def __init__(self, params: Params, lr: float = 1e-3,
                  betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
