@@ -1052,3 +1052,54 @@ def test_options_that_need_state_follow_the_declared_slots(cls):
             opt.step([np.ones(5)])
         opt2 = cls([np.zeros(5)], **{slot.option: True if flag else 0.5})
         assert slot.name in opt2.state[0]
+
+
+# A parameter replaced in, removed from or appended to param_groups[g]["params"]
+# is refused at the next step (its state belongs to the array it was built
+# for), with nothing changed -- never silently left out of the step.
+
+def _edits():
+    def replace(ps, k):
+        ps[k] = ps[k].copy()
+
+    def remove(ps, k):
+        del ps[k]
+
+    def append(ps, k):
+        ps.append(ps[k].copy())
+
+    def swap(ps, k):
+        ps[k], ps[k - 1] = ps[k - 1], ps[k]
+    return {"replace": replace, "remove": remove, "append": append, "swap": swap}
+
+
+@pytest.mark.parametrize("edit", list(_edits()))
+@pytest.mark.parametrize("cls", KIND_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_edited_param_lists_are_refused(edit, cls, dtype, rng):
+    if dtype == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        dtype = ml_dtypes.bfloat16
+    shapes = [(7,), (3, 5), (4100,)]
+    params = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    extra = [rng.standard_normal((6,)).astype(dtype)]
+    grad_dtype = np.float32 if np.dtype(dtype).itemsize == 2 else dtype
+    grads = [rng.standard_normal(s).astype(grad_dtype) for s in shapes]
+    opt = cls([{"params": params}, {"params": extra, "lr": 1e-4}])
+    opt.step(grads + [np.ones(6, grad_dtype)])
+    for g, k in ((0, 1), (0, 2), (1, 0)):
+        if edit == "swap" and k == 0:
+            continue
+        before = opt.state_dict()
+        arrays = Snapshot(*params, *extra)
+        saved = list(opt.param_groups[g]["params"])
+        _edits()[edit](opt.param_groups[g]["params"], k)
+        with pytest.raises(ValueError, match=re.escape(f"param_groups[{g}]['params']")):
+            opt.step(grads + [np.ones(6, grad_dtype)])
+        arrays.assert_unchanged()
+        opt.param_groups[g]["params"] = saved
+        after = opt.state_dict()
+        assert before.keys() == after.keys()
+        for key in before:
+            np.testing.assert_array_equal(np.asarray(before[key]), np.asarray(after[key]))
+        opt.step(grads + [np.ones(6, grad_dtype)])          # restored: steps again

@@ -976,10 +976,38 @@ cdef class FusedStep:
 
     # ------------------------------------------------------ hyperparameters
 
-    cdef int parse_groups(self, object groups) except -1:
+    cdef Py_ssize_t check_group_params(self, dict g, Py_ssize_t gi, Py_ssize_t i) except -1:
+        """param_groups[gi]["params"] holds this step's parameters i, i+1, ...
+        (by identity, in order); returns the index after them."""
+        cdef object ps = group_get(g, "params", gi)
+        cdef Py_ssize_t j, m, expected = 0, k
+        for k in range(i, self.n):
+            if self.group[k] != gi:
+                break
+            expected += 1
+        if not isinstance(ps, (list, tuple)):
+            raise TypeError(f"param_groups[{gi}]['params'] must be a list of arrays, "
+                            f"got {type(ps).__name__}")
+        m = len(ps)
+        if m != expected:
+            raise ValueError(f"param_groups[{gi}]['params'] holds {m} arrays, but the optimizer "
+                             f"was built with {expected}: parameters cannot be added or removed "
+                             "by editing the list (use add_param_group, or build a new optimizer)")
+        for j in range(m):
+            if ps[j] is not self.params[i + j]:
+                raise ValueError(f"param_groups[{gi}]['params'][{j}] is not the array the "
+                                 "optimizer was built with: its state belongs to that array "
+                                 "(update the array in place, or build a new optimizer)")
+        return i + m
+
+    cdef int parse_groups(self, object groups, bint same_params=False) except -1:
         """Validate every group's hyperparameters into self.hyper, as the
         optimizer's kind declares them (fastopt._kinds: ranges, and the
-        options that need a state array)."""
+        options that need a state array).  With `same_params`, also that the
+        groups hold the very arrays this step was built over, in order: a
+        parameter replaced in, removed from or appended to a group's
+        "params" is refused (the state belongs to the array it was made
+        for), never silently left out of the step."""
         cdef list gl
         if type(groups) is list:
             gl = <list>groups
@@ -990,7 +1018,7 @@ cdef class FusedStep:
         if len(gl) != self.ngroups:
             raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
                              "(add a group with add_param_group)")
-        cdef Py_ssize_t gi, j
+        cdef Py_ssize_t gi, j, i = 0
         cdef dict g
         cdef Hyper *h
         cdef object x, opt
@@ -1007,6 +1035,8 @@ cdef class FusedStep:
             g = <dict>gl[gi]
             h = &self.hyper[gi]
             has = &self.has[3 * gi]
+            if same_params:
+                i = self.check_group_params(g, gi, i)
             for j in range(NSPECS[self.kind]):
                 spec = &SPECS[self.kind][j]
                 key = <str>keys[j]
@@ -1092,7 +1122,7 @@ cdef class FusedStep:
             raise RuntimeError("step() called concurrently on the same optimizer")
         self.busy = True
         try:
-            self.parse_groups(groups)
+            self.parse_groups(groups, True)
             if scaled:
                 inv = reciprocal_scale(grad_scale)
             keep = self.parse_grads(grads, False, &nact, &total)

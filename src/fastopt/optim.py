@@ -25,6 +25,10 @@ Differences from PyTorch, because NumPy arrays carry no ``.grad``:
   them).
 * Hyperparameters in ``opt.param_groups`` may be changed between steps and
   are validated at every step (a bad value raises and nothing is updated).
+  The arrays in a group's ``"params"`` are the ones the optimizer holds
+  state for: one replaced in, removed from or appended to the list is
+  refused at the next step (ValueError naming it, nothing updated; update
+  an array in place instead, or use ``add_param_group``).
   Options that need a state array (``amsgrad``, RMSprop's ``momentum`` and
   ``centered``, SGD's ``momentum``) must be on at construction (or when the
   group is added) to be turned on later.
