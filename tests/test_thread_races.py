@@ -108,3 +108,84 @@ def test_cross_entropy(data, shape):
                                         return_grad=True, grad_out=grad)
         return loss, grad
     same_every_time(run, repeats=100)
+
+
+# Operations that must not overlap a step of the same optimizer refuse while
+# one runs, and a process forked during a step starts with it idle.  A step
+# is held open by a hyperparameter whose __float__ (called by the step's
+# checks, with the optimizer busy) runs the code under test.
+
+class _During:
+    """A learning rate that runs `action()` when the step reads it."""
+
+    def __init__(self, action, value=1e-3):
+        self.action, self.value, self.result = action, value, None
+
+    def __float__(self):
+        if self.action is not None:
+            action, self.action = self.action, None
+            self.result = action()
+        return self.value
+
+
+@pytest.mark.parametrize("cls", [fastopt.SGD, fastopt.RMSprop, fastopt.Adam, fastopt.AdamW])
+def test_add_param_group_refuses_during_a_step(cls, data):
+    import threading
+    params = [data(5000), data(3, 4)]
+    grads = [data(5000), data(3, 4)]
+    opt = cls(params)
+
+    def add_from_another_thread():
+        errors = []
+
+        def add():
+            try:
+                opt.add_param_group({"params": [data(7)]})
+            except RuntimeError as e:
+                errors.append(str(e))
+        t = threading.Thread(target=add)
+        t.start()
+        t.join()
+        return errors
+
+    def add_here():
+        try:
+            opt.add_param_group({"params": [data(7)]})
+        except RuntimeError as e:
+            return [str(e)]
+        return []
+
+    for action in (add_here, add_from_another_thread):
+        lr = _During(action)
+        opt.param_groups[0]["lr"] = lr
+        opt.step(grads)
+        assert lr.result and "add_param_group() called during a step" in lr.result[0]
+        assert len(opt.param_groups) == 1 and len(opt.state) == 2
+    opt.param_groups[0]["lr"] = 1e-3
+    opt.add_param_group({"params": [data(7)]})          # idle: allowed
+    opt.step(grads + [data(7)])
+
+
+def test_a_child_forked_during_a_step_starts_idle(data):
+    import os
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork")
+    params, grads = [data(1000)], [data(1000)]
+    opt = fastopt.Adam(params)
+
+    def fork_and_step():
+        pid = os.fork()
+        if pid == 0:                                    # the child: step at once
+            code = 1
+            try:
+                opt.param_groups[0]["lr"] = 1e-3
+                opt.step(grads)
+                code = 0
+            finally:
+                os._exit(code)
+        return os.waitpid(pid, 0)[1]
+
+    lr = _During(fork_and_step)
+    opt.param_groups[0]["lr"] = lr
+    opt.step(grads)
+    assert lr.result is not None and os.waitstatus_to_exitcode(lr.result) == 0

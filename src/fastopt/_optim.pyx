@@ -692,6 +692,24 @@ def _hash32(x):
     return o
 
 
+# Every FusedStep alive.  A process forked while another thread was inside a
+# step copies that step's busy flag, but not the thread that would clear it:
+# the child starts with every optimizer idle.
+import os as _os
+import weakref as _weakref
+
+cdef object _LIVE = _weakref.WeakSet()
+
+
+def _idle_after_fork():
+    for f in list(_LIVE):
+        (<FusedStep>f).busy = False
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_idle_after_fork)
+
+
 cdef class FusedStep:
     """Native state of an optimizer over a fixed list of parameter arrays.
 
@@ -750,7 +768,8 @@ cdef class FusedStep:
     cdef Coef *coefs
     cdef Interval *written          # sorted by address
     cdef Py_ssize_t nwritten
-    cdef bint busy
+    cdef bint busy                  # a step (or hold()) is running
+    cdef object __weakref__         # (_LIVE: the optimizers a forked child sets idle)
 
     def __cinit__(self):
         self.steps = NULL
@@ -852,6 +871,7 @@ cdef class FusedStep:
             for k in range(3):
                 self.has[3 * g + k] = bool(slots[g][k])
         self.n = n
+        _LIVE.add(self)
         self.ngroups = ng
         self.params = list(params)
         self.states = []
@@ -1071,6 +1091,18 @@ cdef class FusedStep:
                         f"construct the optimizer with "
                         f"{opt[0]}{'=True' if opt[2] else ' > 0'}")
         return 0
+
+    def hold(self, str what):
+        """Mark this step busy for `what`, an operation that must not overlap a
+        step (add_param_group): a step that starts meanwhile raises, and so
+        does this if a step is running."""
+        if self.busy:
+            raise RuntimeError(f"{what} called during a step of the same optimizer")
+        self.busy = True
+
+    def release(self):
+        """End `hold`."""
+        self.busy = False
 
     def check_groups(self, groups):
         """Validate param groups' hyperparameters (raises like `step`)."""

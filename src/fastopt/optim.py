@@ -276,14 +276,20 @@ class Optimizer:
                 raise ValueError(f"param_group['params'][{k}] is already in "
                                  f"param_groups[{where[id(p)]}]")
         groups = self.param_groups + [group]
-        fused, state = self._build(groups)
-        # Built and checked: carry the existing state over, then commit.
-        for old, new in zip(self.state, state):
-            for name, arr in old.items():
-                np.copyto(new[name], arr)
-        n_new = len(state) - len(self.state)
-        fused.set_steps(np.concatenate([self._fused.get_steps(), np.zeros(n_new, np.int64)]))
-        self._fused, self.state, self.param_groups = fused, state, groups
+        # No step may run meanwhile (its update would be lost in the copy).
+        current = self._fused
+        current.hold("add_param_group()")
+        try:
+            fused, state = self._build(groups)
+            # Built and checked: carry the existing state over, then commit.
+            for old, new in zip(self.state, state):
+                for name, arr in old.items():
+                    np.copyto(new[name], arr)
+            n_new = len(state) - len(self.state)
+            fused.set_steps(np.concatenate([current.get_steps(), np.zeros(n_new, np.int64)]))
+            self._fused, self.state, self.param_groups = fused, state, groups
+        finally:
+            current.release()
 
     def with_params(self, params: Sequence[FloatArray]) -> Self:
         """A fresh optimizer of this class over other arrays, one per parameter.
