@@ -52,6 +52,28 @@ def test_rmsprop_matches_torch(kw):
     np.testing.assert_allclose(p, q, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.5}, {"weight_decay": 0.1}])
+def test_centered_rmsprop_at_the_edge_of_the_range_matches_torch(dtype, kw):
+    # A finite gradient whose square (and so grad_avg's square) overflows:
+    # torch.optim's fused multiply-add gives v - gbar^2 = inf and leaves the
+    # parameter where it is; so must fastopt (inf - inf would be NaN).
+    big = np.finfo(dtype).max / 4
+    g = np.array([big, -big, 1.0, big / 1e10, 0.0], dtype)
+    p0 = np.array([1.0, -2.0, 3.0, 0.5, 0.25], dtype)
+    p = p0.copy()
+    opt = fastopt.RMSprop([p], centered=True, **kw)
+    tp = torch.nn.Parameter(t(p0))
+    topt = torch.optim.RMSprop([tp], centered=True, **kw)
+    for step in range(3):
+        opt.step([g * (step + 1) / 3])
+        tp.grad = t(g * (step + 1) / 3)
+        topt.step()
+        q = tp.detach().numpy()
+        assert np.array_equal(np.isnan(p), np.isnan(q)), (step, p, q)
+        np.testing.assert_allclose(p, q, rtol=1e-5 if dtype == np.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("kw", [
     {"lr": 0.1}, {"lr": 0.1, "momentum": 0.9}, {"lr": 0.1, "momentum": 0.9, "dampening": 0.9},
     {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
