@@ -129,6 +129,36 @@ class _During:
 
 
 @pytest.mark.parametrize("cls", [fastopt.SGD, fastopt.RMSprop, fastopt.Adam, fastopt.AdamW])
+def test_load_state_dict_refuses_during_a_step(cls, data):
+    params = [data(5000), data(3, 4)]
+    grads = [data(5000), data(3, 4)]
+    opt = cls(params)
+    opt.step(grads)
+    saved = opt.state_dict()
+    opt.step(grads)
+    before = opt.state_dict()
+
+    def load():
+        try:
+            opt.load_state_dict(saved)
+        except RuntimeError as e:
+            return str(e)
+    lr = _During(load, value=before["param_groups.0.lr"])
+    opt.param_groups[0]["lr"] = lr
+    snap = [a.copy() for a in params]
+    opt.step(grads)
+    assert lr.result and "called during a step of the same optimizer" in lr.result
+    opt.param_groups[0]["lr"] = before["param_groups.0.lr"]
+    # The step ran on the state it had; nothing of `saved` was loaded.
+    ref = cls([a.copy() for a in snap])
+    ref.load_state_dict(before)
+    ref.step(grads)
+    for a, b in zip(params, ref.param_groups[0]["params"]):
+        np.testing.assert_array_equal(a, b)
+    opt.load_state_dict(saved)                          # idle: allowed
+
+
+@pytest.mark.parametrize("cls", [fastopt.SGD, fastopt.RMSprop, fastopt.Adam, fastopt.AdamW])
 def test_add_param_group_refuses_during_a_step(cls, data):
     import threading
     params = [data(5000), data(3, 4)]

@@ -703,7 +703,7 @@ cdef object _LIVE = _weakref.WeakSet()
 
 def _idle_after_fork():
     for f in list(_LIVE):
-        (<FusedStep>f).busy = False
+        (<FusedStep>f).busy = (<FusedStep>f).held = False
 
 
 if hasattr(_os, "register_at_fork"):
@@ -769,6 +769,7 @@ cdef class FusedStep:
     cdef Interval *written          # sorted by address
     cdef Py_ssize_t nwritten
     cdef bint busy                  # a step (or hold()) is running
+    cdef bint held                  # ... a hold(): its owner may set steps and rounding
     cdef object __weakref__         # (_LIVE: the optimizers a forked child sets idle)
 
     def __cinit__(self):
@@ -1094,15 +1095,16 @@ cdef class FusedStep:
 
     def hold(self, str what):
         """Mark this step busy for `what`, an operation that must not overlap a
-        step (add_param_group): a step that starts meanwhile raises, and so
-        does this if a step is running."""
+        step (add_param_group, load_state_dict): a step that starts meanwhile
+        raises, and so does this if a step is running.  The holder may set
+        the step counts and the rounding meanwhile."""
         if self.busy:
             raise RuntimeError(f"{what} called during a step of the same optimizer")
-        self.busy = True
+        self.busy = self.held = True
 
     def release(self):
         """End `hold`."""
-        self.busy = False
+        self.busy = self.held = False
 
     def check_groups(self, groups):
         """Validate param groups' hyperparameters (raises like `step`)."""
@@ -1354,7 +1356,7 @@ cdef class FusedStep:
             raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
         if not 0 <= seed.__index__() < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
-        if self.busy:
+        if self.busy and not self.held:
             raise RuntimeError("set_rounding() called during a step of the same optimizer")
         self.state_rounding = state_rounding
         self.seed = seed.__index__()
@@ -1384,7 +1386,7 @@ cdef class FusedStep:
     def set_steps(self, steps):
         """Replace the per-parameter step counts (validated first): integers
         in [0, 2**63 - 2], so that a step can still count itself."""
-        if self.busy:
+        if self.busy and not self.held:
             raise RuntimeError("set_steps() called during a step of the same optimizer")
         a = np.array(steps)        # a private copy: what is checked is what is set
         if a.shape != (self.n,):

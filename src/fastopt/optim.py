@@ -456,16 +456,22 @@ class Optimizer:
         [0, 2**63 - 2] raise ValueError (TypeError if `state_dict` is not a
         mapping) and leave this optimizer as it was."""
         new_groups, steps, staged, rounding = self.check_state_dict(state_dict)
-        # All checked: commit (nothing below can fail).
-        for i, st in enumerate(self.state):
-            for name, arr in st.items():
-                np.copyto(arr, staged[f"state.{i}.{name}"])
-        self._fused.set_steps(steps)
-        self._fused.set_rounding(*rounding)
-        self._fused.sync_params()      # float16/bfloat16 parameters from their masters
-        for g, new in zip(self.param_groups, new_groups):
-            g.clear()
-            g.update(new)
+        # All checked: commit (nothing below can fail), with no step running
+        # (refused if one is; a step that starts meanwhile is refused).
+        current = self._fused
+        current.hold("load_state_dict()")
+        try:
+            for i, st in enumerate(self.state):
+                for name, arr in st.items():
+                    np.copyto(arr, staged[f"state.{i}.{name}"])
+            current.set_steps(steps)
+            current.set_rounding(*rounding)
+            current.sync_params()      # float16/bfloat16 parameters from their masters
+            for g, new in zip(self.param_groups, new_groups):
+                g.clear()
+                g.update(new)
+        finally:
+            current.release()
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> tuple[
             list[dict[str, Any]], np.ndarray[Any, np.dtype[np.int64]], dict[str, FloatArray],
