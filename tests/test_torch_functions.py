@@ -531,3 +531,395 @@ def test_batchnorm2d_in_a_model_trains_like_torch():
             o.step()
     for pa, pb in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"momentum": None}, {"affine": False},
+                                    {"track_running_stats": False}])
+@pytest.mark.parametrize("shape", [(8, 4), (8, 4, 5)])
+def test_batchnorm1d_module_matches_torch(kwargs, shape):
+    torch.manual_seed(1)
+    theirs = torch.nn.BatchNorm1d(4, **kwargs)
+    ours = fo.BatchNorm1d(4, **kwargs)
+    assert isinstance(ours, torch.nn.BatchNorm1d)
+    if kwargs.get("affine", True):
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(3):
+        if step == 2:
+            ours.eval()
+            theirs.eval()
+        x = torch.randn(shape) * 2 + 1
+        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+        ya, yb = ours(xs[0]), theirs(xs[1])
+        torch.testing.assert_close(ya, yb, **F32)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-4)
+    for (ka, va), (kb, vb) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        assert ka == kb
+        torch.testing.assert_close(va, vb, **F32)
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        ours(torch.randn(2, 4, 3, 3))
+
+
+# ------------------------------------------------ batch norm: torch's checks ---
+
+def bn_call(f, args):
+    return f(args["input"], args["running_mean"], args["running_var"], args["weight"],
+             args["bias"], args["training"], args["momentum"], args["eps"])
+
+
+def bn_args(training=True, dtype=torch.float32, shape=(4, 3, 5)):
+    x, w, b, rm, rv = bn_inputs(shape, torch.float32)
+    return dict(input=x.to(dtype), running_mean=rm, running_var=rv, weight=w, bias=b,
+                training=training, momentum=0.1, eps=1e-5)
+
+
+# (what is changed, the argument the message must name); each is applied to a
+# valid call in training and in evaluation mode, when torch refuses it there
+BN_BAD = [
+    ({"weight": torch.ones(4)}, "weight"), ({"bias": torch.ones(2)}, "bias"),
+    ({"running_mean": torch.zeros(4)}, "running_mean"),
+    ({"running_var": torch.ones(1, 3)}, "running_var"),
+    ({"running_mean": torch.zeros(3, dtype=torch.float64)}, "running_mean"),
+    ({"running_var": torch.ones(3, dtype=torch.bfloat16)}, "running_var"),
+    ({"weight": torch.ones(3, dtype=torch.float64)}, "weight"),
+    ({"bias": torch.zeros(3, dtype=torch.int64)}, "bias"),
+    ({"running_var": None}, "running_"), ({"running_mean": None}, "running_"),
+    ({"running_mean": torch.zeros(3, requires_grad=True)}, "running_mean"),
+    ({"eps": -1.0}, "eps"), ({"eps": 0.0}, "eps"), ({"eps": "1e-5"}, "eps"),
+    ({"momentum": None}, "momentum"), ({"momentum": "0.1"}, "momentum"),
+    ({"training": None}, "training"), ({"training": 1}, "training"),
+    ({"weight": [1.0, 1.0, 1.0]}, "weight"), ({"running_mean": np.zeros(3)}, "running_mean"),
+    ({"input": torch.randn(1, 3)}, "1 value per channel"),
+    ({"input": torch.randn(1, 3, 1)}, "1 value per channel"),
+    ({"input": torch.tensor(1.0)}, "input"),
+    ({"input": torch.randn(4, 3).bfloat16(), "weight": torch.ones(3).bfloat16()}, "weight"),
+    ({"input": torch.randn(4, 3).half(), "running_mean": torch.zeros(3).half(),
+      "running_var": torch.ones(3).half(), "weight": torch.ones(3).bfloat16()}, "weight"),
+]
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("change, name", BN_BAD, ids=[f"{list(c)[0]}-{n}" for c, n in BN_BAD])
+def test_batch_norm_raises_as_torch_naming_the_argument(change, name, training):
+    """torch's exception type, a message naming the argument as torch names
+    it (never the kernels' x, gamma, beta), and nothing changed."""
+    args = bn_args(training)
+    args.update(change)
+    try:
+        bn_call(F.batch_norm, {k: v.clone() if isinstance(v, torch.Tensor) else v
+                               for k, v in args.items()})
+    except Exception as e:
+        theirs = e
+    else:                       # torch accepts it in this mode: its results
+        bn_compare(args)
+        return
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(Exception) as ours:
+        bn_call(fo.batch_norm, args)
+    assert type(ours.value) is type(theirs), f"torch: {theirs!r}, fastopt: {ours.value!r}"
+    message = str(ours.value)
+    assert name in message and not re.search(r"\b(x|gamma|beta)\b", message), message
+    for k, v in before.items():
+        assert torch.equal(args[k], v), k
+
+
+@pytest.mark.parametrize("which", ["input", "running_mean", "running_var", "weight", "bias"])
+def test_batch_norm_meta_tensors_refused_naming_them(which):
+    args = bn_args()
+    args[which] = args[which].to("meta")
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor) and not v.is_meta}
+    with pytest.raises(TypeError, match=rf"^{which} is on meta"):
+        bn_call(fo.batch_norm, args)
+    for k, v in before.items():
+        assert torch.equal(args[k], v)
+
+
+def bn_compare(args, grads=True):
+    """fastopt's batch_norm and torch's on copies of `args`: output, running
+    statistics and input/weight/bias gradients."""
+    runs = []
+    for f in (fo.batch_norm, F.batch_norm):
+        a = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        for k in ("input", "weight", "bias"):
+            if a[k] is not None:
+                a[k].requires_grad_()
+        y = bn_call(f, a)
+        if grads:
+            y.backward(torch.ones_like(y) * 0.5 + torch.arange(y.numel()).reshape(y.shape) % 3)
+        runs.append((y, a))
+    (ya, a), (yb, b) = runs
+    assert ya.dtype == yb.dtype and ya.shape == yb.shape
+    torch.testing.assert_close(ya, yb, **F32, equal_nan=True)
+    for k in ("running_mean", "running_var", "input", "weight", "bias"):
+        if a[k] is None:
+            continue
+        va, vb = (a[k].grad, b[k].grad) if k in ("input", "weight", "bias") else (a[k], b[k])
+        if grads or k.startswith("running"):
+            torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("change", [
+    {"momentum": 2.0}, {"momentum": -0.5}, {"momentum": math.nan}, {"momentum": math.inf},
+    {"eps": math.nan}, {"eps": math.inf}, {"training": False, "eps": 0.0},
+    {"training": False, "eps": math.nan}, {"input": torch.randn(0, 3)},
+    {"input": torch.randn(4, 3, 0)}, {"input": torch.randn(0, 3), "training": False},
+    {"input": torch.randn(0, 3), "weight": torch.ones(7), "running_mean": None,
+     "running_var": None},
+], ids=str)
+def test_batch_norm_outside_the_kernels_domain_is_torchs(change):
+    """Hyperparameters torch takes but the kernels do not (momentum outside
+    [0, 1] or not finite, eps = 0 in evaluation, eps not finite) and input
+    with no elements: torch's results."""
+    args = bn_args()
+    args.update(change)
+    bn_compare(args)
+
+
+def test_batch_norm_weight_of_c_elements_in_another_shape():
+    """torch reads a weight and bias of C elements in any shape, (1, C) say
+    (its forward does; its backward then fails): so does fastopt, whose
+    gradients have their shape."""
+    args = bn_args()
+    args.update(weight=args["weight"].reshape(1, 3), bias=args["bias"].reshape(3, 1))
+    bn_compare(args, grads=False)
+    flat = dict(args, weight=args["weight"].reshape(3), bias=args["bias"].reshape(3))
+    grads = []
+    for a in (args, flat):
+        a = {k: v.detach().clone().requires_grad_() if k in ("weight", "bias") else v
+             for k, v in a.items()}
+        bn_call(fo.batch_norm, a).square().sum().backward()
+        grads.append((a["weight"].grad, a["bias"].grad))
+    assert grads[0][0].shape == (1, 3) and grads[0][1].shape == (3, 1)
+    torch.testing.assert_close(grads[0][0].reshape(3), grads[1][0])
+    torch.testing.assert_close(grads[0][1].reshape(3), grads[1][1])
+
+
+def test_batch_norm_running_statistics_of_other_layouts():
+    """Running statistics that are strided views are updated in place as
+    torch updates them."""
+    args = bn_args()
+    rm, rv = torch.zeros(6), torch.ones(9)
+    args.update(running_mean=rm[::2], running_var=rv[::3])
+    bn_compare(args)
+    ours = bn_args()
+    theirs = dict(ours, running_mean=torch.zeros(3), running_var=torch.ones(3))
+    rm, rv = torch.zeros(6), torch.ones(9)
+    ours.update(running_mean=rm[::2], running_var=rv[::3])
+    bn_call(fo.batch_norm, ours)
+    bn_call(F.batch_norm, theirs)
+    torch.testing.assert_close(rm[::2], theirs["running_mean"], **F32)
+    torch.testing.assert_close(rv[::3], theirs["running_var"], **F32)
+    assert torch.equal(rm[1::2], torch.zeros(3)) and torch.equal(rv[1::3], torch.ones(3))
+
+
+def test_batch_norm_expanded_running_statistics():
+    """One value expanded to every channel: read in evaluation as torch reads
+    it; refused in training, where torch writes every channel's value to it
+    in turn."""
+    args = bn_args(training=False)
+    args.update(running_mean=torch.zeros(1).expand(3), running_var=torch.full((1,), 2.0).expand(3))
+    bn_compare(args)
+    args = bn_args(training=True)
+    rm = torch.zeros(1)
+    args["running_mean"] = rm.expand(3)
+    with pytest.raises(RuntimeError, match="running_mean .*expanded"):
+        bn_call(fo.batch_norm, args)
+    assert torch.equal(rm, torch.zeros(1))
+
+
+@pytest.mark.parametrize("which", ["input", "weight", "bias"])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_reads_lazily_negated_views_as_torch(which, training):
+    args = bn_args(training)
+    plain = dict(args)
+    args[which] = neg_view(args[which])
+    for a in (args, plain):
+        a["running_mean"], a["running_var"] = a["running_mean"].clone(), a["running_var"].clone()
+    torch.testing.assert_close(bn_call(fo.batch_norm, args), bn_call(F.batch_norm, plain), **F32)
+    torch.testing.assert_close(args["running_mean"], plain["running_mean"], **F32)
+
+
+def test_batch_norm_updates_lazily_negated_running_statistics_through_them():
+    """A lazily negated running statistic is updated through the view: it
+    then reads what torch computes for a plain tensor.  (torch itself
+    updates a temporary copy and leaves the view as it was.)"""
+    args, plain = bn_args(), bn_args()
+    args["running_mean"] = neg_view(args["running_mean"])
+    args["running_var"] = neg_view(args["running_var"])
+    bn_call(fo.batch_norm, args)
+    bn_call(F.batch_norm, plain)
+    torch.testing.assert_close(args["running_mean"], plain["running_mean"], **F32)
+    torch.testing.assert_close(args["running_var"], plain["running_var"], **F32)
+
+
+# ---------------------------------------------------- float16 and bfloat16 ---
+# fastopt computes 16-bit input in float32 (statistics and sums in double) and
+# rounds each result once to the 16-bit dtype (a gradient scaled by an
+# incoming 16-bit gradient: twice).  The reference is torch in float32 on the
+# same 16-bit values, upcast, so each result must be within one unit in the
+# last place of it: relative 2**-7 for bfloat16, 2**-10 for float16 (one
+# rounding is within half of that; a unit allows the second rounding), plus
+# an absolute 1e-6 for values near 0, where the float32 reference's own error
+# (~1e-7 of the values' scale, from cancellation) is not relative to them.
+# (torch's own 16-bit cross-entropy, computed partly in 16-bit, does not.)
+
+HALF = [torch.bfloat16, torch.float16]
+HALF_TOL = {torch.bfloat16: dict(rtol=2**-7, atol=1e-6), torch.float16: dict(rtol=2**-10, atol=1e-6)}
+
+
+@pytest.mark.parametrize("opts", XENT_OPTIONS, ids=XENT_IDS)
+@pytest.mark.parametrize("shape, kind", [((7, 5), "index"), ((7, 5), "prob"), ((5,), "index"),
+                                         ((3, 5, 2, 4), "index"), ((3, 5, 2, 4), "prob")])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_cross_entropy_16bit_matches_torch_in_float32(dtype, shape, kind, opts):
+    x, target, kw = xent_inputs(shape, kind, torch.float32, opts, seed=7)
+    x16 = x.detach().to(dtype).requires_grad_()
+    t16 = target.to(dtype) if kind == "prob" else target
+    kw16 = dict(kw, weight=kw["weight"].to(dtype)) if "weight" in kw else kw
+    ours = fo.cross_entropy(x16, t16, **kw16)
+    assert ours.dtype == F.cross_entropy(x16.detach(), t16, **kw16).dtype == dtype
+    xr = x16.detach().float().requires_grad_()
+    ref = F.cross_entropy(xr, t16.float() if kind == "prob" else t16,
+                          **dict(kw16, weight=kw16["weight"].float()) if "weight" in kw16 else kw16)
+    torch.testing.assert_close(ours.float(), ref, **HALF_TOL[dtype], equal_nan=True)
+    gout = torch.rand(ref.shape, generator=gen(8)).to(dtype) + 0.5
+    ours.backward(gout)
+    ref.backward(gout.float())
+    assert x16.grad.dtype == dtype
+    torch.testing.assert_close(x16.grad.float(), xr.grad, **HALF_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_cross_entropy_16bit_probability_target_and_weight_grads(dtype):
+    x, target, kw = xent_inputs((6, 5), "prob", torch.float32, {"weight": "w"}, seed=9)
+    ours = [t.detach().to(dtype).requires_grad_() for t in (x, target, kw["weight"])]
+    ref = [t.detach().float().requires_grad_() for t in ours]
+    fo.cross_entropy(ours[0], ours[1], weight=ours[2], label_smoothing=0.1).backward()
+    F.cross_entropy(ref[0], ref[1], weight=ref[2], label_smoothing=0.1).backward()
+    for a, b in zip(ours, ref):
+        assert a.grad.dtype == dtype
+        # (the target and weight gradients multiply 16-bit log-probabilities: 2 units)
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=2 * HALF_TOL[dtype]["rtol"],
+                                   atol=1e-5)
+
+
+@pytest.mark.parametrize("params", ["float32", "16-bit"])
+@pytest.mark.parametrize("shape, channels_last",
+                         [((8, 3), False), ((4, 3, 5), False), ((4, 3, 5, 6), False),
+                          ((4, 3, 5, 6), True)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_batch_norm_16bit_matches_torch_in_float32(dtype, training, shape, channels_last,
+                                                   params):
+    """16-bit input with float32 parameters and statistics (torch's mixed
+    mode) or all 16-bit: output, running statistics and gradients against
+    torch in float32 on the upcast values."""
+    x, w, b, rm, rv = bn_inputs(shape, torch.float32, seed=11, channels_last=channels_last)
+    pdt = torch.float32 if params == "float32" else dtype
+    ours = [x.to(dtype).requires_grad_()] + [t.to(pdt).requires_grad_() for t in (w, b)] + \
+           [t.to(pdt) for t in (rm, rv)]
+    ref = [t.detach().float().requires_grad_() for t in ours[:3]] + \
+          [t.float() for t in ours[3:]]
+    y = fo.batch_norm(ours[0], ours[3], ours[4], ours[1], ours[2], training, 0.3, 1e-3)
+    y_ref = F.batch_norm(ref[0], ref[3], ref[4], ref[1], ref[2], training, 0.3, 1e-3)
+    assert y.dtype == dtype and y.stride() == ours[0].stride()
+    torch.testing.assert_close(y.float(), y_ref, **HALF_TOL[dtype])
+    stat_tol = HALF_TOL[dtype] if params == "16-bit" else F32
+    for a, r in zip(ours[3:], ref[3:]):
+        assert a.dtype == pdt
+        torch.testing.assert_close(a.float(), r, **stat_tol)
+    dy = torch.randn(shape, generator=gen(12)).to(dtype)
+    y.backward(dy)
+    y_ref.backward(dy.float())
+    assert ours[0].grad.dtype == dtype
+    torch.testing.assert_close(ours[0].grad.float(), ref[0].grad, **HALF_TOL[dtype])
+    # weight and bias gradients: sums over the batch in double, rounded once
+    # to their dtype; the float32 reference's sums carry ~1e-5 of relative error
+    sum_tol = HALF_TOL[dtype] if params == "16-bit" else dict(rtol=1e-4, atol=1e-4)
+    for a, r in zip(ours[1:3], ref[1:3]):
+        assert a.grad.dtype == pdt
+        torch.testing.assert_close(a.grad.float(), r.grad, **sum_tol)
+
+
+@pytest.mark.parametrize("module", ["BatchNorm1d", "BatchNorm2d"])
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_batchnorm_modules_16bit(module, dtype):
+    """A module converted to a 16-bit dtype (parameters and buffers) and a
+    float32 module given 16-bit input, against torch's module in float32."""
+    shape = (8, 4, 6) if module == "BatchNorm1d" else (8, 4, 3, 3)
+    torch.manual_seed(2)
+    for convert in (True, False):
+        theirs = getattr(torch.nn, module)(4, momentum=0.2)
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.normal_()
+        ours = getattr(fo, module)(4, momentum=0.2)
+        ours.load_state_dict(theirs.state_dict())
+        if convert:
+            ours.to(dtype)
+            theirs.load_state_dict({k: v.to(dtype).to(v.dtype) for k, v in
+                                    theirs.state_dict().items()})
+        for step in range(3):
+            if step == 2:
+                ours.eval()
+                theirs.eval()
+                with torch.no_grad():   # (the same statistics, not the same up to rounding)
+                    theirs.running_mean.copy_(ours.running_mean)
+                    theirs.running_var.copy_(ours.running_var)
+            x = (torch.randn(shape) * 2 + 1).to(dtype)
+            xa, xb = x.clone().requires_grad_(), x.float().requires_grad_()
+            ya, yb = ours(xa), theirs(xb)
+            assert ya.dtype == dtype
+            torch.testing.assert_close(ya.float(), yb, **HALF_TOL[dtype])
+            dy = torch.randn(shape).to(dtype)
+            ya.backward(dy)
+            yb.backward(dy.float())
+            torch.testing.assert_close(xa.grad.float(), xb.grad, **HALF_TOL[dtype])
+            tol = HALF_TOL[dtype] if convert else F32
+            torch.testing.assert_close(ours.running_mean.float(), theirs.running_mean, **tol)
+            torch.testing.assert_close(ours.running_var.float(), theirs.running_var, **tol)
+        assert ours.weight.grad.dtype == (dtype if convert else torch.float32)
+
+
+def test_bfloat16_without_ml_dtypes_raises_import_error(monkeypatch):
+    """bfloat16 is read through ml_dtypes (fastopt's optional extra): without
+    it, bfloat16 tensors raise ImportError saying so, and change nothing;
+    float16 needs nothing."""
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    x = torch.randn(6, 4)
+    target = torch.zeros(6, dtype=torch.long)
+    with pytest.raises(ImportError, match="input .*ml_dtypes"):
+        fo.cross_entropy(x.bfloat16(), target)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    with pytest.raises(ImportError, match="input .*ml_dtypes"):
+        fo.batch_norm(x.bfloat16(), rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+    assert fo.cross_entropy(x.half(), target).dtype == torch.float16
+    assert fo.batch_norm(x.half(), rm, rv, training=True).dtype == torch.float16
+
+
+# --------------------------------------------------- errors name arguments ---
+
+@pytest.mark.parametrize("call, error, name", [
+    (lambda x, t: fo.cross_entropy(x.long(), t), TypeError, "input"),
+    (lambda x, t: fo.cross_entropy(x.to(torch.complex64), t), TypeError, "input"),
+    (lambda x, t: fo.cross_entropy(x[0, 0], t), IndexError, "input"),
+    (lambda x, t: fo.cross_entropy(x.tolist(), t), TypeError, "input"),
+    (lambda x, t: fo.cross_entropy(x.to_sparse(), t), TypeError, "input"),
+    (lambda x, t: fo.cross_entropy(x, t.tolist()), TypeError, "target"),
+    (lambda x, t: fo.cross_entropy(x, t[:3]), ValueError, "target"),
+    (lambda x, t: fo.cross_entropy(x, t.int()), RuntimeError, "target"),
+    (lambda x, t: fo.cross_entropy(x, t, weight=torch.ones(3, dtype=torch.float64)),
+     RuntimeError, "weight"),
+    (lambda x, t: fo.cross_entropy(x, t, weight=torch.ones(3).numpy()), TypeError, "weight"),
+], ids=range(10))
+def test_cross_entropy_errors_name_torchs_arguments(call, error, name):
+    """`input` (the kernel's `logits`), `target`, `weight`."""
+    x, t = torch.randn(4, 3), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(error) as info:
+        call(x, t)
+    assert re.search(rf"\b{name}\b", str(info.value)) and "logits" not in str(info.value)

@@ -818,9 +818,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     CPU; 16-bit input is computed in float32 with double sums and its loss
     and gradient rounded once to its dtype.  Probability targets and weights
     of other dtypes are promoted as torch promotes them.  Input with no
-    classes is left to torch (nothing to compute).  Documented difference
-    from torch (see `fastopt.cross_entropy`): an ignored row gets a zero
-    gradient even if its logits hold NaN.
+    classes is left to torch (nothing to compute).
+
+    Differences from torch: an ignored row gets a zero gradient even if its
+    logits hold NaN (see `fastopt.cross_entropy`); where torch's forward
+    takes a call its backward refuses ((C,) input with a target of shape
+    (1,)), fastopt computes the gradient.
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -977,23 +980,26 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     Same arguments, results and gradients (for input, weight and bias);
     running statistics are updated in place in training (unbiased variance),
     as torch does.  Input is (N, C) or (N, C, *spatial), float32, float64,
-    float16 or bfloat16 (bfloat16 needs ml_dtypes) on the CPU; for 16-bit
+    float16 or bfloat16 (bfloat16 needs ml_dtypes) on the CPU; with 16-bit
     input, weight, bias and the running statistics are all float32 or all of
-    input's dtype, as in torch, statistics are computed in double and the
-    output and input gradient rounded once to input's dtype.  A channels_last
-    input is normalized where it lies and gives a channels_last output, any
-    other layout is made contiguous first.  Statistics are computed in double
-    with a stable two-pass method.
+    input's dtype, as in torch, and the output and input gradient are
+    rounded once to input's dtype.  Statistics are computed in double with a
+    stable two-pass method.  A channels_last input is normalized where it
+    lies and gives a channels_last output, any other layout is made
+    contiguous first.
 
     Arguments are checked as torch checks them, raising torch's exception
     types with messages naming the argument (``weight``, ``bias``,
     ``running_mean``, ``running_var``...).  What the kernels do not compute
     is left to ``torch.nn.functional.batch_norm``: input with no elements,
     momentum outside [0, 1] in training, eps = 0 (evaluation) or not finite.
+
     Differences from torch: a running statistic that is an expanded tensor
     (one value for every channel) is refused in training (torch writes every
     channel's value to it in turn); one that is a lazily negated view is
-    updated through it (torch drops the update).
+    updated through it (torch drops the update); a weight or bias of C
+    elements in another shape than (C,) gets a gradient of its shape (torch's
+    backward raises).
     """
     x = _tensor_arg(input, "input")
     if training:                 # torch.nn.functional.batch_norm's own checks, in its order
@@ -1016,7 +1022,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     momentum = _real_arg(momentum, "momentum")
     if x.dim() < 2:
-        raise IndexError(f"input must have shape (N, C, ...), got {tuple(x.shape)}")
+        # (torch's exception type for this depends on the mode)
+        raise (IndexError if training else RuntimeError)(
+            f"input must have shape (N, C, ...), got {tuple(x.shape)}")
     _float_arg(x, "input")
     if x.numel() == 0 or not 0.0 < eps < math.inf or (
             training and running_mean is not None and not 0.0 <= momentum <= 1.0):
