@@ -366,6 +366,58 @@ def test_cross_entropy_hyperparameter_types_as_torch():
                                    **F32)
 
 
+def test_cross_entropy_weights_torch_refuses_or_computes_differently():
+    """uint8 class indices with a weight, label smoothing and "mean" (torch
+    gathers the weights with them: RuntimeError); weights of C elements in
+    another shape for input of 3 or more dimensions (torch takes them but
+    for label smoothing by the first dimension and, with "mean", to gather
+    from them)."""
+    x = torch.randn(4, 3, generator=gen(13))
+    t8 = torch.tensor([0, 1, 2, 1], dtype=torch.uint8)
+    for reduction, raises in (("mean", True), ("sum", False), ("none", False)):
+        kw = dict(weight=torch.rand(3) + 0.5, label_smoothing=0.1, reduction=reduction)
+        if raises:
+            for f in (F.cross_entropy, fo.cross_entropy):
+                with pytest.raises(RuntimeError):
+                    f(x, t8, **kw)
+        else:
+            torch.testing.assert_close(fo.cross_entropy(x, t8, **kw), F.cross_entropy(x, t8, **kw),
+                                       **F32)
+    x = torch.randn(4, 3, 2, generator=gen(14))
+    t = torch.randint(0, 3, (4, 2), generator=gen(15))
+    for wshape in ((1, 3), (3, 1)):
+        for smoothing, reduction in itertools.product((0.0, 0.1), ("mean", "none")):
+            kw = dict(weight=torch.rand(wshape, generator=gen(16)) + 0.5,
+                      label_smoothing=smoothing, reduction=reduction)
+            try:
+                theirs = F.cross_entropy(x, t, **kw)
+            except RuntimeError:
+                with pytest.raises(RuntimeError, match="weight"):
+                    fo.cross_entropy(x, t, **kw)
+            else:
+                torch.testing.assert_close(fo.cross_entropy(x, t, **kw), theirs, **F32)
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, math.nan, math.inf])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_cross_entropy_weights_outside_the_kernels_domain_are_torchs(value, kind):
+    """Negative or non-finite weights (the kernel takes finite weights >= 0)
+    and, with label smoothing and "mean", weights 0 for every class index
+    not ignored (torch: 0/0): torch's results."""
+    x, target, kw = xent_inputs((5, 4), kind, torch.float32, {"weight": "w"}, seed=17)
+    if kind == "index":
+        target = torch.full((5,), 2)
+    kw["weight"][2] = value
+    for opts in ({}, {"label_smoothing": 0.1}, {"label_smoothing": 0.1, "reduction": "sum"}):
+        xs = [x.detach().clone().requires_grad_() for _ in range(2)]
+        ours, theirs = fo.cross_entropy(xs[0], target, **kw, **opts), \
+            F.cross_entropy(xs[1], target, **kw, **opts)
+        torch.testing.assert_close(ours, theirs, **F32, equal_nan=True)
+        ours.backward()
+        theirs.backward()
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **F32, equal_nan=True)
+
+
 def neg_view(t):
     """A tensor with t's values whose memory holds -t (torch's lazy negation)."""
     v = torch._neg_view(-t.detach())
@@ -743,17 +795,42 @@ def test_batch_norm_reads_lazily_negated_views_as_torch(which, training):
     torch.testing.assert_close(args["running_mean"], plain["running_mean"], **F32)
 
 
-def test_batch_norm_updates_lazily_negated_running_statistics_through_them():
-    """A lazily negated running statistic is updated through the view: it
-    then reads what torch computes for a plain tensor.  (torch itself
-    updates a temporary copy and leaves the view as it was.)"""
-    args, plain = bn_args(), bn_args()
+@pytest.mark.parametrize("dtype, stats", [(torch.float32, torch.float32),
+                                          (torch.float16, torch.float16),
+                                          (torch.bfloat16, torch.float32)], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_lazily_negated_running_statistics(dtype, stats, training):
+    """A lazily negated running statistic is read as its values and updated
+    through the view: it then reads what torch computes for a plain tensor.
+    (torch itself updates a temporary copy and leaves the view as it was;
+    16-bit ones go through a float32 copy, which torch's copy_ between
+    dtypes would make with the wrong sign.)"""
+    args, plain = bn_args(training, dtype), bn_args(training, dtype)
+    for a in (args, plain):
+        for k in ("running_mean", "running_var", "weight", "bias"):
+            a[k] = a[k].to(stats)
     args["running_mean"] = neg_view(args["running_mean"])
     args["running_var"] = neg_view(args["running_var"])
-    bn_call(fo.batch_norm, args)
-    bn_call(F.batch_norm, plain)
-    torch.testing.assert_close(args["running_mean"], plain["running_mean"], **F32)
-    torch.testing.assert_close(args["running_var"], plain["running_var"], **F32)
+    torch.testing.assert_close(bn_call(fo.batch_norm, args), bn_call(F.batch_norm, plain),
+                               rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(args["running_mean"], plain["running_mean"], rtol=2**-7, atol=1e-5)
+    torch.testing.assert_close(args["running_var"], plain["running_var"], rtol=2**-7, atol=1e-5)
+
+
+def test_batch_norm_strided_weight_in_evaluation_gradient():
+    """torch 2.13's input gradient of batch_norm in evaluation mode is wrong
+    for a strided weight; fastopt's is the one torch gives for a contiguous
+    copy of it."""
+    args = bn_args(training=False, shape=(3, 3, 1))
+    w = torch.zeros(3, 2)
+    w[:, 0] = args["weight"]
+    grads = []
+    for f, weight in ((fo.batch_norm, w[:, 0]), (F.batch_norm, args["weight"])):
+        x = args["input"].clone().requires_grad_()
+        f(x, args["running_mean"], args["running_var"], weight, None, False).backward(
+            torch.arange(9.0).reshape(3, 3, 1))
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], **F32)
 
 
 # ---------------------------------------------------- float16 and bfloat16 ---

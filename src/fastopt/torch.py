@@ -727,11 +727,12 @@ def _probability_targets(x, target, weight, ignore_index, smoothing):
     return x.to(dtype), target.to(dtype), weight
 
 
-def _class_targets(x, target, weight, smoothing):
+def _class_targets(x, target, weight, ignore_index, smoothing, mean):
     """torch's checks of class-index targets against input of shape (C,),
     (N, C) or (N, C, d1, ...): target of shape () or (1,), (N,) and
     (N, d1, ...) respectively, int64 (or, for 1-d and 2-d input, uint8);
-    weight (C,) of input's dtype.  (`_check_classes` checks the values.)"""
+    weight (C,) of input's dtype.  `mean`: reduction is "mean".
+    (`_check_classes` checks the values.)"""
     if smoothing > 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0, got {smoothing}")
     if x.dim() == 0:
@@ -748,6 +749,10 @@ def _class_targets(x, target, weight, smoothing):
     if not (target.dtype == torch.int64 or target.dtype == torch.uint8 and nd <= 2):
         raise RuntimeError(f"target holds class indices and must have dtype int64 (or uint8 "
                            f"for input of 1 or 2 dimensions), got {target.dtype}")
+    if target.dtype == torch.uint8 and weight is not None and smoothing > 0 and mean:
+        # (torch's label smoothing gathers the weights with the indices: int64 only)
+        raise RuntimeError("target holds class indices of dtype uint8: with a weight, "
+                           "label_smoothing > 0 and reduction='mean', they must be int64")
     if nd == 1 and ts not in ((), (1,)):
         raise _target_shape_error(ValueError, xs, ts)
     if nd == 2 and not ts:
@@ -756,7 +761,11 @@ def _class_targets(x, target, weight, smoothing):
         raise _target_shape_error(RuntimeError, xs, ts)
     C = xs[0] if nd == 1 else xs[1]
     if weight is not None:
-        if weight.dim() != 1 or weight.numel() != C:
+        # (torch takes C weights in any shape for input of 3 or more
+        # dimensions, except where its label smoothing indexes them: by the
+        # first dimension, and for "mean" with the targets not ignored)
+        if weight.numel() != C or weight.dim() != 1 and (nd <= 2 or smoothing > 0 and (
+                weight.shape[0] != C or mean and bool((target != ignore_index).any()))):
             raise RuntimeError(f"weight must have shape ({C},) (one value per class of input), "
                                f"got {tuple(weight.shape)}")
         if weight.dtype != x.dtype:
@@ -796,6 +805,21 @@ def _check_classes(t, C, ignore_index, shape):
                          f"({ignore_index})")
 
 
+def _kernel_weight(weight, t2, soft, ignore_index, reduction, smoothing):
+    """Whether the kernel computes what torch computes with these class
+    weights (C > 0 of them): they are finite and >= 0, and, with class
+    indices, label smoothing and reduction "mean", their total over the rows
+    not ignored is not 0 (torch divides by it: NaN; the kernel divides the
+    smoothing term by it: an infinity)."""
+    weight = weight.detach()
+    lo, hi = torch.aminmax(weight)
+    if not (bool(lo >= 0) and bool(hi < math.inf)):         # (NaN: False)
+        return False
+    if bool(lo > 0) or soft or not (smoothing > 0 and reduction == "mean"):
+        return True
+    return bool(weight[t2[t2 != ignore_index].long()].sum() > 0)
+
+
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
                   reduce=None, reduction="mean", label_smoothing=0.0):
     """``torch.nn.functional.cross_entropy`` computed by fastopt's fused kernel.
@@ -817,13 +841,18 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     float32, float64, float16 or bfloat16 (bfloat16 needs ml_dtypes) on the
     CPU; 16-bit input is computed in float32 with double sums and its loss
     and gradient rounded once to its dtype.  Probability targets and weights
-    of other dtypes are promoted as torch promotes them.  Input with no
-    classes is left to torch (nothing to compute).
+    of other dtypes are promoted as torch promotes them.  What the kernel
+    does not compute is left to torch: input with no classes, weights that
+    are negative or not finite, or (with label smoothing and "mean") weigh
+    every class index not ignored 0.
 
-    Differences from torch: an ignored row gets a zero gradient even if its
-    logits hold NaN (see `fastopt.cross_entropy`); where torch's forward
-    takes a call its backward refuses ((C,) input with a target of shape
-    (1,)), fastopt computes the gradient.
+    Differences from torch, with values that are not finite (see
+    `fastopt.cross_entropy`): an ignored row gets a zero gradient even if
+    its logits hold NaN or an infinity; a probability target 0 at a logit
+    -inf adds 0 to the loss (torch: NaN); an infinite probability target
+    gives NaN (torch: an infinite loss).  Where torch's forward takes a call
+    its backward refuses ((C,) input with a target of shape (1,)), fastopt
+    computes the gradient.
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
@@ -839,7 +868,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     if soft:
         x, target, weight = _probability_targets(x, target, weight, ignore_index, smoothing)
     else:
-        _class_targets(x, target, weight, smoothing)
+        _class_targets(x, target, weight, ignore_index, smoothing, reduction == "mean")
+        if weight is not None:
+            weight = weight.reshape(-1)
     if not smoothing > 0.0:
         smoothing = 0.0                     # torch ignores label_smoothing <= 0 (and NaN)
     C = x.shape[0] if x.dim() == 1 else x.shape[1]
@@ -854,8 +885,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         out_shape = (x.shape[0],) + tuple(x.shape[2:])
     if not soft:
         _check_classes(t2, C, ignore_index, tuple(target.shape))
-    if C == 0:
-        # No classes: torch's conventions for empty sums (NaN where it divides by 0).
+    if C == 0 or weight is not None and not _kernel_weight(weight, t2, soft, ignore_index,
+                                                           reduction, smoothing):
+        # No classes (torch's conventions for empty sums: NaN where it
+        # divides by 0), or weights the kernel does not take as torch does.
         return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=smoothing)
     loss = _CrossEntropy.apply(x2, t2, weight, ignore_index, reduction, smoothing)
@@ -887,10 +920,8 @@ class _BatchNorm(torch.autograd.Function):
             training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
             out=_numpy(_to_channels_last(y) if last else y))
         if training and running_mean is not None:
-            with torch.no_grad():
-                for t, buf in ((running_mean, rm), (running_var, rv)):
-                    if buf is not t:
-                        t.copy_(buf)
+            _copy_back(running_mean, rm)
+            _copy_back(running_var, rv)
             torch.autograd.graph.increment_version([running_mean, running_var])
         ctx.bn = bn
         ctx.last = last
@@ -917,10 +948,18 @@ class _BatchNorm(torch.autograd.Function):
 def _stat_buffer(t, dtype):
     """A running statistic as the kernel updates it: `t` itself if it is a
     contiguous `dtype` tensor, else a contiguous `dtype` copy (copied back
-    after the update)."""
+    with `_copy_back`)."""
     if t.dtype == dtype and t.is_contiguous() and not t.is_neg():
         return t
-    return torch.empty(t.shape, dtype=dtype).copy_(t.detach())
+    # (torch 2.13's copy_ between dtypes ignores a lazy negation: resolve it first)
+    return torch.empty(t.shape, dtype=dtype).copy_(t.detach().resolve_neg())
+
+
+def _copy_back(t, buf):
+    """t = buf, for a `_stat_buffer` copy of t."""
+    if buf is not t:
+        with torch.no_grad():
+            t.copy_(buf.to(t.dtype))    # (converted first, for a lazily negated t)
 
 
 def _channels_last(x):
@@ -935,23 +974,20 @@ def _to_channels_last(x):
 
 def _batch_norm_params(x, training, params):
     """torch's checks of weight, bias, running_mean and running_var (a dict,
-    None for absent) against input (N, C, ...)."""
-    rm, rv = params["running_mean"], params["running_var"]
-    if training and (rm is None) != (rv is None):
-        raise ValueError("running_mean and running_var must either both be None or neither "
-                         "be None")
-    for name in ("running_mean", "running_var"):
-        if not training and params[name] is None:
-            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    None for absent) against input (N, C, ...), in torch's order."""
     C = x.shape[1]
     for name, t in params.items():
         if t is not None and t.numel() != C:
             raise RuntimeError(f"{name} should contain {C} elements (the channels of input) not "
                                f"{t.numel()}")
-    for name in ("running_mean", "running_var"):
-        t = params[name]
-        if t is not None and t.dim() != 1:
-            raise RuntimeError(f"{name} must be 1-d, of shape ({C},), got {tuple(t.shape)}")
+        if t is None and name.startswith("running") and not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    rm, rv = params["running_mean"], params["running_var"]
+    _requires_grad_error(rm, "running_mean", "batch_norm")
+    _requires_grad_error(rv, "running_var", "batch_norm")
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var must either both be None or neither "
+                         "be None")
     given = [(name, t) for name, t in params.items() if t is not None]
     if x.dtype in _HALF_DTYPES:
         # 16-bit input: parameters all float32 or all of input's dtype (torch's mixed mode)
@@ -965,9 +1001,9 @@ def _batch_norm_params(x, training, params):
         for name, t in given:
             if t.dtype != x.dtype:
                 raise RuntimeError(f"{name} has dtype {t.dtype} but input has dtype {x.dtype}")
-    for name in ("running_mean", "running_var"):
-        t = params[name]
-        _requires_grad_error(t, name, "batch_norm")
+    for name, t in (("running_mean", rm), ("running_var", rv)):
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"{name} must be 1-d, of shape ({C},), got {tuple(t.shape)}")
         if training and t is not None and C > 1 and t.stride(0) == 0:
             raise RuntimeError(f"{name} is updated in place but holds one value for all "
                                "channels (an expanded tensor)")
