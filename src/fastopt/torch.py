@@ -641,6 +641,13 @@ def _real_arg(v, name):
         raise OverflowError(f"{name} = {v} is too large for a float") from None
 
 
+def _torch_names(exc):
+    """A kernel's TypeError/ValueError with its names for the arguments
+    replaced by torch's (x, logits: input; gamma: weight; beta: bias)."""
+    names = {"x": "input", "logits": "input", "gamma": "weight", "beta": "bias"}
+    return type(exc)(re.sub(r"\b(x|logits|gamma|beta)\b", lambda m: names[m.group(1)], str(exc)))
+
+
 def _requires_grad_error(t, name, fn):
     """torch's refusal of an argument it does not differentiate (while
     autograd records)."""
@@ -663,10 +670,13 @@ class _CrossEntropy(torch.autograd.Function):
         soft = target.is_floating_point()
         want_grad = ctx.needs_input_grad[0]
         xa = _numpy(x)
-        out = _softmax_kernels.cross_entropy(
-            xa, _numpy(target), weight=None if weight is None else _numpy(weight),
-            ignore_index=ignore_index if not soft else -100, reduction=reduction,
-            label_smoothing=label_smoothing, return_grad=want_grad)
+        try:
+            out = _softmax_kernels.cross_entropy(
+                xa, _numpy(target), weight=None if weight is None else _numpy(weight),
+                ignore_index=ignore_index if not soft else -100, reduction=reduction,
+                label_smoothing=label_smoothing, return_grad=want_grad)
+        except (TypeError, ValueError) as e:
+            raise _torch_names(e) from None
         loss, dlogits = out if want_grad else (out, None)
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
@@ -913,12 +923,16 @@ class _BatchNorm(torch.autograd.Function):
         beta = _numpy(bias).reshape(-1) if bias is not None else np.zeros(C, np_like)
         rm = rv = None
         if running_mean is not None:
-            rm, rv = _stat_buffer(running_mean, like), _stat_buffer(running_var, like)
-        _, bn = _bn_kernels.batch_norm_forward(
-            _numpy(_to_channels_last(x) if last else x), gamma, beta,
-            None if rm is None else _numpy(rm), None if rv is None else _numpy(rv),
-            training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
-            out=_numpy(_to_channels_last(y) if last else y))
+            rm, rv = (_stat_buffer(running_mean, like, training),
+                      _stat_buffer(running_var, like, training))
+        try:
+            _, bn = _bn_kernels.batch_norm_forward(
+                _numpy(_to_channels_last(x) if last else x), gamma, beta,
+                None if rm is None else _numpy(rm), None if rv is None else _numpy(rv),
+                training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
+                out=_numpy(_to_channels_last(y) if last else y))
+        except (TypeError, ValueError) as e:
+            raise _torch_names(e) from None
         if training and running_mean is not None:
             _copy_back(running_mean, rm)
             _copy_back(running_var, rv)
@@ -945,11 +959,12 @@ class _BatchNorm(torch.autograd.Function):
         return (dx if ctx.needs_input_grad[0] else None, dw, db, None, None, None, None, None)
 
 
-def _stat_buffer(t, dtype):
-    """A running statistic as the kernel updates it: `t` itself if it is a
-    contiguous `dtype` tensor, else a contiguous `dtype` copy (copied back
-    with `_copy_back`)."""
-    if t.dtype == dtype and t.is_contiguous() and not t.is_neg():
+def _stat_buffer(t, dtype, training):
+    """A running statistic as the kernel takes it: in training (it updates
+    it) `t` itself if it is a contiguous `dtype` tensor, else a contiguous
+    `dtype` copy (copied back with `_copy_back`); in evaluation a copy (then
+    it may share memory with other arguments)."""
+    if training and t.dtype == dtype and t.is_contiguous() and not t.is_neg():
         return t
     # (torch 2.13's copy_ between dtypes ignores a lazy negation: resolve it first)
     return torch.empty(t.shape, dtype=dtype).copy_(t.detach().resolve_neg())
@@ -1007,6 +1022,27 @@ def _batch_norm_params(x, training, params):
         if training and t is not None and C > 1 and t.stride(0) == 0:
             raise RuntimeError(f"{name} is updated in place but holds one value for all "
                                "channels (an expanded tensor)")
+    if training and rm is not None:
+        # (torch's result would depend on the order of its reads and writes)
+        written = (("running_mean", rm), ("running_var", rv))
+        read = (("input", x), ("weight", params["weight"]), ("bias", params["bias"]))
+        for i, (name, t) in enumerate(written):
+            for other, u in read + written[i + 1:]:
+                if u is not None and _overlap(t, u):
+                    raise ValueError(f"{name} and {other} overlap in memory; {name} is updated "
+                                     "in place: give it memory of its own")
+
+
+def _overlap(a, b):
+    """Whether the memory spans of tensors a and b (non-empty) intersect."""
+    def extent(t):
+        if t.numel() == 0:
+            return 0, 0
+        lo = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st < 0)
+        hi = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st > 0) + 1
+        return t.data_ptr() + lo * t.element_size(), t.data_ptr() + hi * t.element_size()
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < a1 and b0 < b1 and a0 < b1 and b0 < a1
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -1030,12 +1066,13 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     is left to ``torch.nn.functional.batch_norm``: input with no elements,
     momentum outside [0, 1] in training, eps = 0 (evaluation) or not finite.
 
-    Differences from torch: a running statistic that is an expanded tensor
-    (one value for every channel) is refused in training (torch writes every
-    channel's value to it in turn); one that is a lazily negated view is
-    updated through it (torch drops the update); a weight or bias of C
-    elements in another shape than (C,) gets a gradient of its shape (torch's
-    backward raises).
+    Differences from torch, in training: a running statistic that is an
+    expanded tensor (one value for every channel) raises RuntimeError (torch
+    writes every channel's value to it in turn), one sharing memory with
+    another argument ValueError (torch's result depends on the order of its
+    reads and writes); one that is a lazily negated view is updated through
+    it (torch drops the update).  A weight or bias of C elements in another
+    shape than (C,) gets a gradient of its shape (torch's backward raises).
     """
     x = _tensor_arg(input, "input")
     if training:                 # torch.nn.functional.batch_norm's own checks, in its order
