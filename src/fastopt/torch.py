@@ -552,8 +552,10 @@ class RMSprop(_Fused, torch.optim.RMSprop):
 # naming the argument as torch names it.  What fastopt alone refuses raises
 # TypeError: a tensor not on the CPU or not strided, an input dtype the
 # kernels do not compute in (torch raises NotImplementedError for the
-# integer and complex ones).  The kernels then run on NumPy views of the
-# tensors' memory.
+# integer and complex ones); and batch_norm refuses running statistics it
+# cannot update as torch would (see its docstring).  The kernels then run on
+# NumPy views of the tensors' memory; what they do not compute (empty input,
+# hyperparameters outside their domain) is left to torch.
 
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -853,8 +855,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     and gradient rounded once to its dtype.  Probability targets and weights
     of other dtypes are promoted as torch promotes them.  What the kernel
     does not compute is left to torch: input with no classes, weights that
-    are negative or not finite, or (with label smoothing and "mean") weigh
-    every class index not ignored 0.
+    are negative or not finite, or that (with label smoothing and "mean")
+    give every class index not ignored the weight 0.
 
     Differences from torch, with values that are not finite (see
     `fastopt.cross_entropy`): an ignored row gets a zero gradient even if
@@ -868,9 +870,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     reduction = _REDUCTIONS[torch.nn._reduction.get_enum(reduction)]    # ValueError as torch
     x = _tensor_arg(input, "input")
-    target = _tensor_arg(target, "target")
-    if weight is not None:
-        weight = _tensor_arg(weight, "weight")
+    given = (input, _tensor_arg(target, "target"),
+             weight if weight is None else _tensor_arg(weight, "weight"))
     ignore_index = _int_arg(ignore_index, "ignore_index")
     smoothing = _real_arg(label_smoothing, "label_smoothing")
     _float_arg(x, "input")
@@ -899,7 +900,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                                                            reduction, smoothing):
         # No classes (torch's conventions for empty sums: NaN where it
         # divides by 0), or weights the kernel does not take as torch does.
-        return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index,
+        return torch.nn.functional.cross_entropy(*given, ignore_index=ignore_index,
                                                  reduction=reduction, label_smoothing=smoothing)
     loss = _CrossEntropy.apply(x2, t2, weight, ignore_index, reduction, smoothing)
     if reduction == "none":
@@ -1024,25 +1025,24 @@ def _batch_norm_params(x, training, params):
                                "channels (an expanded tensor)")
     if training and rm is not None:
         # (torch's result would depend on the order of its reads and writes)
-        written = (("running_mean", rm), ("running_var", rv))
-        read = (("input", x), ("weight", params["weight"]), ("bias", params["bias"]))
-        for i, (name, t) in enumerate(written):
-            for other, u in read + written[i + 1:]:
-                if u is not None and _overlap(t, u):
+        spans = [(name, _span(t)) for name, t in (("running_mean", rm), ("running_var", rv),
+                                                  ("input", x), ("weight", params["weight"]),
+                                                  ("bias", params["bias"])) if t is not None]
+        for i, (name, (lo, hi)) in enumerate(spans[:2]):
+            for other, (lo2, hi2) in spans[i + 1:]:
+                if lo < hi2 and lo2 < hi:
                     raise ValueError(f"{name} and {other} overlap in memory; {name} is updated "
                                      "in place: give it memory of its own")
 
 
-def _overlap(a, b):
-    """Whether the memory spans of tensors a and b (non-empty) intersect."""
-    def extent(t):
-        if t.numel() == 0:
-            return 0, 0
-        lo = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st < 0)
-        hi = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st > 0) + 1
-        return t.data_ptr() + lo * t.element_size(), t.data_ptr() + hi * t.element_size()
-    (a0, a1), (b0, b1) = extent(a), extent(b)
-    return a0 < a1 and b0 < b1 and a0 < b1 and b0 < a1
+def _span(t):
+    """The addresses [lo, hi) of the bytes t's elements lie in (t not empty)."""
+    start, size = t.data_ptr(), t.element_size()
+    if t.is_contiguous():
+        return start, start + t.numel() * size
+    lo = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st > 0) + 1
+    return start + lo * size, start + hi * size
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
