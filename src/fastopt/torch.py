@@ -83,7 +83,8 @@ from . import _batchnorm as _bn_kernels
 from . import _optim as _optim_kernels
 from . import _softmax as _softmax_kernels
 
-__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "cross_entropy", "batch_norm", "BatchNorm2d"]
+__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "cross_entropy", "batch_norm", "BatchNorm1d",
+           "BatchNorm2d"]
 
 # torch.optim's registries of hooks for all optimizers (the wrapped step is
 # used whenever any hook is registered or the profiler runs).
@@ -544,22 +545,117 @@ class RMSprop(_Fused, torch.optim.RMSprop):
 
 
 # ------------------------------------------------------------- functions ---
+#
+# cross_entropy and batch_norm check their arguments as torch.nn.functional
+# does, in its order and with its exception types: an argument torch refuses
+# raises the same ValueError / RuntimeError / IndexError, with a message
+# naming the argument as torch names it.  What fastopt alone refuses raises
+# TypeError: a tensor not on the CPU or not strided, an input dtype the
+# kernels do not compute in (torch raises NotImplementedError for the
+# integer and complex ones); and batch_norm refuses running statistics it
+# cannot update as torch would (see its docstring).  The kernels then run on
+# NumPy views of the tensors' memory; what they do not compute (empty input,
+# hyperparameters outside their domain) is left to torch.
+
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_REDUCTIONS = ("none", "mean", "sum")       # torch.nn._reduction's enum order
+
+
+def _bfloat16(what):
+    """NumPy's bfloat16 dtype, from ml_dtypes (fastopt's optional extra)."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ImportError(f"{what} needs the ml_dtypes package: "
+                          "pip install 'fastopt[bf16]' (or pip install ml_dtypes)") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
 
 def _numpy(t):
-    """A NumPy view of a CPU tensor's data (no copy, no autograd)."""
-    return t.detach().numpy()
+    """A NumPy array over a CPU tensor's values (no autograd), sharing its
+    memory; bfloat16 as ml_dtypes.bfloat16 (the same bits).  A lazily
+    negated or conjugated view is resolved first: its memory holds other
+    values, so the array is then a copy (the kernels only write tensors
+    made here, never such views)."""
+    t = t.detach()
+    if t.is_neg() or t.is_conj():
+        t = t.resolve_conj().resolve_neg()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(_bfloat16("a bfloat16 tensor"))
+    return t.numpy()
 
 
-def _float_input(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.device.type != "cpu":
-        raise TypeError(f"{name} is on {x.device}; fastopt.torch works on CPU tensors only")
-    if x.layout != torch.strided:
-        raise TypeError(f"{name} is a {x.layout} tensor; fastopt.torch takes dense tensors")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} has dtype {x.dtype}; fastopt.torch takes float32 and float64")
-    return x.resolve_conj().resolve_neg()
+def _from_numpy(a):
+    """A tensor sharing memory with a kernel's result (bfloat16 included)."""
+    if a.dtype.type.__name__ == "bfloat16":         # (dtype.name is slow to compute)
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def _tensor_arg(t, name):
+    """`t`, checked to be a tensor fastopt can read: dense, on the CPU."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_cpu:
+        raise TypeError(f"{name} is on {t.device}; fastopt.torch works on CPU tensors only")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} is a {t.layout} tensor; fastopt.torch takes dense tensors")
+    return t
+
+
+def _float_arg(t, name):
+    """`t` (a `_tensor_arg`), of a dtype the kernels compute in."""
+    if t.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; fastopt.torch computes in float32, "
+                        "float64, float16 and bfloat16")
+    if t.dtype == torch.bfloat16:
+        _bfloat16(f"{name} (bfloat16)")
+    return t
+
+
+def _int_arg(v, name):
+    """`v` as a Python int in int64, as torch's argument parser takes an int:
+    a Python or NumPy integer or a 0-d integer tensor, not a bool or float."""
+    if isinstance(v, (bool, float)) or not hasattr(type(v), "__index__"):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    try:
+        v = v.__index__()
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if not -2**63 <= v < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {v}")
+    return v
+
+
+def _real_arg(v, name):
+    """`v` as a Python float, as torch's argument parser takes a float: a
+    Python or NumPy real number or a 0-d real tensor, not a string or array."""
+    if isinstance(v, torch.Tensor):
+        ok = v.dim() == 0 and not v.is_complex()
+    else:
+        ok = isinstance(v, (int, float, np.integer, np.floating))
+    if not ok:
+        raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+    try:
+        return float(v)
+    except OverflowError:
+        raise OverflowError(f"{name} = {v} is too large for a float") from None
+
+
+def _torch_names(exc):
+    """A kernel's TypeError/ValueError with its names for the arguments
+    replaced by torch's (x, logits: input; gamma: weight; beta: bias)."""
+    names = {"x": "input", "logits": "input", "gamma": "weight", "beta": "bias"}
+    return type(exc)(re.sub(r"\b(x|logits|gamma|beta)\b", lambda m: names[m.group(1)], str(exc)))
+
+
+def _requires_grad_error(t, name, fn):
+    """torch's refusal of an argument it does not differentiate (while
+    autograd records)."""
+    if t is not None and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn} is not differentiable with respect to {name}; "
+                           "this input cannot have requires_grad True")
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -567,43 +663,173 @@ class _CrossEntropy(torch.autograd.Function):
 
     The forward pass computes d(loss)/d(logits) along with the loss (one
     kernel, two passes over the logits) and saves it; the backward pass
-    scales it by the incoming gradient."""
+    scales it by the incoming gradient.  With probability targets, the
+    gradients with respect to the targets and the class weights come from
+    log_softmax(logits), saved when they are needed."""
 
     @staticmethod
     def forward(ctx, x, target, weight, ignore_index, reduction, label_smoothing):
         soft = target.is_floating_point()
         want_grad = ctx.needs_input_grad[0]
-        out = _softmax_kernels.cross_entropy(
-            _numpy(x), _numpy(target), weight=None if weight is None else _numpy(weight),
-            ignore_index=ignore_index if not soft else -100, reduction=reduction,
-            label_smoothing=label_smoothing, return_grad=want_grad)
+        xa = _numpy(x)
+        try:
+            out = _softmax_kernels.cross_entropy(
+                xa, _numpy(target), weight=None if weight is None else _numpy(weight),
+                ignore_index=ignore_index if not soft else -100, reduction=reduction,
+                label_smoothing=label_smoothing, return_grad=want_grad)
+        except (TypeError, ValueError) as e:
+            raise _torch_names(e) from None
         loss, dlogits = out if want_grad else (out, None)
         ctx.reduction = reduction
         ctx.label_smoothing = label_smoothing
-        ctx.dlogits = torch.from_numpy(dlogits) if want_grad else None
-        if soft and ctx.needs_input_grad[1]:
-            # d(loss)/d(target[i, c]) = -(1 - eps) * w[c] * log_softmax(x)[i, c] (/ N for mean)
-            ctx.save_for_backward(torch.from_numpy(_softmax_kernels.log_softmax(_numpy(x))),
-                                  weight)
-        loss = torch.from_numpy(np.asarray(loss, dtype=_numpy(x).dtype))
-        return loss
+        ctx.dlogits = _from_numpy(dlogits) if want_grad else None
+        if soft and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            ctx.save_for_backward(_from_numpy(_softmax_kernels.log_softmax(xa)), target, weight)
+        # (for "none" the rows' losses in x's dtype, else a double, rounded once)
+        return _from_numpy(np.asarray(loss, dtype=xa.dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        dx = dt = None
+        dx = dt = dw = None
         scale = grad_loss.reshape(-1, 1) if ctx.reduction == "none" else grad_loss
         if ctx.needs_input_grad[0]:
             dx = ctx.dlogits * scale
-        if ctx.needs_input_grad[1]:
-            logp, weight = ctx.saved_tensors
-            dt = logp * (-(1.0 - ctx.label_smoothing))
-            if weight is not None:
-                dt = dt * weight
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # loss = -sum_ic w[c] q[i, c] logp[i, c] (/ M for mean),
+            # q = (1 - eps) t + eps / C
+            logp, target, weight = ctx.saved_tensors
+            eps = ctx.label_smoothing
             if ctx.reduction == "mean":
-                dt = dt / logp.shape[0]
-            dt = dt * scale
-        return dx, dt, None, None, None, None
+                scale = scale / logp.shape[0]
+            if ctx.needs_input_grad[1]:
+                dt = logp * (-(1.0 - eps)) * scale
+                if weight is not None:
+                    dt = dt * weight
+            if ctx.needs_input_grad[2]:
+                q = target * (1.0 - eps) + eps / logp.shape[1]
+                dw = -(q * logp * scale).sum(0)
+        return dx, dt, dw, None, None, None
+
+
+def _probability_targets(x, target, weight, ignore_index, smoothing):
+    """torch's checks of probability targets (`target` has input's shape);
+    returns input, target and weight in the dtype torch computes in (their
+    promotion: float32 for float16 input and float32 target, say)."""
+    if not target.is_floating_point():
+        raise RuntimeError(f"target has the shape of input, {tuple(x.shape)}, so it holds class "
+                           f"probabilities and must be floating point, got {target.dtype}")
+    if ignore_index >= 0:
+        raise RuntimeError(f"ignore_index={ignore_index} is not supported with probability "
+                           "targets (target of the shape of input); use a negative value")
+    if x.dim() == 0:
+        raise IndexError("input must have at least one dimension (the classes), got a 0-d tensor")
+    C = x.shape[0] if x.dim() == 1 else x.shape[1]
+    dtype = torch.promote_types(x.dtype, target.dtype)
+    if weight is not None:
+        if weight.dim() != 1 or weight.numel() != C:
+            raise RuntimeError(f"weight must have shape ({C},) (one value per class of input), "
+                               f"got {tuple(weight.shape)}")
+        if weight.is_complex():
+            raise TypeError(f"weight has dtype {weight.dtype}; fastopt.torch computes real losses")
+        dtype = torch.promote_types(dtype, weight.dtype)
+        weight = weight.to(dtype)
+    if smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0, got {smoothing}")
+    return x.to(dtype), target.to(dtype), weight
+
+
+def _class_targets(x, target, weight, ignore_index, smoothing, mean):
+    """torch's checks of class-index targets against input of shape (C,),
+    (N, C) or (N, C, d1, ...): target of shape () or (1,), (N,) and
+    (N, d1, ...) respectively, int64 (or, for 1-d and 2-d input, uint8);
+    weight (C,) of input's dtype.  `mean`: reduction is "mean".
+    (`_check_classes` checks the values.)"""
+    if smoothing > 1.0:
+        raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0, got {smoothing}")
+    if x.dim() == 0:
+        raise IndexError("input must have at least one dimension (the classes), got a 0-d tensor")
+    xs, ts = tuple(x.shape), tuple(target.shape)
+    nd = len(xs)
+    # (torch's exception types differ from case to case, and it counts a 0-d
+    # target as a batch of 0)
+    if nd > 1 and (ts[0] if ts else 0) != xs[0]:
+        raise _target_shape_error(ValueError, xs, ts)
+    if (nd <= 2 and len(ts) > 1 or nd == 4 and len(ts) != 3
+            or nd not in (1, 2, 4) and ts[1:] != xs[2:]):
+        raise _target_shape_error(RuntimeError, xs, ts)
+    if not (target.dtype == torch.int64 or target.dtype == torch.uint8 and nd <= 2):
+        raise RuntimeError(f"target holds class indices and must have dtype int64 (or uint8 "
+                           f"for input of 1 or 2 dimensions), got {target.dtype}")
+    if target.dtype == torch.uint8 and weight is not None and smoothing > 0 and mean:
+        # (torch's label smoothing gathers the weights with the indices: int64 only)
+        raise RuntimeError("target holds class indices of dtype uint8: with a weight, "
+                           "label_smoothing > 0 and reduction='mean', they must be int64")
+    if nd == 1 and ts not in ((), (1,)):
+        raise _target_shape_error(ValueError, xs, ts)
+    if nd == 2 and not ts:
+        raise _target_shape_error(IndexError, xs, ts)
+    if nd == 4 and ts[1:] != xs[2:]:
+        raise _target_shape_error(RuntimeError, xs, ts)
+    C = xs[0] if nd == 1 else xs[1]
+    if weight is not None:
+        # (torch takes C weights in any shape for input of 3 or more
+        # dimensions, except where its label smoothing indexes them: by the
+        # first dimension, and for "mean" with the targets not ignored)
+        if weight.numel() != C or weight.dim() != 1 and (nd <= 2 or smoothing > 0 and (
+                weight.shape[0] != C or mean and bool((target != ignore_index).any()))):
+            raise RuntimeError(f"weight must have shape ({C},) (one value per class of input), "
+                               f"got {tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise RuntimeError(f"weight has dtype {weight.dtype} but input has dtype {x.dtype} "
+                               "(with class-index targets they must match)")
+        _requires_grad_error(weight, "weight", "cross_entropy with class-index targets")
+    if nd == 1 and ts and smoothing > 0.0:
+        # torch's label smoothing broadcasts a (1,) target against the 0-d loss and fails
+        raise RuntimeError("label_smoothing > 0 with input of shape (C,) needs a 0-d target, "
+                           f"got shape {ts}")
+
+
+def _target_shape_error(error, xs, ts):
+    """An `error` saying which target shapes input of shape `xs` takes."""
+    if len(xs) == 1:
+        want = f"shape () or (1,) (one class index) or {xs} (probabilities)"
+    else:
+        want = f"shape {(xs[0],) + xs[2:]} (class indices) or {xs} (probabilities)"
+    return error(f"target must have {want} for input of shape {xs}, got shape {ts}")
+
+
+def _check_classes(t, C, ignore_index, shape):
+    """Every class index of `t` (int64 or uint8, any shape) is in [0, C) or
+    equals ignore_index; else IndexError, as torch raises."""
+    if t.numel() == 0:
+        return
+    lo, hi = torch.aminmax(t)
+    if int(lo) >= 0 and int(hi) < C:
+        return
+    t = t.to(torch.int64)           # (torch compares uint8 indices as int64 too)
+    bad = ((t < 0) | (t >= C)) & (t != ignore_index)
+    if bad.any():
+        i = int(bad.reshape(-1).nonzero()[0])
+        at = np.unravel_index(i, shape) if shape else ()
+        raise IndexError(f"target[{', '.join(map(str, at))}] = {int(t.reshape(-1)[i])} is out "
+                         f"of range: class indices must be in [0, {C}) or equal ignore_index "
+                         f"({ignore_index})")
+
+
+def _kernel_weight(weight, t2, soft, ignore_index, reduction, smoothing):
+    """Whether the kernel computes what torch computes with these class
+    weights (C > 0 of them): they are finite and >= 0, and, with class
+    indices, label smoothing and reduction "mean", their total over the rows
+    not ignored is not 0 (torch divides by it: NaN; the kernel divides the
+    smoothing term by it: an infinity)."""
+    weight = weight.detach()
+    lo, hi = torch.aminmax(weight)
+    if not (bool(lo >= 0) and bool(hi < math.inf)):         # (NaN: False)
+        return False
+    if bool(lo > 0) or soft or not (smoothing > 0 and reduction == "mean"):
+        return True
+    return bool(weight[t2[t2 != ignore_index].long()].sum() > 0)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100,
@@ -613,38 +839,70 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     Same arguments and results (class-index or probability targets, class
     weights, ``ignore_index``, ``reduction``, ``label_smoothing``; input of
     shape (C,), (N, C) or (N, C, d1, ...)), differentiable with respect to
-    `input` (and to probability targets).  The forward pass computes the
-    gradient along with the loss, in double-precision sums, and keeps it for
-    the backward pass (torch keeps log-softmax, the same size).  Input is
-    float32 or float64 on the CPU.  Documented differences from torch (see
+    `input` and, with probability targets, to `target` and `weight`.  The
+    forward pass computes the gradient along with the loss, in
+    double-precision sums, and keeps it for the backward pass (torch keeps
+    log-softmax, the same size).
+
+    Arguments are checked as torch checks them, raising torch's exception
+    types (a target of a wrong shape or dtype, a weight of another length or
+    dtype, ``ignore_index`` >= 0 with probability targets, label smoothing
+    above 1: RuntimeError, ValueError or IndexError as in torch, naming the
+    argument); a target whose shape is input's holds probabilities, any
+    other holds class indices (int64 or uint8), as in torch.  ``input`` is
+    float32, float64, float16 or bfloat16 (bfloat16 needs ml_dtypes) on the
+    CPU; 16-bit input is computed in float32 with double sums and its loss
+    and gradient rounded once to its dtype.  Probability targets and weights
+    of other dtypes are promoted as torch promotes them.  What the kernel
+    does not compute is left to torch: input with no classes, weights that
+    are negative or not finite, or that (with label smoothing and "mean")
+    give every class index not ignored the weight 0.
+
+    Differences from torch, with values that are not finite (see
     `fastopt.cross_entropy`): an ignored row gets a zero gradient even if
-    its logits hold NaN; a class index out of range raises ValueError.
+    its logits hold NaN or an infinity; a probability target 0 at a logit
+    -inf adds 0 to the loss (torch: NaN); an infinite probability target
+    gives NaN (torch: an infinite loss).  Where torch's forward takes a call
+    its backward refuses ((C,) input with a target of shape (1,)), fastopt
+    computes the gradient.
     """
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
-    x = _float_input(input, "input")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
-    if weight is not None:
-        weight = _float_input(weight, "weight")
-        if weight.requires_grad:
-            raise RuntimeError("cross_entropy is not differentiable with respect to weight; "
-                               "this input cannot have requires_grad True")
-    soft = target.is_floating_point()
-    if x.dim() == 0:
-        raise ValueError("input must have at least one dimension (the classes)")
+    reduction = _REDUCTIONS[torch.nn._reduction.get_enum(reduction)]    # ValueError as torch
+    x = _tensor_arg(input, "input")
+    given = (input, _tensor_arg(target, "target"),
+             weight if weight is None else _tensor_arg(weight, "weight"))
+    ignore_index = _int_arg(ignore_index, "ignore_index")
+    smoothing = _real_arg(label_smoothing, "label_smoothing")
+    _float_arg(x, "input")
+    soft = x.shape == target.shape
+    if soft:
+        x, target, weight = _probability_targets(x, target, weight, ignore_index, smoothing)
+    else:
+        _class_targets(x, target, weight, ignore_index, smoothing, reduction == "mean")
+        if weight is not None:
+            weight = weight.reshape(-1)
+    if not smoothing > 0.0:
+        smoothing = 0.0                     # torch ignores label_smoothing <= 0 (and NaN)
     C = x.shape[0] if x.dim() == 1 else x.shape[1]
-    # To (M, C) rows, classes last; `back` undoes it for the results.
+    # To (M, C) rows, classes last; `out_shape` is the shape of reduction="none".
     if x.dim() == 1:
-        x2, t2 = x.unsqueeze(0), target.unsqueeze(0)
-        out_shape = ()
+        x2, t2, out_shape = x.unsqueeze(0), target.reshape((1, -1) if soft else (1,)), ()
     elif x.dim() == 2:
         x2, t2, out_shape = x, target, (x.shape[0],)
     else:
         x2 = x.movedim(1, -1).reshape(-1, C)
         t2 = target.movedim(1, -1).reshape(-1, C) if soft else target.reshape(-1)
         out_shape = (x.shape[0],) + tuple(x.shape[2:])
-    loss = _CrossEntropy.apply(x2, t2, weight, ignore_index, reduction, label_smoothing)
+    if not soft:
+        _check_classes(t2, C, ignore_index, tuple(target.shape))
+    if C == 0 or weight is not None and not _kernel_weight(weight, t2, soft, ignore_index,
+                                                           reduction, smoothing):
+        # No classes (torch's conventions for empty sums: NaN where it
+        # divides by 0), or weights the kernel does not take as torch does.
+        return torch.nn.functional.cross_entropy(*given, ignore_index=ignore_index,
+                                                 reduction=reduction, label_smoothing=smoothing)
+    loss = _CrossEntropy.apply(x2, t2, weight, ignore_index, reduction, smoothing)
     if reduction == "none":
         loss = loss.reshape(out_shape)
     return loss
@@ -654,23 +912,35 @@ class _BatchNorm(torch.autograd.Function):
     """Batch normalization with fastopt's forward and backward kernels."""
 
     @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, training, momentum, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
         last = _channels_last(x)
         y = torch.empty_like(x, memory_format=torch.preserve_format) if last \
             else torch.empty_like(x, memory_format=torch.contiguous_format)
         C = x.shape[1]
-        gamma = _numpy(weight) if weight is not None else np.ones(C, _numpy(x).dtype)
-        beta = _numpy(bias) if bias is not None else np.zeros(C, _numpy(x).dtype)
-        rm = _numpy(running_mean) if running_mean is not None else None
-        rv = _numpy(running_var) if running_var is not None else None
-        _, bn = _bn_kernels.batch_norm_forward(
-            _numpy(_to_channels_last(x) if last else x), gamma, beta, rm, rv,
-            training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
-            out=_numpy(_to_channels_last(y) if last else y))
+        # For 16-bit input, the kernels take float32 (or input's dtype) channel values.
+        like = torch.float32 if x.dtype in _HALF_DTYPES else x.dtype
+        np_like = np.float64 if like == torch.float64 else np.float32
+        gamma = _numpy(weight).reshape(-1) if weight is not None else np.ones(C, np_like)
+        beta = _numpy(bias).reshape(-1) if bias is not None else np.zeros(C, np_like)
+        rm = rv = None
+        if running_mean is not None:
+            rm, rv = (_stat_buffer(running_mean, like, training),
+                      _stat_buffer(running_var, like, training))
+        try:
+            _, bn = _bn_kernels.batch_norm_forward(
+                _numpy(_to_channels_last(x) if last else x), gamma, beta,
+                None if rm is None else _numpy(rm), None if rv is None else _numpy(rv),
+                training=training, momentum=momentum, eps=eps, axis=-1 if last else 1,
+                out=_numpy(_to_channels_last(y) if last else y))
+        except (TypeError, ValueError) as e:
+            raise _torch_names(e) from None
         if training and running_mean is not None:
+            _copy_back(running_mean, rm)
+            _copy_back(running_var, rv)
             torch.autograd.graph.increment_version([running_mean, running_var])
         ctx.bn = bn
         ctx.last = last
+        ctx.params = weight, bias
         ctx.save_for_backward(x, weight)        # for autograd's in-place checks
         return y
 
@@ -681,14 +951,31 @@ class _BatchNorm(torch.autograd.Function):
         last = ctx.last
         dx = torch.empty_like(x, memory_format=torch.preserve_format) if last \
             else torch.empty_like(x, memory_format=torch.contiguous_format)
-        dy = dy.resolve_conj().resolve_neg()
         _, dgamma, dbeta = _bn_kernels.batch_norm_backward(
             _numpy(_to_channels_last(dy) if last else dy), ctx.bn,
             dx_out=_numpy(_to_channels_last(dx) if last else dx))
-        return (dx if ctx.needs_input_grad[0] else None, None, None,
-                torch.from_numpy(dgamma) if ctx.needs_input_grad[3] else None,
-                torch.from_numpy(dbeta) if ctx.needs_input_grad[4] else None,
-                None, None, None)
+        # (float32 for 16-bit input: to the parameter's dtype and shape)
+        dw, db = [_from_numpy(g).to(p.dtype).reshape(p.shape) if ctx.needs_input_grad[k] else None
+                  for k, g, p in ((1, dgamma, ctx.params[0]), (2, dbeta, ctx.params[1]))]
+        return (dx if ctx.needs_input_grad[0] else None, dw, db, None, None, None, None, None)
+
+
+def _stat_buffer(t, dtype, training):
+    """A running statistic as the kernel takes it: in training (it updates
+    it) `t` itself if it is a contiguous `dtype` tensor, else a contiguous
+    `dtype` copy (copied back with `_copy_back`); in evaluation a copy (then
+    it may share memory with other arguments)."""
+    if training and t.dtype == dtype and t.is_contiguous() and not t.is_neg():
+        return t
+    # (torch 2.13's copy_ between dtypes ignores a lazy negation: resolve it first)
+    return torch.empty(t.shape, dtype=dtype).copy_(t.detach().resolve_neg())
+
+
+def _copy_back(t, buf):
+    """t = buf, for a `_stat_buffer` copy of t."""
+    if buf is not t:
+        with torch.no_grad():
+            t.copy_(buf.to(t.dtype))    # (converted first, for a lazily negated t)
 
 
 def _channels_last(x):
@@ -701,47 +988,134 @@ def _to_channels_last(x):
     return x.movedim(1, -1)
 
 
+def _batch_norm_params(x, training, params):
+    """torch's checks of weight, bias, running_mean and running_var (a dict,
+    None for absent) against input (N, C, ...), in torch's order."""
+    C = x.shape[1]
+    for name, t in params.items():
+        if t is not None and t.numel() != C:
+            raise RuntimeError(f"{name} should contain {C} elements (the channels of input) not "
+                               f"{t.numel()}")
+        if t is None and name.startswith("running") and not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    rm, rv = params["running_mean"], params["running_var"]
+    _requires_grad_error(rm, "running_mean", "batch_norm")
+    _requires_grad_error(rv, "running_var", "batch_norm")
+    if (rm is None) != (rv is None):
+        raise ValueError("running_mean and running_var must either both be None or neither "
+                         "be None")
+    given = [(name, t) for name, t in params.items() if t is not None]
+    if x.dtype in _HALF_DTYPES:
+        # 16-bit input: parameters all float32 or all of input's dtype (torch's mixed mode)
+        for name, t in given:
+            if t.dtype not in (torch.float32, x.dtype) or t.dtype != given[0][1].dtype:
+                raise RuntimeError(f"{name} has dtype {t.dtype} but {given[0][0]} has dtype "
+                                   f"{given[0][1].dtype}: with {x.dtype} input, weight, bias, "
+                                   f"running_mean and running_var must all be float32 or all "
+                                   f"{x.dtype}")
+    else:
+        for name, t in given:
+            if t.dtype != x.dtype:
+                raise RuntimeError(f"{name} has dtype {t.dtype} but input has dtype {x.dtype}")
+    for name, t in (("running_mean", rm), ("running_var", rv)):
+        if t is not None and t.dim() != 1:
+            raise RuntimeError(f"{name} must be 1-d, of shape ({C},), got {tuple(t.shape)}")
+        if training and t is not None and C > 1 and t.stride(0) == 0:
+            raise RuntimeError(f"{name} is updated in place but holds one value for all "
+                               "channels (an expanded tensor)")
+    if training and rm is not None:
+        # (torch's result would depend on the order of its reads and writes)
+        spans = [(name, _span(t)) for name, t in (("running_mean", rm), ("running_var", rv),
+                                                  ("input", x), ("weight", params["weight"]),
+                                                  ("bias", params["bias"])) if t is not None]
+        for i, (name, (lo, hi)) in enumerate(spans[:2]):
+            for other, (lo2, hi2) in spans[i + 1:]:
+                if lo < hi2 and lo2 < hi:
+                    raise ValueError(f"{name} and {other} overlap in memory; {name} is updated "
+                                     "in place: give it memory of its own")
+
+
+def _span(t):
+    """The addresses [lo, hi) of the bytes t's elements lie in (t not empty)."""
+    start, size = t.data_ptr(), t.element_size()
+    if t.is_contiguous():
+        return start, start + t.numel() * size
+    lo = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st < 0)
+    hi = sum(st * (n - 1) for n, st in zip(t.shape, t.stride()) if st > 0) + 1
+    return start + lo * size, start + hi * size
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """``torch.nn.functional.batch_norm`` computed by fastopt's fused kernels.
 
     Same arguments, results and gradients (for input, weight and bias);
     running statistics are updated in place in training (unbiased variance),
-    as torch does.  Input is float32 or float64 on the CPU, (N, C) or
-    (N, C, *spatial); a channels_last input is normalized where it lies and
-    gives a channels_last output, any other layout is made contiguous first.
-    Statistics are computed in double with a stable two-pass method.
+    as torch does.  Input is (N, C) or (N, C, *spatial), float32, float64,
+    float16 or bfloat16 (bfloat16 needs ml_dtypes) on the CPU; with 16-bit
+    input, weight, bias and the running statistics are all float32 or all of
+    input's dtype, as in torch, and the output and input gradient are
+    rounded once to input's dtype.  Statistics are computed in double with a
+    stable two-pass method.  A channels_last input is normalized where it
+    lies and gives a channels_last output, any other layout is made
+    contiguous first.
+
+    Arguments are checked as torch checks them, raising torch's exception
+    types with messages naming the argument (``weight``, ``bias``,
+    ``running_mean``, ``running_var``...).  What the kernels do not compute
+    is left to ``torch.nn.functional.batch_norm``: input with no elements,
+    momentum outside [0, 1] in training, eps = 0 (evaluation) or not finite.
+
+    Differences from torch, in training: a running statistic that is an
+    expanded tensor (one value for every channel) raises RuntimeError (torch
+    writes every channel's value to it in turn), one sharing memory with
+    another argument ValueError (torch's result depends on the order of its
+    reads and writes); one that is a lazily negated view is updated through
+    it (torch drops the update).  A weight or bias of C elements in another
+    shape than (C,) gets a gradient of its shape (torch's backward raises).
     """
-    x = _float_input(input, "input")
+    x = _tensor_arg(input, "input")
+    if training:                 # torch.nn.functional.batch_norm's own checks, in its order
+        if x.dim() == 0:
+            raise IndexError("input must have shape (N, C, ...), got a 0-d tensor")
+        if math.prod(x.shape[:1] + x.shape[2:]) == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"of shape {tuple(x.shape)}")
+    eps = _real_arg(eps, "eps")
+    if training and eps <= 0.0:
+        raise ValueError(f"eps must be positive in training, got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+    params = {"running_mean": running_mean, "running_var": running_var, "weight": weight,
+              "bias": bias}
+    for name, t in params.items():
+        if t is not None:
+            _tensor_arg(t, name)
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be a bool, got {type(training).__name__}")
+    momentum = _real_arg(momentum, "momentum")
     if x.dim() < 2:
-        raise ValueError(f"input must have shape (N, C, ...), got {tuple(x.shape)}")
+        # (torch's exception type for this depends on the mode)
+        raise (IndexError if training else RuntimeError)(
+            f"input must have shape (N, C, ...), got {tuple(x.shape)}")
+    _float_arg(x, "input")
+    if x.numel() == 0 or not 0.0 < eps < math.inf or (
+            training and running_mean is not None and not 0.0 <= momentum <= 1.0):
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                              training, momentum, eps)
+    _batch_norm_params(x, training, params)
     if not (_channels_last(x) or x.is_contiguous()):
         x = x.contiguous()
-    args = []
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None:
-            t = _float_input(t, name)
-            if t.dtype != x.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype} but input has dtype {x.dtype}")
-        args.append(t)
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("running_mean and running_var must be defined in evaluation mode")
-    return _BatchNorm.apply(x, *args, bool(training), float(momentum), float(eps))
+    return _BatchNorm.apply(x, weight, bias, running_mean, running_var, training,
+                            momentum if training and running_mean is not None else 0.0, eps)
 
 
-class BatchNorm2d(torch.nn.BatchNorm2d):
-    """``torch.nn.BatchNorm2d`` computed by `batch_norm` (fastopt's kernels).
-
-    The same module in every other respect: arguments, parameters, buffers
-    and ``state_dict`` keys (``weight``, ``bias``, ``running_mean``,
-    ``running_var``, ``num_batches_tracked``), ``momentum=None`` for a
-    cumulative average, eval mode, ``track_running_stats=False``.
-    """
+class _BatchNormModule:
+    """The forward of ``torch.nn.BatchNorm1d/2d`` (torch's, line for line)
+    with fastopt's `batch_norm`; mixed in before the torch class."""
 
     def forward(self, input):
         self._check_input_dim(input)
-        # torch.nn.BatchNorm2d.forward, with fastopt's batch_norm
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -752,3 +1126,19 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
         return batch_norm(input, self.running_mean if track else None,
                           self.running_var if track else None, self.weight, self.bias,
                           bn_training, factor, self.eps)
+
+
+class BatchNorm1d(_BatchNormModule, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` computed by `batch_norm` (fastopt's kernels).
+
+    The same module in every other respect: arguments, parameters, buffers
+    and ``state_dict`` keys (``weight``, ``bias``, ``running_mean``,
+    ``running_var``, ``num_batches_tracked``), ``momentum=None`` for a
+    cumulative average, eval mode, ``track_running_stats=False``, input
+    (N, C) or (N, C, L), ``.half()`` / ``.bfloat16()``.
+    """
+
+
+class BatchNorm2d(_BatchNormModule, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by `batch_norm` (fastopt's kernels);
+    see `BatchNorm1d`.  Input (N, C, H, W), contiguous or channels_last."""
