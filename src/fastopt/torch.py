@@ -33,10 +33,13 @@ parameter.  At each step a C loop (`fastopt._tensors.GradReader`) reads
 every ``p.grad`` through DLPack's C exchange API (data address, device,
 dtype, shape and strides in one call per tensor) and checks it against its
 parameter; a gradient with other strides (or a lazily negated view) is
-first copied into the parameter's layout.  Then one `FusedStep` call
-updates everything with the GIL released, and the parameters' autograd
-version counters are bumped, so a parameter modified between a forward and
-its backward raises in backward, as with ``torch.optim``.
+first copied into the parameter's layout; a gradient or parameter that no
+longer lies within its storage (``untyped_storage().resize_()``) raises.
+Then one `FusedStep` call updates everything with the GIL released, holding
+every gradient it read (another thread may replace ``p.grad`` meanwhile),
+and the parameters' autograd version counters are bumped, so a parameter
+modified between a forward and its backward raises in backward, as with
+``torch.optim``.
 
 State lives in fastopt's buffers and is exposed in torch's format:
 ``opt.state[p]`` holds torch tensors that share memory with them
@@ -56,17 +59,21 @@ Param groups may be edited between steps as with torch: hyperparameters,
 (amsgrad, momentum, centered: it starts at zero, or for SGD's momentum
 buffer at the first gradient, as torch does), even replacing a parameter's
 data (``p.data = ...``); any of these rebuilds the native state, keeping
-the values.  ``foreach``, ``fused`` and ``capturable`` are accepted and
-kept in the groups for compatibility; the step is always the fused one.
-``differentiable=True`` is not supported.
+the values.  ``add_param_group`` and ``load_state_dict`` while another
+thread is inside ``step()`` (and a step during either) raise RuntimeError;
+a child forked during a step starts with its optimizers idle.  ``foreach``
+and ``fused`` are accepted and kept in the groups for compatibility; the
+step is always the fused one.  ``capturable=True`` raises at the step, as
+torch.optim does for CPU tensors.  ``differentiable=True`` is not supported.
 
 Bad input raises TypeError/ValueError naming the parameter
 (``param_groups[0]['params'][3]``) and changes nothing: a parameter or
 gradient that is not a CPU tensor, sparse, complex, of another dtype than
 float32/float64, not dense, overlapping another parameter in memory
 (a parameter listed twice raises too, where torch.optim warns).  Do
-not let another thread resize or re-point (``set_``, ``.data =``) a
-gradient while ``step()`` runs.
+not let another thread resize the storage of, or re-point (``set_``,
+``.data =``), a gradient while ``step()`` runs: the step holds the
+gradient tensors, not their memory.
 """
 import collections
 import inspect
@@ -583,9 +590,10 @@ def _torch_init(cls, self, params, **kwargs):
 class Adam(_Fused, torch.optim.Adam):
     """``torch.optim.Adam`` with fastopt's fused step (see the module docstring).
 
-    Same arguments and defaults as ``torch.optim.Adam``; ``foreach``,
-    ``fused`` and ``capturable`` are accepted and ignored (the step is always
-    fused), ``differentiable=True`` raises.
+    Same arguments and defaults as ``torch.optim.Adam``; ``foreach`` and
+    ``fused`` are accepted and ignored (the step is always fused),
+    ``capturable=True`` raises at the step as torch's does on the CPU,
+    ``differentiable=True`` raises.
     """
 
     _kind = "adam"
