@@ -318,13 +318,14 @@ class _Fused:
         # Two steps at once on one optimizer would read gradients into the
         # same addresses: refused, as FusedStep refuses it (and a step while
         # another thread rebuilds the native state).
-        if not self._lock.acquire(blocking=False):
+        lock = self._lock       # the one acquired is the one released (see _after_fork_in_child)
+        if not lock.acquire(blocking=False):
             raise RuntimeError("step() called concurrently with another step(), "
                                "add_param_group() or load_state_dict() of the same optimizer")
         try:
             self._update()
         finally:
-            self._lock.release()
+            lock.release()
         return loss
 
     def _update(self):
