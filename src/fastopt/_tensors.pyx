@@ -21,20 +21,22 @@
 #
 # What DLPack does not carry is checked separately: PyTorch's "negative bit"
 # (a lazily negated view such as `z.conj().imag`, whose memory holds -value),
-# one `is_neg()` call per gradient, and whether the tensor's storage still
-# covers its elements (``g.untyped_storage().resize_(0)`` frees the memory
-# under a live tensor; torch's own kernels then read out of bounds): the
-# storage's size (``len(storage)``, no Python frame) against
+# one `is_neg()` call per gradient.  Such a gradient, or one laid out unlike
+# its parameter, is reported for the caller to copy into the parameter's
+# layout.  Nor does DLPack say whether the tensor's storage still holds its
+# elements (``g.untyped_storage().resize_(0)`` frees the memory under a live
+# tensor; torch's own kernels then read out of bounds): the storage's size
+# (``len(storage)``, no Python frame) is compared with
 # ``(storage_offset + last index + 1) * itemsize``, three C-level calls per
-# gradient.  Parameters need it only when their data moved (`moved`), since
-# resizing a storage always moves its data; the caller checks them then.
+# gradient.  Parameters are checked so when the reader is made: resizing a
+# storage always moves its data, which `read` reports (`moved`) for the
+# caller to make a new reader.
 #
 # `read` returns the gradient objects it read, and the caller keeps that list
 # until the native step has finished: the step runs without the GIL, and
-# ``p.grad = None`` or ``zero_grad()`` in another thread must not free a
-# gradient under it.  Such a gradient, or one laid out unlike
-# its parameter, is reported for the caller to copy into the parameter's
-# layout.  Nothing is cached between steps: every gradient is checked at
+# another thread replacing ``p.grad`` must not free a gradient under it.
+#
+# Nothing is cached between steps: every gradient is checked at
 # every read.  (Remembering checked gradient objects through weak references
 # saved 0.1 us per kept gradient but cost 0.15 us per new one, and new ones
 # are the default: zero_grad(set_to_none=True).)
