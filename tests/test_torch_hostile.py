@@ -506,3 +506,29 @@ def test_torch_optim_class_swapped_for_fastopt(name, dtype):
     finally:
         setattr(torch.optim, name, original)
     assert getattr(torch.optim, name) is original
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("what", ["grad", "param"])
+def test_storage_check_without_exchange_api(monkeypatch, dtype, what):
+    # Older torch (no DLPack C exchange API) takes the Python-attribute path.
+    monkeypatch.setattr(fo, "_USE_EXCHANGE_API", False)
+    ps = make_params(dtype)
+    opt = fo.Adam(ps)
+    assert not opt._reader.uses_exchange_api
+    set_grads(0, ps)
+    opt.step()
+    set_grads(1, ps)
+    before = snapshot(opt)
+    if what == "grad":
+        ps[1].grad.untyped_storage().resize_(0)
+        pattern = r"^the gradient of param_groups\[0\]\['params'\]\[1\] needs"
+    else:
+        ps[1].data = ps[1].detach().clone()
+        ps[1].untyped_storage().resize_(4)
+        pattern = r"^param_groups\[0\]\['params'\]\[1\] needs"
+    nbytes = ps[1].numel() * ps[1].element_size()
+    with pytest.raises(ValueError, match=rf"{pattern} {nbytes} bytes of storage"):
+        opt.step()
+    if what == "grad":
+        assert_unchanged(opt, before)
