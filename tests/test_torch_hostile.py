@@ -7,7 +7,6 @@ import gc
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 import weakref
 
@@ -139,7 +138,8 @@ def test_grads_freed_by_another_thread_during_steps(name):
     for dtype in ("float32", "float64"):
         r = subprocess.run([sys.executable, "-c", HAMMER, name, dtype, "500"], env=env,
                            capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0 and r.stdout.strip() == "ok", (dtype, r.returncode, r.stderr[-2000:])
+        assert r.returncode == 0 and r.stdout.strip() == "ok", \
+            (dtype, r.returncode, r.stderr[-2000:])
 
 
 def test_step_holds_every_gradient_it_read(monkeypatch):

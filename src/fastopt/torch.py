@@ -77,7 +77,6 @@ gradient tensors, not their memory.
 """
 import collections
 import inspect
-import itertools
 import math
 import os
 import re
