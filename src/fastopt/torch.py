@@ -339,9 +339,9 @@ class _Fused:
             self._rebuild()
         reader = self._reader
         # `grads` holds every gradient read until the native step is done: it
-        # runs without the GIL, and another thread's `p.grad = None` or
-        # zero_grad() must not free a gradient under it.  (The parameters are
-        # held by the reader and by the native step.)
+        # runs without the GIL, and another thread replacing `p.grad` must not
+        # free a gradient under it.  (The parameters are held by the reader
+        # and by the native step.)
         updated, grads = reader.read()
         if reader.moved is not None:            # p.data was replaced: check it, keep the state
             self._rebuild()
@@ -481,7 +481,8 @@ def _refuse_capturable(groups):
     step, as torch raises it; fastopt's step is never captured in a graph)."""
     for g in groups:
         if g.get("capturable"):
-            supported = _torch_optimizer._get_capturable_supported_devices()
+            devices = getattr(_torch_optimizer, "_get_capturable_supported_devices", None)
+            supported = devices() if devices is not None else ["cuda"]
             raise AssertionError("If capturable=True, params and state_steps must be on "
                                  f"supported devices: {supported}.")
 
