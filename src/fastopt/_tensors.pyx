@@ -23,7 +23,20 @@
 # (a lazily negated view such as `z.conj().imag`, whose memory holds -value),
 # one `is_neg()` call per gradient.  Such a gradient, or one laid out unlike
 # its parameter, is reported for the caller to copy into the parameter's
-# layout.  Nothing is cached between steps: every gradient is checked at
+# layout.  Nor does DLPack say whether the tensor's storage still holds its
+# elements (``g.untyped_storage().resize_(0)`` frees the memory under a live
+# tensor; torch's own kernels then read out of bounds): the storage's size
+# (``len(storage)``, no Python frame) is compared with
+# ``(storage_offset + last index + 1) * itemsize``, three C-level calls per
+# gradient.  Parameters are checked so when the reader is made: resizing a
+# storage always moves its data, which `read` reports (`moved`) for the
+# caller to make a new reader.
+#
+# `read` returns the gradient objects it read, and the caller keeps that list
+# until the native step has finished: the step runs without the GIL, and
+# another thread replacing ``p.grad`` must not free a gradient under it.
+#
+# Nothing is cached between steps: every gradient is checked at
 # every read.  (Remembering checked gradient objects through weak references
 # saved 0.1 us per kept gradient but cost 0.15 us per new one, and new ones
 # are the default: zero_grad(set_to_none=True).)
@@ -122,7 +135,8 @@ cdef class GradReader:
     ----------
     params : list
         The parameter tensors (float32/float64, CPU, dense; checked by the
-        caller), each at most once.
+        caller), each at most once.  Each must lie within its storage
+        (ValueError naming it otherwise).
     names : list of str
         How errors name each parameter ("param_groups[0]['params'][3]").
     tensor_type : type
@@ -145,6 +159,8 @@ cdef class GradReader:
     cdef uintptr_t *av
     cdef object tensor_type
     cdef object is_neg              # the unbound method (no bound-method object per call)
+    cdef object untyped_storage     # the same, for the storage check
+    cdef object storage_offset
 
     def __cinit__(self):
         self.lay = NULL
@@ -167,6 +183,10 @@ cdef class GradReader:
         self.api = exchange_api(tensor_type) if use_api else NULL
         self.tensor_type = tensor_type
         self.is_neg = getattr(tensor_type, "is_neg", None) or (lambda t: t.is_neg())
+        self.untyped_storage = getattr(tensor_type, "untyped_storage", None) or \
+            (lambda t: t.storage().untyped())
+        self.storage_offset = getattr(tensor_type, "storage_offset", None) or \
+            (lambda t: t.storage_offset())
         self.params = list(params)
         self.all_params = tuple(params)
         self.names = list(names)
@@ -175,6 +195,11 @@ cdef class GradReader:
         cdef list described = []
         for i in range(n):
             self.describe(params[i], &t, i, False)
+            for k in range(t.ndim):
+                if t.shape[k] == 0:
+                    break
+            else:
+                self.check_storage(params[i], &t, i, False)
             described.append((<uintptr_t>t.data, t.ndim, t.dtype.bits,
                               [t.shape[k] for k in range(t.ndim)],
                               [t.strides[k] for k in range(t.ndim)]))
@@ -300,8 +325,11 @@ cdef class GradReader:
     def read(self):
         """Read every parameter's gradient into `addr` (0 where it is None).
 
-        Returns the parameters that have a gradient (`all_params` when all
-        do) and sets:
+        Returns ``(updated, grads)``: the parameters that have a gradient
+        (`all_params` when all do) and a new list of the gradient tensors
+        read, one per parameter (None where none), which the caller must keep
+        until it no longer uses `addr` (it holds the memory `addr` points
+        to).  Sets:
 
         relayout -- indices whose gradient must first be copied into the
                     parameter's layout (other strides, a negated view, no
@@ -313,12 +341,13 @@ cdef class GradReader:
 
         Raises TypeError/ValueError naming the parameter for a gradient that
         is not a tensor, is sparse, on another device, of another dtype or
-        shape.
+        shape, or whose storage no longer holds all its elements.
         """
         cdef Py_ssize_t i, k, count = 0
         cdef fo_DLTensor t
         cdef Layout *L
         cdef object p, g
+        cdef list grads = [None] * self.n
         self.relayout = self.moved = self.fresh = None
         for i in range(self.n):
             p = self.params[i]
@@ -334,6 +363,7 @@ cdef class GradReader:
             g = p.grad
             if g is None:
                 continue
+            grads[i] = g        # from here on the step holds it
             self.describe(g, &t, i, True)
             if t.dtype.bits != L.bits:
                 raise TypeError(f"the gradient of {self.names[i]} has dtype {g.dtype} but "
@@ -343,6 +373,8 @@ cdef class GradReader:
             for k in range(L.ndim):
                 if t.shape[k] != L.shape[k]:
                     self.shape_error(g, p, i)
+            if not L.empty:
+                self.check_storage(g, &t, i, True)
             if self.matches(&t, L, False) and (t.data != NULL or L.empty) and not self.is_neg(g):
                 self.av[i] = <uintptr_t>t.data if not L.empty else 1
             else:
@@ -359,10 +391,30 @@ cdef class GradReader:
             for i in range(self.n):
                 self.av[i] = 0
             self.relayout = self.fresh = None
-            return ()
+            return (), grads
         if count == self.n:
-            return self.all_params
-        return [self.params[i] for i in range(self.n) if self.has_grad[i]]
+            return self.all_params, grads
+        return [self.params[i] for i in range(self.n) if self.has_grad[i]], grads
+
+    cdef int check_storage(self, object t, const fo_DLTensor *d, Py_ssize_t i,
+                           bint is_grad) except -1:
+        """Tensor `t` (described by `d`, at least one element) lies within its
+        storage: ``(storage_offset + last index + 1) * itemsize <= nbytes``."""
+        cdef int64_t last = 0, offset, need
+        cdef Py_ssize_t nbytes
+        cdef int k
+        for k in range(d.ndim):
+            last += (d.shape[k] - 1) * d.strides[k]
+        storage = self.untyped_storage(t)
+        nbytes = len(storage)           # bytes, through the C length slot
+        offset = self.storage_offset(t)
+        need = (offset + last + 1) * (d.dtype.bits // 8)
+        if nbytes < need or offset < 0 or last < 0:
+            raise ValueError(
+                f"{self.what(i, is_grad)} needs {need} bytes of storage (storage offset "
+                f"{offset}, shape {tuple(t.shape)}, strides {tuple(t.stride())}) but its "
+                f"storage holds {nbytes} (was the storage resized?)")
+        return 0
 
     def mark_seen(self, indices):
         """Parameters that have optimizer state (`read` leaves them out of `fresh`)."""

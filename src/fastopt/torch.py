@@ -33,10 +33,13 @@ parameter.  At each step a C loop (`fastopt._tensors.GradReader`) reads
 every ``p.grad`` through DLPack's C exchange API (data address, device,
 dtype, shape and strides in one call per tensor) and checks it against its
 parameter; a gradient with other strides (or a lazily negated view) is
-first copied into the parameter's layout.  Then one `FusedStep` call
-updates everything with the GIL released, and the parameters' autograd
-version counters are bumped, so a parameter modified between a forward and
-its backward raises in backward, as with ``torch.optim``.
+first copied into the parameter's layout; a gradient or parameter that no
+longer lies within its storage (``untyped_storage().resize_()``) raises.
+Then one `FusedStep` call updates everything with the GIL released, holding
+every gradient it read (another thread may replace ``p.grad`` meanwhile),
+and the parameters' autograd version counters are bumped, so a parameter
+modified between a forward and its backward raises in backward, as with
+``torch.optim``.
 
 State lives in fastopt's buffers and is exposed in torch's format:
 ``opt.state[p]`` holds torch tensors that share memory with them
@@ -56,23 +59,29 @@ Param groups may be edited between steps as with torch: hyperparameters,
 (amsgrad, momentum, centered: it starts at zero, or for SGD's momentum
 buffer at the first gradient, as torch does), even replacing a parameter's
 data (``p.data = ...``); any of these rebuilds the native state, keeping
-the values.  ``foreach``, ``fused`` and ``capturable`` are accepted and
-kept in the groups for compatibility; the step is always the fused one.
-``differentiable=True`` is not supported.
+the values.  ``add_param_group`` and ``load_state_dict`` while another
+thread is inside ``step()`` (and a step during either) raise RuntimeError;
+a child forked during a step starts with its optimizers idle.  ``foreach``
+and ``fused`` are accepted and kept in the groups for compatibility; the
+step is always the fused one.  ``capturable=True`` raises at the step, as
+torch.optim does for CPU tensors.  ``differentiable=True`` is not supported.
 
 Bad input raises TypeError/ValueError naming the parameter
 (``param_groups[0]['params'][3]``) and changes nothing: a parameter or
 gradient that is not a CPU tensor, sparse, complex, of another dtype than
 float32/float64, not dense, overlapping another parameter in memory
 (a parameter listed twice raises too, where torch.optim warns).  Do
-not let another thread resize or re-point (``set_``, ``.data =``) a
-gradient while ``step()`` runs.
+not let another thread resize the storage of, or re-point (``set_``,
+``.data =``), a gradient while ``step()`` runs: the step holds the
+gradient tensors, not their memory.
 """
 import collections
 import inspect
 import math
+import os
 import re
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -94,6 +103,23 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 # Read tensors through DLPack's C exchange API where torch has it (tests
 # switch it off to check the Python-attribute path older torch versions take).
 _USE_EXCHANGE_API = True
+# Every live optimizer of this module, for the fork handler below.
+_LIVE = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """A child forked while another thread was inside a step (or
+    add_param_group, load_state_dict) has no such thread: its optimizers start
+    idle, and rebuild their native step (whose own busy flag stayed set) from
+    their state at the next step."""
+    for opt in list(_LIVE):
+        if opt._lock.locked():
+            opt._lock = threading.Lock()
+            opt._built_slots = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _step_dtype():
@@ -127,12 +153,30 @@ class _Fused:
     state-dict handling."""
 
     _kind: str | None = None    # FusedStep kind
+    _torch_base: type           # the torch.optim class, bound when the class is made
+    _has_capturable = True      # the torch class takes capturable=
     _slot_names: tuple[str | None, ...] = ()    # FusedStep's state slots, in torch's names
     _counts_steps = True        # torch keeps state["step"] (Adam, RMSprop)
     _required: tuple[str, ...] = ()     # state every stepped parameter has (besides "step")
 
+    def __new__(cls, *args, **kwargs):
+        # The lock exists before torch's __init__ calls add_param_group, and
+        # for copies made by pickle and deepcopy (which skip __init__).
+        self = super().__new__(cls)
+        self._lock = threading.Lock()
+        _LIVE.add(self)
+        return self
+
     def _slots(self, group):
         raise NotImplementedError
+
+    def _exclusive(self, what):
+        """Hold the optimizer's lock for `what`; refused while another thread
+        steps (or changes) this optimizer, as FusedStep refuses it."""
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"{what} called during a step of the same optimizer "
+                               "(or another change to it) in another thread")
+        return _Release(self._lock)
 
     def _init_fused(self, **group_keys):
         # Keys that older torch versions do not put in the groups (Adam's
@@ -162,11 +206,12 @@ class _Fused:
                 names.append(f"param_groups[{gi}]['params'][{k}]")
                 group_of.append(gi)
         _check_params(params, names)
+        # Checks that each parameter lies within its storage (before a view of it is made).
+        reader = _tensors.GradReader(params, names, torch.Tensor, _USE_EXCHANGE_API)
         slots = [tuple(self._slots(g)) for g in groups]
         fused = _optim_kernels.FusedStep(self._kind, [_memory_order_view(p) for p in params],
                                          group_of, [list(s) for s in slots])
         fused.check_groups(groups)
-        reader = _tensors.GradReader(params, names, torch.Tensor, _USE_EXCHANGE_API)
         steps = torch.zeros(len(params), dtype=_step_dtype()) if self._counts_steps else None
         sgd_counts = np.zeros(len(params), dtype=np.int64)
         # Validate and stage the carried-over state before changing anything.
@@ -198,8 +243,6 @@ class _Fused:
         fused.set_steps(sgd_counts)
         reader.mark_seen(list(carried))
         # Commit.
-        if "_lock" not in self.__dict__:
-            self._lock = threading.Lock()
         self._fused = fused
         self._reader = reader
         self._params = params
@@ -273,36 +316,46 @@ class _Fused:
             with torch.enable_grad():
                 loss = closure()
         # Two steps at once on one optimizer would read gradients into the
-        # same addresses: refused, as FusedStep refuses it.
-        if not self._lock.acquire(blocking=False):
-            raise RuntimeError("step() called concurrently on the same optimizer")
+        # same addresses: refused, as FusedStep refuses it (and a step while
+        # another thread rebuilds the native state).
+        lock = self._lock       # the one acquired is the one released (see _after_fork_in_child)
+        if not lock.acquire(blocking=False):
+            raise RuntimeError("step() called concurrently with another step(), "
+                               "add_param_group() or load_state_dict() of the same optimizer")
         try:
             self._update()
         finally:
-            self._lock.release()
+            lock.release()
         return loss
 
     def _update(self):
         """The update of one step (the closure has run)."""
         groups = self.param_groups
-        if (len(groups) != len(self._built_slots)
-                or any(tuple(self._slots(g)) != s for g, s in zip(groups, self._built_slots))
+        if self._has_capturable:
+            _refuse_capturable(groups)
+        built = self._built_slots
+        if (built is None or len(groups) != len(built)
+                or any(tuple(self._slots(g)) != s for g, s in zip(groups, built))
                 or not self._reader.same_params(groups)):
             self._rebuild()
         reader = self._reader
-        updated = reader.read()
+        # `grads` holds every gradient read until the native step is done: it
+        # runs without the GIL, and another thread replacing `p.grad` must not
+        # free a gradient under it.  (The parameters are held by the reader
+        # and by the native step.)
+        updated, grads = reader.read()
         if reader.moved is not None:            # p.data was replaced: check it, keep the state
             self._rebuild()
             reader = self._reader
-            updated = reader.read()
+            updated, grads = reader.read()
             if reader.moved is not None:
                 raise RuntimeError("parameter data changed while step() read it")
-        keep = _relayout(reader, self._params) if reader.relayout is not None else None
+        keep = _relayout(reader, self._params, grads) if reader.relayout is not None else None
         try:
             self._fused.step_addresses(groups, reader.addr, self._steps_np)
         except ValueError as exc:       # FusedStep counts parameters flat: name them
             raise ValueError(_rename(str(exc), self._names)) from None
-        del keep
+        del keep, grads
         if updated:
             torch.autograd.graph.increment_version(updated)
         if reader.fresh is not None:
@@ -333,17 +386,52 @@ class _Fused:
     # ------------------------------------------------------- groups, state
 
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        if "_fused" in self.__dict__:
-            try:
-                self._rebuild()
-            except BaseException:
-                self.param_groups.pop()
-                raise
+        with self._exclusive("add_param_group()"):
+            super().add_param_group(param_group)
+            if "_fused" in self.__dict__:
+                try:
+                    self._rebuild()
+                except BaseException:
+                    self.param_groups.pop()
+                    raise
+
+    def load_state_dict(self, state_dict):
+        """As ``torch.optim.Optimizer.load_state_dict``; everything is checked
+        before anything changes (a bad entry raises TypeError/ValueError naming
+        the parameter)."""
+        with self._exclusive("load_state_dict()"):
+            if isinstance(state_dict, dict):
+                self._check_state_tensors(state_dict)
+            super().load_state_dict(state_dict)
+
+    def _check_state_tensors(self, state_dict):
+        """The state tensors of `state_dict` as given, before torch casts them to
+        each parameter's dtype: a real floating dtype (torch would drop the
+        imaginary part of a complex one, make an integer one a float)."""
+        saved = state_dict.get("param_groups")
+        entries = state_dict.get("state")
+        if not isinstance(saved, list) or not isinstance(entries, dict) or \
+                len(saved) != len(self.param_groups):
+            return      # torch's own checks name the mismatch
+        names = {}
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved)):
+            if not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"]):
+                return
+            for k, pid in enumerate(sg["params"]):
+                names[pid] = f"param_groups[{gi}]['params'][{k}]"
+        for pid, entry in entries.items():
+            if pid not in names or not isinstance(entry, dict):
+                continue
+            for key, v in entry.items():
+                if key != "step" and isinstance(v, torch.Tensor) and not v.is_floating_point():
+                    raise TypeError(f"state[{key!r}] of {names[pid]} has dtype {v.dtype}; "
+                                    "state tensors are floating point")
 
     def __setstate__(self, state):
         # Called by load_state_dict (after torch's checks and casts) and by
-        # unpickling: the loaded state goes into fastopt's buffers.
+        # unpickling: the loaded state goes into fastopt's buffers.  What
+        # torch's own __setstate__ would trip over is checked first.
+        self._check_entries(state)
         before = {k: self.__dict__[k] for k in ("state", "param_groups") if k in self.__dict__}
         super().__setstate__(state)
         try:
@@ -352,8 +440,52 @@ class _Fused:
             self.__dict__.update(before)
             raise
 
+    def _check_entries(self, state):
+        """Each parameter's state entry in `state` (as given to __setstate__):
+        empty, or a dict with a valid 'step' where this optimizer counts steps."""
+        entries = state.get("state", {})
+        for gi, g in enumerate(state.get("param_groups", ())):
+            for k, p in enumerate(g["params"]):
+                entry = entries.get(p)
+                if entry is None or (isinstance(entry, (dict, list, tuple)) and not entry):
+                    continue            # no state yet (torch skips it too)
+                name = f"param_groups[{gi}]['params'][{k}]"
+                if not isinstance(entry, dict):
+                    raise TypeError(f"the state of {name} must be a dict, got "
+                                    f"{type(entry).__name__}")
+                if self._counts_steps:
+                    if "step" not in entry:
+                        raise ValueError(f"the state of {name} has no 'step'")
+                    _step_value(entry["step"], name)
+
 
 _Fused._wrapped_step = torch.optim.Optimizer.profile_hook_step(_Fused._step)  # type: ignore[attr-defined]
+
+
+class _Release:
+    """Releases a held lock on leaving a with block."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock):
+        self.lock = lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def _refuse_capturable(groups):
+    """torch.optim's error for capturable=True on CPU tensors (raised at the
+    step, as torch raises it; fastopt's step is never captured in a graph)."""
+    for g in groups:
+        if g.get("capturable"):
+            devices = getattr(_torch_optimizer, "_get_capturable_supported_devices", None)
+            supported = devices() if devices is not None else ["cuda"]
+            raise AssertionError("If capturable=True, params and state_steps must be on "
+                                 f"supported devices: {supported}.")
 
 
 def _rename(message, names):
@@ -408,6 +540,8 @@ def _state_view(arr, p):
 
 
 def _step_value(v, name):
+    if isinstance(v, (str, bytes)):
+        raise TypeError(f"state['step'] of {name} must be a number, got {type(v).__name__}")
     if isinstance(v, torch.Tensor):
         if v.numel() != 1:
             raise ValueError(f"state['step'] of {name} must hold one number, got shape "
@@ -423,15 +557,16 @@ def _step_value(v, name):
     return f
 
 
-def _relayout(reader, params):
-    """Copy the gradients `reader` could not take as they are into buffers laid
-    out like their parameters; returns the buffers (keep them for the step)."""
+def _relayout(reader, params, grads):
+    """Copy the gradients `reader` could not take as they are (`grads`, as it
+    read them) into buffers laid out like their parameters; returns the
+    buffers (keep them for the step)."""
     keep = []
     with torch.no_grad():
         for i in reader.relayout:
             p = params[i]
             buf = torch.empty_like(p, memory_format=torch.preserve_format)
-            buf.copy_(p.grad)
+            buf.copy_(grads[i])
             reader.set_address(i, buf.data_ptr())
             keep.append(buf)
     return keep
@@ -457,19 +592,21 @@ def _torch_init(cls, self, params, **kwargs):
 class Adam(_Fused, torch.optim.Adam):
     """``torch.optim.Adam`` with fastopt's fused step (see the module docstring).
 
-    Same arguments and defaults as ``torch.optim.Adam``; ``foreach``,
-    ``fused`` and ``capturable`` are accepted and ignored (the step is always
-    fused), ``differentiable=True`` raises.
+    Same arguments and defaults as ``torch.optim.Adam``; ``foreach`` and
+    ``fused`` are accepted and ignored (the step is always fused),
+    ``capturable=True`` raises at the step as torch's does on the CPU,
+    ``differentiable=True`` raises.
     """
 
     _kind = "adam"
+    _torch_base = torch.optim.Adam     # bound now: torch.optim.Adam may be reassigned
     _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _required = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False):
-        _torch_init(torch.optim.Adam, self, params, lr=lr, betas=betas, eps=eps,
+        _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
                     maximize=maximize, capturable=capturable, differentiable=differentiable,
                     fused=fused, decoupled_weight_decay=decoupled_weight_decay)
@@ -484,13 +621,14 @@ class AdamW(_Fused, torch.optim.AdamW):
     default 1e-2); see `Adam`."""
 
     _kind = "adam"
+    _torch_base = torch.optim.AdamW     # bound now: torch.optim.AdamW may be reassigned
     _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     _required = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None):
-        _torch_init(torch.optim.AdamW, self, params, lr=lr, betas=betas, eps=eps,
+        _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                     foreach=foreach, capturable=capturable, differentiable=differentiable,
                     fused=fused)
@@ -507,13 +645,15 @@ class SGD(_Fused, torch.optim.SGD):
     as torch does)."""
 
     _kind = "sgd"
+    _torch_base = torch.optim.SGD     # bound now: torch.optim.SGD may be reassigned
+    _has_capturable = False
     _slot_names = ("momentum_buffer", None, None)
     _counts_steps = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
                  fused=None):
-        _torch_init(torch.optim.SGD, self, params, lr=lr, momentum=momentum,
+        _torch_init(self._torch_base, self, params, lr=lr, momentum=momentum,
                     dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                     maximize=maximize, foreach=foreach, differentiable=differentiable,
                     fused=fused)
@@ -528,13 +668,14 @@ class RMSprop(_Fused, torch.optim.RMSprop):
     momentum, weight decay, maximize."""
 
     _kind = "rmsprop"
+    _torch_base = torch.optim.RMSprop     # bound now: torch.optim.RMSprop may be reassigned
     _slot_names = ("square_avg", "momentum_buffer", "grad_avg")
     _required = ("square_avg",)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
                  differentiable=False):
-        _torch_init(torch.optim.RMSprop, self, params, lr=lr, alpha=alpha, eps=eps,
+        _torch_init(self._torch_base, self, params, lr=lr, alpha=alpha, eps=eps,
                     weight_decay=weight_decay, momentum=momentum, centered=centered,
                     capturable=capturable, foreach=foreach, maximize=maximize,
                     differentiable=differentiable)
