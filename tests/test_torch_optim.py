@@ -664,3 +664,23 @@ def test_without_exchange_api_same_results(monkeypatch):
     ps[1].grad = torch.zeros(5, dtype=torch.float64).to_sparse()
     with pytest.raises(TypeError, match="sparse"):
         a.step()
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_bridge_classes_read_the_declared_kind(name):
+    import inspect
+
+    from fastopt import _kinds
+    cls, decl = getattr(fo, name), _kinds.KINDS[name]
+    assert cls._decl is decl
+    sig = inspect.signature(cls)
+    for h in decl.hypers:
+        if h.name in sig.parameters:
+            assert sig.parameters[h.name].default == h.default, h.name
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = cls([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    want = {s.name for s in decl.slots if s.option is None}
+    assert want <= set(opt.state[p]), (want, set(opt.state[p]))
+    assert ("step" in opt.state[p]) == (decl.steps_with is None)

@@ -87,7 +87,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _tensors
+from . import _kinds, _tensors
 from . import _batchnorm as _bn_kernels
 from . import _optim as _optim_kernels
 from . import _softmax as _softmax_kernels
@@ -152,12 +152,22 @@ class _Fused:
     the torch.optim class): native state, step, zero_grad, param-group and
     state-dict handling."""
 
+    _decl: _kinds.Kind          # what the optimizer is (fastopt._kinds); from it:
     _kind: str | None = None    # FusedStep kind
-    _torch_base: type           # the torch.optim class, bound when the class is made
-    _has_capturable = True      # the torch class takes capturable=
     _slot_names: tuple[str | None, ...] = ()    # FusedStep's state slots, in torch's names
     _counts_steps = True        # torch keeps state["step"] (Adam, RMSprop)
     _required: tuple[str, ...] = ()     # state every stepped parameter has (besides "step")
+    _torch_base: type           # the torch.optim class, bound when the class is made
+    _has_capturable = True      # the torch class takes capturable=
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        decl = cls.__dict__.get("_decl")
+        if decl is not None:
+            cls._kind = decl.native
+            cls._slot_names = decl.slot_names + (None,) * (3 - len(decl.slots))
+            cls._counts_steps = decl.steps_with is None
+            cls._required = tuple(s.name for s in decl.slots if s.option is None)
 
     def __new__(cls, *args, **kwargs):
         # The lock exists before torch's __init__ calls add_param_group, and
@@ -168,7 +178,8 @@ class _Fused:
         return self
 
     def _slots(self, group):
-        raise NotImplementedError
+        """Which of FusedStep's three state slots the parameters of `group` need."""
+        return (self._decl.needs(group) + (False,) * 3)[:3]
 
     def _exclusive(self, what):
         """Hold the optimizer's lock for `what`; refused while another thread
@@ -598,10 +609,8 @@ class Adam(_Fused, torch.optim.Adam):
     ``differentiable=True`` raises.
     """
 
-    _kind = "adam"
+    _decl = _kinds.ADAM
     _torch_base = torch.optim.Adam     # bound now: torch.optim.Adam may be reassigned
-    _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _required = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
@@ -612,18 +621,14 @@ class Adam(_Fused, torch.optim.Adam):
                     fused=fused, decoupled_weight_decay=decoupled_weight_decay)
         self._init_fused(decoupled_weight_decay=decoupled_weight_decay)
 
-    def _slots(self, group):
-        return True, True, bool(group["amsgrad"])
 
 
 class AdamW(_Fused, torch.optim.AdamW):
     """``torch.optim.AdamW`` with fastopt's fused step (decoupled weight decay,
     default 1e-2); see `Adam`."""
 
-    _kind = "adam"
+    _decl = _kinds.ADAMW
     _torch_base = torch.optim.AdamW     # bound now: torch.optim.AdamW may be reassigned
-    _slot_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-    _required = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
@@ -634,8 +639,6 @@ class AdamW(_Fused, torch.optim.AdamW):
                     fused=fused)
         self._init_fused(decoupled_weight_decay=True)
 
-    def _slots(self, group):
-        return True, True, bool(group["amsgrad"])
 
 
 class SGD(_Fused, torch.optim.SGD):
@@ -644,11 +647,9 @@ class SGD(_Fused, torch.optim.SGD):
     at a parameter's first update with momentum != 0 (set to its gradient,
     as torch does)."""
 
-    _kind = "sgd"
+    _decl = _kinds.SGD
     _torch_base = torch.optim.SGD     # bound now: torch.optim.SGD may be reassigned
     _has_capturable = False
-    _slot_names = ("momentum_buffer", None, None)
-    _counts_steps = False
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
@@ -659,18 +660,14 @@ class SGD(_Fused, torch.optim.SGD):
                     fused=fused)
         self._init_fused()
 
-    def _slots(self, group):
-        return group["momentum"] != 0, False, False
 
 
 class RMSprop(_Fused, torch.optim.RMSprop):
     """``torch.optim.RMSprop`` with fastopt's fused step: alpha, centered,
     momentum, weight decay, maximize."""
 
-    _kind = "rmsprop"
+    _decl = _kinds.RMSPROP
     _torch_base = torch.optim.RMSprop     # bound now: torch.optim.RMSprop may be reassigned
-    _slot_names = ("square_avg", "momentum_buffer", "grad_avg")
-    _required = ("square_avg",)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
@@ -681,8 +678,6 @@ class RMSprop(_Fused, torch.optim.RMSprop):
                     differentiable=differentiable)
         self._init_fused()
 
-    def _slots(self, group):
-        return True, group["momentum"] > 0, bool(group["centered"])
 
 
 # ------------------------------------------------------------- functions ---
