@@ -17,9 +17,10 @@ Change one import::
   ``lr_scheduler`` support) but run ``step()`` as one native call over
   every parameter: fastopt's fused step (`FusedStep`, the same as
   `fastopt.Adam`...), on the tensors' own memory.
-* `cross_entropy`, `batch_norm` (and the `BatchNorm2d` module) are
-  ``torch.autograd.Function`` s over fastopt's kernels with the signatures
-  and gradients of ``torch.nn.functional``.
+* `cross_entropy`, `batch_norm` (and the `BatchNorm1d`, `BatchNorm2d`
+  modules) are ``torch.autograd.Function`` s over fastopt's kernels with the
+  signatures, shape rules, errors and gradients of ``torch.nn.functional``,
+  on float32, float64, float16 and bfloat16 tensors.
 
 This module is the only one in fastopt that imports torch.
 
