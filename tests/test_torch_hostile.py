@@ -3,6 +3,7 @@ a step, partial state-dict loads, changes from another thread during a step,
 fork during a step, capturable=True, torch.optim's classes swapped for
 fastopt's.  Each varied over optimizers, dtypes and tensor positions."""
 import copy
+import re
 import gc
 import os
 import subprocess
@@ -532,3 +533,27 @@ def test_storage_check_without_exchange_api(monkeypatch, dtype, what):
         opt.step()
     if what == "grad":
         assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("name", ["RMSprop", "Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("where", [0, 2])
+@pytest.mark.parametrize("bad", [-5.0, float("nan"), 2.5, float("inf")])
+def test_a_bad_step_count_set_in_place_names_its_parameter(name, dtype, where, bad):
+    params = [torch.nn.Parameter(torch.randn(n, dtype=dtype)) for n in (3, 5, 7)]
+    groups = [{"params": params[:2]}, {"params": params[2:]}]
+    opt = getattr(fo, name)(groups)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.state[params[where]]["step"].fill_(bad)
+    before = [p.detach().clone() for p in params]
+    state = {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(params)}
+    label = "param_groups[0]['params'][0]" if where == 0 else "param_groups[1]['params'][0]"
+    with pytest.raises(ValueError, match=re.escape(f"state['step'] of {label}")):
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    for i, p in enumerate(params):
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, state[i][k]) or (torch.isnan(v).all() and torch.isnan(state[i][k]).all())

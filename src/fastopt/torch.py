@@ -501,13 +501,14 @@ def _refuse_capturable(groups):
 
 
 def _rename(message, names):
-    """FusedStep's flat names (params[i], grads[i], state[i]) -> param-group names."""
+    """FusedStep's flat names (params[i], grads[i], state[i], step_counts[i]) -> param-group names."""
     def sub(m):
         kind, i = m.group(1), int(m.group(2))
         name = names[i] if i < len(names) else f"{kind}[{i}]"
         return {"params": name, "grads": f"the gradient of {name}",
-                "state": f"the state of {name}"}[kind]
-    return re.sub(r"\b(params|grads|state)\[(\d+)\]", sub, message)
+                "state": f"the state of {name}",
+                "step_counts": f"state['step'] of {name}"}[kind]
+    return re.sub(r"\b(params|grads|state|step_counts)\[(\d+)\]", sub, message)
 
 
 def _check_params(params, names):
