@@ -42,9 +42,7 @@ another shape, an extra group; some gradients None.
   float32 result that differs from torch's float32 rounding must match
   torch on float64 copies of the same values; centered RMSprop with alpha 0
   is not compared (its variance is 0 up to a rounding error, whose sign
-  decides NaN or not).  And one undocumented difference this search found,
-  counted as KNOWN DIFFERENCE (not failed, to be fixed in fastopt): a finite
-  hyperparameter beyond float32's range for float32 parameters.
+  decides NaN or not).
 
 The kind of change (a gradient, a param group, a state_dict load) is drawn
 first, then the change.  A change that torch's own tensor code refuses when it is made (``p.grad =``
@@ -494,16 +492,6 @@ def check_case(spec, desc, change, action, tag, alt=None):
                 # fastopt reads it as one (and computes torch's result for it).
                 COUNTS["accepted by fastopt only (a number torch refuses for its type; "
                        "matches torch on float(value))"] += 1
-                return
-            if isinstance(t_err, RuntimeError) and "overflow" in str(t_err) and \
-                    spec["dtype"] == torch.float32:
-                # Not documented, a difference this search found: a finite
-                # hyperparameter beyond float32's range (lr=1e300) for float32
-                # parameters is accepted and writes infinities into them; torch
-                # refuses it (its scalar does not fit the dtype) and changes
-                # nothing.  Counted apart (and reported), not failed.
-                COUNTS["KNOWN DIFFERENCE: float32 overflow of a hyperparameter accepted "
-                       "(torch: RuntimeError)"] += 1
                 return
             if isinstance(t_err, KeyError) and t_err.args[0] == "foreach":
                 # Documented: 'foreach' is kept in the groups for compatibility

@@ -1103,3 +1103,53 @@ def test_edited_param_lists_are_refused(edit, cls, dtype, rng):
         for key in before:
             np.testing.assert_array_equal(np.asarray(before[key]), np.asarray(after[key]))
         opt.step(grads + [np.ones(6, grad_dtype)])          # restored: steps again
+
+
+# A hyperparameter the kernels cast to float32 (float32, float16 and bfloat16
+# parameters compute in float32) must be a float32 number: 1e300 would be inf
+# and write infinities.  Refused, nothing changed; float64 takes it.
+
+@pytest.mark.parametrize("cls", KIND_CLASSES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("value", [1e39, 1e300])
+def test_hyperparameters_beyond_float32_are_refused_for_float32_groups(cls, value, rng):
+    numbers = [h for h in cls._kind.hypers if h.kind == "number" and
+               (h.hi == np.inf or h.closed is False and h.hi > value)]
+    assert numbers
+    for h in numbers:
+        params = [rng.standard_normal(9).astype(np.float32), rng.standard_normal(4)]
+        opt = cls([{"params": params[:1]}, {"params": params[1:]}])
+        snap = Snapshot(*params)
+        opt.param_groups[0][h.name] = value
+        with pytest.raises(ValueError, match=re.escape(f"param_groups[0][{h.name!r}] = {value!r} "
+                                                       "is too large for float32")):
+            opt.step([np.ones(9, np.float32), np.ones(4)])
+        snap.assert_unchanged()
+        opt.param_groups[0][h.name] = h.default
+        if h.name in ("momentum", "dampening"):     # (would need state, or momentum)
+            continue
+        opt.param_groups[1][h.name] = value
+        opt.step([np.ones(9, np.float32), np.ones(4)])        # a float64 group takes it
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+@pytest.mark.parametrize("kernel,kw", [
+    ("adam_step", dict(lr=1e300, step=1)), ("adam_step", dict(weight_decay=1e39, step=1)),
+    ("adam_step", dict(eps=1e300, step=1)), ("rmsprop_step", dict(lr=1e300)),
+    ("rmsprop_step", dict(momentum=1e300)), ("sgd_step", dict(lr=1e39)),
+    ("sgd_step", dict(lr=0.1, momentum=1e300)),
+])
+def test_functional_hyperparameters_beyond_float32_are_refused(dtype, kernel, kw, rng):
+    p = rng.standard_normal(33).astype(dtype)
+    g = rng.standard_normal(33).astype(np.float32)
+    states = [np.zeros(33, np.float32) for _ in range(2)]
+    master = p.astype(np.float32) if dtype == np.float16 else None
+    snap = Snapshot(p, g, *states, master)
+    args = {"adam_step": (p, g, states[0], states[1]), "rmsprop_step": (p, g, states[0]),
+            "sgd_step": (p, g, states[0])}[kernel]
+    extra = {"rmsprop_step": dict(momentum_buffer=states[1])}.get(kernel, {})
+    if kernel == "rmsprop_step" and "momentum" not in kw:
+        extra = {}
+    name, value = [(k, v) for k, v in kw.items() if k not in ("step",) and v > 1e38][0]
+    with pytest.raises(ValueError, match=re.escape(f"{name} = {value!r} is too large for float32")):
+        getattr(fastopt, kernel)(*args, **kw, **extra, **({"master": master} if master is not None else {}))
+    snap.assert_unchanged()

@@ -35,7 +35,7 @@
 #   kernels see a bad array; nothing is written when a check fails.
 include "_common.pxi"
 
-from libc.math cimport pow, sqrt
+from libc.math cimport fabs, pow, sqrt
 from libc.stdint cimport INT64_MAX, uint16_t, uint32_t, uint64_t
 
 cdef extern from "_half.h" nogil:
@@ -163,6 +163,20 @@ cdef inline void half_param(Segment *s, cnp.ndarray p, cnp.ndarray w, cnp.ndarra
         s.gk = store_of(dtype_code(g))
 
 
+cdef int numbers_fit(cnp.ndarray w, tuple values, tuple names) except -1:
+    """Hyperparameters of an update computed in float32 (w, the array the
+    kernel updates, is not float64) must be float32 numbers: the kernel casts
+    them, and 1e300 would become inf.  (torch refuses such a scalar too.)"""
+    cdef Py_ssize_t k
+    if cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64:
+        return 0
+    for k in range(len(values)):
+        if fabs(<double>values[k]) > 3.4028234663852886e38:
+            raise ValueError(f"{names[k]} = {values[k]!r} is too large for float32, the "
+                             f"precision {w.dtype} arrays are updated in")
+    return 0
+
+
 cdef inline double step_count(object step) except -1.0:
     """A step number in [1, 2**63 - 1] (int64, as PyTorch's state["step"])."""
     cdef object k = integer(step, "step")
@@ -196,6 +210,7 @@ cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
     cdef double b2 = in_unit(betas[1], "betas[1]")
     cdef double eps_ = at_least(eps, "eps", 0.0)
     cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
     check_disjoint([p, g, m, v, vmax, None if w is p else w],
                    ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"))
     g = readable(g)
@@ -304,6 +319,7 @@ def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
     cdef double eps_ = at_least(eps, "eps", 0.0)
     cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
     cdef double mu = at_least(momentum, "momentum", 0.0)
+    numbers_fit(w, (lr_, eps_, wd, mu), ("lr", "eps", "weight_decay", "momentum"))
     cdef object buf = None, gavg = None
     if mu > 0:
         if momentum_buffer is None:
@@ -368,6 +384,7 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
         raise ValueError(f"dampening must be in [0, 1], got {damp!r}")
     if nesterov and (mu <= 0 or damp != 0):
         raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
+    numbers_fit(w, (lr_, mu, wd), ("lr", "momentum", "weight_decay"))
     cdef object buf = None
     if mu > 0:
         if momentum_buffer is None:
@@ -569,6 +586,20 @@ cdef double hyper_num(object x, Py_ssize_t gi, str key, int k, double lo, double
     raise ValueError(f"{name} must be in [{lo:g}, {hi:g}{']' if hi_closed else ')'}, got {v!r}")
 
 
+cdef int fits_float32(const double *v, bint pair, Py_ssize_t gi, str key) except -1:
+    """A hyperparameter of a group whose parameters compute in float32 (the
+    kernels cast it to float32) must be a float32 number: 1e300 would become
+    inf and write infinities into the parameters.  (torch refuses such a
+    scalar for a float32 tensor too: "value cannot be converted".)"""
+    cdef int k
+    for k in range(2 if pair else 1):
+        if fabs(v[k]) > 3.4028234663852886e38:
+            raise ValueError(f"{hyper_name(gi, key, k if pair else -1)} = {v[k]!r} is too large "
+                             "for float32, the precision the group's float32, float16 and "
+                             "bfloat16 parameters are updated in")
+    return 0
+
+
 cdef bint group_flag(object x, str key, Py_ssize_t gi) except -1:
     """x, the value of param_groups[gi][key], as a bool."""
     if isinstance(x, (tuple, list, str, bytes)) or (
@@ -761,6 +792,7 @@ cdef class FusedStep:
     cdef unsigned char found
     cdef Coef check
     cdef int *group
+    cdef list group_single          # per group: a parameter of it computes in float32
     cdef Py_ssize_t *act            # parameter index of each active segment
     cdef bint *has                  # 3 per group: every parameter has slot k
     cdef Hyper *hyper
@@ -918,10 +950,13 @@ cdef class FusedStep:
         cdef list st
         cdef cnp.ndarray s
         cdef Py_ssize_t nw = 0
+        self.group_single = [False] * ng
         for i in range(n):
             p = <cnp.ndarray>self.params[i]
             g = group_of[i]
             self.group[i] = <int>g
+            if codes[i] != DT_F64:
+                self.group_single[g] = True
             self.pcode[i] = codes[i]
             self.typenum[i] = cnp.PyArray_TYPE(p)
             self.size[i] = cnp.PyArray_SIZE(p)
@@ -1047,7 +1082,7 @@ cdef class FusedStep:
         cdef char *field
         cdef const HyperSpec *spec
         cdef bint *has
-        cdef bint on
+        cdef bint on, single
         cdef tuple keys = SPEC_KEYS[self.kind][0]
         cdef tuple options = SLOT_OPTIONS[self.kind]
         for gi in range(self.ngroups):
@@ -1056,6 +1091,7 @@ cdef class FusedStep:
             g = <dict>gl[gi]
             h = &self.hyper[gi]
             has = &self.has[3 * gi]
+            single = self.group_single[gi]
             if same_params:
                 i = self.check_group_params(g, gi, i)
             for j in range(NSPECS[self.kind]):
@@ -1075,6 +1111,8 @@ cdef class FusedStep:
                                                      spec.closed)
                     (<double *>field)[1] = hyper_num(x[1], gi, key, 1, spec.lo, spec.hi,
                                                      spec.closed)
+                if spec.type != H_FLAG and single:
+                    fits_float32(<double *>field, spec.type == H_PAIR, gi, key)
             if self.kind == SGD and h.nesterov and (h.momentum <= 0 or h.dampening != 0):
                 raise ValueError(f"param_groups[{gi}]: nesterov=True requires "
                                  "momentum > 0 and dampening == 0")

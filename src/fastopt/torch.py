@@ -105,7 +105,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 # switch it off to check the Python-attribute path older torch versions take).
 _USE_EXCHANGE_API = True
 # Every live optimizer of this module, for the fork handler below.
-_LIVE = weakref.WeakSet()
+_LIVE: "weakref.WeakSet[_Fused]" = weakref.WeakSet()
 
 
 def _after_fork_in_child():
