@@ -63,3 +63,21 @@ def pytest_terminal_summary(terminalreporter):
         f"inputs accepted with the plain call's bits; {bad} failed (accepted {c['accepted']}, "
         f"other exception {c['wrong error']}, changed an array {c['changed']}, misread "
         f"{c['misread']}); a crash or hang would have stopped the run")
+
+
+def write_fuzz_counts(request, name, counts):
+    """Print a fuzz module's counts after its tests (even under -q)."""
+    if not counts["cases"]:
+        return
+    failed = sum(v for k, v in counts.items() if k.startswith("FAILED"))
+    lines = [f"{name}: {counts['cases']} cases, {failed} failed (a crash or hang would "
+             "have stopped the run):"]
+    lines += [f"  {k}: {v}" for k, v in sorted(counts.items()) if k != "cases"]
+    plugins = request.config.pluginmanager
+    terminal, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if terminal is None or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        terminal.write_line("")
+        for line in lines:
+            terminal.write_line(line)

@@ -53,6 +53,8 @@ import warnings
 import numpy as np
 import pytest
 
+from conftest import write_fuzz_counts
+
 torch = pytest.importorskip("torch")
 fo = pytest.importorskip("fastopt.torch")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -74,20 +76,7 @@ TOL = {torch.float64: (1e-7, 1e-9), torch.float32: (2e-4, 2e-5),
 def report_counts(request):
     """The counts, printed when the module's tests are done."""
     yield
-    if not COUNTS["cases"]:
-        return
-    failed = sum(v for k, v in COUNTS.items() if k.startswith("FAILED"))
-    lines = [f"fuzz_torch: {COUNTS['cases']} cases, {failed} failed (a crash or hang would "
-             "have stopped the run):"]
-    lines += [f"  {k}: {v}" for k, v in sorted(COUNTS.items()) if k != "cases"]
-    plugins = request.config.pluginmanager
-    terminal, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
-    if terminal is None or capture is None:
-        return
-    with capture.global_and_fixture_disabled():
-        terminal.write_line("")
-        for line in lines:
-            terminal.write_line(line)
+    write_fuzz_counts(request, "fuzz_torch", COUNTS)
 
 
 # ------------------------------------------------------------- mutations ---

@@ -544,12 +544,25 @@ def test_batchnorm2d_module_matches_torch(kwargs):
         with torch.no_grad():
             theirs.weight.uniform_(0.5, 1.5)
             theirs.bias.normal_()
+    _module_matches_torch(ours, theirs, (8, 4, 5, 5), 4, kwargs.get("affine", True))
+    if kwargs.get("affine", True):
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def _module_matches_torch(ours, theirs, shape, steps, affine):
+    """`ours` (a fastopt.torch BatchNorm module) computes `theirs`'s outputs,
+    input gradients and running statistics over `steps` batches of `shape`,
+    evaluating from the third."""
+    if affine:
+        with torch.no_grad():
+            theirs.weight.uniform_(0.5, 1.5)
+            theirs.bias.normal_()
     ours.load_state_dict(theirs.state_dict())
-    for step in range(4):
-        x = torch.randn(8, 4, 5, 5) * 2 + 1
+    for step in range(steps):
         if step == 2:
             ours.eval()
             theirs.eval()
+        x = torch.randn(shape) * 2 + 1
         xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
         ya, yb = ours(xs[0]), theirs(xs[1])
         torch.testing.assert_close(ya, yb, **F32)
@@ -559,8 +572,6 @@ def test_batchnorm2d_module_matches_torch(kwargs):
     for (ka, va), (kb, vb) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert ka == kb
         torch.testing.assert_close(va, vb, **F32)
-    if kwargs.get("affine", True):
-        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_batchnorm2d_in_a_model_trains_like_torch():
@@ -592,25 +603,7 @@ def test_batchnorm1d_module_matches_torch(kwargs, shape):
     theirs = torch.nn.BatchNorm1d(4, **kwargs)
     ours = fo.BatchNorm1d(4, **kwargs)
     assert isinstance(ours, torch.nn.BatchNorm1d)
-    if kwargs.get("affine", True):
-        with torch.no_grad():
-            theirs.weight.uniform_(0.5, 1.5)
-            theirs.bias.normal_()
-    ours.load_state_dict(theirs.state_dict())
-    for step in range(3):
-        if step == 2:
-            ours.eval()
-            theirs.eval()
-        x = torch.randn(shape) * 2 + 1
-        xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
-        ya, yb = ours(xs[0]), theirs(xs[1])
-        torch.testing.assert_close(ya, yb, **F32)
-        ya.square().sum().backward()
-        yb.square().sum().backward()
-        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-4, atol=1e-4)
-    for (ka, va), (kb, vb) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        assert ka == kb
-        torch.testing.assert_close(va, vb, **F32)
+    _module_matches_torch(ours, theirs, shape, 3, kwargs.get("affine", True))
     with pytest.raises(ValueError, match="expected 2D or 3D input"):
         ours(torch.randn(2, 4, 3, 3))
 
