@@ -163,17 +163,30 @@ cdef inline void half_param(Segment *s, cnp.ndarray p, cnp.ndarray w, cnp.ndarra
         s.gk = store_of(dtype_code(g))
 
 
+# A hyperparameter of an update computed in float32 (float32, float16 and
+# bfloat16 parameters) must be a float32 number: the kernels cast it, and
+# 1e300 would become inf and write infinities into the parameters.  (torch
+# refuses such a scalar for a float32 tensor too: "value cannot be
+# converted".)  The message is built only on failure.
+
+cdef inline bint beyond_float32(double v) noexcept:
+    return fabs(v) > 3.4028234663852886e38
+
+
+cdef int too_large_for_float32(double v, str name, str updated) except -1:
+    raise ValueError(f"{name} = {v!r} is too large for float32, the precision {updated} "
+                     "updated in")
+
+
 cdef int numbers_fit(cnp.ndarray w, tuple values, tuple names) except -1:
-    """Hyperparameters of an update computed in float32 (w, the array the
-    kernel updates, is not float64) must be float32 numbers: the kernel casts
-    them, and 1e300 would become inf.  (torch refuses such a scalar too.)"""
+    """The hyperparameters `values` of an update of `w` (the array the kernel
+    updates) fit its compute precision."""
     cdef Py_ssize_t k
     if cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64:
         return 0
     for k in range(len(values)):
-        if fabs(<double>values[k]) > 3.4028234663852886e38:
-            raise ValueError(f"{names[k]} = {values[k]!r} is too large for float32, the "
-                             f"precision {w.dtype} arrays are updated in")
+        if beyond_float32(<double>values[k]):
+            too_large_for_float32(values[k], names[k], f"{w.dtype} arrays are")
     return 0
 
 
@@ -584,20 +597,6 @@ cdef double hyper_num(object x, Py_ssize_t gi, str key, int k, double lo, double
     if hi == INFINITY:
         raise ValueError(f"{name} must be >= {lo:g}, got {v!r}")
     raise ValueError(f"{name} must be in [{lo:g}, {hi:g}{']' if hi_closed else ')'}, got {v!r}")
-
-
-cdef int fits_float32(const double *v, bint pair, Py_ssize_t gi, str key) except -1:
-    """A hyperparameter of a group whose parameters compute in float32 (the
-    kernels cast it to float32) must be a float32 number: 1e300 would become
-    inf and write infinities into the parameters.  (torch refuses such a
-    scalar for a float32 tensor too: "value cannot be converted".)"""
-    cdef int k
-    for k in range(2 if pair else 1):
-        if fabs(v[k]) > 3.4028234663852886e38:
-            raise ValueError(f"{hyper_name(gi, key, k if pair else -1)} = {v[k]!r} is too large "
-                             "for float32, the precision the group's float32, float16 and "
-                             "bfloat16 parameters are updated in")
-    return 0
 
 
 cdef bint group_flag(object x, str key, Py_ssize_t gi) except -1:
@@ -1074,7 +1073,7 @@ cdef class FusedStep:
         if len(gl) != self.ngroups:
             raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
                              "(add a group with add_param_group)")
-        cdef Py_ssize_t gi, j, i = 0
+        cdef Py_ssize_t gi, j, k, i = 0
         cdef dict g
         cdef Hyper *h
         cdef object x, opt
@@ -1112,7 +1111,12 @@ cdef class FusedStep:
                     (<double *>field)[1] = hyper_num(x[1], gi, key, 1, spec.lo, spec.hi,
                                                      spec.closed)
                 if spec.type != H_FLAG and single:
-                    fits_float32(<double *>field, spec.type == H_PAIR, gi, key)
+                    for k in range(2 if spec.type == H_PAIR else 1):
+                        if beyond_float32((<double *>field)[k]):
+                            too_large_for_float32(
+                                (<double *>field)[k],
+                                hyper_name(gi, key, k if spec.type == H_PAIR else -1),
+                                "the group's float32, float16 and bfloat16 parameters are")
             if self.kind == SGD and h.nesterov and (h.momentum <= 0 or h.dampening != 0):
                 raise ValueError(f"param_groups[{gi}]: nesterov=True requires "
                                  "momentum > 0 and dampening == 0")

@@ -111,12 +111,11 @@ _LIVE: "weakref.WeakSet[_Fused]" = weakref.WeakSet()
 def _after_fork_in_child():
     """A child forked while another thread was inside a step (or
     add_param_group, load_state_dict) has no such thread: its optimizers start
-    idle, and rebuild their native step (whose own busy flag stayed set) from
-    their state at the next step."""
+    idle.  (Their native steps are idle in the child too: fastopt._optim's
+    own fork handler.)"""
     for opt in list(_LIVE):
         if opt._lock.locked():
             opt._lock = threading.Lock()
-            opt._built_slots = None
 
 
 if hasattr(os, "register_at_fork"):

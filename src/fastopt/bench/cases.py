@@ -13,6 +13,7 @@ import numpy as np
 import fastopt
 
 from .. import _baselines as B
+from .. import _kinds
 from . import peers, settings
 from .settings import (ALPHA, BETAS, ELEMENTWISE, EPS_ADAM, EPS_BN, EPS_RMS, FAMILIES, LR_ADAM,
                        LR_RMS, LR_SGD, MOMENTUM, WD_ADAMW)
@@ -69,7 +70,7 @@ class OptimizerSpec:
     numpy: Callable         # `fastopt._baselines`: (p, g, *state[, t], **numpy_hp) -> (p, *state)
     inplace: Callable       # the same in place, with a `work` array
     numpy_hp: dict          # the same hyperparameters, as the baselines name them
-    slots: tuple            # the state arrays, in argument order (PyTorch's names)
+    slots: tuple            # the state arrays, in argument order (PyTorch's names): `_state`
     counts_steps: bool      # the kernel (step=t) and the baselines (t) take the step number
     cls: Optional[str] = None       # fastopt's (and fastopt.torch's) optimizer class
     torch: Optional[str] = None     # the torch.optim class timed with --peers
@@ -82,7 +83,16 @@ class OptimizerSpec:
         return 3 + 2 * len(self.slots)
 
 
+def _state(kind, hp):
+    """The state arrays a kind's kernel takes with hyperparameters `hp` (the
+    rest at their defaults), in its argument order: as `kind` declares them."""
+    needs = kind.needs({**kind.defaults(), **hp})
+    return tuple(slot.name for slot, need in zip(kind.slots, needs) if need)
+
+
 _ADAM_HP = dict(lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM)
+_RMS_HP = dict(lr=LR_RMS, alpha=ALPHA, eps=EPS_RMS)
+_SGD_HP = dict(lr=LR_SGD, momentum=MOMENTUM, dampening=MOMENTUM)
 _ADAM_NUMPY_HP = dict(lr=LR_ADAM, b1=BETAS[0], b2=BETAS[1], eps=EPS_ADAM)
 
 # The values are those of settings.py (PyTorch's defaults); `hp` names them
@@ -91,24 +101,24 @@ OPTIMIZERS = {
     "adam": OptimizerSpec(
         kernel="adam_step", hp=_ADAM_HP, numpy=B.adam_numpy, inplace=B.adam_inplace,
         numpy_hp=dict(_ADAM_NUMPY_HP, weight_decay=0.0, decoupled=False),
-        slots=("exp_avg", "exp_avg_sq"), counts_steps=True,
+        slots=_state(_kinds.ADAM, _ADAM_HP), counts_steps=True,
         cls="Adam", torch="Adam", numba=peers.numba_adam),
     "adamw": OptimizerSpec(
         kernel="adamw_step", hp=dict(_ADAM_HP, weight_decay=WD_ADAMW),
         numpy=B.adam_numpy, inplace=B.adam_inplace,
         numpy_hp=dict(_ADAM_NUMPY_HP, weight_decay=WD_ADAMW, decoupled=True),
-        slots=("exp_avg", "exp_avg_sq"), counts_steps=True,
+        slots=_state(_kinds.ADAMW, _ADAM_HP), counts_steps=True,
         torch="AdamW", numba=peers.numba_adam),
     "rmsprop": OptimizerSpec(
-        kernel="rmsprop_step", hp=dict(lr=LR_RMS, alpha=ALPHA, eps=EPS_RMS),
+        kernel="rmsprop_step", hp=_RMS_HP,
         numpy=B.rmsprop_numpy, inplace=B.rmsprop_inplace,
         numpy_hp=dict(lr=LR_RMS, alpha=ALPHA, eps=EPS_RMS),
-        slots=("square_avg",), counts_steps=False),
+        slots=_state(_kinds.RMSPROP, _RMS_HP), counts_steps=False),
     "sgd": OptimizerSpec(      # the course's Momentum: dampening = momentum
-        kernel="sgd_step", hp=dict(lr=LR_SGD, momentum=MOMENTUM, dampening=MOMENTUM),
+        kernel="sgd_step", hp=_SGD_HP,
         numpy=B.momentum_numpy, inplace=B.momentum_inplace,
         numpy_hp=dict(lr=LR_SGD, beta=MOMENTUM),
-        slots=("momentum_buffer",), counts_steps=False),
+        slots=_state(_kinds.SGD, _SGD_HP), counts_steps=False),
 }
 MODEL_OPTIMIZER = "adam"        # the `optimizer` family: fastopt.Adam over a model's arrays
 
