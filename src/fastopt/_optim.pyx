@@ -417,31 +417,34 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
 
 # ======================================================= fused optimizer ===
 #
-# `FusedStep` is the native half of the optimizer objects in `optim.py`.  It
-# holds a fixed list of parameter arrays and owns their state arrays; its
-# `step` validates the gradients and the param-group hyperparameters, fills a
-# C array of `Segment`s and per-array `Coef`s, and calls `run_segments` once
-# with the GIL released: one native call and one threaded job per step,
-# whatever the number of arrays.
+# `FusedStep` is the native step of the optimizer objects of `optim.py` and
+# `torch.py` (the fronts).  The fronts own what their users own: the
+# parameters, their state arrays, float32 masters and step counts (laid out
+# by `fastopt._layout`, one zeroed buffer per state kind, each array on a
+# 64-byte boundary, in parameter order: a step streams every state through
+# memory in one direction).  A FusedStep is built over them, checks them
+# once, and keeps what makes a step fast: one record (`Rec`) per parameter
+# and the memory a step writes (`Written`).  A front that replaces one of
+# its arrays builds a new one.  Its `step` validates the gradients and the
+# param-group hyperparameters, fills a C array of `Segment`s and per-array
+# `Coef`s, and calls `run_segments` once with the GIL released: one native
+# call and one threaded job per step, whatever the number of arrays.
 #
 # * Everything is checked before anything is written (no partial step).
 # * The per-array work on the Python side of a step is a handful of C-API
 #   calls (type, shape, flags, one binary search for overlap with the arrays
 #   that are written), so a step over hundreds of small arrays costs
 #   microseconds, not a Python loop.
-# * Per-array step counts (PyTorch's state["step"]): an array whose gradient
-#   is None is skipped and its count does not advance.  Consecutive arrays
-#   sharing (group, step) share one Coef, so the bias-correction pow()s run
-#   about once per group.
+# * Per-array step counts (PyTorch's state["step"]), kept by the front in
+#   int64 or float arrays: read once per step, written back after it.  An
+#   array whose gradient is None is skipped and its count does not advance.
+#   Consecutive arrays sharing (group, step) share one Coef, so the
+#   bias-correction pow()s run about once per group.
 # * Mixed float32/float64 parameters go through the same call: every segment
 #   carries its own dtype.
-# * The state arrays are views into one zeroed buffer per state kind, in
-#   parameter order, each on a 64-byte boundary: one allocation, and a step
-#   streams every state through memory in one direction.
-# * Low precision: a float16/bfloat16 parameter gets a float32 master copy
-#   (allocated like the state) that the kernels update, writing the
-#   parameter, rounded, in the same pass; `state_dtype="bfloat16"` allocates
-#   the state as bfloat16.
+# * Low precision: a float16/bfloat16 parameter has a float32 master that
+#   the kernels update, writing the parameter, rounded, in the same pass;
+#   the state of float32 and 16-bit parameters may be bfloat16.
 # * Loss scaling: step(..., grad_scale) first runs a CHECK pass over the
 #   gradients (the same dispatch, reading only); if any holds inf or NaN,
 #   nothing is updated (no parameter, state or step count) and `found_inf`
@@ -462,8 +465,9 @@ ctypedef struct Hyper:
 ctypedef struct Interval:       # bytes [lo, hi) of one array that is written
     uintptr_t lo
     uintptr_t hi
-    Py_ssize_t owner            # parameter index
-    int slot                    # 0: the parameter, 1..3: a state array, 4: its master
+    Py_ssize_t owner            # which array (FusedStep: the parameter index)
+    int slot                    # FusedStep: 0 the parameter, 1..3 a state array, 4 its master,
+                                # 5 its step count
 
 
 cdef int cmp_interval(const void *a, const void *b) noexcept nogil:
@@ -476,12 +480,63 @@ cdef int cmp_interval(const void *a, const void *b) noexcept nogil:
     return x.slot - y.slot
 
 
-# State arrays start on 64-byte boundaries (cache lines, AVX-512 vectors).
-DEF STATE_ALIGN = 64
+cdef class Written:
+    """The memory a call writes, as byte intervals sorted by address: `seal`
+    refuses two that overlap, then `find` says in log n whether bytes that
+    are read overlap one.  Every overlap check of this module uses it."""
+    cdef Interval *iv
+    cdef Py_ssize_t n, cap
 
+    def __cinit__(self, Py_ssize_t cap):
+        self.iv = <Interval *>PyMem_Malloc(max(cap, 1) * sizeof(Interval))
+        if self.iv == NULL:
+            raise MemoryError()
+        self.cap = cap
+        self.n = 0
 
-cdef inline Py_ssize_t padded(Py_ssize_t nbytes) noexcept:
-    return (nbytes + STATE_ALIGN - 1) // STATE_ALIGN * STATE_ALIGN
+    def __dealloc__(self):
+        PyMem_Free(self.iv)
+
+    cdef void add(self, void *data, Py_ssize_t nbytes, Py_ssize_t owner, int slot) noexcept:
+        """Bytes [data, data + nbytes) of array `owner` (at most `cap` adds)."""
+        if nbytes == 0 or self.n == self.cap:
+            return
+        cdef Interval *iv = &self.iv[self.n]
+        iv.lo = <uintptr_t>data
+        iv.hi = iv.lo + <uintptr_t>nbytes
+        iv.owner = owner
+        iv.slot = slot
+        self.n += 1
+
+    cdef int seal(self, object name) except -1:
+        """Sort; two intervals that overlap raise ValueError, naming their
+        arrays in (owner, slot) order with ``name(owner, slot)``."""
+        qsort(self.iv, self.n, sizeof(Interval), cmp_interval)
+        cdef Py_ssize_t k
+        cdef Interval *a
+        cdef Interval *b
+        for k in range(1, self.n):
+            a = &self.iv[k - 1]
+            b = &self.iv[k]
+            if b.lo < a.hi:
+                if (b.owner, b.slot) < (a.owner, a.slot):
+                    a, b = b, a
+                raise ValueError(f"{name(a.owner, a.slot)} and {name(b.owner, b.slot)} "
+                                 "overlap in memory")
+        return 0
+
+    cdef Py_ssize_t find(self, uintptr_t lo, uintptr_t hi) noexcept:
+        """Index of an interval overlapping [lo, hi), or -1 (after `seal`)."""
+        cdef Py_ssize_t a = 0, b = self.n, m
+        while a < b:            # the last interval that starts below hi
+            m = (a + b) // 2
+            if self.iv[m].lo < hi:
+                a = m + 1
+            else:
+                b = m
+        if a > 0 and self.iv[a - 1].hi > lo:
+            return a - 1
+        return -1
 
 
 # ---------------------------------------------------- the declared kinds ---
@@ -620,28 +675,12 @@ cdef double reciprocal_scale(object grad_scale) except? -1.0:
 
 cdef int disjoint_arrays(list arrays, list names) except -1:
     """No two of `arrays` share a byte (sorted by address: n log n)."""
-    cdef Py_ssize_t na = len(arrays), nw = 0, k
-    cdef cnp.ndarray arr
-    cdef Interval *iv = <Interval *>PyMem_Malloc(max(na, 1) * sizeof(Interval))
-    if iv == NULL:
-        raise MemoryError()
-    try:
-        for k in range(na):
-            arr = <cnp.ndarray>arrays[k]
-            if cnp.PyArray_NBYTES(arr) == 0:
-                continue
-            iv[nw].lo = <uintptr_t>cnp.PyArray_DATA(arr)
-            iv[nw].hi = iv[nw].lo + <uintptr_t>cnp.PyArray_NBYTES(arr)
-            iv[nw].owner = k
-            iv[nw].slot = 0
-            nw += 1
-        qsort(iv, nw, sizeof(Interval), cmp_interval)
-        for k in range(1, nw):
-            if iv[k].lo < iv[k - 1].hi:
-                raise ValueError(f"{names[min(iv[k - 1].owner, iv[k].owner)]} and "
-                                 f"{names[max(iv[k - 1].owner, iv[k].owner)]} overlap in memory")
-    finally:
-        PyMem_Free(iv)
+    cdef Written w = Written(len(arrays))
+    cdef Py_ssize_t k
+    for k in range(len(arrays)):
+        w.add(cnp.PyArray_DATA(<cnp.ndarray>arrays[k]), cnp.PyArray_NBYTES(<cnp.ndarray>arrays[k]),
+              k, 0)
+    w.seal(lambda owner, slot: names[owner])
     return 0
 
 
@@ -678,6 +717,13 @@ cdef object state_dtype_name(object state_dtype):
                          "gradients, which leave float16's range (6e-8 to 65504; 1e-4**2 "
                          "flushes to 0): use 'bfloat16' (float32's range)")
     raise ValueError(f"state_dtype must be None or 'bfloat16', got {state_dtype!r}")
+
+def state_dtype_of(state_dtype):
+    """The numpy dtype of state kept as `state_dtype` (None or "bfloat16";
+    anything else is refused): None (the compute dtype) or bfloat16."""
+    cdef object name = state_dtype_name(state_dtype)
+    return None if name is None else bfloat16_dtype("state_dtype='bfloat16'")
+
 
 def _convert(src, dst, stochastic_key=None):
     """dst[...] = src with fastopt's conversions (a test hook): float16 or
@@ -740,294 +786,284 @@ if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_idle_after_fork)
 
 
+ctypedef struct Rec:            # one parameter, as its front bound it
+    void *param                 # what the kernels update: the parameter, or its float32 master
+    void *out                   # the float16/bfloat16 parameter written from the master, or NULL
+    void *s[3]                  # the state arrays in slot order (NULL: absent)
+    void *step                  # its step count, of type step_type
+    int step_type               # NPY_INT64, NPY_FLOAT32 or NPY_FLOAT64
+    int code                    # DT_* of the parameter
+    int okind                   # Store code of `out` (NATIVE: none)
+    int typenum                 # of the parameter, as bound
+    int group
+    Py_ssize_t size
+
+
 cdef class FusedStep:
-    """Native state of an optimizer over a fixed list of parameter arrays.
+    """The native step of an optimizer, over arrays that its front owns.
+
+    The front (`fastopt.Optimizer`, `fastopt.torch`'s optimizers) owns the
+    parameters, their state arrays, float32 masters and step counts, and
+    builds a FusedStep over them (again whenever it replaces one of them).
+    The FusedStep checks them once, keeps one record per parameter and the
+    memory a step writes, and holds a reference to every array; each step
+    then checks what can change between steps: the parameters' memory, the
+    hyperparameters, the gradients and the step counts.
 
     Parameters
     ----------
     kind : {"adam", "rmsprop", "sgd"}
     params : list of ndarray
         float32/float64/float16/bfloat16, C-contiguous, aligned, writeable,
-        native byte order, pairwise disjoint in memory, each at most once.
-        Updated in place by `step`, which refuses a parameter whose memory,
-        dtype, size, byte order or layout was changed since; a
-        float16/bfloat16 parameter through a float32 master copy (`masters`)
-        that the step updates and rounds into it.
+        native byte order, each at most once.  Updated in place by `step`,
+        which refuses a parameter whose memory, dtype, size, byte order or
+        layout was changed since; a float16/bfloat16 parameter through its
+        float32 master (`masters`), which the step updates and rounds into it.
     group_of : list of int
-        The param-group index of every parameter (non-decreasing not needed).
-    slots : list of tuple of 3 bool
-        Per group: which of the kind's three state arrays its parameters get
-        (see `SLOT_NAMES`); they are allocated here, zero-filled, as
-        64-byte-aligned views into one buffer per slot.
+        The param-group index of every parameter (non-decreasing: the
+        parameters in param-group order).
+    ngroups : int
+        The number of param groups (some may be empty).
+    states : list of tuple of 3 (ndarray or None)
+        Per parameter, the kind's state arrays in slot order (`SLOT_NAMES`),
+        None where it has none.  Each has the shape of the parameter, is
+        C-contiguous, aligned, writeable, in native byte order, of the
+        compute dtype (float64 for a float64 parameter, else float32) or,
+        with `state_dtype`, bfloat16.  A group has a slot if every one of
+        its parameters has it.
+    masters : list of (ndarray or None)
+        The float32 master of every float16/bfloat16 parameter (its shape,
+        laid out as a state array), None for the others.
+    steps : ndarray, or list of ndarray
+        The step counts (torch's ``state["step"]``): a 1-d array with one
+        per parameter, or per parameter a one-element array; int64, float32
+        or float64, writeable.  A step reads the counts of the parameters it
+        updates (whole numbers >= 0) and writes the new ones in place.
+    names : list of str, optional
+        How errors name the parameters (default ``params[i]``); with names,
+        errors say "the gradient of NAME", "the state of NAME[...]" and
+        "state['step'] of NAME".
     state_dtype : None or "bfloat16"
-        None: the state has the compute dtype (float64 for float64
-        parameters, else float32).  "bfloat16": half-size state (not with
-        float64 parameters), computed in float32 and rounded when stored.
+        The dtype of the state arrays of float32/float16/bfloat16
+        parameters: None for float32.
     state_rounding : {"nearest", "stochastic"}
         How bfloat16 state is rounded: to nearest even, or stochastically
         with the counter-based generator seeded by `seed` (see `step`).
     seed : int in [0, 2**32)
+
+    Every array and every overlap between two of them is checked before
+    anything is kept: a bad one raises TypeError/ValueError naming it.
     """
     cdef readonly int kind
     cdef readonly Py_ssize_t n, ngroups
     cdef readonly list params
     cdef readonly list states       # per parameter: [s1, s2, s3] (None if absent)
-    cdef readonly list masters      # per parameter: float32 master copy, or None
+    cdef readonly list masters      # per parameter: float32 master, or None
     cdef readonly object state_dtype
     cdef readonly str state_rounding
     cdef readonly object seed
     cdef public bint found_inf      # the last step saw an inf/NaN gradient and did nothing
-    cdef cnp.ndarray steps_arr      # int64 per parameter
-    cdef int64_t *steps
-    cdef void **ptr                 # 4 per parameter: param (or master), s1, s2, s3
-    cdef void **out                 # per parameter: the 16-bit parameter, or NULL
-    cdef int *okind                 # per parameter: Store code of `out` (NATIVE: none)
-    cdef int *pcode                 # per parameter: DT_* dtype code
-    cdef int *typenum               # per parameter, as at construction
-    cdef Py_ssize_t *size           # elements per parameter, as at construction
-    cdef list buffers               # the state buffers (held: never resized under us)
+    cdef list names                 # None: params[i]
+    cdef list held_steps            # the arrays holding the step counts
+    cdef Rec *rec
+    cdef int64_t *count             # per active segment: its count, read once per step
     cdef int skind                  # Store code of the state
     cdef uint32_t seed_hash
     cdef unsigned char found
     cdef Coef check
-    cdef int *group
     cdef list group_single          # per group: a parameter of it computes in float32
     cdef Py_ssize_t *act            # parameter index of each active segment
     cdef bint *has                  # 3 per group: every parameter has slot k
     cdef Hyper *hyper
     cdef Segment *segs
     cdef Coef *coefs
-    cdef Interval *written          # sorted by address
-    cdef Py_ssize_t nwritten
+    cdef Written written
     cdef bint busy                  # a step (or hold()) is running
-    cdef bint held                  # ... a hold(): its owner may set steps and rounding
+    cdef bint held                  # ... a hold(): its owner may set the rounding
     cdef object __weakref__         # (_LIVE: the optimizers a forked child sets idle)
 
     def __cinit__(self):
-        self.steps = NULL
-        self.ptr = NULL
-        self.typenum = NULL
-        self.size = NULL
-        self.out = NULL
-        self.okind = NULL
-        self.pcode = NULL
-        self.group = NULL
+        self.rec = NULL
+        self.count = NULL
         self.act = NULL
         self.has = NULL
         self.hyper = NULL
         self.segs = NULL
         self.coefs = NULL
-        self.written = NULL
 
     def __dealloc__(self):
-        PyMem_Free(self.ptr)
-        PyMem_Free(self.typenum)
-        PyMem_Free(self.size)
-        PyMem_Free(self.out)
-        PyMem_Free(self.okind)
-        PyMem_Free(self.pcode)
-        PyMem_Free(self.group)
+        PyMem_Free(self.rec)
+        PyMem_Free(self.count)
         PyMem_Free(self.act)
         PyMem_Free(self.has)
         PyMem_Free(self.hyper)
         PyMem_Free(self.segs)
         PyMem_Free(self.coefs)
-        PyMem_Free(self.written)
 
-    def __init__(self, str kind, list params, list group_of, list slots, state_dtype=None,
+    def __init__(self, str kind, list params, list group_of, Py_ssize_t ngroups, list states,
+                 list masters, steps, *, list names=None, state_dtype=None,
                  state_rounding="nearest", seed=0):
-        if self.ptr != NULL:
+        if self.rec != NULL:
             raise RuntimeError("FusedStep is already initialized")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
         self.kind = KINDS[kind]
-        cdef Py_ssize_t n = len(params), ng = len(slots), i, k, g
-        if len(group_of) != n:
-            raise ValueError("group_of must have one entry per parameter")
-        # Low-precision options.
-        cdef object sdt = state_dtype_name(state_dtype)
-        if state_rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', "
-                             f"got {state_rounding!r}")
-        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-        if not 0 <= seed.__index__() < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
-        cdef object bf16 = bfloat16_dtype("state_dtype='bfloat16'") if sdt is not None else None
-        # Parameters: float, updatable in place, each at most once.
-        cdef cnp.ndarray p
-        cdef dict seen = {}
-        cdef list codes = []
+        cdef Py_ssize_t n = len(params), ng = ngroups, i, k, g
+        for what, lst in (("group_of", group_of), ("states", states), ("masters", masters)):
+            if len(lst) != n:
+                raise ValueError(f"{what} must have one entry per parameter")
+        if names is not None and len(names) != n:
+            raise ValueError("names must have one entry per parameter")
+        self.names = None if names is None else [str(s) for s in names]
         for i in range(n):
-            p = writable(any_float_array(params[i], f"params[{i}]"), f"params[{i}]")
-            if id(p) in seen:
-                raise ValueError(f"params[{seen[id(p)]}] and params[{i}] are the same array "
-                                 "(a parameter may appear only once)")
-            seen[id(p)] = i
-            codes.append(dtype_code(p))
-            if sdt is not None and codes[i] == DT_F64:
-                raise ValueError(f"state_dtype='bfloat16' needs float32, float16 or bfloat16 "
-                                 f"parameters, but params[{i}] is float64")
             g = group_of[i]
             if not 0 <= g < ng:
                 raise ValueError(f"group_of[{i}] = {g} is not a group index")
-        cdef tuple names = SLOT_NAMES[self.kind]
-        for g in range(ng):
-            if not isinstance(slots[g], (tuple, list)) or len(slots[g]) != 3:
-                raise ValueError(f"slots[{g}] must be a tuple of 3 bools, got {slots[g]!r}")
-            for k in range(3):
-                if slots[g][k] and names[k] is None:
-                    raise ValueError(f"this optimizer has no state slot {k}")
-        # Allocate everything before building any state, so a MemoryError
-        # leaves nothing half-made.
-        self.ptr = <void **>PyMem_Malloc(4 * max(n, 1) * sizeof(void *))
-        self.out = <void **>PyMem_Malloc(max(n, 1) * sizeof(void *))
-        self.okind = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
-        self.pcode = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
-        self.typenum = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
-        self.size = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
-        self.group = <int *>PyMem_Malloc(max(n, 1) * sizeof(int))
-        self.act = <Py_ssize_t *>PyMem_Malloc(max(n, 1) * sizeof(Py_ssize_t))
+        # Low-precision options.
+        cdef object sdt = state_dtype_name(state_dtype)
+        check_rounding(state_rounding, seed)
+        cdef object bf16 = bfloat16_dtype("state_dtype='bfloat16'") if sdt is not None else None
+        cdef list steps_of = step_arrays(steps, n)
+        # Allocate before checking, so that a MemoryError leaves nothing half-made.
+        cdef Py_ssize_t m = max(n, 1)
+        self.rec = <Rec *>PyMem_Malloc(m * sizeof(Rec))
+        self.count = <int64_t *>PyMem_Malloc(m * sizeof(int64_t))
+        self.act = <Py_ssize_t *>PyMem_Malloc(m * sizeof(Py_ssize_t))
+        self.segs = <Segment *>PyMem_Malloc(m * sizeof(Segment))
+        self.coefs = <Coef *>PyMem_Malloc(m * sizeof(Coef))
         self.has = <bint *>PyMem_Malloc(3 * max(ng, 1) * sizeof(bint))
         self.hyper = <Hyper *>PyMem_Malloc(max(ng, 1) * sizeof(Hyper))
-        self.segs = <Segment *>PyMem_Malloc(max(n, 1) * sizeof(Segment))
-        self.coefs = <Coef *>PyMem_Malloc(max(n, 1) * sizeof(Coef))
-        self.written = <Interval *>PyMem_Malloc(5 * max(n, 1) * sizeof(Interval))
-        if (self.ptr == NULL or self.out == NULL or self.okind == NULL or self.pcode == NULL
-                or self.typenum == NULL or self.size == NULL
-                or self.group == NULL or self.act == NULL or self.has == NULL
-                or self.hyper == NULL or self.segs == NULL or self.coefs == NULL
-                or self.written == NULL):
+        if (self.rec == NULL or self.count == NULL or self.act == NULL or self.segs == NULL
+                or self.coefs == NULL or self.has == NULL or self.hyper == NULL):
             raise MemoryError()
-        for g in range(ng):
-            for k in range(3):
-                self.has[3 * g + k] = bool(slots[g][k])
         self.n = n
-        _LIVE.add(self)
         self.ngroups = ng
-        self.params = list(params)
-        self.states = []
-        self.masters = []
+        self.written = Written(6 * n)
+        self.group_single = [False] * ng
+        for k in range(3 * ng):
+            self.has[k] = True
+        cdef tuple slot_names = SLOT_NAMES[self.kind]
+        cdef Rec *r
+        cdef cnp.ndarray p, w, s
+        cdef object want
+        cdef dict seen = {}
+        self.params, self.states, self.masters, self.held_steps = [], [], [], []
+        for i in range(n):
+            r = &self.rec[i]
+            p = writable(any_float_array(params[i], self.param_name(i)), self.param_name(i))
+            if not direct(p):
+                raise ValueError(f"{self.param_name(i)} must be C-contiguous and aligned")
+            if id(p) in seen:
+                raise ValueError(f"{self.param_name(seen[id(p)])} and {self.param_name(i)} are "
+                                 "the same array (a parameter may appear only once)")
+            seen[id(p)] = i
+            r.code = dtype_code(p)
+            if sdt is not None and r.code == DT_F64:
+                raise ValueError(f"state_dtype='bfloat16' needs float32, float16 or bfloat16 "
+                                 f"parameters, but {self.param_name(i)} is float64")
+            r.group = <int>group_of[i]
+            r.typenum = cnp.PyArray_TYPE(p)
+            r.size = cnp.PyArray_SIZE(p)
+            r.okind = store_of(r.code)
+            if r.code != DT_F64:
+                self.group_single[r.group] = True
+            # The array the kernels update: the parameter, or its master.
+            w = self.bound_array(masters[i], p, i, 4, np.dtype(np.float32)) \
+                if r.code == DT_F16 or r.code == DT_BF16 else None
+            if w is None and masters[i] is not None:
+                raise ValueError(f"{self.state_name(i, 4)} is only for float16/bfloat16 "
+                                 f"parameters, but {self.param_name(i)} is {p.dtype}")
+            r.param = cnp.PyArray_DATA(w if w is not None else p)
+            r.out = cnp.PyArray_DATA(p) if w is not None else NULL
+            self.written.add(cnp.PyArray_DATA(p), cnp.PyArray_NBYTES(p), i, 0)
+            if w is not None:
+                self.written.add(r.param, cnp.PyArray_NBYTES(w), i, 4)
+            want = (np.dtype(np.float64) if r.code == DT_F64
+                    else bf16 if sdt is not None else np.dtype(np.float32))
+            st = list(states[i]) if isinstance(states[i], (tuple, list)) else None
+            if st is None or len(st) != 3:
+                raise ValueError(f"states[{i}] must be a tuple of 3 arrays or Nones, "
+                                 f"got {states[i]!r}")
+            for k in range(3):
+                if st[k] is not None and slot_names[k] is None:
+                    raise ValueError(f"states[{i}][{k}]: this optimizer has no state slot {k}")
+                s = self.bound_array(st[k], p, i, 1 + k, want) if st[k] is not None else None
+                r.s[k] = cnp.PyArray_DATA(s) if s is not None else NULL
+                if s is not None:
+                    self.written.add(r.s[k], cnp.PyArray_NBYTES(s), i, 1 + k)
+                else:
+                    self.has[3 * r.group + k] = False
+                st[k] = s
+            s = self.step_array(steps_of[i], i)
+            r.step = cnp.PyArray_DATA(s)
+            r.step_type = cnp.PyArray_TYPE(s)
+            self.written.add(r.step, cnp.PyArray_ITEMSIZE(s), i, 5)
+            self.params.append(p)
+            self.states.append(st)
+            self.masters.append(w)
+            self.held_steps.append(s)
+        self.written.seal(self.array_name)
         self.state_dtype = sdt
         self.state_rounding = state_rounding
         self.seed = seed.__index__()
         self.seed_hash = fastopt_hash32(<uint32_t>self.seed)
         self.skind = NATIVE if sdt is None else (BF16_SR if state_rounding == "stochastic" else BF16)
         self.found_inf = False
-        cdef cnp.npy_intp nsteps = n
-        self.steps_arr = <cnp.ndarray>cnp.PyArray_ZEROS(1, &nsteps, cnp.NPY_INT64, 0)
-        self.steps = <int64_t *>cnp.PyArray_DATA(self.steps_arr)
-        # Dtypes: slots 0-2 the state, slot 3 the master copies.
-        cdef list dtypes = [[None] * 4 for i in range(n)]
-        for i in range(n):
-            for k in range(3):
-                if self.has[3 * group_of[i] + k]:
-                    dtypes[i][k] = (np.dtype(np.float64) if codes[i] == DT_F64
-                                    else bf16 if sdt is not None else np.dtype(np.float32))
-            if codes[i] == DT_F16 or codes[i] == DT_BF16:
-                dtypes[i][3] = np.dtype(np.float32)
-        # Each slot is one zeroed buffer with every array at a 64-byte
-        # aligned offset, in parameter order: a step streams each state
-        # through memory in one direction, and it is one allocation, not n.
-        cdef list buffers = [None, None, None, None]
-        cdef Py_ssize_t nbytes, total_bytes
-        cdef bint used
-        for k in range(4):
-            total_bytes = 0
-            used = False
-            for i in range(n):
-                if dtypes[i][k] is not None:
-                    used = True
-                    total_bytes += padded(cnp.PyArray_SIZE(<cnp.ndarray>params[i])
-                                          * dtypes[i][k].itemsize)
-            if used:       # (also when every parameter is empty: views of no bytes)
-                buf = np.zeros(total_bytes + STATE_ALIGN, np.uint8)
-                buffers[k] = buf[(-buf.ctypes.data) % STATE_ALIGN:]
-        self.buffers = buffers
-        cdef Py_ssize_t[4] offset
-        offset[0] = offset[1] = offset[2] = offset[3] = 0
-        cdef list st
-        cdef cnp.ndarray s
-        cdef Py_ssize_t nw = 0
-        self.group_single = [False] * ng
-        for i in range(n):
-            p = <cnp.ndarray>self.params[i]
-            g = group_of[i]
-            self.group[i] = <int>g
-            if codes[i] != DT_F64:
-                self.group_single[g] = True
-            self.pcode[i] = codes[i]
-            self.typenum[i] = cnp.PyArray_TYPE(p)
-            self.size[i] = cnp.PyArray_SIZE(p)
-            self.add_written(&nw, p, i, 0)
-            st = [None, None, None, None]
-            for k in range(4):
-                if dtypes[i][k] is not None:
-                    nbytes = cnp.PyArray_SIZE(p) * dtypes[i][k].itemsize
-                    s = buffers[k][offset[k]:offset[k] + nbytes].view(dtypes[i][k]).reshape(
-                        (<object>p).shape)
-                    offset[k] += padded(nbytes)
-                    st[k] = s
-                    self.add_written(&nw, s, i, 1 + k)
-                if k < 3:
-                    self.ptr[4 * i + 1 + k] = cnp.PyArray_DATA(st[k]) if st[k] is not None else NULL
-            self.okind[i] = store_of(codes[i])
-            if st[3] is not None:
-                # a 16-bit parameter: the kernels update its master copy
-                s = st[3]
-                core.optim.widen(<const uint16_t *>cnp.PyArray_DATA(p), <float *>cnp.PyArray_DATA(s),
-                        cnp.PyArray_SIZE(p), self.okind[i])
-                self.ptr[4 * i] = cnp.PyArray_DATA(s)
-                self.out[i] = cnp.PyArray_DATA(p)
-            else:
-                self.ptr[4 * i] = cnp.PyArray_DATA(p)
-                self.out[i] = NULL
-            self.masters.append(st[3])
-            self.states.append(st[:3])
-        self.nwritten = nw
-        qsort(self.written, nw, sizeof(Interval), cmp_interval)
-        cdef Interval *a
-        cdef Interval *b
-        for k in range(1, nw):
-            a = &self.written[k - 1]
-            b = &self.written[k]
-            if b.lo < a.hi:
-                if (b.owner, b.slot) < (a.owner, a.slot):     # name them in order
-                    a, b = b, a
-                raise ValueError(f"{self.array_name(a.owner, a.slot)} and "
-                                 f"{self.array_name(b.owner, b.slot)} overlap in memory")
+        _LIVE.add(self)
 
-    cdef void add_written(self, Py_ssize_t *nw, cnp.ndarray a, Py_ssize_t owner, int slot):
-        cdef Py_ssize_t nbytes = cnp.PyArray_NBYTES(a)
-        if nbytes == 0:
-            return
-        cdef Interval *iv = &self.written[nw[0]]
-        iv.lo = <uintptr_t>cnp.PyArray_DATA(a)
-        iv.hi = iv.lo + <uintptr_t>nbytes
-        iv.owner = owner
-        iv.slot = slot
-        nw[0] += 1
+    cdef cnp.ndarray bound_array(self, object a, cnp.ndarray p, Py_ssize_t i, int slot,
+                                 object dtype):
+        """A state array or master of params[i] (slot as in Interval), checked."""
+        cdef str name = self.state_name(i, slot)
+        cdef cnp.ndarray s = writable(any_float_array(a, name), name)
+        if s.dtype != dtype:
+            raise TypeError(f"{name} must have dtype {dtype}, got {s.dtype}")
+        if not same_shape(s, p):
+            raise ValueError(f"{name} has shape {(<object>s).shape} but "
+                             f"{self.param_name(i)} has shape {(<object>p).shape}")
+        if not direct(s):
+            raise ValueError(f"{name} must be C-contiguous and aligned")
+        return s
 
-    cdef str array_name(self, Py_ssize_t i, int slot):
+    cdef cnp.ndarray step_array(self, object a, Py_ssize_t i):
+        """The one-element array holding params[i]'s step count, checked."""
+        cdef str name = self.count_name(i)
+        if not cnp.PyArray_Check(a):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+        cdef cnp.ndarray s = <cnp.ndarray>a
+        cdef int t = cnp.PyArray_TYPE(s)
+        if t != cnp.NPY_INT64 and t != cnp.NPY_FLOAT32 and t != cnp.NPY_FLOAT64:
+            raise TypeError(f"{name} must have dtype int64, float32 or float64, got {s.dtype}")
+        native(s, name)
+        writable(s, name)
+        if cnp.PyArray_SIZE(s) != 1 or not cnp.PyArray_ISALIGNED(s):
+            raise ValueError(f"{name} must be one aligned number, got shape {(<object>s).shape}")
+        return s
+
+    # ---------------------------------------------------------------- names
+
+    cdef str param_name(self, Py_ssize_t i):
+        return f"params[{i}]" if self.names is None else self.names[i]
+
+    cdef str grad_name(self, Py_ssize_t i):
+        return f"grads[{i}]" if self.names is None else f"the gradient of {self.names[i]}"
+
+    cdef str count_name(self, Py_ssize_t i):
+        return f"step_counts[{i}]" if self.names is None else f"state['step'] of {self.names[i]}"
+
+    cdef str state_name(self, Py_ssize_t i, int slot):
+        cdef str key = "master_param" if slot == 4 else SLOT_NAMES[self.kind][slot - 1]
+        if self.names is None:
+            return f"state[{i}][{key!r}]"
+        return f"the state of {self.names[i]}[{key!r}]"
+
+    def array_name(self, Py_ssize_t i, int slot):
+        """How errors name array `slot` (as in `Interval`) of parameter i."""
         if slot == 0:
-            return f"params[{i}]"
-        if slot == 4:
-            return f"state[{i}]['master_param']"
-        return f"state[{i}][{SLOT_NAMES[self.kind][slot - 1]!r}]"
-
-    cdef Py_ssize_t find_written(self, uintptr_t lo, uintptr_t hi) noexcept:
-        """Index of a written interval overlapping [lo, hi), or -1."""
-        cdef Py_ssize_t a = 0, b = self.nwritten, m
-        # last interval whose start is < hi
-        while a < b:
-            m = (a + b) // 2
-            if self.written[m].lo < hi:
-                a = m + 1
-            else:
-                b = m
-        if a > 0 and self.written[a - 1].hi > lo:
-            return a - 1
-        return -1
+            return self.param_name(i)
+        if slot == 5:
+            return self.count_name(i)
+        return self.state_name(i, slot)
 
     # ------------------------------------------------------ hyperparameters
 
@@ -1037,7 +1073,7 @@ cdef class FusedStep:
         cdef object ps = group_get(g, "params", gi)
         cdef Py_ssize_t j, m, expected = 0, k
         for k in range(i, self.n):
-            if self.group[k] != gi:
+            if self.rec[k].group != gi:
                 break
             expected += 1
         if not isinstance(ps, (list, tuple)):
@@ -1175,7 +1211,8 @@ cdef class FusedStep:
         an ndarray of the parameter's dtype (or float32 for a float16/bfloat16
         parameter) and shape, or None to leave that parameter (and its state
         and step count) untouched.  `groups` are the param-group dicts, read
-        for this step's hyperparameters.
+        for this step's hyperparameters; they must hold the very arrays this
+        step was built over, in order.
 
         `grad_scale`: the gradients are multiplied by 1/grad_scale (a finite
         number > 0; its reciprocal rounded to the compute dtype) as they are
@@ -1191,26 +1228,95 @@ cdef class FusedStep:
         """
         cdef Py_ssize_t nact = 0, total = 0
         cdef double inv = 1.0
-        cdef bint scaled = grad_scale is not None, found = False
         # Busy from the first check to the end: the checks may run Python code
         # (a custom number's __float__) that lets another thread in.
-        if self.busy:
-            raise RuntimeError("step() called concurrently on the same optimizer")
-        self.busy = True
+        self.enter("step()")
         try:
             self.parse_groups(groups, True)
-            if scaled:
+            if grad_scale is not None:
                 inv = reciprocal_scale(grad_scale)
             keep = self.parse_grads(grads, False, &nact, &total)
-            # Everything is valid: from here on nothing can fail.
-            with nogil:
-                if scaled:
-                    found = self.nonfinite(nact, total)
-                if not found:
-                    self.run(nact, total, inv)
-            self.found_inf = found
+            self.update(nact, total, grad_scale is not None, inv)
         finally:
             self.busy = False
+
+    def step_addresses(self, groups, grad_addr, grad_scale=None):
+        """`step` with each gradient given by the address of its data.
+
+        For bridges from tensor libraries (``fastopt.torch``), which read and
+        check their gradients themselves, faster than wrapping each one in an
+        ndarray.  `grad_addr` is a C-contiguous ``np.uintp`` array with one
+        entry per parameter: 0 skips the parameter (as a None gradient does);
+        otherwise the address of its gradient, which the caller guarantees to
+        be ``params[i].size`` elements of params[i]'s dtype in params[i]'s
+        memory order, alive and unchanged until this returns.  An address
+        cannot show dtype, extent or lifetime, so those are the caller's
+        checks; this one checks what it can: alignment, and that no gradient
+        overlaps memory the step writes.  For an empty parameter a nonzero
+        entry only marks it updated (its step count advances); nothing is
+        read.  `grad_scale` as for `step`.
+        """
+        cdef cnp.ndarray addr, p
+        cdef const uintptr_t *av
+        cdef uintptr_t a
+        cdef Py_ssize_t i, j, nact = 0, total = 0, nb
+        cdef double inv = 1.0
+        self.enter("step()")
+        try:
+            self.parse_groups(groups, False)
+            if grad_scale is not None:
+                inv = reciprocal_scale(grad_scale)
+            if not (cnp.PyArray_Check(grad_addr)
+                    and cnp.PyArray_TYPE(<cnp.ndarray>grad_addr) == cnp.NPY_UINTP
+                    and cnp.PyArray_NDIM(<cnp.ndarray>grad_addr) == 1
+                    and cnp.PyArray_DIM(<cnp.ndarray>grad_addr, 0) == self.n
+                    and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad_addr)
+                    and cnp.PyArray_ISALIGNED(<cnp.ndarray>grad_addr)):
+                raise TypeError(f"grad_addr must be a C-contiguous numpy.uintp array of "
+                                f"{self.n} entries")
+            addr = <cnp.ndarray>grad_addr
+            av = <const uintptr_t *>cnp.PyArray_DATA(addr)
+            for i in range(self.n):
+                a = av[i]
+                if a == 0:
+                    continue
+                p = <cnp.ndarray>self.params[i]
+                self.check_param(i)
+                self.count[nact] = self.read_count(i)
+                nb = cnp.PyArray_NBYTES(p)
+                if nb > 0:
+                    if a % <uintptr_t>cnp.PyArray_ITEMSIZE(p) != 0:
+                        raise ValueError(f"{self.grad_name(i)} at address {a:#x} is not "
+                                         f"aligned for {p.dtype}")
+                    if a + <uintptr_t>nb < a:
+                        raise ValueError(f"{self.grad_name(i)} at address {a:#x} wraps "
+                                         "around memory")
+                    self.refuse_overlap(i, a, a + <uintptr_t>nb)
+                self.fill_segment_of(i, nact, <void *>a, self.rec[i].okind, total)
+                total += self.rec[i].size
+                nact += 1
+            self.update(nact, total, grad_scale is not None, inv)
+        finally:
+            self.busy = False
+
+    cdef int enter(self, str what) except -1:
+        if self.busy:
+            raise RuntimeError(f"{what} called concurrently on the same optimizer")
+        self.busy = True
+        return 0
+
+    cdef int update(self, Py_ssize_t nact, Py_ssize_t total, bint scaled, double inv) except -1:
+        """Everything is valid: the step itself (nothing below can fail)."""
+        cdef bint found = False
+        with nogil:
+            if scaled:
+                found = self.nonfinite(nact, total)
+            if not found:
+                self.run(nact, total, inv)
+        self.found_inf = found
+        if not found:
+            self.write_counts(nact)
+        return 0
 
     def unscale_(self, grads, grad_scale):
         """Multiply the gradients by 1/grad_scale in place (in their own
@@ -1220,9 +1326,7 @@ cdef class FusedStep:
         others and from the optimizer's arrays."""
         cdef Py_ssize_t nact = 0, total = 0, k
         cdef bint found
-        if self.busy:
-            raise RuntimeError("unscale_() called during a step of the same optimizer")
-        self.busy = True
+        self.enter("unscale_()")
         try:
             self.check.kind = CHECK
             self.check.inv_scale = reciprocal_scale(grad_scale)
@@ -1243,49 +1347,86 @@ cdef class FusedStep:
         array's dtype or byte order in place, or resize an array it holds the
         only other reference to), and it can still take a step."""
         cdef cnp.ndarray p = <cnp.ndarray>self.params[i]
-        cdef void *data = self.out[i] if self.out[i] != NULL else self.ptr[4 * i]
-        if (cnp.PyArray_DATA(p) != data or cnp.PyArray_TYPE(p) != self.typenum[i]
-                or cnp.PyArray_SIZE(p) != self.size[i] or not direct(p)):
-            raise ValueError(f"params[{i}] is no longer the array the optimizer was "
+        cdef const Rec *r = &self.rec[i]
+        cdef void *data = r.out if r.out != NULL else r.param
+        if (cnp.PyArray_DATA(p) != data or cnp.PyArray_TYPE(p) != r.typenum
+                or cnp.PyArray_SIZE(p) != r.size or not direct(p)):
+            raise ValueError(f"{self.param_name(i)} is no longer the array the optimizer was "
                              "made with (its memory, dtype, size, byte order or "
                              "layout was changed)")
         if not cnp.PyArray_ISWRITEABLE(p):
-            raise ValueError(f"params[{i}] is read-only and cannot be updated in place")
+            raise ValueError(f"{self.param_name(i)} is read-only and cannot be updated in place")
         return 0
 
-    cdef int check_step_room(self, Py_ssize_t i) except -1:
-        """params[i]'s step count can count one more step (after parse_groups)."""
-        cdef const Hyper *h = &self.hyper[self.group[i]]
-        if self.steps[i] == INT64_MAX and (self.kind != SGD or h.momentum != 0):
-            raise ValueError(f"params[{i}] has taken 2**63 - 1 steps, the most its "
+    cdef int64_t read_count(self, Py_ssize_t i) except -1:
+        """params[i]'s step count, read once (its front may let Python code
+        change it); one that cannot count one more step is refused."""
+        cdef const Rec *r = &self.rec[i]
+        cdef double c
+        cdef int64_t k
+        if r.step_type == cnp.NPY_INT64:
+            k = (<int64_t *>r.step)[0]
+            if k < 0:
+                raise ValueError(f"{self.count_name(i)} must be >= 0, got {k}")
+        else:
+            c = (<double *>r.step)[0] if r.step_type == cnp.NPY_FLOAT64 else (<float *>r.step)[0]
+            if not (0.0 <= c <= 9007199254740992.0 and c == floor(c)):
+                raise ValueError(f"{self.count_name(i)} must be a whole number >= 0, got {c!r}")
+            k = <int64_t>c
+        if k == INT64_MAX and counts(self.kind, &self.hyper[r.group]):
+            raise ValueError(f"{self.param_name(i)} has taken 2**63 - 1 steps, the most its "
                              "step count can hold")
+        return k
+
+    cdef void write_counts(self, Py_ssize_t nact) noexcept:
+        """The new step counts (self.count after `run`) into the front's arrays."""
+        cdef Py_ssize_t k
+        cdef const Rec *r
+        for k in range(nact):
+            r = &self.rec[self.act[k]]
+            if r.step_type == cnp.NPY_INT64:
+                (<int64_t *>r.step)[0] = self.count[k]
+            elif r.step_type == cnp.NPY_FLOAT64:
+                (<double *>r.step)[0] = <double>self.count[k]
+            else:
+                (<float *>r.step)[0] = <float>self.count[k]
+
+    cdef int refuse_overlap(self, Py_ssize_t i, uintptr_t lo, uintptr_t hi) except -1:
+        """The gradient of params[i], bytes [lo, hi), overlaps nothing written."""
+        cdef Py_ssize_t j = self.written.find(lo, hi)
+        if j >= 0:
+            raise ValueError(f"{self.grad_name(i)} overlaps "
+                             f"{self.array_name(self.written.iv[j].owner, self.written.iv[j].slot)} "
+                             "in memory")
         return 0
 
     cdef void fill_segment_of(self, Py_ssize_t i, Py_ssize_t na, void *grad, int gk,
                               Py_ssize_t offset) noexcept:
         cdef Segment *s = &self.segs[na]
-        s.param = self.ptr[4 * i]
+        cdef const Rec *r = &self.rec[i]
+        s.param = r.param
         s.grad = grad
-        s.s1 = self.ptr[4 * i + 1]
-        s.s2 = self.ptr[4 * i + 2]
-        s.s3 = self.ptr[4 * i + 3]
-        s.out = self.out[i]
-        s.n = self.size[i]
+        s.s1 = r.s[0]
+        s.s2 = r.s[1]
+        s.s3 = r.s[2]
+        s.out = r.out
+        s.n = r.size
         s.offset = offset
-        s.is_double = self.pcode[i] == DT_F64
+        s.is_double = r.code == DT_F64
         s.gk = gk
         s.sk = self.skind
-        s.ok = self.okind[i]
+        s.ok = r.okind
         s.key = 0
         self.act[na] = i
 
     cdef object parse_grads(self, object grads, bint in_place, Py_ssize_t *nact,
                             Py_ssize_t *total):
-        """Check `grads` and fill self.segs with the active ones; returns the
-        private native contiguous copies of the grads that are not (strided,
-        unaligned or byte-swapped), to keep alive while they are used.
-        `in_place` (unscale_): the grads will be written (no copies; disjoint
-        from each other); otherwise a step follows (parse_groups ran)."""
+        """Check `grads` and fill self.segs with the active ones (and
+        self.count with their step counts); returns the private native
+        contiguous copies of the grads that are not (strided, unaligned or
+        byte-swapped), to keep alive while they are used.  `in_place`
+        (unscale_): the grads will be written (no copies; disjoint from each
+        other); otherwise a step follows (parse_groups ran)."""
         cdef list gl
         cdef Py_ssize_t i, j, na = 0, tot = 0
         cdef object gobj
@@ -1310,43 +1451,39 @@ cdef class FusedStep:
             p = <cnp.ndarray>self.params[i]
             self.check_param(i)
             if not in_place:
-                self.check_step_room(i)
+                self.count[na] = self.read_count(i)
             if not cnp.PyArray_Check(gobj):
-                raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, "
+                raise TypeError(f"{self.grad_name(i)} must be a numpy.ndarray or None, "
                                 f"got {type(gobj).__name__}")
             ga = <cnp.ndarray>gobj
-            pc = self.pcode[i]
+            pc = self.rec[i].code
             gc = dtype_code(ga)
             if gc != pc and not (gc == DT_F32 and (pc == DT_F16 or pc == DT_BF16)):
-                raise TypeError(f"grads[{i}] has dtype {ga.dtype} but params[{i}] has dtype "
-                                f"{p.dtype}" + (f" (the gradient of a {p.dtype} parameter is "
-                                                f"{p.dtype} or float32)" if self.out[i] != NULL
-                                                else ""))
+                raise TypeError(f"{self.grad_name(i)} has dtype {ga.dtype} but "
+                                f"{self.param_name(i)} has dtype {p.dtype}"
+                                + (f" (the gradient of a {p.dtype} parameter is "
+                                   f"{p.dtype} or float32)" if self.rec[i].out != NULL else ""))
             if not same_shape(ga, p):
-                raise ValueError(f"grads[{i}] has shape {(<object>ga).shape} but params[{i}] "
-                                 f"has shape {(<object>p).shape}")
+                raise ValueError(f"{self.grad_name(i)} has shape {(<object>ga).shape} but "
+                                 f"{self.param_name(i)} has shape {(<object>p).shape}")
             if in_place:
-                writable(ga, f"grads[{i}]")
+                writable(ga, self.grad_name(i))
             # Every byte the gradient can reach, before any copy: a gradient
             # that shares memory with what the step writes is refused.
             extent(ga, &glo, &ghi)
             if glo < ghi:
-                j = self.find_written(<uintptr_t>glo, <uintptr_t>ghi)
-                if j >= 0:
-                    raise ValueError(f"grads[{i}] overlaps "
-                                     f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
-                                     "in memory")
+                self.refuse_overlap(i, <uintptr_t>glo, <uintptr_t>ghi)
             if not direct(ga):
                 ga = readable(ga)      # a private native contiguous copy
                 if keep is None:
                     keep = []
                 keep.append(ga)
             self.fill_segment_of(i, na, cnp.PyArray_DATA(ga), store_of(gc), tot)
-            tot += self.size[i]
+            tot += self.rec[i].size
             na += 1
         if in_place:
             disjoint_arrays([gl[self.act[j]] for j in range(na)],
-                            [f"grads[{self.act[j]}]" for j in range(na)])
+                            [self.grad_name(self.act[j]) for j in range(na)])
         nact[0] = na
         total[0] = tot
         return keep
@@ -1363,19 +1500,17 @@ cdef class FusedStep:
         return self.found != 0
 
     cdef void run(self, Py_ssize_t nact, Py_ssize_t total, double inv_scale) noexcept nogil:
+        """Coefficients, keys and new step counts (self.count) of the active
+        segments, then the update."""
         cdef Py_ssize_t k, i, nc = 0
         cdef int g, prev_g = -1
         cdef int64_t st, prev_st = -1
-        cdef bint counts
         cdef const Hyper *h
         for k in range(nact):
             i = self.act[k]
-            g = self.group[i]
+            g = self.rec[i].group
             h = &self.hyper[g]
-            # SGD counts only momentum updates (the buffer's first-step rule);
-            # Adam and RMSprop count every update, as PyTorch's state["step"].
-            counts = self.kind != SGD or h.momentum != 0
-            st = self.steps[i] + 1 if counts else self.steps[i]
+            st = self.count[k] + 1 if counts(self.kind, h) else self.count[k]
             if g != prev_g or st != prev_st:
                 self.fill_coef(&self.coefs[nc], h, st)
                 self.coefs[nc].inv_scale = inv_scale
@@ -1385,19 +1520,12 @@ cdef class FusedStep:
             self.segs[k].coef = &self.coefs[nc - 1]
             self.segs[k].key = fastopt_hash32(fastopt_hash32(self.seed_hash ^ <uint32_t>i)
                                               ^ <uint32_t>st)
-            if counts:
-                self.steps[i] = st
+            self.count[k] = st
         core.optim.run_segments(self.segs, nact, total)
 
     def set_rounding(self, state_rounding, seed):
         """Change how bfloat16 state is rounded (arguments as at construction)."""
-        if state_rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', "
-                             f"got {state_rounding!r}")
-        if isinstance(seed, bool) or not hasattr(seed, "__index__"):
-            raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-        if not 0 <= seed.__index__() < 2**32:
-            raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
+        check_rounding(state_rounding, seed)
         if self.busy and not self.held:
             raise RuntimeError("set_rounding() called during a step of the same optimizer")
         self.state_rounding = state_rounding
@@ -1407,135 +1535,49 @@ cdef class FusedStep:
             self.skind = BF16_SR if state_rounding == "stochastic" else BF16
 
     def sync_params(self):
-        """Write every float16/bfloat16 parameter from its master copy
-        (rounded to nearest even), e.g. after the masters were loaded."""
+        """Write every float16/bfloat16 parameter from its master (rounded to
+        nearest even), e.g. after the masters were loaded."""
         cdef Py_ssize_t i
-        cdef cnp.ndarray p
+        cdef const Rec *r
         for i in range(self.n):
-            if self.out[i] != NULL:
-                p = <cnp.ndarray>self.params[i]
-                writable(p, f"params[{i}]")
-                with nogil:
-                    core.optim.narrow(<const float *>self.ptr[4 * i], <uint16_t *>self.out[i],
-                                      cnp.PyArray_SIZE(p), self.okind[i], 0)
-
-    # ---------------------------------------------------------- step counts
-
-    def get_steps(self):
-        """A copy of the per-parameter step counts (int64)."""
-        return self.steps_arr.copy()
-
-    def set_steps(self, steps):
-        """Replace the per-parameter step counts (validated first): integers
-        in [0, 2**63 - 2], so that a step can still count itself."""
-        if self.busy and not self.held:
-            raise RuntimeError("set_steps() called during a step of the same optimizer")
-        a = np.array(steps)        # a private copy: what is checked is what is set
-        if a.shape != (self.n,):
-            raise ValueError(f"steps must have shape ({self.n},), got {a.shape}")
-        if a.dtype.kind not in "iu":
-            raise TypeError(f"steps must be integers, got dtype {a.dtype}")
-        if a.size and (a.min() < 0 or a.max() > INT64_MAX - 1):
-            raise ValueError(f"steps must be in [0, 2**63 - 2], got {a.min()} .. {a.max()}")
-        self.steps_arr[...] = a
-
-    # ------------------------------------------------- bridges to tensors
-
-    def step_addresses(self, groups, grad_addr, step_counts=None):
-        """`step` with each gradient given by the address of its data.
-
-        For bridges from tensor libraries (``fastopt.torch``), which read and
-        check their gradients themselves, faster than wrapping each one in an
-        ndarray.  `grad_addr` is a C-contiguous ``np.uintp`` array with one
-        entry per parameter: 0 skips the parameter (as a None gradient does);
-        otherwise the address of its gradient, which the caller guarantees to
-        be ``params[i].size`` elements of params[i]'s dtype in params[i]'s
-        memory order, alive and unchanged until this returns.  An address
-        cannot show dtype, extent or lifetime, so those are the caller's
-        checks; this one checks what it can: alignment, and that no gradient
-        overlaps memory the step writes.  For an empty parameter a nonzero
-        entry only marks it updated (its step count advances); nothing is
-        read.
-
-        `step_counts`, optional: a C-contiguous writeable float32/float64
-        array of one count per parameter, where the caller keeps them
-        (PyTorch's ``state["step"]`` is a float tensor).  The counts of the
-        updated parameters are read from it (whole numbers >= 0) instead of
-        this object's, and the new counts are written back, so the caller's
-        record stays the only one.  Nothing is written when a check fails.
-        """
-        cdef cnp.ndarray addr, sc = None, p
-        cdef const uintptr_t *av
-        cdef uintptr_t a
-        cdef Py_ssize_t i, j, k, nact = 0, total = 0, nb
-        cdef double c
-        cdef bint sc_double = False
-        if self.busy:
-            raise RuntimeError("step() called concurrently on the same optimizer")
-        self.busy = True
-        try:
-            self.parse_groups(groups)
-            if not (cnp.PyArray_Check(grad_addr)
-                    and cnp.PyArray_TYPE(<cnp.ndarray>grad_addr) == cnp.NPY_UINTP
-                    and cnp.PyArray_NDIM(<cnp.ndarray>grad_addr) == 1
-                    and cnp.PyArray_DIM(<cnp.ndarray>grad_addr, 0) == self.n
-                    and cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>grad_addr)
-                    and cnp.PyArray_ISALIGNED(<cnp.ndarray>grad_addr)):
-                raise TypeError(f"grad_addr must be a C-contiguous numpy.uintp array of "
-                                f"{self.n} entries")
-            addr = <cnp.ndarray>grad_addr
-            if step_counts is not None:
-                sc = writable(float_array(step_counts, "step_counts"), "step_counts")
-                if cnp.PyArray_NDIM(sc) != 1 or cnp.PyArray_DIM(sc, 0) != self.n:
-                    raise ValueError(f"step_counts must have shape ({self.n},), "
-                                     f"got {(<object>sc).shape}")
-                sc_double = cnp.PyArray_TYPE(sc) == cnp.NPY_FLOAT64
-            av = <const uintptr_t *>cnp.PyArray_DATA(addr)
-            for i in range(self.n):
-                a = av[i]
-                if a == 0:
-                    continue
-                p = <cnp.ndarray>self.params[i]
+            r = &self.rec[i]
+            if r.out != NULL:
                 self.check_param(i)
-                if sc is None:
-                    self.check_step_room(i)
-                nb = cnp.PyArray_NBYTES(p)
-                if nb > 0:
-                    if a % <uintptr_t>cnp.PyArray_ITEMSIZE(p) != 0:
-                        raise ValueError(f"grads[{i}] at address {a:#x} is not aligned "
-                                         f"for {p.dtype}")
-                    if a + <uintptr_t>nb < a:
-                        raise ValueError(f"grads[{i}] at address {a:#x} wraps around memory")
-                    j = self.find_written(a, a + <uintptr_t>nb)
-                    if j >= 0:
-                        raise ValueError(f"grads[{i}] overlaps "
-                                         f"{self.array_name(self.written[j].owner, self.written[j].slot)} "
-                                         "in memory")
-                if sc is not None:
-                    c = (<double *>cnp.PyArray_DATA(sc))[i] if sc_double else \
-                        (<float *>cnp.PyArray_DATA(sc))[i]
-                    if not (0.0 <= c <= 9007199254740992.0 and c == floor(c)):
-                        raise ValueError(f"step_counts[{i}] must be a whole number >= 0, got {c!r}")
-                self.fill_segment_of(i, nact, <void *>a, self.okind[i], total)
-                total += self.size[i]
-                nact += 1
-            # Everything is valid: from here on nothing can fail.
-            if sc is not None:
-                for k in range(nact):
-                    i = self.act[k]
-                    self.steps[i] = <int64_t>((<double *>cnp.PyArray_DATA(sc))[i] if sc_double
-                                              else (<float *>cnp.PyArray_DATA(sc))[i])
-            with nogil:
-                self.run(nact, total, 1.0)
-            if sc is not None:
-                for k in range(nact):
-                    i = self.act[k]
-                    if sc_double:
-                        (<double *>cnp.PyArray_DATA(sc))[i] = <double>self.steps[i]
-                    else:
-                        (<float *>cnp.PyArray_DATA(sc))[i] = <float>self.steps[i]
-        finally:
-            self.busy = False
+                with nogil:
+                    core.optim.narrow(<const float *>r.param, <uint16_t *>r.out, r.size,
+                                      r.okind, 0)
+
+
+cdef inline bint counts(int kind, const Hyper *h) noexcept nogil:
+    """Whether an update advances the step count: SGD counts only momentum
+    updates (the buffer's first-step rule); Adam and RMSprop count every
+    update, as PyTorch's state["step"]."""
+    return kind != SGD or h.momentum != 0
+
+
+cdef int check_rounding(object state_rounding, object seed) except -1:
+    if state_rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"state_rounding must be 'nearest' or 'stochastic', "
+                         f"got {state_rounding!r}")
+    if isinstance(seed, bool) or not hasattr(seed, "__index__"):
+        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
+    if not 0 <= seed.__index__() < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
+    return 0
+
+
+cdef list step_arrays(object steps, Py_ssize_t n):
+    """`steps` (FusedStep's argument) as one array per parameter."""
+    cdef cnp.ndarray a
+    if cnp.PyArray_Check(steps):
+        a = <cnp.ndarray>steps
+        if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIM(a, 0) != n:
+            raise ValueError(f"steps must have shape ({n},), got {(<object>a).shape}")
+        return [a[i:i + 1] for i in range(n)]
+    if not isinstance(steps, (list, tuple)) or len(steps) != n:
+        raise TypeError(f"steps must be an array of {n} step counts, or a list of {n} "
+                        "one-element arrays")
+    return list(steps)
 
 
 # ===================================================== gradient clipping ===

@@ -80,7 +80,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _kinds
+from . import _kinds, _layout
 from . import _optim as _kernels
 
 if TYPE_CHECKING:
@@ -90,9 +90,6 @@ if TYPE_CHECKING:
     from ._typing import FloatArray, Params
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "flat_views"]
-
-_ALIGN = 64     # bytes; each view of `flat_views` starts on a cache line
-
 
 def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike | None = None,
                copy: bool = True) -> tuple[FloatArray, list[FloatArray]]:
@@ -152,13 +149,8 @@ def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike 
         raise TypeError(f"dtype must be float32 or float64 in native byte order, got {dtype.str!r}")
     if copy and not all(isinstance(a, np.ndarray) for a in arrays):
         raise TypeError("copy=True needs arrays, not shapes")
-    per_line = _ALIGN // dtype.itemsize
-    sizes = [math.prod(s) for s in shapes]
-    starts = np.cumsum([0] + [-(-n // per_line) * per_line for n in sizes])
-    raw = np.zeros(int(starts[-1]) + per_line, dtype)
-    skip = (-raw.ctypes.data) % _ALIGN // dtype.itemsize
-    flat = raw[skip:skip + int(starts[-1])]
-    views = [flat[o:o + n].reshape(s) for o, n, s in zip(starts, sizes, shapes)]
+    buf, views = _layout.aligned_views(shapes, [dtype] * len(shapes))
+    flat = buf.view(dtype)
     if copy:
         for v, a in zip(views, arrays):
             v[...] = a
@@ -201,8 +193,8 @@ class Optimizer:
                  seed: int = 0, slots: list[tuple[bool, bool, bool]] | None = None) -> None:
         self.defaults = _check_hypers(self._kind, defaults)
         self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
-        self._fused, self.state = self._build(self.param_groups, slots,
-                                              (state_dtype, state_rounding, seed))
+        self._fused, self.state, self._steps = self._build(
+            self.param_groups, slots, (state_dtype, state_rounding, seed))
 
     def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
         group = {**self.defaults, **group}
@@ -213,12 +205,12 @@ class Optimizer:
     def _build(self, groups: list[dict[str, Any]],
                slots: list[tuple[bool, bool, bool]] | None = None,
                config: tuple[str | None, str, int] | None = None,
-               ) -> tuple[Any, list[dict[str, FloatArray]]]:
-        """The native step over `groups` (zeroed state; the state arrays each
-        group has are `slots`, by default as its options ask; `config` the
-        low-precision options, by default this optimizer's) and its state
-        dicts.  Raises (and builds nothing) on a bad parameter or
-        hyperparameter."""
+               ) -> tuple[Any, list[dict[str, FloatArray]], np.ndarray[Any, np.dtype[np.int64]]]:
+        """Zeroed state (the state arrays each group has are `slots`, by
+        default as its options ask; `config` the low-precision options, by
+        default this optimizer's), the native step over it and `groups`,
+        and the step counts.  Raises (and builds nothing) on a bad
+        parameter or hyperparameter."""
         flat, group_of = [], []
         for gi, group in enumerate(groups):
             flat.extend(group["params"])
@@ -229,15 +221,21 @@ class Optimizer:
             slots = [self._slots(g) for g in groups]
         if config is None:
             config = (self.state_dtype, self.state_rounding, self.seed)
-        fused = _kernels.FusedStep(self._kind.native, flat, group_of, slots, *config)
+        states, masters = _layout.state_arrays(flat, [slots[g] for g in group_of],
+                                               _kernels.state_dtype_of(config[0]))
+        steps = np.zeros(len(flat), np.int64)
+        fused = _kernels.FusedStep(self._kind.native, flat, group_of, len(groups), states,
+                                   masters, steps, state_dtype=config[0],
+                                   state_rounding=config[1], seed=config[2])
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         fused.check_groups(groups)
         state = []
-        for st, master in zip(fused.states, fused.masters):
+        for p, st, master in zip(flat, states, masters):
             state.append({name: arr for name, arr in zip(self._slot_names, st) if arr is not None})
             if master is not None:
+                _kernels._convert(p, master)        # exact: float32 holds every 16-bit value
                 state[-1]["master_param"] = master
-        return fused, state
+        return fused, state, steps
 
     @property
     def _slot_names(self) -> tuple[str, ...]:
@@ -280,14 +278,13 @@ class Optimizer:
         current = self._fused
         current.hold("add_param_group()")
         try:
-            fused, state = self._build(groups)
+            fused, state, steps = self._build(groups)
             # Built and checked: carry the existing state over, then commit.
             for old, new in zip(self.state, state):
                 for name, arr in old.items():
                     np.copyto(new[name], arr)
-            n_new = len(state) - len(self.state)
-            fused.set_steps(np.concatenate([current.get_steps(), np.zeros(n_new, np.int64)]))
-            self._fused, self.state, self.param_groups = fused, state, groups
+            steps[:len(self._steps)] = self._steps
+            self._fused, self.state, self._steps, self.param_groups = fused, state, steps, groups
         finally:
             current.release()
 
@@ -408,8 +405,7 @@ class Optimizer:
     @property
     def steps(self) -> np.ndarray[Any, np.dtype[np.int64]]:
         """Per-parameter step counts (int64 array, a copy)."""
-        steps: np.ndarray[Any, np.dtype[np.int64]] = self._fused.get_steps()
-        return steps
+        return self._steps.copy()
 
     def __repr__(self) -> str:
         lines = [f"{type(self).__name__} ("]
@@ -436,9 +432,8 @@ class Optimizer:
                     v = np.arange(index, index + len(v), dtype=np.int64)
                     index += len(g["params"])
                 out[f"param_groups.{gi}.{k}"] = v
-        steps = self._fused.get_steps()
         for i, st in enumerate(self.state):
-            out[f"state.{i}.step"] = int(steps[i])
+            out[f"state.{i}.step"] = int(self._steps[i])
             for name, arr in st.items():
                 out[f"state.{i}.{name}"] = arr.copy()
         if self.state_dtype is not None:
@@ -464,7 +459,7 @@ class Optimizer:
             for i, st in enumerate(self.state):
                 for name, arr in st.items():
                     np.copyto(arr, staged[f"state.{i}.{name}"])
-            current.set_steps(steps)
+            self._steps[...] = steps
             current.set_rounding(*rounding)
             current.sync_params()      # float16/bfloat16 parameters from their masters
             for g, new in zip(self.param_groups, new_groups):
