@@ -519,12 +519,21 @@ def test_load_state_dict_validates_everything_before_applying(cls, rng):
     _assert_state(opt, saved)
 
 
-def test_set_steps_validates(rng):
-    opt = fastopt.Adam([np.zeros(3), np.zeros(2)])
-    for bad in ([2**63 - 1, 0], np.array([2**64 - 1, 0], np.uint64), [-1, 0], [1.0, 2.0], [1]):
-        with pytest.raises((ValueError, TypeError)):
-            opt._fused.set_steps(bad)
-        np.testing.assert_array_equal(opt.steps, [0, 0])
+def test_step_refuses_counts_it_cannot_advance(rng):
+    # The counts live in the optimizer's own array; a step reads each once
+    # and refuses one that is negative or cannot count one more step.
+    params = [np.zeros(3), np.zeros(2)]
+    opt = fastopt.Adam(params)
+    grads = [rng.standard_normal(3), rng.standard_normal(2)]
+    for bad, msg in ((-1, r"step_counts\[0\] must be >= 0"),
+                     (2**63 - 1, r"params\[0\] has taken 2\*\*63 - 1 steps")):
+        opt._steps[0] = bad
+        snap = Snapshot(*params, *[a for st in opt.state for a in st.values()])
+        with pytest.raises(ValueError, match=msg):
+            opt.step(grads)
+        snap.assert_unchanged()
+        np.testing.assert_array_equal(opt.steps, [bad, 0])
+        opt._steps[0] = 0
 
 
 # ======================================== 8. no false overlap errors ===

@@ -725,6 +725,12 @@ def state_dtype_of(state_dtype):
     return None if name is None else bfloat16_dtype("state_dtype='bfloat16'")
 
 
+def check_low_precision(state_dtype, state_rounding, seed):
+    """Check the low-precision options (as FusedStep takes them)."""
+    state_dtype_of(state_dtype)
+    check_rounding(state_rounding, seed)
+
+
 def _convert(src, dst, stochastic_key=None):
     """dst[...] = src with fastopt's conversions (a test hook): float16 or
     bfloat16 to float32, or float32 to float16 or bfloat16 (round to
@@ -914,7 +920,7 @@ cdef class FusedStep:
                 raise ValueError(f"{what} must have one entry per parameter")
         if names is not None and len(names) != n:
             raise ValueError("names must have one entry per parameter")
-        self.names = None if names is None else [str(s) for s in names]
+        self.names = None if names is None else [str(x) for x in names]
         for i in range(n):
             g = group_of[i]
             if not 0 <= g < ng:

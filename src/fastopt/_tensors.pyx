@@ -98,6 +98,7 @@ cdef extern from *:
 
 DEF kDLCPU = 1
 DEF kDLFloat = 2
+DEF kDLBfloat = 4
 DEF MAX_NDIM = 64          # the Python fallback's shape/stride scratch
 
 
@@ -118,10 +119,16 @@ def has_exchange_api(tensor_type):
     return exchange_api(tensor_type) != NULL
 
 
+# The Python fallback's dtypes: (DLPack type code, bits).
+cdef dict _DTYPES = {"torch.float32": (kDLFloat, 32), "torch.float64": (kDLFloat, 64),
+                     "torch.float16": (kDLFloat, 16), "torch.bfloat16": (kDLBfloat, 16)}
+
+
 ctypedef struct Layout:         # a parameter's data as checked at construction
     uintptr_t data
     int32_t ndim
-    uint8_t bits                # 32 or 64 (float)
+    uint8_t code                # kDLFloat or kDLBfloat
+    uint8_t bits                # 16, 32 or 64
     int64_t *shape              # into GradReader.dims
     int64_t *strides
     bint empty                  # no elements
@@ -134,7 +141,7 @@ cdef class GradReader:
     Parameters
     ----------
     params : list
-        The parameter tensors (float32/float64, CPU, dense; checked by the
+        The parameter tensors (float32/float64/float16/bfloat16, CPU, dense; checked by the
         caller), each at most once.  Each must lie within its storage
         (ValueError naming it otherwise).
     names : list of str
@@ -200,7 +207,7 @@ cdef class GradReader:
                     break
             else:
                 self.check_storage(params[i], &t, i, False)
-            described.append((<uintptr_t>t.data, t.ndim, t.dtype.bits,
+            described.append((<uintptr_t>t.data, t.ndim, t.dtype.code, t.dtype.bits,
                               [t.shape[k] for k in range(t.ndim)],
                               [t.strides[k] for k in range(t.ndim)]))
             total += t.ndim
@@ -215,10 +222,11 @@ cdef class GradReader:
         cdef Py_ssize_t off = 0, ndim
         cdef Layout *L
         for i in range(n):
-            data, ndim, bits, shape, strides = described[i]
+            data, ndim, code, bits, shape, strides = described[i]
             L = &self.lay[i]
             L.data = data
             L.ndim = ndim
+            L.code = code
             L.bits = bits
             L.shape = self.dims + off
             L.strides = self.dims + off + ndim
@@ -240,17 +248,20 @@ cdef class GradReader:
     # ------------------------------------------------------------ describe
 
     cdef int describe(self, object t, fo_DLTensor *out, Py_ssize_t i, bint is_grad) except -1:
-        """Fill `out` for tensor `t` (parameter i, or its gradient): a float32
-        or float64 CPU tensor with strides, else an error naming it."""
+        """Fill `out` for tensor `t` (parameter i, or its gradient): a float32,
+        float64, float16 or bfloat16 CPU tensor with strides, else an error
+        naming it."""
         if self.api != NULL:
             if self.api.dltensor_from_py_object_no_sync(<void *>t, out) != 0:
                 PyErr_Clear()       # the library's message is replaced by one naming the tensor
                 self.unreadable(t, i, is_grad)
         else:
             self.describe_py(t, out, i, is_grad)
-        if (out.device.device_type != kDLCPU or out.dtype.code != kDLFloat
-                or out.dtype.lanes != 1 or (out.dtype.bits != 32 and out.dtype.bits != 64)
-                or out.byte_offset != 0):
+        if (out.device.device_type != kDLCPU or out.dtype.lanes != 1 or out.byte_offset != 0
+                or not ((out.dtype.code == kDLFloat and (out.dtype.bits == 16
+                                                          or out.dtype.bits == 32
+                                                          or out.dtype.bits == 64))
+                        or (out.dtype.code == kDLBfloat and out.dtype.bits == 16))):
             self.unsupported(t, out, i, is_grad)
         return 0
 
@@ -275,7 +286,7 @@ cdef class GradReader:
         if out.byte_offset != 0:
             raise ValueError(f"{self.what(i, is_grad)}: a DLPack byte_offset is not supported")
         raise TypeError(f"{self.what(i, is_grad)} has dtype {t.dtype}; fastopt.torch takes "
-                        "float32 and float64 tensors")
+                        "float32, float64, float16 and bfloat16 tensors")
 
     cdef int describe_py(self, object t, fo_DLTensor *out, Py_ssize_t i, bint is_grad) except -1:
         """`describe` without the exchange API: the same fields from Python."""
@@ -299,8 +310,7 @@ cdef class GradReader:
         out.device.device_type = kDLCPU if t.is_cpu else 0
         out.device.device_id = 0
         dt = str(t.dtype)
-        out.dtype.code = kDLFloat if dt in ("torch.float32", "torch.float64") else 255
-        out.dtype.bits = 64 if dt == "torch.float64" else 32
+        out.dtype.code, out.dtype.bits = _DTYPES.get(dt, (255, 32))
         out.dtype.lanes = 1
         out.data = <void *><uintptr_t>t.data_ptr() if t.is_cpu else NULL
         return 0
@@ -365,7 +375,7 @@ cdef class GradReader:
                 continue
             grads[i] = g        # from here on the step holds it
             self.describe(g, &t, i, True)
-            if t.dtype.bits != L.bits:
+            if t.dtype.bits != L.bits or t.dtype.code != L.code:
                 raise TypeError(f"the gradient of {self.names[i]} has dtype {g.dtype} but "
                                 f"the parameter has dtype {p.dtype}")
             if t.ndim != L.ndim:
@@ -416,6 +426,19 @@ cdef class GradReader:
                 f"storage holds {nbytes} (was the storage resized?)")
         return 0
 
+    def is_seen(self, Py_ssize_t i):
+        """Whether parameter i is marked `seen`."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return bool(self.seen[i])
+
+    def mark_unseen(self, indices):
+        """Parameters whose optimizer state was reset (`read` lists them in `fresh` again)."""
+        for i in indices:
+            if not 0 <= i < self.n:
+                raise IndexError(i)
+            self.seen[<Py_ssize_t>i] = False
+
     def mark_seen(self, indices):
         """Parameters that have optimizer state (`read` leaves them out of `fresh`)."""
         for i in indices:
@@ -427,7 +450,7 @@ cdef class GradReader:
         """Same shape, dtype and memory layout as `L` (strides of size-1 dims
         do not matter; nor any stride of an empty tensor)."""
         cdef int k
-        if t.ndim != L.ndim or t.dtype.bits != L.bits:
+        if t.ndim != L.ndim or t.dtype.bits != L.bits or t.dtype.code != L.code:
             return False
         if check_data and <uintptr_t>t.data != L.data and not L.empty:
             return False

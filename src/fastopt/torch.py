@@ -88,7 +88,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _kinds, _tensors
+from . import _kinds, _layout, _tensors
 from . import _batchnorm as _bn_kernels
 from . import _optim as _optim_kernels
 from . import _softmax as _softmax_kernels
@@ -129,9 +129,9 @@ def _step_dtype():
 
 def _memory_order_view(p):
     """A 1-d ndarray over the block of memory holding `p`'s elements, in memory
-    order (p has already been checked to be dense and non-overlapping)."""
-    t = p.detach()
-    return t.as_strided((t.numel(),), (1,)).numpy()
+    order (p has already been checked to be dense and non-overlapping);
+    bfloat16 as ml_dtypes.bfloat16."""
+    return _numpy(p.detach().as_strided((p.numel(),), (1,)))
 
 
 def _is_dense(p):
@@ -147,10 +147,129 @@ def _is_dense(p):
     return True
 
 
+class _StateMap(collections.defaultdict):
+    """``opt.state``: torch's ``defaultdict(dict)`` of per-parameter entries
+    (`_Entry`), counting every edit to it and to its entries in `edits`, so
+    that a step sees in O(1) whether its user changed the state.  Pickles
+    and copies as a plain ``defaultdict(dict)`` of dicts."""
+
+    def __init__(self, items=()):
+        super().__init__(self._new_entry)
+        self.edits = 0
+        for key, value in items:
+            super().__setitem__(key, self._entry(value))
+
+    def _new_entry(self):
+        return _Entry(self)
+
+    def _entry(self, value):
+        if type(value) is _Entry and value._owner is self:
+            return value
+        if isinstance(value, dict):
+            entry = _Entry(self)
+            dict.update(entry, value)
+            return entry
+        return value            # not a dict: the next step refuses it
+
+    def __setitem__(self, key, value):
+        self.edits += 1
+        super().__setitem__(key, self._entry(value))
+
+    def __delitem__(self, key):
+        self.edits += 1
+        super().__delitem__(key)
+
+    def clear(self):
+        self.edits += 1
+        super().clear()
+
+    def pop(self, *args):
+        self.edits += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self.edits += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self.edits += 1
+        return super().setdefault(key, self._entry(default))
+
+    def update(self, *args, **kwargs):
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def copy(self):
+        return collections.defaultdict(dict, self)
+
+    def __reduce__(self):
+        return (collections.defaultdict, (dict,), None, None,
+                iter([(k, dict(v) if isinstance(v, dict) else v) for k, v in self.items()]))
+
+
+class _Entry(dict):
+    """One parameter's state in `_StateMap`: a dict that counts its edits in its map's."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner):
+        super().__init__()
+        self._owner = owner
+
+    def __setitem__(self, key, value):
+        self._owner.edits += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key):
+        self._owner.edits += 1
+        super().__delitem__(key)
+
+    def clear(self):
+        self._owner.edits += 1
+        super().clear()
+
+    def pop(self, *args):
+        self._owner.edits += 1
+        return super().pop(*args)
+
+    def popitem(self):
+        self._owner.edits += 1
+        return super().popitem()
+
+    def setdefault(self, key, default=None):
+        self._owner.edits += 1
+        return super().setdefault(key, default)
+
+    def update(self, *args, **kwargs):
+        self._owner.edits += 1
+        super().update(*args, **kwargs)
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def copy(self):
+        return dict(self)
+
+    def __reduce__(self):
+        return (dict, (dict(self),))
+
+
 class _Fused:
     """The fastopt half of `Adam`, `AdamW`, `SGD`, `RMSprop` (mixed in before
-    the torch.optim class): native state, step, zero_grad, param-group and
-    state-dict handling."""
+    the torch.optim class): native step, zero_grad, param-group and
+    state-dict handling.
+
+    The optimizer owns its state in torch's form, ``self.state``; the
+    native step (`FusedStep`) is built over the memory of the tensors it
+    holds.  Per parameter it keeps what the native step is bound to
+    (`_bound`: torch's state names -> tensors); a step first compares, in
+    O(1), whether ``self.state`` was edited since, and if so binds the
+    native step to what it holds now (`_sync_state`)."""
 
     _decl: _kinds.Kind          # what the optimizer is (fastopt._kinds); from it:
     _kind: str | None = None    # FusedStep kind
@@ -174,6 +293,8 @@ class _Fused:
         # for copies made by pickle and deepcopy (which skip __init__).
         self = super().__new__(cls)
         self._lock = threading.Lock()
+        self._lowp = (None, "stochastic", 0)
+        self._uncast = None
         _LIVE.add(self)
         return self
 
@@ -189,7 +310,7 @@ class _Fused:
                                "(or another change to it) in another thread")
         return _Release(self._lock)
 
-    def _init_fused(self, **group_keys):
+    def _init_fused(self, state_dtype, state_rounding, seed, **group_keys):
         # Keys that older torch versions do not put in the groups (Adam's
         # decoupled_weight_decay): FusedStep reads them.
         for key, value in group_keys.items():
@@ -199,19 +320,35 @@ class _Fused:
         if self.defaults.get("differentiable"):
             raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                              "differentiable=True (autograd through the step)")
-        # fused=True makes torch's GradScaler hand the unscaling to the
-        # optimizer; fastopt leaves it to the scaler.
-        self._step_supports_amp_scaling = False
+        _optim_kernels.check_low_precision(state_dtype, state_rounding, seed)
+        self._lowp = (state_dtype, state_rounding, seed)
+        # torch's GradScaler hands the scale and its inf check to the step
+        # (read as the gradients are, nothing written to them).
+        self._step_supports_amp_scaling = True
         self._rebuild()
+
+    @property
+    def state_dtype(self):
+        """None (state in the compute dtype) or "bfloat16"."""
+        return self._lowp[0]
+
+    @property
+    def state_rounding(self):
+        """How bfloat16 state is rounded: "stochastic" or "nearest"."""
+        return self._lowp[1]
+
+    @property
+    def seed(self):
+        """Seed of the stochastic rounding of bfloat16 state."""
+        return self._lowp[2]
 
     # ------------------------------------------------------------- building
 
-    def _rebuild(self):
-        """(Re)make the native state for the current param groups, keeping the
-        values in `self.state` (ours or loaded).  Checks everything first."""
-        groups = self.param_groups
+    def _layout(self):
+        """The parameters of the param groups (checked), their names, groups
+        and memory-order ndarray views, and their reader."""
         params, names, group_of = [], [], []
-        for gi, g in enumerate(groups):
+        for gi, g in enumerate(self.param_groups):
             for k, p in enumerate(g["params"]):
                 params.append(p)
                 names.append(f"param_groups[{gi}]['params'][{k}]")
@@ -219,55 +356,101 @@ class _Fused:
         _check_params(params, names)
         # Checks that each parameter lies within its storage (before a view of it is made).
         reader = _tensors.GradReader(params, names, torch.Tensor, _USE_EXCHANGE_API)
+        return params, names, group_of, [_memory_order_view(p) for p in params], reader
+
+    def _rebuild(self):
+        """(Re)make everything for the current param groups: fresh state
+        arrays holding the values in `self.state` (ours or loaded), the
+        native step over them.  Checks everything first."""
+        groups = self.param_groups
+        params, names, group_of, views, reader = self._layout()
         slots = [tuple(self._slots(g)) for g in groups]
-        fused = _optim_kernels.FusedStep(self._kind, [_memory_order_view(p) for p in params],
-                                         group_of, [list(s) for s in slots])
-        fused.check_groups(groups)
-        steps = torch.zeros(len(params), dtype=_step_dtype()) if self._counts_steps else None
-        sgd_counts = np.zeros(len(params), dtype=np.int64)
-        # Validate and stage the carried-over state before changing anything.
+        n = len(params)
+        sdt = _optim_kernels.state_dtype_of(self._lowp[0])
+        arrays, masters = _layout.state_arrays(views, [slots[g] for g in group_of], sdt)
+        steps = torch.zeros(n, dtype=_step_dtype()) if self._counts_steps else None
+        counts = np.zeros(n, np.int64)          # SGD: momentum updates (torch keeps none)
+        step_arrays = list(steps.numpy().reshape(n, 1)) if steps is not None else list(
+            counts.reshape(n, 1))
+        # Validate the carried-over state before changing anything.
         carried = {}
         for i, p in enumerate(params):
-            old = self.state.get(p)
+            old = dict.get(self.state, p)
             if old:
                 carried[i] = self._check_state(old, p, names[i], slots[group_of[i]])
-        new_state = collections.defaultdict(dict)
-        for i, values in carried.items():
-            p = params[i]
-            entry = {}
-            if self._counts_steps:
+        fused = self._native(views, group_of, arrays, masters, step_arrays, names)
+        fused.check_groups(groups)
+        # Stage: the carried values into the fresh arrays (nothing visible yet).
+        bound = [None] * n
+        new_state = _StateMap()
+        for i, p in enumerate(params):
+            entry = self._tensors_of(i, p, arrays[i], masters[i],
+                                     steps[i] if steps is not None else None)
+            bound[i] = entry
+            values = carried.get(i)
+            if masters[i] is not None:
+                src = values.pop("master_param", None) if values else None
+                if src is None:
+                    _widen_into(masters[i], views[i])
+                else:
+                    _copy_in(entry["master_param"], src)
+            if values is None:
+                continue
+            if steps is not None:
                 steps[i] = values.pop("step")
-                entry["step"] = steps[i]
-            for k, name in enumerate(self._slot_names):
-                if name is None or fused.states[i][k] is None:
-                    continue
-                view = _state_view(fused.states[i][k], p)
-                src = values.pop(name, None)
-                if src is not None:
-                    with torch.no_grad():
-                        view.copy_(src)
-                entry[name] = view
-            if not self._counts_steps and "momentum_buffer" in entry:
-                sgd_counts[i] = 1
-            entry.update(values)            # keys fastopt does not use, kept as they are
-            new_state[p] = entry
-        fused.set_steps(sgd_counts)
+            if "momentum_buffer" in values and "momentum_buffer" in entry:
+                counts[i] = 1           # SGD: the buffer exists, the next step uses it
+            for name in [k for k in values if k in entry]:
+                _copy_in(entry[name], values.pop(name))
+            shown = dict(entry)
+            if not self._counts_steps and counts[i] == 0:
+                shown.pop("momentum_buffer", None)
+            shown.update(values)            # keys fastopt does not use, kept as they are
+            dict.__setitem__(new_state, p, new_state._entry(shown))
         reader.mark_seen(list(carried))
         # Commit.
         self._fused = fused
         self._reader = reader
         self._params = params
         self._names = names
+        self._group_of = group_of
+        self._views = views
         self._built_slots = slots
-        self._steps = steps
-        self._steps_np = steps.numpy() if steps is not None else None
+        self._arrays, self._masters, self._step_arrays = arrays, masters, step_arrays
+        self._steps, self._counts = steps, counts
+        self._bound = bound
+        self._adopted = {}
+        self._half = [i for i in range(n) if masters[i] is not None]
+        self._versions = [params[i]._version for i in self._half]
         self.state = new_state
+        self._edits_seen = new_state.edits
+
+    def _native(self, views, group_of, arrays, masters, step_arrays, names):
+        state_dtype, rounding, seed = self._lowp
+        return _optim_kernels.FusedStep(self._kind, views, group_of, len(self.param_groups),
+                                        arrays, masters, step_arrays, names=names,
+                                        state_dtype=state_dtype, state_rounding=rounding,
+                                        seed=seed)
+
+    def _tensors_of(self, i, p, arrays, master, step):
+        """torch's state names -> tensors over parameter i's arrays (shaped and
+        strided like p)."""
+        entry = {} if step is None else {"step": step}
+        for k, name in enumerate(self._slot_names):
+            if name is not None and arrays[k] is not None:
+                entry[name] = _state_view(arrays[k], p)
+        if master is not None:
+            entry["master_param"] = _state_view(master, p)
+        return entry
 
     def _check_state(self, old, p, name, slots):
         """The state values of one parameter to carry over, checked: {key: value}."""
         if not isinstance(old, dict):
             raise TypeError(f"the state of {name} must be a dict, got {type(old).__name__}")
         values = {k: v for k, v in old.items() if v is not None}    # torch's SGD may store None
+        uncast = self._uncast.get(id(p)) if self._uncast else None
+        if uncast:                  # load_state_dict: the tensors before torch cast them
+            values.update((k, v) for k, v in uncast.items() if k in values)
         if self._counts_steps:
             if "step" not in values:
                 raise ValueError(f"the state of {name} has no 'step'")
@@ -275,8 +458,11 @@ class _Fused:
         for key in self._required:
             if key not in values:
                 raise ValueError(f"the state of {name} has no {key!r}")
-        for k, key in enumerate(self._slot_names):
-            if key is None or key not in values or not slots[k]:
+        keys = [key for k, key in enumerate(self._slot_names) if key is not None and slots[k]]
+        if p.dtype in _HALF_DTYPES:
+            keys.append("master_param")
+        for key in keys:
+            if key not in values:
                 continue
             v = values[key]
             if not isinstance(v, torch.Tensor):
@@ -289,6 +475,148 @@ class _Fused:
                 raise TypeError(f"state[{key!r}] of {name} has dtype {v.dtype}")
         return values
 
+    # -------------------------------------------------------- state edits
+
+    def _sync_state(self):
+        """``self.state`` was edited (or replaced) since the native step was
+        bound to it: bind it to what the state holds now, as torch.optim
+        reads its state at each step.  A parameter whose entry was cleared or
+        removed starts again from zero state and step 0 in fresh tensors (the
+        old ones are left as they are); a tensor assigned to an entry is
+        used in place if it is laid out like the parameter, else its values
+        are copied into a new tensor so laid out, which replaces it in the
+        entry.  Everything is checked first: on an error nothing changes."""
+        state = self.state
+        if not isinstance(state, dict):
+            raise TypeError(f"optimizer.state must be a dict, got {type(state).__name__}")
+        plans = {}
+        for i, p in enumerate(self._params):
+            plan = self._plan(i, p, dict.get(state, p))
+            if plan is not None:
+                plans[i] = plan
+        if plans:
+            arrays = [list(a) for a in self._arrays]
+            masters = list(self._masters)
+            step_arrays = list(self._step_arrays)
+            for i, plan in plans.items():
+                for k, name in enumerate(self._slot_names):
+                    if name in plan["use"]:
+                        arrays[i][k] = plan["use"][name][1]
+                if "master_param" in plan["use"]:
+                    masters[i] = plan["use"]["master_param"][1]
+                if "step" in plan["use"]:
+                    step_arrays[i] = plan["use"]["step"][1]
+            fused = self._native(self._views, self._group_of, arrays, masters, step_arrays,
+                                 self._names)
+            # Checked: commit.
+            for i, plan in plans.items():
+                p = self._params[i]
+                bound = dict(self._bound[i])
+                for name, (tensor, arr, entry_value, adopted) in plan["use"].items():
+                    bound[name] = tensor
+                    if adopted is not None:
+                        self._adopted[(i, name)] = adopted
+                    else:
+                        self._adopted.pop((i, name), None)
+                    if entry_value is not None:
+                        dict.__setitem__(dict.get(state, p), name, entry_value)
+                if plan["widen"]:
+                    _widen_into(masters[i], self._views[i])
+                if plan["count"] is not None:
+                    self._counts[i] = plan["count"]
+                if plan["reset"]:
+                    self._reader.mark_unseen([i])
+                else:
+                    self._reader.mark_seen([i])
+                self._bound[i] = bound
+            self._fused = fused
+            self._arrays, self._masters, self._step_arrays = arrays, masters, step_arrays
+        if type(state) is not _StateMap:
+            self.state = _StateMap(state.items())
+        self._edits_seen = self.state.edits
+
+    def _plan(self, i, p, entry):
+        """What parameter i's native state must become for `entry` (its
+        ``state[p]`` now), checked; None if it is what the step is bound to.
+
+        Returns {"use": {name: (tensor, its array, value to put in the entry
+        or None, adopted tensor to watch or None)}, "reset": bool, "widen":
+        bool (the master from the parameter), "count": SGD's new count or
+        None}."""
+        name_i = self._names[i]
+        bound = self._bound[i]
+        gi = self._group_of[i]
+        slots = self._built_slots[gi]
+        plan = {"use": {}, "reset": False, "widen": False, "count": None}
+        half = self._masters[i] is not None
+        if not entry:
+            if entry is not None and not isinstance(entry, dict):
+                raise TypeError(f"the state of {name_i} must be a dict, got "
+                                f"{type(entry).__name__}")
+            if not self._reader.is_seen(i):
+                return None             # no state yet, and none shown
+            # Reset: fresh zero state and step 0, as torch's lazy init.
+            fresh, fresh_master = _layout.state_arrays(
+                [self._views[i]], [slots], _optim_kernels.state_dtype_of(self._lowp[0]))
+            for k, key in enumerate(self._slot_names):
+                if key is not None and fresh[0][k] is not None:
+                    plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None, None)
+            if half:
+                plan["use"]["master_param"] = (_state_view(fresh_master[0], p),
+                                               fresh_master[0], None, None)
+            if self._counts_steps:
+                step = torch.zeros((), dtype=_step_dtype())
+                plan["use"]["step"] = (step, step.numpy().reshape(1), None, None)
+            plan["reset"] = True
+            plan["widen"] = half
+            plan["count"] = 0 if not self._counts_steps else None
+            return plan
+        if not isinstance(entry, dict):
+            raise TypeError(f"the state of {name_i} must be a dict, got {type(entry).__name__}")
+        if self._counts_steps:
+            if "step" not in entry:
+                raise ValueError(f"the state of {name_i} has no 'step'")
+            v = entry["step"]
+            if v is not bound.get("step"):
+                plan["use"]["step"] = _adopt_step(v, name_i)
+        for k, key in enumerate(self._slot_names):
+            if key is None or not slots[k]:
+                continue
+            v = entry.get(key)
+            if v is not None and v is bound.get(key):
+                continue
+            if v is None and not self._counts_steps and self._counts[i] == 0:
+                continue                # SGD: no momentum buffer yet, as bound
+            if v is None:
+                if key in self._required or self._counts_steps:
+                    raise ValueError(f"the state of {name_i} has no {key!r}")
+                # SGD: no momentum buffer yet; the next momentum step sets it
+                # to the gradient, as torch's does, in a fresh tensor.
+                fresh, _ = _layout.state_arrays([self._views[i]], [slots],
+                                                _optim_kernels.state_dtype_of(self._lowp[0]))
+                plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None, None)
+                plan["count"] = 0
+                continue
+            dtype = (p.dtype if p.dtype == torch.float64 else
+                     torch.bfloat16 if self._lowp[0] is not None else torch.float32)
+            plan["use"][key] = _adopt(v, p, dtype, f"state[{key!r}] of {name_i}")
+            if not self._counts_steps:
+                plan["count"] = 1       # SGD: the next momentum step uses this buffer
+        if half:
+            v = entry.get("master_param")
+            if v is None:
+                # (a torch.optim checkpoint has none: the master is the parameter)
+                fresh, fresh_master = _layout.state_arrays([self._views[i]], [(False,) * 3])
+                plan["use"]["master_param"] = (_state_view(fresh_master[0], p), fresh_master[0],
+                                               _state_view(fresh_master[0], p), None)
+                plan["widen"] = True
+            elif v is not bound.get("master_param"):
+                plan["use"]["master_param"] = _adopt(v, p, torch.float32,
+                                                     f"state['master_param'] of {name_i}")
+        if not plan["use"] and self._reader.is_seen(i):
+            return None
+        return plan
+
     # ----------------------------------------------------------------- step
 
     def _hooks_or_profiler(self):
@@ -296,7 +624,7 @@ class _Fused:
                     or _GLOBAL_PRE_HOOKS is None or _GLOBAL_PRE_HOOKS or _GLOBAL_POST_HOOKS
                     or torch.autograd._profiler_enabled())
 
-    def step(self, closure=None):
+    def step(self, closure=None, *, grad_scale=None, found_inf=None):
         """One optimization step over every parameter with a gradient, in one
         native call.
 
@@ -305,11 +633,21 @@ class _Fused:
         closure : callable, optional
             Re-evaluates the model and returns the loss (run with grad enabled
             before the update).
+        grad_scale : tensor or float, optional
+            The gradients are divided by it as the step reads them (nothing
+            is written to them); torch's ``GradScaler`` passes it as the
+            attribute ``grad_scale``.
+        found_inf : tensor or float, optional
+            Nonzero: skip the update (nothing changes), as torch's fused
+            optimizers do; ``GradScaler`` passes it as the attribute
+            ``found_inf``.
 
         Returns
         -------
         The closure's loss, or None.
         """
+        if grad_scale is not None or found_inf is not None:
+            return self._step(closure, grad_scale, found_inf)
         if self._hooks_or_profiler():
             # torch's wrapper: step pre/post hooks and the profiler's record.
             return self._wrapped_step() if closure is None else self._wrapped_step(closure)
@@ -321,11 +659,15 @@ class _Fused:
     # profiler runs.
     step.hooked = True          # type: ignore[attr-defined]
 
-    def _step(self, closure=None):
+    def _step(self, closure=None, grad_scale=None, found_inf=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
         # Two steps at once on one optimizer would read gradients into the
         # same addresses: refused, as FusedStep refuses it (and a step while
         # another thread rebuilds the native state).
@@ -334,12 +676,12 @@ class _Fused:
             raise RuntimeError("step() called concurrently with another step(), "
                                "add_param_group() or load_state_dict() of the same optimizer")
         try:
-            self._update()
+            self._update(grad_scale, found_inf)
         finally:
             lock.release()
         return loss
 
-    def _update(self):
+    def _update(self, grad_scale=None, found_inf=None):
         """The update of one step (the closure has run)."""
         groups = self.param_groups
         if self._has_capturable:
@@ -349,6 +691,13 @@ class _Fused:
                 or any(tuple(self._slots(g)) != s for g, s in zip(groups, built))
                 or not self._reader.same_params(groups)):
             self._rebuild()
+        state = self.state
+        if type(state) is not _StateMap or state.edits != self._edits_seen:
+            self._sync_state()
+        if self._adopted:
+            _check_adopted(self._adopted)
+        scale = _scalar_arg(grad_scale, "grad_scale")
+        skip = found_inf is not None and _scalar_arg(found_inf, "found_inf") != 0
         reader = self._reader
         # `grads` holds every gradient read until the native step is done: it
         # runs without the GIL, and another thread replacing `p.grad` must not
@@ -361,30 +710,52 @@ class _Fused:
             updated, grads = reader.read()
             if reader.moved is not None:
                 raise RuntimeError("parameter data changed while step() read it")
+        if skip:
+            # torch's fused step made the state of a parameter's first step
+            # (step 0) before it skipped.
+            if reader.fresh is not None:
+                self._expose(reader.fresh)
+            return
+        if self._half:
+            self._refresh_masters()
         keep = _relayout(reader, self._params, grads) if reader.relayout is not None else None
-        try:
-            self._fused.step_addresses(groups, reader.addr, self._steps_np)
-        except ValueError as exc:       # FusedStep counts parameters flat: name them
-            raise ValueError(_rename(str(exc), self._names)) from None
+        fused = self._fused
+        fused.step_addresses(groups, reader.addr, scale)
         del keep, grads
+        if fused.found_inf:
+            return
         if updated:
             torch.autograd.graph.increment_version(updated)
+            if self._half:
+                self._versions = [p._version for p in (self._params[i] for i in self._half)]
         if reader.fresh is not None:
             self._expose(reader.fresh)
 
+    def _refresh_masters(self):
+        """A float16/bfloat16 parameter changed in place since the last step
+        (``with torch.no_grad(): p.copy_(...)``, ``model.load_state_dict``:
+        its version counter moved) takes its master from its new values, so
+        the step continues from what the user wrote."""
+        versions = self._versions
+        for j, i in enumerate(self._half):
+            v = self._params[i]._version
+            if v != versions[j]:
+                _widen_into(self._masters[i], self._views[i])
+                versions[j] = v
+
     def _expose(self, indices):
         """torch's lazy state: after a parameter's first update, its state
-        tensors (views of fastopt's buffers) appear in ``self.state``."""
-        fused = self._fused
+        tensors appear in ``self.state``."""
+        state = self.state
         for i in indices:
             p = self._params[i]
-            entry = {"step": self._steps[i]} if self._counts_steps else {}
-            for k, name in enumerate(self._slot_names):
-                if name is not None and fused.states[i][k] is not None:
-                    entry[name] = _state_view(fused.states[i][k], p)
+            entry = dict(self._bound[i])
+            if not self._counts_steps and self._counts[i] == 0:
+                entry.pop("momentum_buffer", None)      # (SGD without momentum yet)
             if entry:
-                self.state[p].update(entry)
+                state[p].update(entry)
         self._reader.mark_seen(indices)
+        self._edits_seen = state.edits
 
     def zero_grad(self, set_to_none=True):
         """As ``torch.optim.Optimizer.zero_grad``; ``set_to_none=True`` (the
@@ -406,30 +777,64 @@ class _Fused:
                     self.param_groups.pop()
                     raise
 
+    def state_dict(self):
+        """As ``torch.optim.Optimizer.state_dict`` (references to the live
+        tensors; a float16/bfloat16 parameter's float32 master is its
+        ``"master_param"``), with ``"fastopt"``: the low-precision options,
+        when the state is bfloat16."""
+        sd = super().state_dict()
+        # Plain dicts (the same tensors), which torch.load(weights_only=True) reads.
+        sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+        if self._lowp[0] is not None:
+            sd["fastopt"] = {"state_dtype": self._lowp[0], "state_rounding": self._lowp[1],
+                             "seed": self._lowp[2]}
+        return sd
+
     def load_state_dict(self, state_dict):
         """As ``torch.optim.Optimizer.load_state_dict``; everything is checked
         before anything changes (a bad entry raises TypeError/ValueError naming
-        the parameter)."""
+        the parameter).  float32 state and masters of float16/bfloat16
+        parameters load as saved (torch would cast them to the parameter's
+        dtype)."""
         with self._exclusive("load_state_dict()"):
+            lowp = self._lowp
             if isinstance(state_dict, dict):
-                self._check_state_tensors(state_dict)
-            super().load_state_dict(state_dict)
+                self._uncast = self._check_state_tensors(state_dict)
+                config = state_dict.get("fastopt")
+                if config is not None:
+                    if not isinstance(config, dict):
+                        raise TypeError("state_dict['fastopt'] must be a dict")
+                    rounding = config.get("state_rounding", lowp[1])
+                    seed = config.get("seed", lowp[2])
+                    _optim_kernels.check_low_precision(lowp[0], rounding, seed)
+                    self._lowp = (lowp[0], rounding, seed)
+            try:
+                super().load_state_dict(state_dict)
+            except BaseException:
+                self._lowp = lowp
+                raise
+            finally:
+                self._uncast = None
 
     def _check_state_tensors(self, state_dict):
         """The state tensors of `state_dict` as given, before torch casts them to
         each parameter's dtype: a real floating dtype (torch would drop the
-        imaginary part of a complex one, make an integer one a float)."""
+        imaginary part of a complex one, make an integer one a float).
+        Returns, by id of parameter, the tensors torch would cast to a 16-bit
+        parameter's dtype, to load them as they are."""
         saved = state_dict.get("param_groups")
         entries = state_dict.get("state")
         if not isinstance(saved, list) or not isinstance(entries, dict) or \
                 len(saved) != len(self.param_groups):
-            return      # torch's own checks name the mismatch
-        names = {}
+            return None     # torch's own checks name the mismatch
+        names, params = {}, {}
         for gi, (g, sg) in enumerate(zip(self.param_groups, saved)):
             if not isinstance(sg, dict) or len(sg.get("params", ())) != len(g["params"]):
-                return
+                return None
             for k, pid in enumerate(sg["params"]):
                 names[pid] = f"param_groups[{gi}]['params'][{k}]"
+                params[pid] = g["params"][k]
+        uncast = {}
         for pid, entry in entries.items():
             if pid not in names or not isinstance(entry, dict):
                 continue
@@ -437,14 +842,28 @@ class _Fused:
                 if key != "step" and isinstance(v, torch.Tensor) and not v.is_floating_point():
                     raise TypeError(f"state[{key!r}] of {names[pid]} has dtype {v.dtype}; "
                                     "state tensors are floating point")
+            if params[pid].dtype in _HALF_DTYPES:
+                uncast[id(params[pid])] = {k: v for k, v in entry.items()
+                                           if k != "step" and isinstance(v, torch.Tensor)}
+        return uncast
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_lowp": self._lowp}
 
     def __setstate__(self, state):
         # Called by load_state_dict (after torch's checks and casts) and by
         # unpickling: the loaded state goes into fastopt's buffers.  What
         # torch's own __setstate__ would trip over is checked first.
         self._check_entries(state)
-        before = {k: self.__dict__[k] for k in ("state", "param_groups") if k in self.__dict__}
+        state = dict(state)
+        lowp = state.pop("_lowp", None)
+        before = {k: self.__dict__[k] for k in ("state", "param_groups", "_lowp")
+                  if k in self.__dict__}
         super().__setstate__(state)
+        if lowp is not None:
+            self._lowp = lowp
+        if "_step_supports_amp_scaling" not in self.__dict__:
+            self._step_supports_amp_scaling = True
         try:
             self._rebuild()
         except BaseException:
@@ -499,20 +918,9 @@ def _refuse_capturable(groups):
                                  f"supported devices: {supported}.")
 
 
-def _rename(message, names):
-    """FusedStep's flat names (params[i], grads[i], state[i], step_counts[i]) -> param-group names."""
-    def sub(m):
-        kind, i = m.group(1), int(m.group(2))
-        name = names[i] if i < len(names) else f"{kind}[{i}]"
-        return {"params": name, "grads": f"the gradient of {name}",
-                "state": f"the state of {name}",
-                "step_counts": f"state['step'] of {name}"}[kind]
-    return re.sub(r"\b(params|grads|state|step_counts)\[(\d+)\]", sub, message)
-
-
 def _check_params(params, names):
-    """Parameters fastopt can update in place: float32/float64 dense CPU
-    tensors, each once, none overlapping another."""
+    """Parameters fastopt can update in place: float32/float64/float16/
+    bfloat16 dense CPU tensors, each once, none overlapping another."""
     seen = {}
     spans = []
     for p, name in zip(params, names):
@@ -526,11 +934,14 @@ def _check_params(params, names):
             raise TypeError(f"{name} is a {p.layout} tensor; fastopt.torch updates dense "
                             "(strided) tensors only")
         if p.is_complex():
-            raise TypeError(f"{name} is complex ({p.dtype}); fastopt.torch updates float32 "
-                            "and float64 parameters (torch.view_as_real gives a real view)")
-        if p.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} has dtype {p.dtype}; fastopt.torch updates float32 and "
-                            "float64 parameters")
+            raise TypeError(f"{name} is complex ({p.dtype}); fastopt.torch updates float32, "
+                            "float64, float16 and bfloat16 parameters (torch.view_as_real "
+                            "gives a real view)")
+        if p.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{name} has dtype {p.dtype}; fastopt.torch updates float32, "
+                            "float64, float16 and bfloat16 parameters")
+        if p.dtype == torch.bfloat16:
+            _bfloat16(f"{name} (bfloat16)")
         if p.is_neg() or p.is_conj():
             raise TypeError(f"{name} is a lazily negated view; pass a tensor with its own memory")
         if not _is_dense(p):
@@ -548,7 +959,97 @@ def _check_params(params, names):
 
 def _state_view(arr, p):
     """A torch view of a state array (memory order of p) shaped and strided like p."""
-    return torch.from_numpy(arr).as_strided(p.shape, p.stride())
+    return _from_numpy(arr).as_strided(p.shape, p.stride())
+
+
+def _widen_into(master, view):
+    """A float16/bfloat16 parameter's values (`view`, in memory order) into its
+    float32 master: exact."""
+    _optim_kernels._convert(view, master)
+
+
+def _copy_in(tensor, src):
+    with torch.no_grad():
+        tensor.copy_(src)
+
+
+def _same_layout(v, p):
+    """Whether dense tensor v holds its elements in p's memory order."""
+    return all(a == b for a, b, n in zip(v.stride(), p.stride(), p.shape) if n != 1)
+
+
+def _within_storage(t):
+    """(data address, bytes it needs) of tensor t, if it lies within its storage, else None."""
+    if t.numel() == 0:
+        return t.data_ptr(), 0
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    need = (t.storage_offset() + last + 1) * t.element_size()
+    if min(t.stride(), default=0) < 0 or t.untyped_storage().nbytes() < need:
+        return None
+    return t.data_ptr(), need
+
+
+def _adopt(v, p, dtype, name):
+    """A tensor assigned to ``state[p][key]`` (`name`), checked: (the tensor the
+    step uses, its memory-order array, the value the entry must then hold
+    or None, what to watch or None).  One laid out like p is used in place
+    (its storage is watched: a step refuses it once resized); another's
+    values are copied into a tensor laid out like p, which replaces it."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(v).__name__}")
+    if v.device.type != "cpu":
+        raise TypeError(f"{name} is on {v.device}; fastopt.torch works on CPU tensors only")
+    if v.layout != torch.strided:
+        raise TypeError(f"{name} is a {v.layout} tensor; state tensors are dense")
+    if v.dtype != dtype:
+        raise TypeError(f"{name} has dtype {v.dtype}; this parameter's state is {dtype}")
+    if tuple(v.shape) != tuple(p.shape):
+        raise ValueError(f"{name} has shape {tuple(v.shape)} but the parameter has shape "
+                         f"{tuple(p.shape)}")
+    alias = v.detach()      # holds v's storage even if v is re-pointed (set_)
+    span = _within_storage(alias)
+    if (span is not None and not (alias.is_neg() or alias.is_conj()) and _is_dense(alias)
+            and _same_layout(alias, p) and span[0] % alias.element_size() == 0):
+        return v, _memory_order_view(alias), None, (alias, span, name)
+    copy = torch.empty_like(p, dtype=dtype)
+    _copy_in(copy, v)
+    return copy, _memory_order_view(copy), copy, None
+
+
+def _adopt_step(v, name):
+    """A tensor assigned to ``state[p]["step"]`` of parameter `name`, used in place."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"state['step'] of {name} must be a tensor, got {type(v).__name__}")
+    if v.device.type != "cpu" or v.numel() != 1 or \
+            v.dtype not in (torch.float32, torch.float64, torch.int64):
+        raise TypeError(f"state['step'] of {name} must be one float32, float64 or int64 "
+                        f"number on the CPU, got a {v.dtype} tensor of shape {tuple(v.shape)} "
+                        f"on {v.device}")
+    _step_value(v, name)
+    alias = v.detach()
+    return v, alias.reshape(1).numpy(), None, (alias, _within_storage(alias),
+                                               f"state['step'] of {name}")
+
+
+def _check_adopted(adopted):
+    """The tensors assigned to the state still hold the memory the step writes."""
+    for alias, span, name in adopted.values():
+        if _within_storage(alias) != span:
+            raise ValueError(f"{name}: its storage was resized or moved since it was "
+                             "assigned; assign the state tensor again")
+
+
+def _scalar_arg(x, name):
+    """grad_scale / found_inf: None, a number, or a one-element tensor, as a float."""
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            raise ValueError(f"{name} must hold one number, got shape {tuple(x.shape)}")
+        return float(x.item())
+    if isinstance(x, (bool, str, bytes)) or not isinstance(x, (int, float, np.number)):
+        raise TypeError(f"{name} must be a number or a tensor, got {type(x).__name__}")
+    return float(x)
 
 
 def _step_value(v, name):
@@ -615,12 +1116,14 @@ class Adam(_Fused, torch.optim.Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False):
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 state_dtype=None, state_rounding="stochastic", seed=0):
         _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
                     maximize=maximize, capturable=capturable, differentiable=differentiable,
                     fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._init_fused(decoupled_weight_decay=decoupled_weight_decay)
+        self._init_fused(state_dtype, state_rounding, seed,
+                         decoupled_weight_decay=decoupled_weight_decay)
 
 
 
@@ -633,12 +1136,13 @@ class AdamW(_Fused, torch.optim.AdamW):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
-                 differentiable=False, fused=None):
+                 differentiable=False, fused=None, state_dtype=None, state_rounding="stochastic",
+                 seed=0):
         _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                     foreach=foreach, capturable=capturable, differentiable=differentiable,
                     fused=fused)
-        self._init_fused(decoupled_weight_decay=True)
+        self._init_fused(state_dtype, state_rounding, seed, decoupled_weight_decay=True)
 
 
 
@@ -654,12 +1158,12 @@ class SGD(_Fused, torch.optim.SGD):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None):
+                 fused=None, state_dtype=None, state_rounding="stochastic", seed=0):
         _torch_init(self._torch_base, self, params, lr=lr, momentum=momentum,
                     dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                     maximize=maximize, foreach=foreach, differentiable=differentiable,
                     fused=fused)
-        self._init_fused()
+        self._init_fused(state_dtype, state_rounding, seed)
 
 
 
@@ -672,12 +1176,12 @@ class RMSprop(_Fused, torch.optim.RMSprop):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False):
+                 differentiable=False, *, state_dtype=None, state_rounding="stochastic", seed=0):
         _torch_init(self._torch_base, self, params, lr=lr, alpha=alpha, eps=eps,
                     weight_decay=weight_decay, momentum=momentum, centered=centered,
                     capturable=capturable, foreach=foreach, maximize=maximize,
                     differentiable=differentiable)
-        self._init_fused()
+        self._init_fused(state_dtype, state_rounding, seed)
 
 
 
