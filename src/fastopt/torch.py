@@ -419,7 +419,6 @@ class _Fused:
         self._arrays, self._masters, self._step_arrays = arrays, masters, step_arrays
         self._steps, self._counts = steps, counts
         self._bound = bound
-        self._adopted = {}
         self._half = [i for i in range(n) if masters[i] is not None]
         self._versions = [params[i]._version for i in self._half]
         self.state = new_state
@@ -512,12 +511,8 @@ class _Fused:
             for i, plan in plans.items():
                 p = self._params[i]
                 bound = dict(self._bound[i])
-                for name, (tensor, arr, entry_value, adopted) in plan["use"].items():
+                for name, (tensor, arr, entry_value) in plan["use"].items():
                     bound[name] = tensor
-                    if adopted is not None:
-                        self._adopted[(i, name)] = adopted
-                    else:
-                        self._adopted.pop((i, name), None)
                     if entry_value is not None:
                         dict.__setitem__(dict.get(state, p), name, entry_value)
                 if plan["widen"]:
@@ -540,7 +535,7 @@ class _Fused:
         ``state[p]`` now), checked; None if it is what the step is bound to.
 
         Returns {"use": {name: (tensor, its array, value to put in the entry
-        or None, adopted tensor to watch or None)}, "reset": bool, "widen":
+        or None)}, "reset": bool, "widen":
         bool (the master from the parameter), "count": SGD's new count or
         None}."""
         name_i = self._names[i]
@@ -560,13 +555,13 @@ class _Fused:
                 [self._views[i]], [slots], _optim_kernels.state_dtype_of(self._lowp[0]))
             for k, key in enumerate(self._slot_names):
                 if key is not None and fresh[0][k] is not None:
-                    plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None, None)
+                    plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None)
             if half:
                 plan["use"]["master_param"] = (_state_view(fresh_master[0], p),
-                                               fresh_master[0], None, None)
+                                               fresh_master[0], None)
             if self._counts_steps:
                 step = torch.zeros((), dtype=_step_dtype())
-                plan["use"]["step"] = (step, step.numpy().reshape(1), None, None)
+                plan["use"]["step"] = (step, step.numpy().reshape(1), None)
             plan["reset"] = True
             plan["widen"] = half
             plan["count"] = 0 if not self._counts_steps else None
@@ -594,7 +589,7 @@ class _Fused:
                 # to the gradient, as torch's does, in a fresh tensor.
                 fresh, _ = _layout.state_arrays([self._views[i]], [slots],
                                                 _optim_kernels.state_dtype_of(self._lowp[0]))
-                plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None, None)
+                plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None)
                 plan["count"] = 0
                 continue
             dtype = (p.dtype if p.dtype == torch.float64 else
@@ -608,7 +603,7 @@ class _Fused:
                 # (a torch.optim checkpoint has none: the master is the parameter)
                 fresh, fresh_master = _layout.state_arrays([self._views[i]], [(False,) * 3])
                 plan["use"]["master_param"] = (_state_view(fresh_master[0], p), fresh_master[0],
-                                               _state_view(fresh_master[0], p), None)
+                                               _state_view(fresh_master[0], p))
                 plan["widen"] = True
             elif v is not bound.get("master_param"):
                 plan["use"]["master_param"] = _adopt(v, p, torch.float32,
@@ -694,8 +689,6 @@ class _Fused:
         state = self.state
         if type(state) is not _StateMap or state.edits != self._edits_seen:
             self._sync_state()
-        if self._adopted:
-            _check_adopted(self._adopted)
         scale = _scalar_arg(grad_scale, "grad_scale")
         skip = found_inf is not None and _scalar_arg(found_inf, "found_inf") != 0
         reader = self._reader
@@ -978,23 +971,13 @@ def _same_layout(v, p):
     return all(a == b for a, b, n in zip(v.stride(), p.stride(), p.shape) if n != 1)
 
 
-def _within_storage(t):
-    """(data address, bytes it needs) of tensor t, if it lies within its storage, else None."""
-    if t.numel() == 0:
-        return t.data_ptr(), 0
-    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
-    need = (t.storage_offset() + last + 1) * t.element_size()
-    if min(t.stride(), default=0) < 0 or t.untyped_storage().nbytes() < need:
-        return None
-    return t.data_ptr(), need
-
-
 def _adopt(v, p, dtype, name):
     """A tensor assigned to ``state[p][key]`` (`name`), checked: (the tensor the
     step uses, its memory-order array, the value the entry must then hold
-    or None, what to watch or None).  One laid out like p is used in place
-    (its storage is watched: a step refuses it once resized); another's
-    values are copied into a tensor laid out like p, which replaces it."""
+    or None).  One laid out like p is used in place (its NumPy view makes
+    torch refuse to resize its storage, and the view holds the storage if
+    the tensor is re-pointed); another's values are copied into a tensor
+    laid out like p, which replaces it in the entry."""
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(v).__name__}")
     if v.device.type != "cpu":
@@ -1006,14 +989,13 @@ def _adopt(v, p, dtype, name):
     if tuple(v.shape) != tuple(p.shape):
         raise ValueError(f"{name} has shape {tuple(v.shape)} but the parameter has shape "
                          f"{tuple(p.shape)}")
-    alias = v.detach()      # holds v's storage even if v is re-pointed (set_)
-    span = _within_storage(alias)
-    if (span is not None and not (alias.is_neg() or alias.is_conj()) and _is_dense(alias)
-            and _same_layout(alias, p) and span[0] % alias.element_size() == 0):
-        return v, _memory_order_view(alias), None, (alias, span, name)
+    alias = v.detach()
+    if (not (alias.is_neg() or alias.is_conj()) and _is_dense(alias) and _same_layout(alias, p)
+            and alias.data_ptr() % alias.element_size() == 0):
+        return v, _memory_order_view(alias), None
     copy = torch.empty_like(p, dtype=dtype)
     _copy_in(copy, v)
-    return copy, _memory_order_view(copy), copy, None
+    return copy, _memory_order_view(copy), copy
 
 
 def _adopt_step(v, name):
@@ -1026,17 +1008,7 @@ def _adopt_step(v, name):
                         f"number on the CPU, got a {v.dtype} tensor of shape {tuple(v.shape)} "
                         f"on {v.device}")
     _step_value(v, name)
-    alias = v.detach()
-    return v, alias.reshape(1).numpy(), None, (alias, _within_storage(alias),
-                                               f"state['step'] of {name}")
-
-
-def _check_adopted(adopted):
-    """The tensors assigned to the state still hold the memory the step writes."""
-    for alias, span, name in adopted.values():
-        if _within_storage(alias) != span:
-            raise ValueError(f"{name}: its storage was resized or moved since it was "
-                             "assigned; assign the state tensor again")
+    return v, v.detach().reshape(1).numpy(), None
 
 
 def _scalar_arg(x, name):
