@@ -13,10 +13,13 @@
   writes shapes as ``(N, C, *spatial)`` and norms as ``|x|``, which
   reStructuredText would take for emphasis and a substitution, and
   ``Attributes (read only)`` for a section numpydoc does not know.
+* Shows the constructor's arguments for fastopt.torch's optimizers, whose
+  ``__new__(cls, *args, **kwargs)`` autodoc would show instead.
 * Leaves out of the API pages the members of fastopt.torch's classes that
   PyTorch documents: those they inherit from torch (``nn.Module``'s
   methods...), and those they override without changing what they do.
 """
+import inspect
 import os
 import pathlib
 import re
@@ -76,14 +79,20 @@ LITERAL_NAME = re.compile(r"``([A-Za-z_][\w.]*)``")
 SECTION_NOTE = re.compile(r"^(\s*)Attributes \((.+)\)\s*$")
 
 
+def literal_link(match):
+    """``name`` -> a link to it, if the inventories list it (``np.x``: numpy.x)."""
+    name = match[1]
+    full = "numpy." + name[3:] if name.startswith("np.") else name
+    return f":py:obj:`{name} <{full}>`" if full in LINKABLE else match[0]
+
+
 def plain_to_rst(app, what, name, obj, options, lines):
     """Escape the docstring's plain-text notation and link the literal names
     of other projects' objects, before numpydoc reads it."""
     for i, line in enumerate(lines):
         for pattern, repl in ESCAPES:
             line = pattern.sub(lambda m: repl, line)
-        lines[i] = LITERAL_NAME.sub(
-            lambda m: f":py:obj:`{m[1]}`" if m[1] in LINKABLE else m[0], line)
+        lines[i] = LITERAL_NAME.sub(literal_link, line)
     for i, line in enumerate(lines[:-1]):
         m = SECTION_NOTE.match(line)
         if m and set(lines[i + 1].strip()) == {"-"}:
@@ -105,6 +114,18 @@ def torchs_to_document(obj):
     return module == "fastopt.torch" and callable(target) and not target.__doc__
 
 
+def constructor_signature(app, what, name, obj, options, signature, return_annotation):
+    """A class's signature from its ``__init__`` where its ``__new__`` only
+    passes the arguments on (autodoc prefers ``__new__``)."""
+    if what == "class" and signature == "(*args, **kwargs)":
+        sig = inspect.signature(obj)
+        sig = sig.replace(parameters=[p.replace(annotation=p.empty)
+                                      for p in sig.parameters.values()],
+                          return_annotation=sig.empty)
+        return str(sig), None
+    return None
+
+
 def skip_torch_members(app, what, name, obj, skip, options):
     if what == "class" and torchs_to_document(obj):
         return True
@@ -118,6 +139,7 @@ def setup(app):
     app.connect("builder-inited", run_digits_example)
     app.connect("include-read", link_site_pages)
     app.connect("autodoc-skip-member", skip_torch_members)
+    app.connect("autodoc-process-signature", constructor_signature, priority=400)
     # Before numpydoc's handler (priority 500) parses the sections.
     app.connect("autodoc-process-docstring", plain_to_rst, priority=400)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
