@@ -13,7 +13,6 @@ link to (Python, NumPy, PyTorch, mpi4py) are listed in
 """
 import os
 import sys
-import time
 
 import fastopt
 
@@ -22,14 +21,13 @@ import fastopt_inventories  # noqa: E402  (from _ext, just put on the path)
 
 project = "fastopt"
 author = "the fastopt developers"
-copyright = f"{time.strftime('%Y')}, {author}"
+copyright = f"2026, {author}"            # as LICENSE
 version = release = fastopt.__version__
 
 extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
     "sphinx.ext.intersphinx",
-    "sphinx.ext.mathjax",
     "numpydoc",
     "myst_parser",
     "fastopt_docs",            # _ext/fastopt_docs.py: runs the digits example for its page
@@ -50,7 +48,7 @@ default_role = "autolink"
 # ---------------------------------------------------------------- API pages ---
 autosummary_generate = True
 autosummary_imported_members = False
-autodoc_typehints = "none"              # the signature shows them; numpydoc lists the types
+autodoc_typehints = "none"       # the docstrings give the types (numpydoc); no repeating them
 autodoc_member_order = "bysource"
 
 numpydoc_show_class_members = False      # the autosummary templates list them
@@ -86,8 +84,7 @@ nitpick_ignore_regex = [(r"py:.*", r"fastopt\._\w+(\..*)?")]
 nitpick_ignore = [("py:obj", "x"), ("py:obj", "gamma")]
 
 # ---------------------------------------------------------------- Markdown ---
-myst_enable_extensions = ["dollarmath"]
-myst_heading_anchors = 3
+myst_heading_anchors = 3          # "#a-current-run" links to a section, as on GitHub
 
 # ------------------------------------------------------------------ links ---
 # The inventories are written from a table (see fastopt_inventories), not
@@ -109,6 +106,7 @@ intersphinx_mapping = {
 html_theme = "pydata_sphinx_theme"
 html_title = f"fastopt {release}"
 html_static_path = ["_static"]
+html_css_files = ["fastopt.css"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,

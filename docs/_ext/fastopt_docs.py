@@ -68,10 +68,10 @@ def run_digits_example(app):
     (GENERATED / "train_digits.txt").write_text("\n".join(lines) + "\n")
 
 
-# Plain-text notation in the docstrings -> its reStructuredText spelling.  Not
-# inside ``literals`` (the lookbehind/lookahead), where it is already literal.
-ESCAPES = [(re.compile(r"(?<![`\\])\*spatial"), r"\*spatial"),
-           (re.compile(r"(?<![`\\])\|x\|(?!`)"), r"\|x\|")]
+# Plain-text notation in the docstrings' prose -> its reStructuredText spelling.
+ESCAPES = [(re.compile(r"(?<!\\)\*spatial"), r"\*spatial"),
+           (re.compile(r"(?<!\\)\|x\|"), r"\|x\|")]
+INLINE_LITERAL = re.compile(r"(``[^`]+``)")
 # ``torch.optim.Adam`` -> a link, for the names the inventories list.
 LINKABLE = {name for objects in fastopt_inventories.OBJECTS.values()
             for name, role, _ in objects if role.startswith("py:") and "." in name}
@@ -79,20 +79,47 @@ LITERAL_NAME = re.compile(r"``([A-Za-z_][\w.]*)``")
 SECTION_NOTE = re.compile(r"^(\s*)Attributes \((.+)\)\s*$")
 
 
-def literal_link(match):
+def literal_link(literal):
     """``name`` -> a link to it, if the inventories list it (``np.x``: numpy.x)."""
-    name = match[1]
+    m = LITERAL_NAME.fullmatch(literal)
+    if m is None:
+        return literal
+    name = m[1]
     full = "numpy." + name[3:] if name.startswith("np.") else name
-    return f":py:obj:`{name} <{full}>`" if full in LINKABLE else match[0]
+    return f":py:obj:`{name} <{full}>`" if full in LINKABLE else literal
+
+
+def escape(prose):
+    for pattern, repl in ESCAPES:
+        prose = pattern.sub(lambda m: repl, prose)
+    return prose
+
+
+def in_literal_blocks(lines):
+    """Indices of the lines of the ``::`` literal blocks (shown as they are)."""
+    inside, base = set(), None
+    for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        if base is not None:
+            if not line.strip() or indent > base:
+                inside.add(i)
+                continue
+            base = None
+        if line.rstrip().endswith("::"):
+            base = indent
+    return inside
 
 
 def plain_to_rst(app, what, name, obj, options, lines):
     """Escape the docstring's plain-text notation and link the literal names
-    of other projects' objects, before numpydoc reads it."""
+    of other projects' objects, before numpydoc reads it (not in literal
+    blocks, which show text as it is)."""
+    literal_blocks = in_literal_blocks(lines)
     for i, line in enumerate(lines):
-        for pattern, repl in ESCAPES:
-            line = pattern.sub(lambda m: repl, line)
-        lines[i] = LITERAL_NAME.sub(literal_link, line)
+        if i not in literal_blocks:
+            parts = INLINE_LITERAL.split(line)       # prose, ``literal``, prose...
+            lines[i] = "".join(literal_link(p) if k % 2 else escape(p)
+                               for k, p in enumerate(parts))
     for i, line in enumerate(lines[:-1]):
         m = SECTION_NOTE.match(line)
         if m and set(lines[i + 1].strip()) == {"-"}:
