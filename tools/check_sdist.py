@@ -3,15 +3,15 @@
 
     python tools/check_sdist.py dist/fastopt-0.1.0.tar.gz
 
-The files are those git tracks under src/, tests/, benchmarks/, examples/
-and tools/, and the top-level build files.  Exit status 1 names the missing
+The files are those git tracks under src/, tests/, benchmarks/, examples/,
+tools/ and docs/, and the top-level build files.  Exit status 1 names the missing
 ones (a MANIFEST.in pattern that forgot a kind of file).
 """
 import subprocess
 import sys
 import tarfile
 
-TOP = ["src", "tests", "benchmarks", "examples", "tools",
+TOP = ["src", "tests", "benchmarks", "examples", "tools", "docs",
        "setup.py", "pyproject.toml", "README.md", "LICENSE", "MANIFEST.in"]
 
 
