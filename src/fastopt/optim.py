@@ -38,7 +38,7 @@ Differences from PyTorch, because NumPy arrays carry no ``.grad``:
 * Parameters may mix float32 and float64; each array is updated in its own
   precision (scalars in double), all in the same call.
 
-Low precision (see the README's "Low precision" section):
+Low precision (see the user guide's "Low precision" page):
 
 * float16 and bfloat16 (``ml_dtypes.bfloat16``) parameters get a float32
   master copy, ``state[i]["master_param"]``, and float32 state.  A step
@@ -80,7 +80,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import _kinds, _layout
+from . import _kinds, _layout, _state
 from . import _optim as _kernels
 
 if TYPE_CHECKING:
@@ -157,6 +157,13 @@ def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike 
     return flat, views
 
 
+def _entry_array(entry: dict[str, Any], name: str, i: int) -> Any:
+    if name not in entry:
+        raise ValueError(f"state[{i}] has no {name!r} (an empty dict restarts the parameter "
+                         "from zero state)")
+    return entry[name]
+
+
 class Optimizer:
     """Base class: param groups, native state, state dicts.
 
@@ -193,8 +200,77 @@ class Optimizer:
                  seed: int = 0, slots: list[tuple[bool, bool, bool]] | None = None) -> None:
         self.defaults = _check_hypers(self._kind, defaults)
         self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
-        self._fused, self.state, self._steps = self._build(
-            self.param_groups, slots, (state_dtype, state_rounding, seed))
+        self._commit(*self._build(self.param_groups, slots, (state_dtype, state_rounding, seed)))
+
+    def _commit(self, fused: Any, state: _state.StateList,
+                steps: np.ndarray[Any, np.dtype[np.int64]]) -> None:
+        """Make `fused`, over `state` and `steps`, this optimizer's step."""
+        self._fused, self.state, self._steps = fused, state, steps
+        self._bound_state, self._seen_edits = state, state.edits
+
+    def _bound(self) -> Any:
+        """The native step, bound to what `state` holds now (`_sync_state` if
+        it was edited or replaced since)."""
+        state = self.state
+        if state is not self._bound_state or state.edits != self._seen_edits:  # type: ignore[attr-defined]
+            self._sync_state()
+        return self._fused
+
+    def _sync_state(self) -> None:
+        """`state` was edited (or replaced) since the native step was bound
+        to it: bind it to what `state` holds now.  An emptied entry
+        (``opt.state[i] = {}``, ``opt.state[i].clear()``) restarts parameter
+        i from zero state and step 0 in new arrays (the old ones are left as
+        they are); an array assigned to a key is used in place, and must be
+        laid out as the state is (the parameter's shape, the state's dtype,
+        C-contiguous, aligned, writeable).  Everything is checked first: on
+        an error (TypeError/ValueError naming the entry) nothing changes."""
+        current = self._fused
+        state = self.state
+        n = current.n
+        if not isinstance(state, list) or len(state) != n:
+            raise ValueError(f"state must be a list of {n} dicts, one per parameter "
+                             f"(an empty dict restarts a parameter), got {type(state).__name__}")
+        arrays = [list(st) for st in current.states]
+        masters = list(current.masters)
+        resets = []
+        for i, entry in enumerate(state):
+            if not isinstance(entry, dict):
+                raise TypeError(f"state[{i}] must be a dict, got {type(entry).__name__}")
+            if not entry:
+                resets.append(i)
+                continue
+            for k, name in enumerate(self._slot_names):
+                if arrays[i][k] is not None:
+                    arrays[i][k] = _entry_array(entry, name, i)
+            if masters[i] is not None:
+                masters[i] = _entry_array(entry, "master_param", i)
+        if resets:
+            fresh, fresh_masters = _layout.state_arrays(
+                [current.params[i] for i in resets],
+                [tuple(a is not None for a in arrays[i]) for i in resets],
+                _kernels.state_dtype_of(self.state_dtype))
+            for j, i in enumerate(resets):
+                arrays[i], masters[i] = fresh[j], fresh_masters[j]
+        current.hold("step()")
+        try:
+            fused = _kernels.FusedStep(self._kind.native, current.params, self._group_of,
+                                       len(self.param_groups), arrays, masters, self._steps,
+                                       state_dtype=self.state_dtype,
+                                       state_rounding=self.state_rounding, seed=self.seed)
+            # Checked: commit.
+            for i in resets:
+                values = {name: arr for name, arr in zip(self._slot_names, arrays[i])
+                          if arr is not None}
+                if masters[i] is not None:
+                    _kernels._convert(current.params[i], masters[i])
+                    values["master_param"] = masters[i]
+                dict.update(state[i], values)
+                self._steps[i] = 0
+            tracked = state if type(state) is _state.StateList else _state.StateList(state)
+            self._commit(fused, tracked, self._steps)
+        finally:
+            current.release()
 
     def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
         group = {**self.defaults, **group}
@@ -205,7 +281,7 @@ class Optimizer:
     def _build(self, groups: list[dict[str, Any]],
                slots: list[tuple[bool, bool, bool]] | None = None,
                config: tuple[str | None, str, int] | None = None,
-               ) -> tuple[Any, list[dict[str, FloatArray]], np.ndarray[Any, np.dtype[np.int64]]]:
+               ) -> tuple[Any, _state.StateList, np.ndarray[Any, np.dtype[np.int64]]]:
         """Zeroed state (the state arrays each group has are `slots`, by
         default as its options ask; `config` the low-precision options, by
         default this optimizer's), the native step over it and `groups`,
@@ -224,17 +300,19 @@ class Optimizer:
         states, masters = _layout.state_arrays(flat, [slots[g] for g in group_of],
                                                _kernels.state_dtype_of(config[0]))
         steps = np.zeros(len(flat), np.int64)
+        self._group_of = group_of
         fused = _kernels.FusedStep(self._kind.native, flat, group_of, len(groups), states,
                                    masters, steps, state_dtype=config[0],
                                    state_rounding=config[1], seed=config[2])
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         fused.check_groups(groups)
-        state = []
+        state = _state.StateList()
         for p, st, master in zip(flat, states, masters):
-            state.append({name: arr for name, arr in zip(self._slot_names, st) if arr is not None})
+            entry = {name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
             if master is not None:
                 _kernels._convert(p, master)        # exact: float32 holds every 16-bit value
-                state[-1]["master_param"] = master
+                entry["master_param"] = master
+            list.append(state, _state.Entry(state, entry))
         return fused, state, steps
 
     @property
@@ -275,16 +353,22 @@ class Optimizer:
                                  f"param_groups[{where[id(p)]}]")
         groups = self.param_groups + [group]
         # No step may run meanwhile (its update would be lost in the copy).
-        current = self._fused
+        current = self._bound()
+        group_of = self._group_of
         current.hold("add_param_group()")
         try:
-            fused, state, steps = self._build(groups)
+            try:
+                fused, state, steps = self._build(groups)
+            except BaseException:
+                self._group_of = group_of
+                raise
             # Built and checked: carry the existing state over, then commit.
             for old, new in zip(self.state, state):
                 for name, arr in old.items():
                     np.copyto(new[name], arr)
             steps[:len(self._steps)] = self._steps
-            self._fused, self.state, self._steps, self.param_groups = fused, state, steps, groups
+            self._commit(fused, state, steps)
+            self.param_groups = groups
         finally:
             current.release()
 
@@ -303,6 +387,7 @@ class Optimizer:
             As many as this optimizer has parameters, each of the dtype of
             the one it replaces (any size).
         """
+        self._bound()
         params = list(params)
         n = sum(len(g["params"]) for g in self.param_groups)
         if len(params) != n:
@@ -347,10 +432,11 @@ class Optimizer:
         given ``found_inf``.  With `grad_scale` and `unscale_` this is the
         whole interface `fastopt.GradScaler` uses.
         """
+        fused = self._bound()
         if found_inf:
-            self._fused.found_inf = True
+            fused.found_inf = True
             return
-        self._fused.step(grads, self.param_groups, grad_scale)
+        fused.step(grads, self.param_groups, grad_scale)
 
     def unscale_(self, grads: Sequence[FloatArray | None], grad_scale: float) -> bool:
         """Multiply `grads` (as for `step`) by ``1/grad_scale`` in place, in their
@@ -424,6 +510,7 @@ class Optimizer:
         Arrays are copies.  See the module docstring for the keys; the dict
         saves with ``np.savez(path, **opt.state_dict())``.
         """
+        self._bound()
         out: dict[str, Any] = {"optimizer": type(self).__name__}
         index = 0
         for gi, g in enumerate(self.param_groups):
@@ -450,10 +537,10 @@ class Optimizer:
         values are copied), or step counts that are not integers in
         [0, 2**63 - 2] raise ValueError (TypeError if `state_dict` is not a
         mapping) and leave this optimizer as it was."""
+        current = self._bound()
         new_groups, steps, staged, rounding = self.check_state_dict(state_dict)
         # All checked: commit (nothing below can fail), with no step running
         # (refused if one is; a step that starts meanwhile is refused).
-        current = self._fused
         current.hold("load_state_dict()")
         try:
             for i, st in enumerate(self.state):

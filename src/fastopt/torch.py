@@ -26,34 +26,44 @@ This module is the only one in fastopt that imports torch.
 
 How an optimizer step reads the tensors
 ---------------------------------------
-Every parameter must be a float32 or float64 CPU tensor whose elements fill
-one block of memory in some order of dimensions (contiguous, channels_last
-or any other permutation): the update is elementwise, so it runs over that
-block in memory order, and each state tensor is laid out exactly like its
-parameter.  At each step a C loop (`fastopt._tensors.GradReader`) reads
-every ``p.grad`` through DLPack's C exchange API (data address, device,
-dtype, shape and strides in one call per tensor) and checks it against its
-parameter; a gradient with other strides (or a lazily negated view) is
-first copied into the parameter's layout; a gradient or parameter that no
-longer lies within its storage (``untyped_storage().resize_()``) raises.
-Then one `FusedStep` call updates everything with the GIL released, holding
-every gradient it read (another thread may replace ``p.grad`` meanwhile),
-and the parameters' autograd version counters are bumped, so a parameter
-modified between a forward and its backward raises in backward, as with
-``torch.optim``.
+Every parameter must be a float32, float64, float16 or bfloat16 CPU tensor
+whose elements fill one block of memory in some order of dimensions
+(contiguous, channels_last or any other permutation): the update is
+elementwise, so it runs over that block in memory order, and each state
+tensor is laid out exactly like its parameter.  At each step a C loop
+(`fastopt._tensors.GradReader`) reads every ``p.grad`` through DLPack's C
+exchange API (data address, device, dtype, shape and strides in one call per
+tensor) and checks it against its parameter; a gradient with other strides
+(or a lazily negated view) is first copied into the parameter's layout; a
+gradient or parameter that no longer lies within its storage
+(``untyped_storage().resize_()``) raises.  Then one `FusedStep` call updates
+everything with the GIL released, holding every gradient it read (another
+thread may replace ``p.grad`` meanwhile), and the parameters' autograd
+version counters are bumped, so a parameter modified between a forward and
+its backward raises in backward, as with ``torch.optim``.
 
-State lives in fastopt's buffers and is exposed in torch's format:
-``opt.state[p]`` holds torch tensors that share memory with them
-(``"step"`` a 0-d float tensor, ``"exp_avg"``... with the parameter's shape
-and strides), created at a parameter's first update as torch does.
-``load_state_dict`` copies a torch checkpoint into the buffers (so a
-``torch.optim.Adam`` checkpoint loads into `Adam` and the other way), and
-``state_dict()`` returns references to the live tensors, as torch does
-(deep-copy it to keep a snapshot).  Write state through
-``load_state_dict`` or in place (``opt.state[p]["exp_avg"].zero_()``):
-assigning a new tensor to ``opt.state[p][...]`` does not reach fastopt's
-buffers.  State memory for every parameter is allocated at construction
-(torch allocates it at a parameter's first step).
+State
+-----
+The optimizer owns its state in torch's form: ``opt.state[p]`` holds torch
+tensors (``"step"`` a 0-d float tensor, ``"exp_avg"``... with the
+parameter's shape and strides), created at a parameter's first update as
+torch does (their memory is allocated at construction, one buffer per kind
+of state for all parameters), and the native step is bound to the memory of
+those tensors.  ``opt.state`` is what the next step uses: it counts its
+edits, and a step that sees a count it has not seen binds the native step
+again to what the state holds (`_Fused._sync_state`): a cleared or removed
+entry restarts from zero state and step 0 in new tensors, an assigned
+tensor is used in place (or, laid out unlike its parameter, copied into one
+laid out like it, which replaces it).  ``state_dict()`` returns references
+to the live tensors, as torch does (deep-copy it to keep a snapshot), in
+plain dicts; ``load_state_dict`` copies a checkpoint into fresh state (so a
+``torch.optim.Adam`` checkpoint loads into `Adam` and the other way).
+
+A float16/bfloat16 parameter is updated through a float32 master,
+``state["master_param"]``, which the step updates and rounds into the
+parameter; a parameter changed in place between steps (its version counter
+moved) gives its values to its master first.  ``state_dtype="bfloat16"``
+keeps the state in bfloat16, as in the NumPy API.
 
 Param groups may be edited between steps as with torch: hyperparameters,
 ``add_param_group``, turning on an option that needs a state tensor
@@ -66,15 +76,17 @@ a child forked during a step starts with its optimizers idle.  ``foreach``
 and ``fused`` are accepted and kept in the groups for compatibility; the
 step is always the fused one.  ``capturable=True`` raises at the step, as
 torch.optim does for CPU tensors.  ``differentiable=True`` is not supported.
+torch's ``GradScaler`` hands the step its scale and inf flag (the fused
+contract, ``_step_supports_amp_scaling``).
 
 Bad input raises TypeError/ValueError naming the parameter
 (``param_groups[0]['params'][3]``) and changes nothing: a parameter or
-gradient that is not a CPU tensor, sparse, complex, of another dtype than
-float32/float64, not dense, overlapping another parameter in memory
-(a parameter listed twice raises too, where torch.optim warns).  Do
-not let another thread resize the storage of, or re-point (``set_``,
-``.data =``), a gradient while ``step()`` runs: the step holds the
-gradient tensors, not their memory.
+gradient that is not a CPU tensor, sparse, complex, of an integer dtype,
+not dense, overlapping another parameter in memory (a parameter listed
+twice raises too, where torch.optim warns).  Do not let another thread
+resize the storage of, or re-point (``set_``, ``.data =``), a gradient
+while ``step()`` runs: the step holds the gradient tensors, not their
+memory.
 """
 import collections
 import inspect
@@ -88,7 +100,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from . import _kinds, _layout, _tensors
+from . import _kinds, _layout, _state, _tensors
 from . import _batchnorm as _bn_kernels
 from . import _optim as _optim_kernels
 from . import _softmax as _softmax_kernels
@@ -145,118 +157,6 @@ def _is_dense(p):
             return False
         expected *= sz
     return True
-
-
-class _StateMap(collections.defaultdict):
-    """``opt.state``: torch's ``defaultdict(dict)`` of per-parameter entries
-    (`_Entry`), counting every edit to it and to its entries in `edits`, so
-    that a step sees in O(1) whether its user changed the state.  Pickles
-    and copies as a plain ``defaultdict(dict)`` of dicts."""
-
-    def __init__(self, items=()):
-        super().__init__(self._new_entry)
-        self.edits = 0
-        for key, value in items:
-            super().__setitem__(key, self._entry(value))
-
-    def _new_entry(self):
-        return _Entry(self)
-
-    def _entry(self, value):
-        if type(value) is _Entry and value._owner is self:
-            return value
-        if isinstance(value, dict):
-            entry = _Entry(self)
-            dict.update(entry, value)
-            return entry
-        return value            # not a dict: the next step refuses it
-
-    def __setitem__(self, key, value):
-        self.edits += 1
-        super().__setitem__(key, self._entry(value))
-
-    def __delitem__(self, key):
-        self.edits += 1
-        super().__delitem__(key)
-
-    def clear(self):
-        self.edits += 1
-        super().clear()
-
-    def pop(self, *args):
-        self.edits += 1
-        return super().pop(*args)
-
-    def popitem(self):
-        self.edits += 1
-        return super().popitem()
-
-    def setdefault(self, key, default=None):
-        self.edits += 1
-        return super().setdefault(key, self._entry(default))
-
-    def update(self, *args, **kwargs):
-        for key, value in dict(*args, **kwargs).items():
-            self[key] = value
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-    def copy(self):
-        return collections.defaultdict(dict, self)
-
-    def __reduce__(self):
-        return (collections.defaultdict, (dict,), None, None,
-                iter([(k, dict(v) if isinstance(v, dict) else v) for k, v in self.items()]))
-
-
-class _Entry(dict):
-    """One parameter's state in `_StateMap`: a dict that counts its edits in its map's."""
-
-    __slots__ = ("_owner",)
-
-    def __init__(self, owner):
-        super().__init__()
-        self._owner = owner
-
-    def __setitem__(self, key, value):
-        self._owner.edits += 1
-        super().__setitem__(key, value)
-
-    def __delitem__(self, key):
-        self._owner.edits += 1
-        super().__delitem__(key)
-
-    def clear(self):
-        self._owner.edits += 1
-        super().clear()
-
-    def pop(self, *args):
-        self._owner.edits += 1
-        return super().pop(*args)
-
-    def popitem(self):
-        self._owner.edits += 1
-        return super().popitem()
-
-    def setdefault(self, key, default=None):
-        self._owner.edits += 1
-        return super().setdefault(key, default)
-
-    def update(self, *args, **kwargs):
-        self._owner.edits += 1
-        super().update(*args, **kwargs)
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-    def copy(self):
-        return dict(self)
-
-    def __reduce__(self):
-        return (dict, (dict(self),))
 
 
 class _Fused:
@@ -382,7 +282,7 @@ class _Fused:
         fused.check_groups(groups)
         # Stage: the carried values into the fresh arrays (nothing visible yet).
         bound = [None] * n
-        new_state = _StateMap()
+        new_state = _state.StateMap()
         for i, p in enumerate(params):
             entry = self._tensors_of(i, p, arrays[i], masters[i],
                                      steps[i] if steps is not None else None)
@@ -406,7 +306,7 @@ class _Fused:
             if not self._counts_steps and counts[i] == 0:
                 shown.pop("momentum_buffer", None)
             shown.update(values)            # keys fastopt does not use, kept as they are
-            dict.__setitem__(new_state, p, new_state._entry(shown))
+            dict.__setitem__(new_state, p, _state.Entry(new_state, shown))
         reader.mark_seen(list(carried))
         # Commit.
         self._fused = fused
@@ -526,8 +426,8 @@ class _Fused:
                 self._bound[i] = bound
             self._fused = fused
             self._arrays, self._masters, self._step_arrays = arrays, masters, step_arrays
-        if type(state) is not _StateMap:
-            self.state = _StateMap(state.items())
+        if type(state) is not _state.StateMap:
+            self.state = _state.StateMap(state.items())
         self._edits_seen = self.state.edits
 
     def _plan(self, i, p, entry):
@@ -687,7 +587,7 @@ class _Fused:
                 or not self._reader.same_params(groups)):
             self._rebuild()
         state = self.state
-        if type(state) is not _StateMap or state.edits != self._edits_seen:
+        if type(state) is not _state.StateMap or state.edits != self._edits_seen:
             self._sync_state()
         scale = _scalar_arg(grad_scale, "grad_scale")
         skip = found_inf is not None and _scalar_arg(found_inf, "found_inf") != 0
