@@ -1001,3 +1001,36 @@ def test_demo_trains_with_bfloat16_state(capsys):
              and "%" in line and "epoch" not in line]
     assert len(final) == 2 and all(float(f[2].rstrip("%")) > 90 for f in final), out
     assert demo.main(["--epochs", "1", "--state-dtype", "bfloat16", "--dtype", "float64"]) == 2
+
+
+def test_sr_keys_make_the_bits_independent_of_how_a_parameter_is_cut(rng):
+    # One parameter, or its two halves as parameters keyed by their place in
+    # it: stochastic rounding draws the same bits for every element.
+    from fastopt import _layout, _optim
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    p = rng.standard_normal(1000).astype(np.float32)
+    halves = [p[:379].copy(), p[379:].copy()]
+
+    def native(params, keys):
+        states, masters = _layout.state_arrays(params, [(True, True, False)] * len(params),
+                                               np.dtype(bf16))
+        steps = np.zeros(len(params), np.int64)
+        f = _optim.FusedStep("adam", params, [0] * len(params), 1, states, masters, steps,
+                             state_dtype="bfloat16", state_rounding="stochastic", seed=5,
+                             sr_keys=keys)
+        return f, states
+
+    group = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+              "amsgrad": False, "maximize": False, "decoupled_weight_decay": False}]
+    whole, ws = native([p], None)
+    cut, cs = native(halves, [(0, 0), (0, 379)])
+    for t in range(3):
+        g = rng.standard_normal(1000).astype(np.float32)
+        whole.step([g], [dict(group[0], params=[p])])
+        cut.step([g[:379].copy(), g[379:].copy()], [dict(group[0], params=halves)])
+    np.testing.assert_array_equal(np.concatenate(halves), p)
+    for k in range(2):
+        np.testing.assert_array_equal(np.concatenate([cs[0][k], cs[1][k]]).view(np.uint16),
+                                      ws[0][k].view(np.uint16))
+    with pytest.raises(ValueError, match=r"sr_keys\[0\] must be a pair"):
+        native([p], [(0, -1)])

@@ -803,6 +803,8 @@ ctypedef struct Rec:            # one parameter, as its front bound it
     int typenum                 # of the parameter, as bound
     int group
     Py_ssize_t size
+    uint32_t key_index          # stochastic rounding: the parameter's index and the
+    uint32_t key_offset         # position of its first element (see `step`)
 
 
 cdef class FusedStep:
@@ -856,6 +858,12 @@ cdef class FusedStep:
         How bfloat16 state is rounded: to nearest even, or stochastically
         with the counter-based generator seeded by `seed` (see `step`).
     seed : int in [0, 2**32)
+    sr_keys : list of (int, int), optional
+        Per parameter, the (index j, first element position o) its
+        stochastic rounding draws with (see `step`); default (i, 0).  A
+        front that updates slices of a larger model (`fastopt.distributed`'s
+        shards) passes each slice's place in the model, so that the random
+        bits of an element do not depend on how the model was cut.
 
     Every array and every overlap between two of them is checked before
     anything is kept: a bad one raises TypeError/ValueError naming it.
@@ -908,7 +916,7 @@ cdef class FusedStep:
 
     def __init__(self, str kind, list params, list group_of, Py_ssize_t ngroups, list states,
                  list masters, steps, *, list names=None, state_dtype=None,
-                 state_rounding="nearest", seed=0):
+                 state_rounding="nearest", seed=0, list sr_keys=None):
         if self.rec != NULL:
             raise RuntimeError("FusedStep is already initialized")
         if kind not in KINDS:
@@ -920,6 +928,8 @@ cdef class FusedStep:
                 raise ValueError(f"{what} must have one entry per parameter")
         if names is not None and len(names) != n:
             raise ValueError("names must have one entry per parameter")
+        if sr_keys is not None and len(sr_keys) != n:
+            raise ValueError("sr_keys must have one entry per parameter")
         self.names = None if names is None else [str(x) for x in names]
         for i in range(n):
             g = group_of[i]
@@ -971,6 +981,7 @@ cdef class FusedStep:
             r.typenum = cnp.PyArray_TYPE(p)
             r.size = cnp.PyArray_SIZE(p)
             r.okind = store_of(r.code)
+            r.key_index, r.key_offset = sr_key(sr_keys[i] if sr_keys is not None else (i, 0), i)
             if r.code != DT_F64:
                 self.group_single[r.group] = True
             # The array the kernels update: the parameter, or its master.
@@ -1227,8 +1238,8 @@ cdef class FusedStep:
 
         Stochastic rounding of bfloat16 state: element i of parameter j at
         its step count t (after this update) draws the 32 random bits
-        ``r = hash32(key + i)``, ``key = hash32(hash32(hash32(seed) ^ j) ^ t)``
-        (all mod 2**32); the first state array of `SLOT_NAMES` rounds with the
+        ``r = hash32(key + o + i)``, ``key = hash32(hash32(hash32(seed) ^ j) ^ t)``
+        (all mod 2**32; (j, o) from `sr_keys`, by default (its index, 0)); the first state array of `SLOT_NAMES` rounds with the
         high 16 bits of r, the second with its low 16 bits, the third with
         the high 16 bits of hash32(r).
         """
@@ -1524,8 +1535,9 @@ cdef class FusedStep:
                 prev_g = g
                 prev_st = st
             self.segs[k].coef = &self.coefs[nc - 1]
-            self.segs[k].key = fastopt_hash32(fastopt_hash32(self.seed_hash ^ <uint32_t>i)
-                                              ^ <uint32_t>st)
+            self.segs[k].key = fastopt_hash32(fastopt_hash32(self.seed_hash
+                                                             ^ self.rec[i].key_index)
+                                              ^ <uint32_t>st) + self.rec[i].key_offset
             self.count[k] = st
         core.optim.run_segments(self.segs, nact, total)
 
@@ -1570,6 +1582,15 @@ cdef int check_rounding(object state_rounding, object seed) except -1:
     if not 0 <= seed.__index__() < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed!r}")
     return 0
+
+
+cdef tuple sr_key(object key, Py_ssize_t i):
+    """An entry of FusedStep's sr_keys: two integers in [0, 2**32)."""
+    if not isinstance(key, tuple) or len(key) != 2 or not all(
+            hasattr(v, "__index__") and not isinstance(v, bool) and 0 <= v.__index__() < 2**32
+            for v in key):
+        raise ValueError(f"sr_keys[{i}] must be a pair of integers in [0, 2**32), got {key!r}")
+    return key[0].__index__(), key[1].__index__()
 
 
 cdef list step_arrays(object steps, Py_ssize_t n):

@@ -51,7 +51,7 @@ torch does (their memory is allocated at construction, one buffer per kind
 of state for all parameters), and the native step is bound to the memory of
 those tensors.  ``opt.state`` is what the next step uses: it counts its
 edits, and a step that sees a count it has not seen binds the native step
-again to what the state holds (`_Fused._sync_state`): a cleared or removed
+again to what the state holds: a cleared or removed
 entry restarts from zero state and step 0 in new tensors, an assigned
 tensor is used in place (or, laid out unlike its parameter, copied into one
 laid out like it, which replaces it).  ``state_dict()`` returns references
