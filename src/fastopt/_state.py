@@ -59,7 +59,7 @@ class Entry(dict):  # type: ignore[type-arg]
         self._edit()
         super().update(*args, **kwargs)
 
-    def __ior__(self, other: Any) -> Entry:
+    def __ior__(self, other: Any) -> Entry:  # type: ignore[misc]
         self.update(other)
         return self
 
@@ -121,11 +121,11 @@ class StateMap(collections.defaultdict):  # type: ignore[type-arg]
         for key, value in dict(*args, **kwargs).items():
             self[key] = value
 
-    def __ior__(self, other: Any) -> StateMap:
+    def __ior__(self, other: Any) -> StateMap:  # type: ignore[misc]
         self.update(other)
         return self
 
-    def copy(self) -> collections.defaultdict[Any, Any]:
+    def copy(self) -> collections.defaultdict[Any, Any]:  # type: ignore[override]
         return collections.defaultdict(dict, self)
 
     def __reduce__(self) -> Any:
@@ -153,24 +153,46 @@ class StateList(list):  # type: ignore[type-arg]
         self.edits += 1
         super().__delitem__(index)
 
-    def _edit(name: str) -> Any:  # type: ignore[misc]
-        def method(self: StateList, *args: Any, **kwargs: Any) -> Any:
-            self.edits += 1
-            return getattr(list, name)(self, *args, **kwargs)
-        method.__name__ = name
-        return method
+    def append(self, value: Any) -> None:
+        self.edits += 1
+        super().append(_entry(self, value))
 
-    append = _edit("append")
-    extend = _edit("extend")
-    insert = _edit("insert")
-    pop = _edit("pop")
-    remove = _edit("remove")
-    clear = _edit("clear")
-    sort = _edit("sort")
-    reverse = _edit("reverse")
-    __iadd__ = _edit("__iadd__")
-    __imul__ = _edit("__imul__")
-    del _edit
+    def extend(self, values: Any) -> None:
+        self.edits += 1
+        super().extend(_entry(self, v) for v in values)
+
+    def insert(self, index: Any, value: Any) -> None:
+        self.edits += 1
+        super().insert(index, _entry(self, value))
+
+    def pop(self, *args: Any) -> Any:
+        self.edits += 1
+        return super().pop(*args)
+
+    def remove(self, value: Any) -> None:
+        self.edits += 1
+        super().remove(value)
+
+    def clear(self) -> None:
+        self.edits += 1
+        super().clear()
+
+    def sort(self, *args: Any, **kwargs: Any) -> None:
+        self.edits += 1
+        super().sort(*args, **kwargs)
+
+    def reverse(self) -> None:
+        self.edits += 1
+        super().reverse()
+
+    def __iadd__(self, values: Any) -> StateList:  # type: ignore[misc]
+        self.extend(values)
+        return self
+
+    def __imul__(self, n: Any) -> StateList:  # type: ignore[misc]
+        self.edits += 1
+        super().__imul__(n)
+        return self
 
     def copy(self) -> list[Any]:
         return list(self)

@@ -194,6 +194,11 @@ class Optimizer:
     defaults: dict[str, Any]
     param_groups: list[dict[str, Any]]
     state: list[dict[str, FloatArray]]
+    _fused: _kernels.FusedStep
+    _steps: np.ndarray[Any, np.dtype[np.int64]]
+    _group_of: list[int]
+    _bound_state: _state.StateList
+    _seen_edits: int
 
     def __init__(self, params: Params, defaults: dict[str, Any], *,
                  state_dtype: str | None = None, state_rounding: str = "stochastic",
@@ -202,17 +207,17 @@ class Optimizer:
         self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
         self._commit(*self._build(self.param_groups, slots, (state_dtype, state_rounding, seed)))
 
-    def _commit(self, fused: Any, state: _state.StateList,
+    def _commit(self, fused: _kernels.FusedStep, state: _state.StateList,
                 steps: np.ndarray[Any, np.dtype[np.int64]]) -> None:
         """Make `fused`, over `state` and `steps`, this optimizer's step."""
         self._fused, self.state, self._steps = fused, state, steps
         self._bound_state, self._seen_edits = state, state.edits
 
-    def _bound(self) -> Any:
+    def _bound(self) -> _kernels.FusedStep:
         """The native step, bound to what `state` holds now (`_sync_state` if
         it was edited or replaced since)."""
         state = self.state
-        if state is not self._bound_state or state.edits != self._seen_edits:  # type: ignore[attr-defined]
+        if state is not self._bound_state or self._bound_state.edits != self._seen_edits:
             self._sync_state()
         return self._fused
 
@@ -262,9 +267,10 @@ class Optimizer:
             for i in resets:
                 values = {name: arr for name, arr in zip(self._slot_names, arrays[i])
                           if arr is not None}
-                if masters[i] is not None:
-                    _kernels._convert(current.params[i], masters[i])
-                    values["master_param"] = masters[i]
+                master = masters[i]
+                if master is not None:
+                    _kernels._convert(current.params[i], master)
+                    values["master_param"] = master
                 dict.update(state[i], values)
                 self._steps[i] = 0
             tracked = state if type(state) is _state.StateList else _state.StateList(state)
@@ -281,7 +287,8 @@ class Optimizer:
     def _build(self, groups: list[dict[str, Any]],
                slots: list[tuple[bool, bool, bool]] | None = None,
                config: tuple[str | None, str, int] | None = None,
-               ) -> tuple[Any, _state.StateList, np.ndarray[Any, np.dtype[np.int64]]]:
+               ) -> tuple[_kernels.FusedStep, _state.StateList,
+                          np.ndarray[Any, np.dtype[np.int64]]]:
         """Zeroed state (the state arrays each group has are `slots`, by
         default as its options ask; `config` the low-precision options, by
         default this optimizer's), the native step over it and `groups`,
@@ -445,7 +452,7 @@ class Optimizer:
         given must be C-contiguous, aligned, writeable and disjoint from the
         others and from the optimizer's arrays.  `fastopt.GradScaler.unscale_`
         calls it; pass what it returns to ``step(..., found_inf=)``."""
-        return bool(self._fused.unscale_(grads, grad_scale))
+        return bool(self._bound().unscale_(grads, grad_scale))
 
     @property
     def found_inf(self) -> bool:
