@@ -45,9 +45,44 @@ deterministic.  A bandwidth-optimal Allreduce is itself a reduce-scatter
 plus an allgather, so this costs no extra bytes: each rank sends and
 receives about 2 (P-1)/P times the gradient bytes per step, in both modes.
 
+Low precision (float16/bfloat16 parameters, ``state_dtype="bfloat16"``)
+works in both modes, with the bits of one process stepping with the mean
+gradient, on every rank and for any P:
+
+* The gradient of a 16-bit parameter has its dtype or float32 (the ranks
+  must agree on which; a float32 one makes the gradients of its dtype
+  cross the wire in float32).  MPI would sum 16-bit values in 16 bits (and
+  knows no bfloat16), so step 2 is an ``Alltoallv`` instead: rank r
+  receives every rank's part of its slice as it was given (16 bits on the
+  wire: the bytes a reduce-scatter sends) and sums them in float32, in
+  rank order, then divides by P.  The mean gradient is float32
+  ``(g_0 + g_1 + ... + g_{P-1}) / P``: P changes it only by the float32
+  rounding of a longer sum, and every rank gets the owner's bits.
+* Replicated: the ``Allgather`` of step 3 sends that float32 mean (twice
+  the bytes of 16-bit gradients), and every rank steps its whole copy of
+  the float32 masters (``state[i]["master_param"]``) and of the state.
+* Shard: the masters are sharded with the state (each rank's optimizer
+  holds those of its slice, the update writes its slice of the 16-bit
+  parameters), and the ``Allgather`` sends the 16-bit parameters.
+* Stochastic rounding of bfloat16 state draws each element's random bits
+  from (seed, parameter, step count, position in the parameter), and each
+  rank's optimizer is told where its slices lie in the model (the private
+  ``_sr_keys`` of `fastopt.optim.Optimizer.with_params`): the bits, so the
+  results, do not depend on how the model is cut.  Rounding to nearest
+  needs no bits.
+
+State bytes per element, held by each rank (Adam: two state arrays; divide
+by P for ``shard=True``): float32 parameters, 8 (float32 state) or 4
+(bfloat16 state); float16/bfloat16 parameters, 8 + 4 or 4 + 4 (the state
+and the master).  In shard mode the wrapped optimizer also keeps, on every
+rank, the whole float32 masters it wrote when it was built (4 bytes per
+element); the state arrays of a fresh one are never written (zero pages:
+address space, not memory).
+
 `clip_grad_norm_` clips the mean gradient by its global norm between
 `reduce` and `step`; `state_dict`/`load_state_dict` use the single-process
-format, so a checkpoint moves between any numbers of ranks.
+format (masters, bfloat16 state, its rounding and seed included), so a
+checkpoint moves between any numbers of ranks.
 
 Every collective call (construction, `reduce`, `step`, `clip_grad_norm_`,
 `state_dict`, `load_state_dict`, and `DistributedSampler`'s construction)
@@ -415,14 +450,18 @@ class DistributedOptimizer:
     optimizer : fastopt.optim.Optimizer
         Built the same way on every rank, with parameters holding the same
         values (all checked here: class, parameter shapes, dtypes and
-        values, param groups, hyperparameters; broadcast the values first,
-        ``comm.Bcast(p, root=0)``, if ranks initialized them differently).
-        Its ``param_groups`` stay the place
-        to change hyperparameters between steps (LR schedulers may be given
-        either it or this wrapper).  With ``shard=True`` its own state
-        arrays are never used (they are zero pages NumPy allocated and
-        never touched, so they take address space, not memory): step,
-        checkpoint and inspect through this wrapper.
+        values, param groups, hyperparameters, state and low-precision
+        options; broadcast the values first, ``comm.Bcast(p, root=0)``, if
+        ranks initialized them differently).  Its ``param_groups`` stay the
+        place to change hyperparameters between steps (LR schedulers may be
+        given either it or this wrapper).  Training goes on from its state
+        (step counts and float32 masters included).  With ``shard=True``
+        each rank copies its slice of that state at construction, and the
+        optimizer's own state arrays are not used afterwards (a fresh
+        optimizer's are zero pages NumPy allocated and never wrote, so they
+        take address space, not memory; the masters of 16-bit parameters
+        were written when it was built): step, checkpoint and inspect
+        through this wrapper.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that train together; ``MPI.COMM_WORLD`` by default.
     shard : bool
@@ -442,7 +481,9 @@ class DistributedOptimizer:
     rank, size : int
     timings : dict
         Seconds spent in each phase of the last step: ``check``, ``pack``,
-        ``reduce_scatter``, ``scale``, ``allgather``, ``update``, ``unpack``.
+        ``reduce_scatter`` (the ``Alltoallv`` for 16-bit parameters),
+        ``scale`` (the division by P, after the float32 sum for 16-bit
+        parameters), ``allgather``, ``update``, ``unpack``.
 
     Notes
     -----

@@ -227,6 +227,34 @@ def test_sixteen_bit_parameters_in_one_buffer_are_sent_in_place():
         assert_none(differences(params, loose, f"shard={shard}: params"))
 
 
+def test_clip_grad_norm_of_the_float32_mean_gradient():
+    """Clipping between reduce and step: the norm of the float32 mean gradient,
+    the same on every rank and in both modes, as one process computes it."""
+    prec = (BF16, "bfloat16", "stochastic")
+    ref_p, rep_p, sh_p = (make_params(dtypes=(BF16,)) for _ in range(3))
+    ref = build(fastopt.Adam, {"lr": 1e-2}, prec, ref_p)
+    dopts = [DistributedOptimizer(build(fastopt.Adam, {"lr": 1e-2}, prec, p), shard=shard)
+             for p, shard in ((rep_p, False), (sh_p, True))]
+    ref_norms, norms = [], [[], []]
+    for t in range(6):
+        g = mean32(ref_p, t, P, BF16)
+        ref_norms.append(fastopt.clip_grad_norm_(g, 1.0))
+        ref.step(g)
+        for k, (dopt, p) in enumerate(zip(dopts, (rep_p, sh_p))):
+            dopt.reduce(spread_grads(p, t, RANK, BF16))
+            norms[k].append(dopt.clip_grad_norm_(1.0))
+            dopt.step()
+    everywhere = len(set(WORLD.allgather(tuple(norms[1])))) == 1
+    problems = differences(rep_p, sh_p, "replicated against shard")
+    assert_none(problems)
+    assert everywhere and norms[0] == norms[1]
+    np.testing.assert_allclose(norms[1], ref_norms, rtol=1e-6)
+    assert min(ref_norms) > 1.0                      # it did clip
+    masters = [s["master_param"] for s in dopts[0].optimizer.state]
+    for a, b in zip(masters, [s["master_param"] for s in ref.state]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------- checkpoints ---
 
 @pytest.mark.parametrize("prec", [PRECISIONS[5], PRECISIONS[0], PRECISIONS[2]])
