@@ -939,7 +939,7 @@ class DistributedOptimizer:
                     mine[f"state.{i}.{name}"] = piece.reshape(local.state[i][name].shape)
         local.load_state_dict(mine)     # writes 16-bit parameters from their masters
         if self.shard:
-            self.optimizer._bound().set_rounding(*rounding)
+            self.optimizer._fused.set_rounding(*rounding)     # checked; cannot fail
             # Each rank wrote its slice of the 16-bit parameters: share them.
             self._allgather_params([f for f in self._flats if f.half])
 
