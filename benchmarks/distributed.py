@@ -3,6 +3,7 @@
 
     python benchmarks/distributed.py                  # launches mpiexec -n 1, then -n 2
     python benchmarks/distributed.py --ranks 1,2,4 --steps 30 --dtype float64
+    python benchmarks/distributed.py --state-dtype bfloat16   # Adam's state in bfloat16
     sudo tools/mpi_netns.sh --bench                   # over TCP, across two network namespaces
 
 For each number of ranks and each mode (replicated, shard) and gradient
@@ -15,7 +16,8 @@ collectives on the same bytes: ``Reduce_scatter`` + ``Allgatherv`` with the
 same counts (what fastopt calls) and one ``Allreduce``, each timed once
 after every fastopt step (so that both are measured under the same load).  The one-rank run
 also times the plain optimizer (no MPI) on 1 and on all threads.  Ends with
-an estimate, on paper, of what 8 and 64 ranks send and hold per step.
+an estimate, on paper, of what 8 and 64 ranks send and hold per step (the
+state with float32 and with bfloat16 state, for float32 parameters).
 
 ``--mpiexec`` gives another launcher command (tools/mpi_netns.sh passes one
 that starts the ranks on two hosts, network namespaces joined by a veth
@@ -58,7 +60,7 @@ def _rss():
         return 0, 0
 
 
-def worker(out, steps, dtype):
+def worker(out, steps, dtype, state_dtype=None):
     from mpi4py import MPI
 
     import fastopt
@@ -75,6 +77,7 @@ def worker(out, steps, dtype):
     grads_arrays = [grad_rng.standard_normal(s).astype(dtype) for s in shapes]
     n = sum(a.size for a in init)
     result = {"ranks": P, "elements": n, "itemsize": dtype.itemsize, "dtype": dtype.name,
+              "state_dtype": state_dtype,
               "arrays": len(shapes), "rows": [], "mpi": MPI.Get_library_version().splitlines()[0],
               "hosts": comm.allgather(MPI.Get_processor_name())}
 
@@ -89,7 +92,7 @@ def worker(out, steps, dtype):
 
     if P == 1:      # the single-process step, on all threads and on one
         params = [a.copy() for a in init]
-        opt = fastopt.Adam(params)
+        opt = fastopt.Adam(params, state_dtype=state_dtype)
         for threads in (None, 1):
             fastopt.set_num_threads(threads)
             opt.step(grads_arrays)
@@ -125,7 +128,7 @@ def worker(out, steps, dtype):
                     g[...] = a
             else:
                 params, grads = [a.copy() for a in init], grads_arrays
-            opt = fastopt.Adam(params)
+            opt = fastopt.Adam(params, state_dtype=state_dtype)
             # What the wrapper makes resident: the state it touches (shard:
             # its slice's; the wrapped optimizer's zeroed arrays stay
             # untouched) and its communication buffers.
@@ -181,8 +184,10 @@ def report(results, link_gbs, latency_us):
     first = results[0]
     n, item = first["elements"], first["itemsize"]
     G = n * item
+    bf16 = first.get("state_dtype") == "bfloat16"
+    state = f"bfloat16 state {_mb(2 * n * 2)}" if bf16 else f"state {_mb(2 * G)}"
     lines = [f"fastopt.distributed: ResNet-18's {first['arrays']} parameter arrays, {n:,} "
-             f"{first['dtype']} elements ({_mb(G)} of gradients), Adam (state {_mb(2 * G)})",
+             f"{first['dtype']} elements ({_mb(G)} of gradients), Adam ({state})",
              f"MPI: {first['mpi']}; {os.cpu_count()} CPUs; medians, the slowest rank's"]
     hosts = max(results, key=lambda r: r["ranks"]).get("hosts", [])
     if len(set(hosts)) > 1:
@@ -243,18 +248,25 @@ def report(results, link_gbs, latency_us):
 
 def estimate(n, item, link_gbs, latency_us, ranks=(8, 64)):
     """What P ranks send and hold per step, on paper (ring/recursive-halving
-    collectives: (P-1)/P of the bytes each way per collective)."""
+    collectives: (P-1)/P of the bytes each way per collective); the state
+    per rank with float32 state and, for float32 parameters, bfloat16 state."""
     G = n * item
+    states = [("float32" if item == 4 else "float64", item)] + ([("bfloat16", 2)] if item == 4
+                                                                  else [])
     out = [f"On paper, per step and per rank, {n:,} elements x {item} bytes, Adam "
            f"(2 state arrays), a {link_gbs:g} GB/s link per rank, {latency_us:g} us per message:",
            f"{'ranks':>5} {'sent (=received)':>17} {'link time':>10} {'messages':>8} "
-           f"{'state repl.':>11} {'state shard':>11} {'comm buffers':>13}"]
+           f"{'state':>9} {'state repl.':>11} {'state shard':>11} {'comm buffers':>13}"]
     for P in ranks:
         sent = 2 * (P - 1) / P * G
         msgs = 2 * (P - 1)              # ring: P-1 steps per collective
         t = sent / (link_gbs * 1e9) + msgs * latency_us * 1e-6
-        out.append(f"{P:>5} {_mb(sent):>17} {_t(t):>10} {msgs:>8} {_mb(2 * G):>11} "
-                   f"{_mb(2 * G / P):>11} {_mb(G / P) + ' + ' + _mb(G) + '*':>13}")
+        for k, (name, sitem) in enumerate(states):
+            S = 2 * n * sitem
+            comm = (f"{P:>5} {_mb(sent):>17} {_t(t):>10} {msgs:>8}" if k == 0
+                    else " " * 43)      # the same messages whatever the state
+            buffers = _mb(G / P) + " + " + _mb(G) + "*" if k == 0 else ""
+            out.append(f"{comm} {name:>9} {_mb(S):>11} {_mb(S / P):>11} {buffers:>13}".rstrip())
     out.append("  * the slice of the mean gradient, and one whole-model buffer (packing, "
                "and the replicated allgather; none in shard mode with flat_views)")
     return "\n".join(out)
@@ -265,6 +277,8 @@ def main(argv=None):
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts (default 1,2)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="Adam's state (bfloat16: needs ml_dtypes and --dtype float32)")
     p.add_argument("--link-gbs", type=float, default=12.5,
                    help="per-rank link bandwidth for the estimate, GB/s (12.5: 100 Gb/s)")
     p.add_argument("--latency-us", type=float, default=2.0)
@@ -275,8 +289,11 @@ def main(argv=None):
     p.add_argument("--worker", metavar="OUT", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     steps = 3 if args.quick else args.steps
+    state_dtype = None if args.state_dtype == "float32" else args.state_dtype
+    if state_dtype and args.dtype != "float32":
+        p.error("--state-dtype bfloat16 needs --dtype float32")
     if args.worker:
-        worker(args.worker, steps, args.dtype)
+        worker(args.worker, steps, args.dtype, state_dtype)
         return 0
     if args.mpiexec:
         import shlex
@@ -294,7 +311,7 @@ def main(argv=None):
             out = os.path.join(tmp, f"{P}.json")
             # python -m mpi4py: a rank that fails ends the job (no rank left waiting).
             cmd = [*mpiexec, "-n", str(P), sys.executable, "-m", "mpi4py", HERE, "--worker", out,
-                   "--steps", str(steps), "--dtype", args.dtype]
+                   "--steps", str(steps), "--dtype", args.dtype, "--state-dtype", args.state_dtype]
             r = subprocess.run(cmd, timeout=1800)
             if r.returncode != 0 or not os.path.exists(out):
                 print(f"error: mpiexec -n {P} failed (exit status {r.returncode})", file=sys.stderr)

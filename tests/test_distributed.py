@@ -150,6 +150,37 @@ def test_adamw_with_params_keeps_decoupled_weight_decay(rng):
     assert "max_exp_avg_sq" in new.state[0]
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_with_params_sr_keys_give_slices_the_bits_of_the_whole(dtype, rng):
+    """Two optimizers over the halves of one parameter, keyed by their place in
+    it, round bfloat16 state stochastically as the optimizer of the whole
+    does; the keys survive a rebinding of the state (an assigned array)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    p = rng.standard_normal(300).astype(dt)
+    whole = fastopt.Adam([p], lr=1e-2, amsgrad=True, state_dtype="bfloat16", seed=3)
+    q = p.copy()
+    halves = [q[:131], q[131:]]
+    first = whole.with_params([halves[0]], _sr_keys=[(0, 0)])
+    second = whole.with_params([halves[1]], _sr_keys=[(0, 131)])
+    unkeyed = whole.with_params([q[131:].copy()])
+    for t in range(6):
+        g = rng.standard_normal(300).astype(np.float32)
+        whole.step([g])
+        first.step([g[:131]])
+        second.step([g[131:]])
+        unkeyed.step([g[131:]])
+        if t == 2:          # rebinds the native step to the state it holds
+            second.state[0]["exp_avg"] = second.state[0]["exp_avg"].copy()
+    np.testing.assert_array_equal(q.view(np.uint8), p.view(np.uint8))
+    for name, arr in whole.state[0].items():
+        both = np.concatenate([first.state[0][name], second.state[0][name]])
+        np.testing.assert_array_equal(both.view(np.uint8), arr.view(np.uint8), err_msg=name)
+    # Without the keys the second half draws other bits.
+    assert not np.array_equal(unkeyed.state[0]["exp_avg_sq"].view(np.uint16),
+                              second.state[0]["exp_avg_sq"].view(np.uint16))
+
+
 def test_check_state_dict_changes_nothing(rng):
     params = [rng.standard_normal(5)]
     opt = fastopt.Adam(params, lr=0.1)

@@ -45,9 +45,44 @@ deterministic.  A bandwidth-optimal Allreduce is itself a reduce-scatter
 plus an allgather, so this costs no extra bytes: each rank sends and
 receives about 2 (P-1)/P times the gradient bytes per step, in both modes.
 
+Low precision (float16/bfloat16 parameters, ``state_dtype="bfloat16"``)
+works in both modes, with the bits of one process stepping with the mean
+gradient, on every rank and for any P:
+
+* The gradient of a 16-bit parameter has its dtype or float32 (the ranks
+  must agree on which; a float32 one makes the gradients of its dtype
+  cross the wire in float32).  MPI would sum 16-bit values in 16 bits (and
+  knows no bfloat16), so step 2 is an ``Alltoallv`` instead: rank r
+  receives every rank's part of its slice as it was given (16 bits on the
+  wire: the bytes a reduce-scatter sends) and sums them in float32, in
+  rank order, then divides by P.  The mean gradient is float32
+  ``(g_0 + g_1 + ... + g_{P-1}) / P``: P changes it only by the float32
+  rounding of a longer sum, and every rank gets the owner's bits.
+* Replicated: the ``Allgather`` of step 3 sends that float32 mean (twice
+  the bytes of 16-bit gradients), and every rank steps its whole copy of
+  the float32 masters (``state[i]["master_param"]``) and of the state.
+* Shard: the masters are sharded with the state (each rank's optimizer
+  holds those of its slice, the update writes its slice of the 16-bit
+  parameters), and the ``Allgather`` sends the 16-bit parameters.
+* Stochastic rounding of bfloat16 state draws each element's random bits
+  from (seed, parameter, step count, position in the parameter), and each
+  rank's optimizer is told where its slices lie in the model (the private
+  ``_sr_keys`` of `fastopt.optim.Optimizer.with_params`): the bits, so the
+  results, do not depend on how the model is cut.  Rounding to nearest
+  needs no bits.
+
+State bytes per element, held by each rank (Adam: two state arrays; divide
+by P for ``shard=True``): float32 parameters, 8 (float32 state) or 4
+(bfloat16 state); float16/bfloat16 parameters, 8 + 4 or 4 + 4 (the state
+and the master).  In shard mode the wrapped optimizer also keeps, on every
+rank, the whole float32 masters it wrote when it was built (4 bytes per
+element); the state arrays of a fresh one are never written (zero pages:
+address space, not memory).
+
 `clip_grad_norm_` clips the mean gradient by its global norm between
 `reduce` and `step`; `state_dict`/`load_state_dict` use the single-process
-format, so a checkpoint moves between any numbers of ranks.
+format (masters, bfloat16 state, its rounding and seed included), so a
+checkpoint moves between any numbers of ranks.
 
 Every collective call (construction, `reduce`, `step`, `clip_grad_norm_`,
 `state_dict`, `load_state_dict`, and `DistributedSampler`'s construction)
@@ -232,6 +267,14 @@ def _disagreement(all_facts):
     return "ranks disagree"       # only on a digest collision
 
 
+def _hash(*arrays):
+    """A short digest of the bytes of `arrays`, the same in every process."""
+    h = hashlib.blake2b(digest_size=8)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).view(np.uint8).data)
+    return h.hexdigest()
+
+
 def _plain(v):
     """v with numbers as Python floats (and bools as bools), for comparing
     values across ranks: 1, 1.0 and np.float64(1.0) are the same setting."""
@@ -288,6 +331,11 @@ def _span(arrays):
     return raw[start - base:end - base].view(dtype), offsets
 
 
+def _bits(a):
+    """`a` as MPI moves it: 16-bit floats as their bits (MPI has no bfloat16)."""
+    return a.view(np.uint16) if a is not None and a.dtype.itemsize == 2 else a
+
+
 class _Flat:
     """The parameters of one dtype as one flat space of `length` elements
     (parameter k of `index` at ``offsets[k]``), split by elements into one
@@ -303,21 +351,39 @@ class _Flat:
         share = -(-self.length // size)
         self.counts = [min(share, max(0, self.length - r * share)) for r in range(size)]
         self.displs = [min(r * share, self.length) for r in range(size)]
+        self.rank = rank
         self.lo = self.displs[rank]
         self.hi = self.lo + self.counts[rank]
         # Parameter k's part of this rank's slice, in its own elements.
         self.pieces = [(min(max(self.lo - o, 0), n), min(max(self.hi - o, 0), n))
                        for o, n in zip(offsets, self.sizes)]
         self.pspan = pspan              # the parameters' own buffer, if laid out like this
-        self.slice = np.zeros(self.counts[rank], dtype)   # mean gradient of this slice
-        self.buf = None                 # a whole-length buffer, made when needed
+        # float16/bfloat16 parameters: gradients summed in float32, their compute dtype.
+        self.half = dtype.itemsize == 2
+        self.gdtype = np.dtype(np.float32) if self.half else dtype
+        self.slice = np.zeros(self.counts[rank], self.gdtype)   # mean gradient of this slice
+        self.bufs = {}                  # whole-length buffers by dtype, made when needed
         self.grads = None               # the gradient arrays of the last span check
         self.gspan = None
+        self.size = size
+        # Alltoallv: rank q's contribution to this slice lands at q * count.
+        c = self.counts[rank]
+        self.rspec = ([c] * size, [q * c for q in range(size)])
 
-    def whole(self):
-        if self.buf is None:
-            self.buf = np.zeros(self.length, self.dtype)
-        return self.buf
+    def whole(self, dtype=None):
+        """A buffer of `length` elements of `dtype` (the parameters' by default),
+        made once and reused: packing, and the replicated mean gradient."""
+        dtype = self.dtype if dtype is None else np.dtype(dtype)
+        if dtype not in self.bufs:
+            self.bufs[dtype] = np.zeros(self.length, dtype)
+        return self.bufs[dtype]
+
+    def received(self, dtype):
+        """The buffer every rank's part of this slice arrives in (P of them)."""
+        key = ("received", np.dtype(dtype))
+        if key not in self.bufs:
+            self.bufs[key] = np.zeros(self.size * self.counts[self.rank], dtype)
+        return self.bufs[key]
 
     def vspec(self, buf):
         """An mpi4py buffer spec of `buf` split into the ranks' slices."""
@@ -329,9 +395,10 @@ class _Flat:
         start = self.offsets[k] + lo - self.lo
         return self.slice[start:start + hi - lo]
 
-    def send_buffer(self, grads):
-        """This rank's gradients of this dtype as one buffer in this layout:
-        their own memory if they are laid out so, else packed into `whole`."""
+    def send_buffer(self, grads, wire):
+        """This rank's gradients of these parameters as one buffer of dtype
+        `wire` in this layout: their own memory if they are laid out so (and
+        of that dtype), else packed into `whole(wire)`."""
         mine = [grads[i] for i in self.index]
         if self.grads is None or any(a is not b for a, b in zip(mine, self.grads)):
             self.grads, self.gspan = mine, None
@@ -339,9 +406,9 @@ class _Flat:
                 found = _span(mine)
                 if found is not None and found[1] == self.offsets:
                     self.gspan = found[0]
-        if self.gspan is not None:
+        if self.gspan is not None and self.gspan.dtype == wire:
             return self.gspan
-        buf = self.whole()
+        buf = self.whole(wire)
         for g, o, n in zip(mine, self.offsets, self.sizes):
             if g is not None:
                 np.copyto(buf[o:o + n].reshape(g.shape), g)
@@ -383,14 +450,18 @@ class DistributedOptimizer:
     optimizer : fastopt.optim.Optimizer
         Built the same way on every rank, with parameters holding the same
         values (all checked here: class, parameter shapes, dtypes and
-        values, param groups, hyperparameters; broadcast the values first,
-        ``comm.Bcast(p, root=0)``, if ranks initialized them differently).
-        Its ``param_groups`` stay the place
-        to change hyperparameters between steps (LR schedulers may be given
-        either it or this wrapper).  With ``shard=True`` its own state
-        arrays are never used (they are zero pages NumPy allocated and
-        never touched, so they take address space, not memory): step,
-        checkpoint and inspect through this wrapper.
+        values, param groups, hyperparameters, state and low-precision
+        options; broadcast the values first, ``comm.Bcast(p, root=0)``, if
+        ranks initialized them differently).  Its ``param_groups`` stay the
+        place to change hyperparameters between steps (LR schedulers may be
+        given either it or this wrapper).  Training goes on from its state
+        (step counts and float32 masters included).  With ``shard=True``
+        each rank copies its slice of that state at construction, and the
+        optimizer's own state arrays are not used afterwards (a fresh
+        optimizer's are zero pages NumPy allocated and never wrote, so they
+        take address space, not memory; the masters of 16-bit parameters
+        were written when it was built): step, checkpoint and inspect
+        through this wrapper.
     comm : mpi4py.MPI.Intracomm, optional
         The ranks that train together; ``MPI.COMM_WORLD`` by default.
     shard : bool
@@ -410,7 +481,9 @@ class DistributedOptimizer:
     rank, size : int
     timings : dict
         Seconds spent in each phase of the last step: ``check``, ``pack``,
-        ``reduce_scatter``, ``scale``, ``allgather``, ``update``, ``unpack``.
+        ``reduce_scatter`` (the ``Alltoallv`` for 16-bit parameters),
+        ``scale`` (the division by P, after the float32 sum for 16-bit
+        parameters), ``allgather``, ``update``, ``unpack``.
 
     Notes
     -----
@@ -440,16 +513,7 @@ class DistributedOptimizer:
             if not isinstance(shard, (bool, np.bool_)):
                 raise TypeError(f"shard must be True or False, got {shard!r}")
             params = [p for g in optimizer.param_groups for p in g["params"]]
-            # Not yet over MPI: a float32 master per 16-bit parameter, and
-            # bfloat16 state, whose stochastic rounding is keyed by element
-            # positions that a shard's slices do not keep.
-            if optimizer.state_dtype is not None:
-                raise ValueError("DistributedOptimizer does not support state_dtype="
-                                 f"{optimizer.state_dtype!r} yet: use the default state")
-            half = [i for i, p in enumerate(params) if p.dtype.itemsize == 2]
-            if half:
-                raise ValueError(f"DistributedOptimizer does not support float16/bfloat16 "
-                                 f"parameters yet (parameter {half[0]} is {params[half[0]].dtype})")
+            optimizer._bound()          # its state as its next step would use it (edits applied)
             facts = self._describe(optimizer, params, bool(shard))
             # Per dtype, the parameters' own layout if they lie in one buffer.
             for dt in dict.fromkeys(p.dtype for p in params):
@@ -489,16 +553,25 @@ class DistributedOptimizer:
         self._name = (f"{type(optimizer).__name__} over {len(params)} parameters "
                       f"({n} elements), {'shard' if self.shard else 'replicated'}")
         if self.shard:
-            views = []
+            views, keys = [], []
             for i, p in enumerate(params):
                 f, k = self._where[i]
                 lo, hi = f.pieces[k]
                 views.append(p.reshape(-1)[lo:hi])
-            self.local_optimizer = optimizer.with_params(views)
+                keys.append((i, lo))        # stochastic rounding: the bits of the whole model
+            self.local_optimizer = local = optimizer.with_params(views, _sr_keys=keys)
+            # Continue from the wrapped optimizer's state (master copies
+            # included), as the replicated mode does: each rank its slice.
+            for i, st in enumerate(optimizer.state):
+                f, k = self._where[i]
+                lo, hi = f.pieces[k]
+                for name, arr in local.state[i].items():
+                    arr[...] = st[name].reshape(-1)[lo:hi]
+            local._steps[...] = optimizer.steps
         else:
             self.local_optimizer = optimizer
             for f in self._flats:
-                f.whole()
+                f.whole(f.gdtype)
         self._pending = None                # None mask of reduced, not yet applied grads
         _cap_threads(self.comm)
 
@@ -509,12 +582,17 @@ class DistributedOptimizer:
                  ("number of param groups", len(opt.param_groups)),
                  ("parameters per group", [len(g["params"]) for g in opt.param_groups])]
         facts += [(f"params[{i}]", (p.dtype.str, p.shape)) for i, p in enumerate(params)]
+        facts.append(("state_dtype", opt.state_dtype))
+        if opt.state_dtype is not None:
+            facts += [("state_rounding", opt.state_rounding), ("seed", opt.seed)]
         # The starting values too (one hash of each array): ranks that
         # initialized with different seeds would silently train apart.
-        facts += [(f"the values of params[{i}] (blake2b)",
-                   hashlib.blake2b(np.ascontiguousarray(p).data, digest_size=8).hexdigest())
-                  for i, p in enumerate(params)]
+        facts += [(f"the values of params[{i}] (blake2b)", _hash(p)) for i, p in enumerate(params)]
         facts += [(f"state[{i}]", tuple(st)) for i, st in enumerate(opt.state)]
+        # ... and of the state (the float32 masters of 16-bit parameters included).
+        steps = opt.steps
+        facts += [(f"the state of params[{i}] (step count, blake2b of the arrays)",
+                   (int(steps[i]), _hash(*st.values()))) for i, st in enumerate(opt.state)]
         return facts + _hyper_facts(opt.param_groups)
 
     # --------------------------------------------------------- properties
@@ -568,6 +646,10 @@ class DistributedOptimizer:
             grads = self._check(grads)
             facts = [("the gradients that are None",
                       tuple(i for i, g in enumerate(grads) if g is None))]
+            if any(f.half for f in self._flats):     # the dtype on the wire
+                facts.append(("the gradients given in float32", tuple(
+                    i for i, g in enumerate(grads)
+                    if g is not None and g.dtype != self._params[i].dtype)))
             facts += _hyper_facts(self.optimizer.param_groups)
         except Exception as e:
             error = e
@@ -583,15 +665,36 @@ class DistributedOptimizer:
         pack = rs = scale = 0.0
         for f in self._flats:
             a = time.perf_counter()
-            send = f.send_buffer(grads)
+            send = f.send_buffer(grads, self._wire(f, grads))
             b = time.perf_counter()
-            self.comm.Reduce_scatter(send, f.slice, f.counts)
-            c = time.perf_counter()
+            if f.half:
+                # MPI would sum 16-bit gradients in 16 bits: each rank receives
+                # everyone's part of its slice instead (as many bytes as a
+                # reduce-scatter sends) and sums them in float32, in rank order.
+                got = f.received(send.dtype)
+                self.comm.Alltoallv([_bits(send), (f.counts, f.displs)], [_bits(got), f.rspec])
+                c = time.perf_counter()
+                n = f.counts[self.rank]
+                np.copyto(f.slice, got[:n])
+                for q in range(1, self.size):
+                    np.add(f.slice, got[q * n:(q + 1) * n], out=f.slice)
+            else:
+                self.comm.Reduce_scatter(send, f.slice, f.counts)
+                c = time.perf_counter()
             if self.size > 1:                              # mean = sum / P, own slice only
                 np.divide(f.slice, self.size, out=f.slice)
             pack, rs, scale = pack + b - a, rs + c - b, scale + time.perf_counter() - c
         self._pending = [g is None for g in grads]
         self.timings = {"check": t1 - t0, "pack": pack, "reduce_scatter": rs, "scale": scale}
+
+    @staticmethod
+    def _wire(f, grads):
+        """The dtype of flat `f`'s gradients on the wire: the parameters' own,
+        or float32 if a gradient of a 16-bit parameter is float32."""
+        if f.half and any(grads[i] is not None and grads[i].dtype == np.float32
+                          for i in f.index):
+            return np.dtype(np.float32)
+        return f.dtype
 
     def _check(self, grads):
         if not isinstance(grads, (list, tuple)):
@@ -605,8 +708,10 @@ class DistributedOptimizer:
                 continue
             if not isinstance(g, np.ndarray):
                 raise TypeError(f"grads[{i}] must be a numpy.ndarray or None, got {type(g).__name__}")
-            if g.dtype != p.dtype:
-                raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has dtype {p.dtype}")
+            if g.dtype != p.dtype and not (p.dtype.itemsize == 2 and g.dtype == np.float32):
+                also = " (or float32)" if p.dtype.itemsize == 2 else ""
+                raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has dtype "
+                                f"{p.dtype}{also}")
             if g.shape != p.shape:
                 raise ValueError(f"grads[{i}] has shape {g.shape} but params[{i}] has shape {p.shape}")
         # Hyperparameters are checked before any message, too.
@@ -686,13 +791,14 @@ class DistributedOptimizer:
     def _step_replicated(self, skip):
         t0 = time.perf_counter()
         for f in self._flats:
-            self.comm.Allgatherv(f.slice, f.vspec(f.buf))
+            self.comm.Allgatherv(f.slice, f.vspec(f.whole(f.gdtype)))
         t1 = time.perf_counter()
         grads = []
         for i, p in enumerate(self._params):
             f, k = self._where[i]
             o = f.offsets[k]
-            grads.append(None if skip[i] else f.buf[o:o + p.size].reshape(p.shape))
+            mean = f.whole(f.gdtype)
+            grads.append(None if skip[i] else mean[o:o + p.size].reshape(p.shape))
         self.optimizer.step(grads)
         self.timings.update(allgather=t1 - t0, update=time.perf_counter() - t1, unpack=0.0)
 
@@ -703,23 +809,29 @@ class DistributedOptimizer:
             mine.update({k: v for k, v in theirs.items() if k != "params"})
         local.step([None if skip[i] else self._grad_piece(i) for i in range(len(skip))])
         t1 = time.perf_counter()
+        ag, unpack = self._allgather_params(self._flats)
+        self.timings.update(update=t1 - t0, allgather=ag, unpack=unpack)
+
+    def _allgather_params(self, flats):
+        """Shard: every rank's slice of the parameters of `flats` to every rank,
+        in their own dtype; returns the seconds of (allgather, unpacking)."""
         ag = unpack = 0.0
-        for f in self._flats:
+        for f in flats:
             a = time.perf_counter()
             if f.pspan is not None:         # the parameters' own buffer: in place
-                self.comm.Allgatherv(self._MPI.IN_PLACE, f.vspec(f.pspan))
+                self.comm.Allgatherv(self._MPI.IN_PLACE, f.vspec(_bits(f.pspan)))
                 b = c = time.perf_counter()
             else:
                 buf = f.whole()
                 for p, (lo, hi), o in zip(f.params, f.pieces, f.offsets):
                     buf[o + lo:o + hi] = p.reshape(-1)[lo:hi]
-                self.comm.Allgatherv(self._MPI.IN_PLACE, f.vspec(buf))
+                self.comm.Allgatherv(self._MPI.IN_PLACE, f.vspec(_bits(buf)))
                 b = time.perf_counter()
                 for p, o, n in zip(f.params, f.offsets, f.sizes):
                     np.copyto(p, buf[o:o + n].reshape(p.shape))
                 c = time.perf_counter()
             ag, unpack = ag + b - a, unpack + c - b
-        self.timings.update(update=t1 - t0, allgather=ag, unpack=unpack)
+        return ag, unpack
 
     # ----------------------------------------------------------- checkpoints
 
@@ -744,15 +856,16 @@ class DistributedOptimizer:
         local = self.local_optimizer
         self._sync_groups()
         full = {}
-        for f, name in self._slots():
-            send = np.zeros(f.counts[self.rank], f.dtype)
+        for f, name, dtype in self._slots():
+            send = np.zeros(f.counts[self.rank], dtype)
             for k, i in enumerate(f.index):
                 if name in local.state[i]:
                     lo, hi = f.pieces[k]
                     start = f.offsets[k] + lo - f.lo
                     send[start:start + hi - lo] = local.state[i][name]
-            recv = np.empty(f.length, f.dtype) if self.rank == 0 else None
-            self.comm.Gatherv(send, f.vspec(recv) if self.rank == 0 else None, root=0)
+            recv = np.empty(f.length, dtype) if self.rank == 0 else None
+            self.comm.Gatherv(_bits(send), f.vspec(_bits(recv)) if self.rank == 0 else None,
+                              root=0)
             full[f.dtype, name] = recv
         if self.rank != 0:
             return None
@@ -774,23 +887,24 @@ class DistributedOptimizer:
         by any number of ranks, or by a single process, loads on any number
         of ranks.
         """
-        error = groups = steps = arrays = None
+        error = groups = steps = arrays = rounding = None
         if self.rank == 0:
             try:
                 sd = dict(state_dict)
-                groups, steps, arrays, _ = self.optimizer.check_state_dict(sd)
+                groups, steps, arrays, rounding = self.optimizer.check_state_dict(sd)
             except Exception as e:
                 error = e
         with self._collective("DistributedOptimizer.load_state_dict(...)", error):
-            self._load_state_dict(groups, steps, arrays)
+            self._load_state_dict(groups, steps, arrays, rounding)
 
-    def _load_state_dict(self, groups, steps, arrays):
-        """Send each rank its part of rank 0's checked `groups`, `steps`, `arrays`."""
+    def _load_state_dict(self, groups, steps, arrays, rounding):
+        """Send each rank its part of rank 0's checked `groups`, `steps`,
+        `arrays` and `rounding`."""
         if self.rank == 0:
             hypers = [{k: v for k, v in g.items() if k != "params"} for g in groups]
         else:
             hypers, steps = None, None
-        hypers, steps = self.comm.bcast((hypers, steps), root=0)
+        hypers, steps, rounding = self.comm.bcast((hypers, steps, rounding), root=0)
         for g, new in zip(self.optimizer.param_groups, hypers):
             params = g["params"]
             g.clear()
@@ -800,8 +914,10 @@ class DistributedOptimizer:
         mine = local.state_dict()
         for i in range(len(self._params)):
             mine[f"state.{i}.step"] = int(steps[i])
-        for f, name in self._slots():
-            whole = np.zeros(f.length, f.dtype) if self.rank == 0 else None
+        if "state_dtype" in mine:
+            mine["state_rounding"], mine["seed"] = rounding
+        for f, name, dtype in self._slots():
+            whole = np.zeros(f.length, dtype) if self.rank == 0 else None
             if self.rank == 0:
                 for k, i in enumerate(f.index):
                     key = f"state.{i}.{name}"
@@ -809,27 +925,35 @@ class DistributedOptimizer:
                         o = f.offsets[k]
                         whole[o:o + f.sizes[k]] = arrays[key].reshape(-1)
             if self.shard:
-                part = np.empty(f.counts[self.rank], f.dtype)
-                self.comm.Scatterv(f.vspec(whole) if self.rank == 0 else None, part, root=0)
+                part = np.empty(f.counts[self.rank], dtype)
+                self.comm.Scatterv(f.vspec(_bits(whole)) if self.rank == 0 else None,
+                                   _bits(part), root=0)
             else:
-                part = whole if self.rank == 0 else np.empty(f.length, f.dtype)
-                self.comm.Bcast(part, root=0)
+                part = whole if self.rank == 0 else np.empty(f.length, dtype)
+                self.comm.Bcast(_bits(part), root=0)
             for k, i in enumerate(f.index):
                 if name in local.state[i]:
                     lo, hi = f.pieces[k] if self.shard else (0, f.sizes[k])
                     start = f.offsets[k] + lo - (f.lo if self.shard else 0)
                     piece = part[start:start + hi - lo]
                     mine[f"state.{i}.{name}"] = piece.reshape(local.state[i][name].shape)
-        local.load_state_dict(mine)
+        local.load_state_dict(mine)     # writes 16-bit parameters from their masters
+        if self.shard:
+            self.optimizer._fused.set_rounding(*rounding)     # checked; cannot fail
+            # Each rank wrote its slice of the 16-bit parameters: share them.
+            self._allgather_params([f for f in self._flats if f.half])
 
     def _slots(self):
-        """(flat, state name) for every state array kind that some parameter
-        of that dtype has, in an order every rank agrees on."""
+        """(flat, state name, dtype) for every kind of state array (float32
+        masters included) that some parameter of the flat has, in an order
+        every rank agrees on."""
+        local = self.local_optimizer
         out = []
         for f in self._flats:
-            for name in self.local_optimizer._slot_names:
-                if any(name in self.local_optimizer.state[i] for i in f.index):
-                    out.append((f, name))
+            for name in (*local._slot_names, "master_param"):
+                have = [local.state[i][name] for i in f.index if name in local.state[i]]
+                if have:
+                    out.append((f, name, have[0].dtype))
         return out
 
     def _sync_groups(self):

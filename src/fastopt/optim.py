@@ -202,7 +202,9 @@ class Optimizer:
 
     def __init__(self, params: Params, defaults: dict[str, Any], *,
                  state_dtype: str | None = None, state_rounding: str = "stochastic",
-                 seed: int = 0, slots: list[tuple[bool, bool, bool]] | None = None) -> None:
+                 seed: int = 0, slots: list[tuple[bool, bool, bool]] | None = None,
+                 sr_keys: list[tuple[int, int]] | None = None) -> None:
+        self._sr_keys = sr_keys         # FusedStep's sr_keys (`with_params`); None: the default
         self.defaults = _check_hypers(self._kind, defaults)
         self.param_groups = [self._with_defaults(g) for g in _as_groups(params)]
         self._commit(*self._build(self.param_groups, slots, (state_dtype, state_rounding, seed)))
@@ -262,7 +264,8 @@ class Optimizer:
             fused = _kernels.FusedStep(self._kind.native, current.params, self._group_of,
                                        len(self.param_groups), arrays, masters, self._steps,
                                        state_dtype=self.state_dtype,
-                                       state_rounding=self.state_rounding, seed=self.seed)
+                                       state_rounding=self.state_rounding, seed=self.seed,
+                                       sr_keys=self._sr_keys)
             # Checked: commit.
             for i in resets:
                 values = {name: arr for name, arr in zip(self._slot_names, arrays[i])
@@ -310,7 +313,8 @@ class Optimizer:
         self._group_of = group_of
         fused = _kernels.FusedStep(self._kind.native, flat, group_of, len(groups), states,
                                    masters, steps, state_dtype=config[0],
-                                   state_rounding=config[1], seed=config[2])
+                                   state_rounding=config[1], seed=config[2],
+                                   sr_keys=self._sr_keys)
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         fused.check_groups(groups)
         state = _state.StateList()
@@ -379,7 +383,8 @@ class Optimizer:
         finally:
             current.release()
 
-    def with_params(self, params: Sequence[FloatArray]) -> Self:
+    def with_params(self, params: Sequence[FloatArray], *,
+                    _sr_keys: list[tuple[int, int]] | None = None) -> Self:
         """A fresh optimizer of this class over other arrays, one per parameter.
 
         It has this optimizer's param groups (the same hyperparameters, as
@@ -393,6 +398,8 @@ class Optimizer:
         params : sequence of ndarray
             As many as this optimizer has parameters, each of the dtype of
             the one it replaces (any size).
+        _sr_keys : list of (int, int), optional
+            Private: FusedStep's sr_keys, each array's (parameter index, first element).
         """
         self._bound()
         params = list(params)
@@ -416,7 +423,7 @@ class Optimizer:
             i += k
         new = object.__new__(type(self))
         Optimizer.__init__(new, groups, self.defaults, slots=slots, state_dtype=self.state_dtype,
-                           state_rounding=self.state_rounding, seed=self.seed)
+                           state_rounding=self.state_rounding, seed=self.seed, sr_keys=_sr_keys)
         return new
 
     # ------------------------------------------------------------------ step
