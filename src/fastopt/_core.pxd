@@ -16,7 +16,7 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from *:
     """
-    #define FASTOPT_CORE_CAPSULE "fastopt._core.api_v1"
+    #define FASTOPT_CORE_CAPSULE "fastopt._core.api_v2"
     """
     const char *FASTOPT_CORE_CAPSULE
 
@@ -65,23 +65,42 @@ cdef enum Kind:
     SGD = 2
     CHECK = 3       # no update: set *coef.found if the gradient holds inf or NaN
     UNSCALE = 4     # no update: grad *= coef.inv_scale, in place
+    ADAGRAD = 5
+    ADAMAX = 6
+    NADAM = 7
+    RADAM = 8
+    ADADELTA = 9
+    ASGD = 10
+    RPROP = 11
+    LION = 12
 
 
 ctypedef struct Coef:
     int kind
     bint maximize, l2, amsgrad, centered, momentum, nesterov, first
+    bint rectify                   # RAdam: rho_t > 5, the rectified update
+    bint average                   # ASGD: mu != 1 (ax moves toward param; else ax = param)
     double lr, weight_decay, eps
     double inv_scale               # 1/grad_scale (1: no loss scaling)
     unsigned char *found           # CHECK: set to 1 when a gradient is not finite
-    # Adam
+    # Adam (and Adamax, NAdam, RAdam, Lion: one_minus_beta1 is the weight of
+    # torch's exp_avg.lerp_(grad, 1 - beta1))
     double beta1, one_minus_beta1, beta2, one_minus_beta2
-    double step_size               # lr / (1 - beta1**step)
+    double step_size               # lr / (1 - beta1**step); Adagrad: lr / (1 + (step-1)*lr_decay)
     double bias_correction2_sqrt   # sqrt(1 - beta2**step)
-    double decay                   # 1 - lr*weight_decay (decoupled), else 1
-    # RMSprop
+    double decay                   # 1 - lr*weight_decay (decoupled), else 1; ASGD: 1 - lambd*eta
+    # RMSprop (Adadelta: rho, 1 - rho)
     double alpha, one_minus_alpha
-    # SGD / RMSprop momentum
+    # SGD / RMSprop momentum; ASGD: the averaging weight mu
     double mu, one_minus_dampening
+    # NAdam, RAdam
+    double bias_correction1, bias_correction2   # 1 - beta**step
+    double grad_coef, avg_coef     # NAdam: lr*(1-mu)/(1-mu_product), lr*mu_next/(1-mu_product_next)
+    double rect                    # RAdam: the variance rectification term
+    # ASGD
+    double eta
+    # Rprop
+    double etaminus, etaplus, step_size_min, step_size_max
 
 
 ctypedef struct Segment:
