@@ -920,7 +920,9 @@ def asgd_step(param, grad, ax, *, step, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75
     cdef double alpha_ = at_least(alpha, "alpha", 0.0)
     cdef double t0_ = real(t0, "t0")
     cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (wd,), ("weight_decay",))
+    if beyond_float32(lr_):     # eta <= lr, and eta is kept in float32
+        raise ValueError(f"lr = {lr_!r} is too large for float32, the precision eta is kept in")
+    numbers_fit(w, (wd, lambd_), ("weight_decay", "lambd"))
     cdef Coef c
     asgd_coef(&c, lambd_, wd, maximize, eta_, mu_)
     run_kind(p, w, g, (a,), ("ax",), &c)
