@@ -272,6 +272,41 @@ for _kernel, _all_opts in MORE_OPTS.items():
                  _gdt, bf16=_dt == "bfloat16")
 
 
+
+def _adafactor(rng, dtype, opts, grad_dtype=None):
+    """adafactor_step for STEPS steps over a vector, a matrix, a batch of
+    matrices, a tall and a wide one (blocks of rows and columns)."""
+    dt = _dtype(dtype)
+    half = _is_half(dt)
+    wdt = np.float32 if half else dt
+    gdt = _dtype(grad_dtype) if grad_dtype else dt
+    out = []
+    for shape in ((), (4097,), (45, 91), (3, 7, 11), (20000, 3), (2, 9000)):
+        p = _randn(rng, shape, dt)
+        extra = {"master": p.astype(np.float32)} if half else {}
+        if len(shape) >= 2:
+            st = {"row_var": np.zeros(shape[:-1] + (1,), wdt),
+                  "col_var": np.zeros(shape[:-2] + (1, shape[-1]), wdt)}
+        else:
+            st = {"variance": np.zeros(shape, wdt)}
+        for step in range(1, STEPS + 1):
+            g = _grad(rng, shape, gdt, GRAD_SCALES[step % len(GRAD_SCALES)])
+            fastopt.adafactor_step(p, g, step=step, **st, **extra, **opts)
+        out += [p] + list(extra.values()) + list(st.values())
+    return out
+
+
+ADAFACTOR_OPTS = [{}, dict(lr=0.05, beta2_decay=-0.5, eps=(1e-5, 1e-2), d=2.0, weight_decay=0.1,
+                           maximize=True)]
+for _opts in ADAFACTOR_OPTS:
+    for _dt in ("float32", "float64"):
+        _add(f"adafactor_step/{_dt}/{_tag(_opts)}", _adafactor, _dt, _opts)
+for _dt in ("float16", "bfloat16"):
+    for _gdt in (_dt, "float32"):
+        _add(f"adafactor_step/{_dt}/master/grad={_gdt}", _adafactor, _dt, ADAFACTOR_OPTS[1], _gdt,
+             bf16=_dt == "bfloat16")
+
+
 # ----------------------------------------------------- optimizer objects ---
 
 # (class, config name) -> (constructor keywords, group 1's overrides)

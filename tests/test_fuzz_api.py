@@ -502,6 +502,35 @@ def more_slots(name):
     return slots
 
 
+def build_adafactor(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(shapes())
+    v = dict(param=arr(draw, shape, dtype), grad=arr(draw, shape, dtype),
+             step=draw(st.integers(1, 10)), lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+             weight_decay=draw(st.sampled_from([0.0, 0.01])), maximize=draw(st.booleans()))
+    if len(shape) >= 2:
+        v.update(row_var=arr(draw, shape[:-1] + (1,), dtype, True),
+                 col_var=arr(draw, shape[:-2] + (1, shape[-1]), dtype, True))
+    else:
+        v["variance"] = arr(draw, shape, dtype, True)
+    return v
+
+
+def run_adafactor(v):
+    kw = {k: x for k, x in v.items() if k not in ("param", "grad")}
+    return fastopt.adafactor_step(v["param"], v["grad"], **kw)
+
+
+ADAFACTOR_SLOTS = dict(
+    param=Slot("write", free_shape=True), grad=Slot("read"),
+    row_var=Slot("write", optional=True), col_var=Slot("write", optional=True),
+    variance=Slot("write", optional=True), step=Slot("int", lo=1, hi=2**63 - 1),
+    lr=Slot("real", lo=0), beta2_decay=Slot("real", hi=0), d=Slot("real", lo=1),
+    eps=Slot("other", bad=[(-1.0, 1e-3), (None, -1.0), (None, None), (None,), 1e-3, "ab",
+                           (math.nan, 1e-3), (None, math.inf), np.array([1e-30, 1e-3])]),
+    weight_decay=Slot("real", lo=0), maximize=Slot("flag"))
+
+
 def build_clip(draw):
     dtype = draw(st.sampled_from(DTYPES))
     grads = [arr(draw, draw(shapes(1)), dtype) for _ in range(draw(st.integers(1, 3)))]
@@ -932,6 +961,7 @@ APIS = [
              momentum=Slot("real", lo=0), dampening=Slot("real", lo=0, hi=1),
              weight_decay=Slot("real", lo=0), nesterov=Slot("flag"))),
     *[Api(name, build_more(name), run_more(name), more_slots(name)) for name in MORE_KERNELS],
+    Api("adafactor_step", build_adafactor, run_adafactor, ADAFACTOR_SLOTS),
     Api("clip_grad_norm_", build_clip, lambda v: fastopt.clip_grad_norm_(
         v["grads"], v["max_norm"], v["norm_type"]),
         dict(grads=Slot("list", item=Slot("write", free_shape=True, optional=True, half_ok=True)),

@@ -141,6 +141,40 @@ ctypedef struct NormJob:
     double coef         # the scale (clip_grad_norm_) or the bound (clip_grad_value_)
 
 
+# Adafactor (not elementwise): the parameter as B matrices of R x C (its last
+# two axes), cut into units fixed by the shape (`FactorJob.rb` rows by `cb`
+# columns of one matrix; an unfactored 0-d or 1-d parameter: chunks of C
+# elements), whose sums are combined in unit order (see _core_optim.pxi.tp).
+ctypedef struct FactorJob:
+    bint is_double, maximize
+    bint factored            # R x C statistics (>= 2-d), else a variance like param
+    int gk, ok               # Store codes of the gradient and of `out` (NATIVE: none)
+    void *param              # the parameter, or its float32 master
+    const void *grad
+    void *out                # the float16/bfloat16 parameter written from the master, or NULL
+    void *row_var            # factored: (B, R); else the variance, like param
+    void *col_var            # factored: (B, C); else NULL
+    Py_ssize_t B, R, C       # unfactored: B = R = 1, C elements
+    Py_ssize_t rb, cb        # rows and columns per unit (unfactored: cb elements)
+    Py_ssize_t nrb, ncb      # units per matrix along R and C
+    Py_ssize_t nunits        # B * nrb * ncb
+    double *unit_part        # (nunits,) work: each unit's sum
+    double *row_part         # (B, ncb, R) work (factored)
+    double *col_part         # (B, nrb, C) work (factored)
+    double *mean             # (B,) work: max(mean of row_var, eps1), in the loop's type
+    # the step's numbers (torch's names)
+    double inv_scale         # 1/grad_scale
+    double w                 # step**beta2_decay, the weight of the statistics' lerp
+    double eps1, eps2, d
+    double rho               # min(lr, 1/sqrt(step))
+    double decay             # 1 - lr*weight_decay
+    # set by the core
+    int stage                # the pass the units run: 1, 2, 3
+    double param_norm        # |p|, before the step (torch's param.norm(2), in the loop's type)
+    double update_norm       # |u| (torch's update.norm(2), in the loop's type)
+    double alpha, scale      # the step: p -= scale * u, scale = alpha / max(1, |u|/(sqrt(n)*d))
+
+
 cdef inline double max_nan(double a, double b) noexcept nogil:
     """max(a, b); NaN in either gives NaN (torch's max of |x|)."""
     return a if (a > b or a != a) else b
@@ -157,6 +191,8 @@ ctypedef struct OptimCore:
     # 16-bit <-> float32 (code F16, BF16 or, for narrow, BF16_SR with r_i = hash32(key + i))
     void (*widen)(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil
     void (*narrow)(const float *f, uint16_t *h, Py_ssize_t n, int code, uint32_t key) noexcept nogil
+    # one Adafactor step (the job's work arrays allocated, its numbers set)
+    void (*factored)(FactorJob *j) noexcept nogil
 
 # -------------------------------------------------------------- batchnorm ---
 # x viewed as (outer, C, inner), cut into boxes: a fixed partition that

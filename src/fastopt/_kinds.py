@@ -10,7 +10,8 @@ arrays, and when its step count advances.  Read by:
   every group against these ranges at every step and knows from the slots
   which options need state that may not exist (the kinds it has a kernel
   family for: SGD, RMSprop, Adam, AdamW; the others have their functional
-  kernels, ``adagrad_step``... ``lion_step``, and no optimizer class yet);
+  kernels, ``adagrad_step``... ``adafactor_step``, and no optimizer class
+  yet);
 * the NumPy classes (`fastopt.optim`): their defaults, the checks of their
   constructor arguments, their ``state`` names;
 * the PyTorch bridge (`fastopt.torch`): the same, and torch's state names;
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Bound", "Hyper", "Slot", "Scalar", "Kind", "SGD", "RMSPROP", "ADAM", "ADAMW",
-           "ADAGRAD", "ADAMAX", "NADAM", "RADAM", "ADADELTA", "ASGD", "RPROP", "LION", "KINDS"]
+           "ADAGRAD", "ADAMAX", "NADAM", "RADAM", "ADADELTA", "ASGD", "RPROP", "LION",
+           "ADAFACTOR", "KINDS"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Bound:
     hi: float = math.inf
     closed: bool = False
     lo_open: bool = False
+    none_ok: bool = False       # None is allowed too (Adafactor's eps[0]: the dtype's epsilon)
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,16 @@ class Slot:
     option that asks for it (None: every parameter has it).  A group needs
     the slot when the option is true (a flag) or nonzero (a number).  It
     starts filled with `init`: a number, or the name of the hyperparameter
-    whose value it starts at (Adagrad's ``sum``, Rprop's ``step_size``)."""
+    whose value it starts at (Adagrad's ``sum``, Rprop's ``step_size``).
+    Its `shape` is the parameter's (``"param"``), or Adafactor's: for a
+    parameter of 2 or more dimensions ``"rows"`` (``shape[:-1] + (1,)``) and
+    ``"cols"`` (``shape[:-2] + (1, shape[-1])``), for a 0-d or 1-d one
+    ``"vector"`` (the parameter's); a parameter has the slots its shape
+    asks for."""
     name: str
     option: str | None = None
     init: float | str = 0.0
+    shape: str = "param"
 
 
 @dataclass(frozen=True)
@@ -206,5 +215,15 @@ LION = Kind(
      _MAXIMIZE),
     (Slot("exp_avg"),))
 
+# Its update is not elementwise (norms, row and column sums): the kernel
+# family "factored".
+ADAFACTOR = Kind(
+    "Adafactor", "factored",
+    (Hyper("lr", 1e-2), Hyper("beta2_decay", -0.8, lo=-math.inf, hi=0.0, closed=True),
+     Hyper("eps", (None, 1e-3), "pair", each=(Bound(none_ok=True), Bound())),
+     Hyper("d", 1.0, lo=1.0), _WEIGHT_DECAY, _MAXIMIZE),
+    (Slot("row_var", shape="rows"), Slot("col_var", shape="cols"),
+     Slot("variance", shape="vector")))
+
 KINDS = {k.name: k for k in (SGD, RMSPROP, ADAM, ADAMW, ADAGRAD, ADAMAX, NADAM, RADAM,
-                             ADADELTA, ASGD, RPROP, LION)}
+                             ADADELTA, ASGD, RPROP, LION, ADAFACTOR)}

@@ -85,6 +85,13 @@ def lion_step(
     betas: tuple[float, float] | list[float] = (0.9, 0.99), weight_decay: float = 0.0,
     maximize: bool = False, master: FloatArray | None = None,
 ) -> None: ...
+def adafactor_step(
+    param: FloatArray, grad: FloatArray, *, step: SupportsIndex,
+    row_var: FloatArray | None = None, col_var: FloatArray | None = None,
+    variance: FloatArray | None = None, lr: float = 1e-2, beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] | list[float | None] = (None, 1e-3), d: float = 1.0,
+    weight_decay: float = 0.0, maximize: bool = False, master: FloatArray | None = None,
+) -> None: ...
 def clip_grad_norm_(
     grads: FloatArray | Sequence[FloatArray | None], max_norm: float, norm_type: float = 2.0,
     error_if_nonfinite: bool = False, *,

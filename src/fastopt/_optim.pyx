@@ -1,5 +1,5 @@
 # Fused in-place optimizer updates: Adam/AdamW, RMSprop, SGD with momentum,
-# Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop and Lion.
+# Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop and Lion; Adafactor.
 #
 # Design
 # ------
@@ -38,6 +38,7 @@
 include "_common.pxi"
 
 from libc.math cimport fabs, pow, sqrt, INFINITY
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport INT64_MAX, uint16_t, uint32_t, uint64_t
 
 cdef extern from "_half.h" nogil:
@@ -1034,9 +1035,184 @@ def lion_step(param, grad, exp_avg, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=
     run_kind(p, w, g, (m,), ("exp_avg",), &c)
 
 
-# The functional kernels that `_stored_step` can run.
+# Adafactor's units (FactorJob): a matrix is cut into blocks of at most
+# FAC_COLS columns by as many rows as make about FAC_UNIT elements, a
+# vector into chunks of FAC_UNIT elements.  The work arrays hold a double
+# per unit, per row and column block: at most about an eighth of the
+# parameter's elements.
+DEF FAC_UNIT = 32768
+DEF FAC_COLS = 4096
+
+
+cdef cnp.ndarray factor_state(object a, str name, cnp.ndarray w, str wname, tuple shape):
+    """Adafactor's row_var / col_var: w's dtype, the given shape, updatable in place."""
+    cdef cnp.ndarray arr = writable(float_array(a, name), name)
+    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(w):
+        raise TypeError(f"{name} has dtype {arr.dtype} but {wname} has dtype {w.dtype}")
+    if (<object>arr).shape != shape:
+        raise ValueError(f"{name} must have shape {shape} for a {wname} of shape "
+                         f"{(<object>w).shape}, got {(<object>arr).shape}")
+    return arr
+
+
+def adafactor_step(param, grad, *, step, row_var=None, col_var=None, variance=None, lr=1e-2,
+                   beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, maximize=False,
+                   master=None):
+    """One Adafactor update of `param` and its second-moment statistics, in place.
+
+    Follows ``torch.optim.Adafactor`` (Shazeer and Stern, 2018).  With g
+    the gradient (negated if `maximize`) and n the number of elements::
+
+        w = step**beta2_decay
+        alpha = max(eps2, norm(param) / sqrt(n)) * min(lr, 1 / sqrt(step))
+        param *= 1 - lr * weight_decay
+        # param of 2 or more dimensions: B matrices of R x C (its last two axes)
+        row_var = lerp(row_var, sum(g*g, axis=-1) / C, w)       # (..., R, 1)
+        col_var = lerp(col_var, sum(g*g, axis=-2) / R, w)       # (..., 1, C)
+        v = row_var * col_var / max(mean(row_var, axis=-2), eps1)
+        # param of 0 or 1 dimension
+        variance = lerp(variance, g*g, w)
+        v = variance
+        u = g / sqrt(max(v, eps1**2))
+        param -= alpha / max(1, norm(u) / (sqrt(n) * d)) * u
+
+    (`lerp` is torch's lerp_.)  Not elementwise: three threaded passes (the
+    norms and the row and column sums, in double, over blocks fixed by the
+    shape and combined in a fixed order: the same bits on any number of
+    threads), with a work area of a double per block row and column (at
+    most about an eighth of the parameter's elements).
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step` (a float16/bfloat16 param through its float32
+        master: the update, and eps1, are float32's).
+    step : int
+        1 for the first update; at most 2**63 - 1.
+    row_var, col_var : ndarray, optional
+        For a param of 2 or more dimensions (and only then): the row and
+        column statistics, of shapes ``param.shape[:-1] + (1,)`` and
+        ``param.shape[:-2] + (1, param.shape[-1])``, the param's dtype
+        (float32 for a float16/bfloat16 param); updated in place.  Start
+        them at zero.
+    variance : ndarray, optional
+        For a param of 0 or 1 dimension (and only then): like `param`
+        (float32 for a float16/bfloat16 param), updated in place.  Start it
+        at zero.
+    lr, beta2_decay, d, weight_decay, maximize
+        As in ``torch.optim.Adafactor`` (`beta2_decay` <= 0, `d` >= 1).
+    eps : (float or None, float)
+        (eps1, eps2), each >= 0; eps1 None: the machine epsilon of the
+        dtype the update is computed in.
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef tuple shape = (<object>w).shape
+    cdef int nd = len(shape)
+    cdef list states
+    cdef tuple names
+    cdef tuple rows_shape, cols_shape
+    if nd >= 2:
+        # (explicit indices: wraparound is off)
+        rows_shape = shape[:nd - 1] + (1,)
+        cols_shape = shape[:nd - 2] + (1, shape[nd - 1])
+        if variance is not None:
+            raise ValueError(f"variance is the state of a 0-d or 1-d param; a {nd}-d param has "
+                             "row_var and col_var")
+        if row_var is None or col_var is None:
+            raise ValueError(f"a {nd}-d param needs row_var and col_var (arrays of shapes "
+                             f"{rows_shape} and {cols_shape})")
+        states = [factor_state(row_var, "row_var", w, wname, rows_shape),
+                  factor_state(col_var, "col_var", w, wname, cols_shape)]
+        names = ("row_var", "col_var")
+    else:
+        if row_var is not None or col_var is not None:
+            raise ValueError(f"row_var and col_var are the state of a param of 2 or more "
+                             f"dimensions; a {nd}-d param has variance")
+        if variance is None:
+            raise ValueError(f"a {nd}-d param needs variance (an array like {wname})")
+        states = [state_array(variance, "variance", w, wname)]
+        names = ("variance",)
+    if _store.sk != NATIVE:
+        raise ValueError("adafactor_step keeps its state in the param's dtype")
+    cdef double k = step_count(step)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    cdef double b2d = real(beta2_decay, "beta2_decay")
+    if not b2d <= 0.0:
+        raise ValueError(f"beta2_decay must be <= 0, got {b2d!r}")
+    e = number_pair(eps, "eps")
+    cdef bint is_double = cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64
+    cdef double eps1 = ((2.220446049250313e-16 if is_double else 1.1920928955078125e-07)
+                        if e[0] is None else at_least(e[0], "eps[0]", 0.0))
+    cdef double eps2 = at_least(e[1], "eps[1]", 0.0)
+    cdef double d_ = at_least(d, "d", 1.0)
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    numbers_fit(w, (lr_, eps1, wd), ("lr", "eps[0]", "weight_decay"))
+    check_disjoint([p, g] + states + [None if w is p else w],
+                   ("param", "grad") + names + ("master",))
+    g = readable(g)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
+    if n == 0:
+        return
+    cdef FactorJob j
+    j.is_double = is_double
+    j.maximize = maximize
+    j.factored = nd >= 2
+    j.param = cnp.PyArray_DATA(w)
+    j.grad = cnp.PyArray_DATA(g)
+    j.out = NULL
+    j.gk = j.ok = NATIVE
+    if w is not p:
+        j.out = cnp.PyArray_DATA(p)
+        j.ok = store_of(dtype_code(p))
+        j.gk = store_of(dtype_code(g))
+    j.row_var = cnp.PyArray_DATA(<cnp.ndarray>states[0])
+    j.col_var = cnp.PyArray_DATA(<cnp.ndarray>states[1]) if nd >= 2 else NULL
+    if nd >= 2:
+        j.R = shape[nd - 2]
+        j.C = shape[nd - 1]
+        j.B = n // (j.R * j.C)
+        j.cb = min(j.C, FAC_COLS)
+        j.rb = min(j.R, max(1, FAC_UNIT // j.cb))
+    else:
+        j.B = j.R = j.rb = 1
+        j.C = n
+        j.cb = FAC_UNIT
+    j.nrb = (j.R + j.rb - 1) // j.rb
+    j.ncb = (j.C + j.cb - 1) // j.cb
+    j.nunits = j.B * j.nrb * j.ncb
+    j.inv_scale = _store.inv_scale
+    j.w = pow(k, b2d)
+    j.eps1 = eps1
+    j.eps2 = eps2
+    j.d = d_
+    cdef double r = 1.0 / pow(k, 0.5)
+    j.rho = r if r < lr_ else lr_                                # min(lr, 1/sqrt(step))
+    j.decay = 1.0 - lr_ * wd
+    cdef Py_ssize_t nwork = j.nunits + (j.B * (j.ncb * j.R + j.nrb * j.C + 1) if nd >= 2 else 0)
+    cdef double *work = <double *>PyMem_Malloc(nwork * sizeof(double))
+    if work == NULL:
+        raise MemoryError()
+    j.unit_part = work
+    j.row_part = work + j.nunits
+    j.col_part = j.row_part + j.B * j.ncb * j.R
+    j.mean = j.col_part + j.B * j.nrb * j.C
+    try:
+        with nogil:
+            core.optim.factored(&j)
+    finally:
+        PyMem_Free(work)
+
+
+# The functional kernels that `_stored_step` can run (adafactor_step: with
+# grad_scale only).
 _STORED = (adagrad_step, adamax_step, nadam_step, radam_step, adadelta_step, asgd_step,
-           rprop_step, lion_step)
+           rprop_step, lion_step, adafactor_step)
 
 
 def _stored_step(kernel, *args, state=None, key=0, grad_scale=None, **kwargs):
@@ -1044,8 +1220,8 @@ def _stored_step(kernel, *args, state=None, key=0, grad_scale=None, **kwargs):
     of the loops' storage variants, not for concurrent use): with bfloat16
     state arrays (`state` "bfloat16": rounded to nearest even;
     "bfloat16_sr": stochastically, element i with the random bits
-    hash32(key + i)) and the gradient multiplied by 1/grad_scale as it is
-    read.  `kernel` is one of `_STORED`."""
+    hash32(key + i); not for adafactor_step) and the gradient multiplied by
+    1/grad_scale as it is read.  `kernel` is one of `_STORED`."""
     global _store
     if not any(kernel is k for k in _STORED):
         raise ValueError(f"kernel must be one of {[k.__name__ for k in _STORED]}")
