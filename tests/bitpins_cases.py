@@ -204,6 +204,109 @@ for _kernel, _all_opts in FUNCTIONAL.items():
              _layout, (33, 4097))
 
 
+# The functional kernels of the kinds after Adam, RMSprop and SGD: their
+# state arrays (as torch starts them) and per-parameter numbers.
+MORE_KERNELS = {
+    "adagrad_step": (("sum",), ()), "adamax_step": (("exp_avg", "exp_inf"), ()),
+    "nadam_step": (("exp_avg", "exp_avg_sq"), ("mu_product",)),
+    "radam_step": (("exp_avg", "exp_avg_sq"), ()),
+    "adadelta_step": (("square_avg", "acc_delta"), ()), "asgd_step": (("ax",), ("eta", "mu")),
+    "rprop_step": (("prev", "step_size"), ()), "lion_step": (("exp_avg",), ()),
+}
+NO_STEP = ("adadelta_step", "rprop_step", "lion_step")
+
+
+def _functional_more(rng, kernel, dtype, opts, grad_dtype=None, sizes=SIZES):
+    """`kernel` over each size for STEPS steps (as `_functional`); the
+    per-parameter numbers it returns are outputs too."""
+    dt = _dtype(dtype)
+    half = _is_half(dt)
+    wdt = np.float32 if half else dt
+    gdt = _dtype(grad_dtype) if grad_dtype else dt
+    names, scalar_names = MORE_KERNELS[kernel]
+    out = []
+    for n in sizes:
+        p = _randn(rng, n, dt)
+        master = p.astype(np.float32) if half else None
+        extra = {} if master is None else {"master": master}
+        st = [np.full(n, 1e-2 if s == "step_size" else 0.0, wdt) for s in names]
+        scalars = {"mu_product": 1.0, "eta": opts.get("lr", 1e-2), "mu": 1.0}
+        scalars = {k: scalars[k] for k in scalar_names}
+        for step in range(1, STEPS + 1):
+            g = _grad(rng, n, gdt, GRAD_SCALES[step % len(GRAD_SCALES)])
+            kw = dict(opts, **extra, **scalars)
+            if kernel not in NO_STEP:
+                kw["step"] = step
+            new = getattr(fastopt, kernel)(p, g, *st, **kw)
+            if scalar_names:
+                scalars = dict(zip(scalar_names, new if isinstance(new, tuple) else (new,)))
+        out += [p] + ([master] if half else []) + st + [np.array(list(scalars.values()))]
+    return out
+
+
+MORE_OPTS = {
+    "adagrad_step": [{}, dict(lr=0.05, lr_decay=0.01, weight_decay=0.05, eps=1e-6, maximize=True)],
+    "adamax_step": [{}, dict(lr=1e-2, betas=(0.3, 0.9), eps=1e-6, weight_decay=0.05,
+                             maximize=True)],
+    "nadam_step": [{}, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.05, momentum_decay=0.01,
+                            maximize=True),
+                   dict(lr=1e-2, weight_decay=0.05, decoupled_weight_decay=True)],
+    "radam_step": [{}, dict(lr=1e-2, betas=(0.8, 0.9), weight_decay=0.05, maximize=True),
+                   dict(lr=1e-2, betas=(0.4, 0.99), weight_decay=0.05,
+                        decoupled_weight_decay=True)],
+    "adadelta_step": [{}, dict(lr=0.5, rho=0.8, eps=1e-4, weight_decay=0.05, maximize=True)],
+    "asgd_step": [{}, dict(lr=0.05, lambd=0.1, alpha=0.5, t0=7, weight_decay=0.05,
+                           maximize=True)],
+    "rprop_step": [{}, dict(etas=(0.3, 1.1), step_sizes=(1e-3, 0.07), maximize=True)],
+    "lion_step": [{}, dict(lr=1e-2, betas=(0.95, 0.98), weight_decay=0.1, maximize=True)],
+}
+
+for _kernel, _all_opts in MORE_OPTS.items():
+    for _opts in _all_opts:
+        for _dt in ("float32", "float64"):
+            _add(f"{_kernel}/{_dt}/{_tag(_opts)}", _functional_more, _kernel, _dt, _opts)
+    _rich = _all_opts[1]
+    for _dt in ("float16", "bfloat16"):
+        for _gdt in (_dt, "float32"):
+            _add(f"{_kernel}/{_dt}/master/grad={_gdt}", _functional_more, _kernel, _dt, _rich,
+                 _gdt, bf16=_dt == "bfloat16")
+
+
+
+def _adafactor(rng, dtype, opts, grad_dtype=None):
+    """adafactor_step for STEPS steps over a vector, a matrix, a batch of
+    matrices, a tall and a wide one (blocks of rows and columns)."""
+    dt = _dtype(dtype)
+    half = _is_half(dt)
+    wdt = np.float32 if half else dt
+    gdt = _dtype(grad_dtype) if grad_dtype else dt
+    out = []
+    for shape in ((), (4097,), (45, 91), (3, 7, 11), (20000, 3), (2, 9000)):
+        p = _randn(rng, shape, dt)
+        extra = {"master": p.astype(np.float32)} if half else {}
+        if len(shape) >= 2:
+            st = {"row_var": np.zeros(shape[:-1] + (1,), wdt),
+                  "col_var": np.zeros(shape[:-2] + (1, shape[-1]), wdt)}
+        else:
+            st = {"variance": np.zeros(shape, wdt)}
+        for step in range(1, STEPS + 1):
+            g = _grad(rng, shape, gdt, GRAD_SCALES[step % len(GRAD_SCALES)])
+            fastopt.adafactor_step(p, g, step=step, **st, **extra, **opts)
+        out += [p] + list(extra.values()) + list(st.values())
+    return out
+
+
+ADAFACTOR_OPTS = [{}, dict(lr=0.05, beta2_decay=-0.5, eps=(1e-5, 1e-2), d=2.0, weight_decay=0.1,
+                           maximize=True)]
+for _opts in ADAFACTOR_OPTS:
+    for _dt in ("float32", "float64"):
+        _add(f"adafactor_step/{_dt}/{_tag(_opts)}", _adafactor, _dt, _opts)
+for _dt in ("float16", "bfloat16"):
+    for _gdt in (_dt, "float32"):
+        _add(f"adafactor_step/{_dt}/master/grad={_gdt}", _adafactor, _dt, ADAFACTOR_OPTS[1], _gdt,
+             bf16=_dt == "bfloat16")
+
+
 # ----------------------------------------------------- optimizer objects ---
 
 # (class, config name) -> (constructor keywords, group 1's overrides)

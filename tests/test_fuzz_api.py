@@ -429,6 +429,108 @@ def run_sgd(v):
     return fastopt.sgd_step(v["param"], v["grad"], **kw)
 
 
+# Adagrad ... Lion: (kernel, state arrays (True: >= 0), with step, numbers, their slots)
+_UNIT_PAIR_BAD = ADAM_SLOTS["betas"].bad
+MORE_KERNELS = {
+    "adagrad_step": (fastopt.adagrad_step, dict(sum=True), True, {},
+                     dict(lr=Slot("real", lo=0), lr_decay=Slot("real", lo=0),
+                          weight_decay=Slot("real", lo=0), eps=Slot("real", lo=0))),
+    "adamax_step": (fastopt.adamax_step, dict(exp_avg=False, exp_inf=True), True, {},
+                    dict(lr=Slot("real", lo=0), betas=ADAM_SLOTS["betas"],
+                         eps=Slot("real", lo=0), weight_decay=Slot("real", lo=0))),
+    "nadam_step": (fastopt.nadam_step, dict(exp_avg=False, exp_avg_sq=True), True,
+                   dict(mu_product=0.5),
+                   dict(mu_product=Slot("real", lo=0, hi=1), lr=Slot("real", lo=0),
+                        betas=ADAM_SLOTS["betas"], eps=Slot("real", lo=0),
+                        weight_decay=Slot("real", lo=0), momentum_decay=Slot("real", lo=0),
+                        decoupled_weight_decay=Slot("flag"))),
+    "radam_step": (fastopt.radam_step, dict(exp_avg=False, exp_avg_sq=True), True, {},
+                   dict(lr=Slot("real", lo=0), betas=ADAM_SLOTS["betas"],
+                        eps=Slot("real", lo=0), weight_decay=Slot("real", lo=0),
+                        decoupled_weight_decay=Slot("flag"))),
+    "adadelta_step": (fastopt.adadelta_step, dict(square_avg=True, acc_delta=True), False, {},
+                      dict(lr=Slot("real", lo=0), rho=Slot("real", lo=0, hi=1),
+                           eps=Slot("real", lo=0), weight_decay=Slot("real", lo=0))),
+    "asgd_step": (fastopt.asgd_step, dict(ax=False), True, dict(eta=0.01, mu=0.5),
+                  dict(eta=Slot("real", lo=0), mu=Slot("real", lo=0, hi=1),
+                       lr=Slot("real", lo=0), lambd=Slot("real", lo=0),
+                       alpha=Slot("real", lo=0), t0=Slot("real"),
+                       weight_decay=Slot("real", lo=0))),
+    "rprop_step": (fastopt.rprop_step, dict(prev=False, step_size=True), False, {},
+                   dict(etas=Slot("other", bad=[(0.5,), 0.5, "ab", (0.0, 1.2), (1.0, 1.2),
+                                                (0.5, 1.0), (math.nan, 1.2), (0.5, 10**400),
+                                                None, np.array([0.5, 1.2])]),
+                        step_sizes=Slot("other", bad=[(1e-6,), 1e-6, (-1e-6, 50),
+                                                      (1e-6, math.inf), (math.nan, 50), None]))),
+    "lion_step": (fastopt.lion_step, dict(exp_avg=False), False, {},
+                  dict(lr=Slot("real", lo=0), betas=ADAM_SLOTS["betas"],
+                       weight_decay=Slot("real", lo=0))),
+}
+
+
+def build_more(name):
+    fn, states, with_step, numbers, _ = MORE_KERNELS[name]
+
+    def build(draw):
+        dtype = draw(st.sampled_from(DTYPES))
+        shape = draw(shapes())
+        v = dict(param=arr(draw, shape, dtype), grad=arr(draw, shape, dtype),
+                 maximize=draw(st.booleans()), **numbers)
+        for s, positive in states.items():
+            v[s] = arr(draw, shape, dtype, positive, scale=0.1 if s == "step_size" else 1.0)
+        if with_step:
+            v["step"] = draw(st.integers(1, 10))
+        return v
+    return build
+
+
+def run_more(name):
+    fn, states, _, _, _ = MORE_KERNELS[name]
+
+    def run(v):
+        kw = {k: x for k, x in v.items() if k not in ("param", "grad", *states)}
+        return fn(v["param"], v["grad"], *(v[s] for s in states), **kw)
+    return run
+
+
+def more_slots(name):
+    _, states, with_step, _, numbers = MORE_KERNELS[name]
+    slots = dict(param=Slot("write", free_shape=True), grad=Slot("read"),
+                 **{s: Slot("write") for s in states}, maximize=Slot("flag"), **numbers)
+    if with_step:
+        slots["step"] = Slot("int", lo=1, hi=2**63 - 1)
+    return slots
+
+
+def build_adafactor(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    shape = draw(shapes())
+    v = dict(param=arr(draw, shape, dtype), grad=arr(draw, shape, dtype),
+             step=draw(st.integers(1, 10)), lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+             weight_decay=draw(st.sampled_from([0.0, 0.01])), maximize=draw(st.booleans()))
+    if len(shape) >= 2:
+        v.update(row_var=arr(draw, shape[:-1] + (1,), dtype, True),
+                 col_var=arr(draw, shape[:-2] + (1, shape[-1]), dtype, True))
+    else:
+        v["variance"] = arr(draw, shape, dtype, True)
+    return v
+
+
+def run_adafactor(v):
+    kw = {k: x for k, x in v.items() if k not in ("param", "grad")}
+    return fastopt.adafactor_step(v["param"], v["grad"], **kw)
+
+
+ADAFACTOR_SLOTS = dict(
+    param=Slot("write", free_shape=True), grad=Slot("read"),
+    row_var=Slot("write", optional=True), col_var=Slot("write", optional=True),
+    variance=Slot("write", optional=True), step=Slot("int", lo=1, hi=2**63 - 1),
+    lr=Slot("real", lo=0), beta2_decay=Slot("real", hi=0), d=Slot("real", lo=1),
+    eps=Slot("other", bad=[(-1.0, 1e-3), (None, -1.0), (None, None), (None,), 1e-3, "ab",
+                           (math.nan, 1e-3), (None, math.inf), np.array([1e-30, 1e-3])]),
+    weight_decay=Slot("real", lo=0), maximize=Slot("flag"))
+
+
 def build_clip(draw):
     dtype = draw(st.sampled_from(DTYPES))
     grads = [arr(draw, draw(shapes(1)), dtype) for _ in range(draw(st.integers(1, 3)))]
@@ -858,6 +960,8 @@ APIS = [
              momentum_buffer=Slot("write", optional=True), lr=Slot("real", lo=0),
              momentum=Slot("real", lo=0), dampening=Slot("real", lo=0, hi=1),
              weight_decay=Slot("real", lo=0), nesterov=Slot("flag"))),
+    *[Api(name, build_more(name), run_more(name), more_slots(name)) for name in MORE_KERNELS],
+    Api("adafactor_step", build_adafactor, run_adafactor, ADAFACTOR_SLOTS),
     Api("clip_grad_norm_", build_clip, lambda v: fastopt.clip_grad_norm_(
         v["grads"], v["max_norm"], v["norm_type"]),
         dict(grads=Slot("list", item=Slot("write", free_shape=True, optional=True, half_ok=True)),

@@ -15,7 +15,9 @@ import fastopt
 
 HERE = pathlib.Path(__file__).parent
 PKG = pathlib.Path(fastopt.__file__).parent
-COMPILED = ["adam_step", "adamw_step", "rmsprop_step", "sgd_step", "clip_grad_norm_",
+COMPILED = ["adam_step", "adamw_step", "rmsprop_step", "sgd_step", "adagrad_step", "adamax_step",
+            "nadam_step", "radam_step", "adadelta_step", "asgd_step", "rprop_step", "lion_step",
+            "adafactor_step", "clip_grad_norm_",
             "clip_grad_value_", "batch_norm_forward", "batch_norm_backward", "log_softmax",
             "softmax", "cross_entropy", "take_rows", "ewa_update"]
 

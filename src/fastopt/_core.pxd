@@ -16,7 +16,7 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from *:
     """
-    #define FASTOPT_CORE_CAPSULE "fastopt._core.api_v1"
+    #define FASTOPT_CORE_CAPSULE "fastopt._core.api_v2"
     """
     const char *FASTOPT_CORE_CAPSULE
 
@@ -65,23 +65,42 @@ cdef enum Kind:
     SGD = 2
     CHECK = 3       # no update: set *coef.found if the gradient holds inf or NaN
     UNSCALE = 4     # no update: grad *= coef.inv_scale, in place
+    ADAGRAD = 5
+    ADAMAX = 6
+    NADAM = 7
+    RADAM = 8
+    ADADELTA = 9
+    ASGD = 10
+    RPROP = 11
+    LION = 12
 
 
 ctypedef struct Coef:
     int kind
     bint maximize, l2, amsgrad, centered, momentum, nesterov, first
+    bint rectify                   # RAdam: rho_t > 5, the rectified update
+    bint average                   # ASGD: mu != 1 (ax moves toward param; else ax = param)
     double lr, weight_decay, eps
     double inv_scale               # 1/grad_scale (1: no loss scaling)
     unsigned char *found           # CHECK: set to 1 when a gradient is not finite
-    # Adam
+    # Adam (and Adamax, NAdam, RAdam, Lion: one_minus_beta1 is the weight of
+    # torch's exp_avg.lerp_(grad, 1 - beta1))
     double beta1, one_minus_beta1, beta2, one_minus_beta2
-    double step_size               # lr / (1 - beta1**step)
+    double step_size               # lr / (1 - beta1**step); Adagrad: lr / (1 + (step-1)*lr_decay)
     double bias_correction2_sqrt   # sqrt(1 - beta2**step)
-    double decay                   # 1 - lr*weight_decay (decoupled), else 1
-    # RMSprop
+    double decay                   # 1 - lr*weight_decay (decoupled), else 1; ASGD: 1 - lambd*eta
+    # RMSprop (Adadelta: rho, 1 - rho)
     double alpha, one_minus_alpha
-    # SGD / RMSprop momentum
+    # SGD / RMSprop momentum; ASGD: the averaging weight mu
     double mu, one_minus_dampening
+    # NAdam, RAdam
+    double bias_correction1, bias_correction2   # 1 - beta**step
+    double grad_coef, avg_coef     # NAdam: lr*(1-mu)/(1-mu_product), lr*mu_next/(1-mu_product_next)
+    double rect                    # RAdam: the variance rectification term
+    # ASGD
+    double eta
+    # Rprop
+    double etaminus, etaplus, step_size_min, step_size_max
 
 
 ctypedef struct Segment:
@@ -122,6 +141,40 @@ ctypedef struct NormJob:
     double coef         # the scale (clip_grad_norm_) or the bound (clip_grad_value_)
 
 
+# Adafactor (not elementwise): the parameter as B matrices of R x C (its last
+# two axes), cut into units fixed by the shape (`FactorJob.rb` rows by `cb`
+# columns of one matrix; an unfactored 0-d or 1-d parameter: chunks of C
+# elements), whose sums are combined in unit order (see _core_optim.pxi.tp).
+ctypedef struct FactorJob:
+    bint is_double, maximize
+    bint factored            # R x C statistics (>= 2-d), else a variance like param
+    int gk, ok               # Store codes of the gradient and of `out` (NATIVE: none)
+    void *param              # the parameter, or its float32 master
+    const void *grad
+    void *out                # the float16/bfloat16 parameter written from the master, or NULL
+    void *row_var            # factored: (B, R); else the variance, like param
+    void *col_var            # factored: (B, C); else NULL
+    Py_ssize_t B, R, C       # unfactored: B = R = 1, C elements
+    Py_ssize_t rb, cb        # rows and columns per unit (unfactored: cb elements)
+    Py_ssize_t nrb, ncb      # units per matrix along R and C
+    Py_ssize_t nunits        # B * nrb * ncb
+    double *unit_part        # (nunits,) work: each unit's sum
+    double *row_part         # (B, ncb, R) work (factored)
+    double *col_part         # (B, nrb, C) work (factored)
+    double *mean             # (B,) work: max(mean of row_var, eps1), in the loop's type
+    # the step's numbers (torch's names)
+    double inv_scale         # 1/grad_scale
+    double w                 # step**beta2_decay, the weight of the statistics' lerp
+    double eps1, eps2, d
+    double rho               # min(lr, 1/sqrt(step))
+    double decay             # 1 - lr*weight_decay
+    # set by the core
+    int stage                # the pass the units run: 1, 2, 3
+    double param_norm        # |p|, before the step (torch's param.norm(2), in the loop's type)
+    double update_norm       # |u| (torch's update.norm(2), in the loop's type)
+    double alpha, scale      # the step: p -= scale * u, scale = alpha / max(1, |u|/(sqrt(n)*d))
+
+
 cdef inline double max_nan(double a, double b) noexcept nogil:
     """max(a, b); NaN in either gives NaN (torch's max of |x|)."""
     return a if (a > b or a != a) else b
@@ -138,6 +191,8 @@ ctypedef struct OptimCore:
     # 16-bit <-> float32 (code F16, BF16 or, for narrow, BF16_SR with r_i = hash32(key + i))
     void (*widen)(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil
     void (*narrow)(const float *f, uint16_t *h, Py_ssize_t n, int code, uint32_t key) noexcept nogil
+    # one Adafactor step (the job's work arrays allocated, its numbers set)
+    void (*factored)(FactorJob *j) noexcept nogil
 
 # -------------------------------------------------------------- batchnorm ---
 # x viewed as (outer, C, inner), cut into boxes: a fixed partition that

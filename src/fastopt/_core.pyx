@@ -31,6 +31,7 @@ table.optim.scale = scale_chunks
 table.optim.clamp = clamp_chunks
 table.optim.widen = widen
 table.optim.narrow = narrow
+table.optim.factored = factored_step
 
 # -------------------------------------------------------------- batchnorm ---
 include "_core_batchnorm.pxi"

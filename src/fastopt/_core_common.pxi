@@ -3,7 +3,7 @@
 # helper that runs a job on fastopt's thread pool (`run_chunks`), and math in
 # an array's own precision.  Nothing here touches a Python object.
 from cpython.pycapsule cimport PyCapsule_GetPointer
-from libc.math cimport sqrt, sqrtf
+from libc.math cimport fabs, fabsf, sqrt, sqrtf
 
 cdef extern from "_pool_api.h" nogil:
     ctypedef void (*fastopt_chunk_fn)(void *ctx, Py_ssize_t chunk) noexcept nogil
@@ -64,3 +64,11 @@ cdef inline floating fsqrt(floating x) noexcept nogil:
         return sqrtf(x)
     else:
         return sqrt(x)
+
+
+cdef inline floating ffabs(floating x) noexcept nogil:
+    """|x| in the array's own precision."""
+    if floating is float:
+        return fabsf(x)
+    else:
+        return fabs(x)

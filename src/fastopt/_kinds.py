@@ -3,11 +3,15 @@
 A `Kind` names its hyperparameters (with ``torch.optim``'s defaults and the
 range each must lie in), its state arrays (``torch.optim``'s names, in the
 order of the native kernel's state slots, each with the option that asks for
-it) and when its step count advances.  Read by:
+it and the value it starts at), the float32 numbers of its state besides the
+arrays, and when its step count advances.  Read by:
 
 * the native group parser (``FusedStep`` in ``_optim.pyx``), which checks
   every group against these ranges at every step and knows from the slots
-  which options need state that may not exist;
+  which options need state that may not exist (the kinds it has a kernel
+  family for: SGD, RMSprop, Adam, AdamW; the others have their functional
+  kernels, ``adagrad_step``... ``adafactor_step``, and no optimizer class
+  yet);
 * the NumPy classes (`fastopt.optim`): their defaults, the checks of their
   constructor arguments, their ``state`` names;
 * the PyTorch bridge (`fastopt.torch`): the same, and torch's state names;
@@ -24,7 +28,21 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Hyper", "Slot", "Kind", "SGD", "RMSPROP", "ADAM", "ADAMW", "KINDS"]
+__all__ = ["Bound", "Hyper", "Slot", "Scalar", "Kind", "SGD", "RMSPROP", "ADAM", "ADAMW",
+           "ADAGRAD", "ADAMAX", "NADAM", "RADAM", "ADADELTA", "ASGD", "RPROP", "LION",
+           "ADAFACTOR", "KINDS"]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The range of one number of a pair whose numbers have ranges of their
+    own (`Hyper.each`): ``[lo, hi)``, the low end excluded when `lo_open`,
+    the high end included when `closed`."""
+    lo: float = 0.0
+    hi: float = math.inf
+    closed: bool = False
+    lo_open: bool = False
+    none_ok: bool = False       # None is allowed too (Adafactor's eps[0]: the dtype's epsilon)
 
 
 @dataclass(frozen=True)
@@ -33,7 +51,8 @@ class Hyper:
 
     `kind` is ``"number"`` (a finite real in ``[lo, hi)``, or ``[lo, hi]``
     when `closed`), ``"flag"`` (a bool) or ``"pair"`` (a tuple of two numbers,
-    each in ``[lo, hi)``: ``betas``).
+    each in ``[lo, hi)``: ``betas``; or each in its own range, `each`:
+    Rprop's ``etas``).
     """
     name: str
     default: Any
@@ -41,28 +60,49 @@ class Hyper:
     lo: float = 0.0
     hi: float = math.inf
     closed: bool = False
+    each: tuple[Bound, Bound] | None = None
 
 
 @dataclass(frozen=True)
 class Slot:
     """A state array: its name in ``torch.optim``'s state, and the group
     option that asks for it (None: every parameter has it).  A group needs
-    the slot when the option is true (a flag) or nonzero (a number)."""
+    the slot when the option is true (a flag) or nonzero (a number).  It
+    starts filled with `init`: a number, or the name of the hyperparameter
+    whose value it starts at (Adagrad's ``sum``, Rprop's ``step_size``).
+    Its `shape` is the parameter's (``"param"``), or Adafactor's: for a
+    parameter of 2 or more dimensions ``"rows"`` (``shape[:-1] + (1,)``) and
+    ``"cols"`` (``shape[:-2] + (1, shape[-1])``), for a 0-d or 1-d one
+    ``"vector"`` (the parameter's); a parameter has the slots its shape
+    asks for."""
     name: str
     option: str | None = None
+    init: float | str = 0.0
+    shape: str = "param"
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A number of each parameter's state besides its arrays (NAdam's
+    ``mu_product``, ASGD's ``eta`` and ``mu``), kept in float32 as
+    ``torch.optim`` keeps it; it starts at `init`, a number or the name of a
+    hyperparameter."""
+    name: str
+    init: float | str
 
 
 @dataclass(frozen=True)
 class Kind:
     """An optimizer: its native kernel family, hyperparameters and state."""
     name: str                   # as torch.optim names the class
-    native: str                 # the kernel family: "sgd", "rmsprop" or "adam"
+    native: str                 # the kernel family: "sgd", "rmsprop", "adam", "adagrad"...
     hypers: tuple[Hyper, ...]
     slots: tuple[Slot, ...]     # in the order of the native kernel's state slots
     # state["step"] advances at every update (None), or only at those made
     # with this option nonzero (SGD: momentum updates, whose count decides
     # the buffer's first-step rule)
     steps_with: str | None = None
+    scalars: tuple[Scalar, ...] = ()
 
     def defaults(self) -> dict[str, Any]:
         """The hyperparameters' defaults (a new dict)."""
@@ -118,4 +158,72 @@ ADAMW = Kind(
           else h for h in ADAM.hypers),
     ADAM.slots)
 
-KINDS = {k.name: k for k in (SGD, RMSPROP, ADAM, ADAMW)}
+_BETAS = Hyper("betas", (0.9, 0.999), "pair", hi=1.0)
+_EPS = Hyper("eps", 1e-8)
+_DECOUPLED = Hyper("decoupled_weight_decay", False, "flag")
+
+ADAGRAD = Kind(
+    "Adagrad", "adagrad",
+    (Hyper("lr", 1e-2), Hyper("lr_decay", 0.0), _WEIGHT_DECAY,
+     Hyper("initial_accumulator_value", 0.0), Hyper("eps", 1e-10), _MAXIMIZE),
+    (Slot("sum", init="initial_accumulator_value"),))
+
+ADAMAX = Kind(
+    "Adamax", "adamax",
+    (Hyper("lr", 2e-3), _BETAS, _EPS, _WEIGHT_DECAY, _MAXIMIZE),
+    (Slot("exp_avg"), Slot("exp_inf")))
+
+NADAM = Kind(
+    "NAdam", "nadam",
+    (Hyper("lr", 2e-3), _BETAS, _EPS, _WEIGHT_DECAY, Hyper("momentum_decay", 4e-3),
+     _DECOUPLED, _MAXIMIZE),
+    (Slot("exp_avg"), Slot("exp_avg_sq")),
+    scalars=(Scalar("mu_product", 1.0),))
+
+RADAM = Kind(
+    "RAdam", "radam",
+    (_LR, _BETAS, _EPS, _WEIGHT_DECAY, _DECOUPLED, _MAXIMIZE),
+    (Slot("exp_avg"), Slot("exp_avg_sq")))
+
+ADADELTA = Kind(
+    "Adadelta", "adadelta",
+    (Hyper("lr", 1.0), Hyper("rho", 0.9, hi=1.0, closed=True), Hyper("eps", 1e-6),
+     _WEIGHT_DECAY, _MAXIMIZE),
+    (Slot("square_avg"), Slot("acc_delta")))
+
+# torch checks none of lambd, alpha and t0: here lambd, alpha >= 0.
+ASGD = Kind(
+    "ASGD", "asgd",
+    (Hyper("lr", 1e-2), Hyper("lambd", 1e-4), Hyper("alpha", 0.75),
+     Hyper("t0", 1e6, lo=-math.inf), _WEIGHT_DECAY, _MAXIMIZE),
+    (Slot("ax"),),
+    scalars=(Scalar("eta", "lr"), Scalar("mu", 1.0)))
+
+RPROP = Kind(
+    "Rprop", "rprop",
+    (Hyper("lr", 1e-2),
+     Hyper("etas", (0.5, 1.2), "pair",
+           each=(Bound(0.0, 1.0, lo_open=True), Bound(1.0, math.inf, lo_open=True))),
+     Hyper("step_sizes", (1e-6, 50), "pair"), _MAXIMIZE),
+    (Slot("prev"), Slot("step_size", init="lr")))
+
+# Lion (Chen et al. 2023; optax.lion) is not in torch.optim: the names and
+# defaults are the paper's and optax's.
+LION = Kind(
+    "Lion", "lion",
+    (Hyper("lr", 1e-4), Hyper("betas", (0.9, 0.99), "pair", hi=1.0), _WEIGHT_DECAY,
+     _MAXIMIZE),
+    (Slot("exp_avg"),))
+
+# Its update is not elementwise (norms, row and column sums): the kernel
+# family "factored".
+ADAFACTOR = Kind(
+    "Adafactor", "factored",
+    (Hyper("lr", 1e-2), Hyper("beta2_decay", -0.8, lo=-math.inf, hi=0.0, closed=True),
+     Hyper("eps", (None, 1e-3), "pair", each=(Bound(none_ok=True), Bound())),
+     Hyper("d", 1.0, lo=1.0), _WEIGHT_DECAY, _MAXIMIZE),
+    (Slot("row_var", shape="rows"), Slot("col_var", shape="cols"),
+     Slot("variance", shape="vector")))
+
+KINDS = {k.name: k for k in (SGD, RMSPROP, ADAM, ADAMW, ADAGRAD, ADAMAX, NADAM, RADAM,
+                             ADADELTA, ASGD, RPROP, LION, ADAFACTOR)}

@@ -38,6 +38,60 @@ def sgd_step(
     weight_decay: float = 0.0, maximize: bool = False, first_step: bool = False,
     master: FloatArray | None = None,
 ) -> None: ...
+def adagrad_step(
+    param: FloatArray, grad: FloatArray, sum: FloatArray, *, step: SupportsIndex,
+    lr: float = 1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+    maximize: bool = False, master: FloatArray | None = None,
+) -> None: ...
+def adamax_step(
+    param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_inf: FloatArray, *,
+    step: SupportsIndex, lr: float = 2e-3,
+    betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+    weight_decay: float = 0.0, maximize: bool = False, master: FloatArray | None = None,
+) -> None: ...
+def nadam_step(
+    param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *,
+    step: SupportsIndex, mu_product: float, lr: float = 2e-3,
+    betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+    weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+    decoupled_weight_decay: bool = False, maximize: bool = False,
+    master: FloatArray | None = None,
+) -> float: ...
+def radam_step(
+    param: FloatArray, grad: FloatArray, exp_avg: FloatArray, exp_avg_sq: FloatArray, *,
+    step: SupportsIndex, lr: float = 1e-3,
+    betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+    weight_decay: float = 0.0, decoupled_weight_decay: bool = False, maximize: bool = False,
+    master: FloatArray | None = None,
+) -> None: ...
+def adadelta_step(
+    param: FloatArray, grad: FloatArray, square_avg: FloatArray, acc_delta: FloatArray, *,
+    lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6, weight_decay: float = 0.0,
+    maximize: bool = False, master: FloatArray | None = None,
+) -> None: ...
+def asgd_step(
+    param: FloatArray, grad: FloatArray, ax: FloatArray, *, step: SupportsIndex, eta: float,
+    mu: float, lr: float = 1e-2, lambd: float = 1e-4, alpha: float = 0.75, t0: float = 1e6,
+    weight_decay: float = 0.0, maximize: bool = False, master: FloatArray | None = None,
+) -> tuple[float, float]: ...
+def rprop_step(
+    param: FloatArray, grad: FloatArray, prev: FloatArray, step_size: FloatArray, *,
+    etas: tuple[float, float] | list[float] = (0.5, 1.2),
+    step_sizes: tuple[float, float] | list[float] = (1e-6, 50),
+    maximize: bool = False, master: FloatArray | None = None,
+) -> None: ...
+def lion_step(
+    param: FloatArray, grad: FloatArray, exp_avg: FloatArray, *, lr: float = 1e-4,
+    betas: tuple[float, float] | list[float] = (0.9, 0.99), weight_decay: float = 0.0,
+    maximize: bool = False, master: FloatArray | None = None,
+) -> None: ...
+def adafactor_step(
+    param: FloatArray, grad: FloatArray, *, step: SupportsIndex,
+    row_var: FloatArray | None = None, col_var: FloatArray | None = None,
+    variance: FloatArray | None = None, lr: float = 1e-2, beta2_decay: float = -0.8,
+    eps: tuple[float | None, float] | list[float | None] = (None, 1e-3), d: float = 1.0,
+    weight_decay: float = 0.0, maximize: bool = False, master: FloatArray | None = None,
+) -> None: ...
 def clip_grad_norm_(
     grads: FloatArray | Sequence[FloatArray | None], max_norm: float, norm_type: float = 2.0,
     error_if_nonfinite: bool = False, *,
@@ -100,3 +154,7 @@ def check_low_precision(state_dtype: Any, state_rounding: Any, seed: Any) -> Non
 def _convert(src: NDArray[Any], dst: NDArray[Any], stochastic_key: int | None = None) -> None: ...
 def _hash32(x: Any) -> NDArray[np.uint32]: ...
 def _idle_after_fork() -> None: ...
+# Test hook of the kernels' bfloat16-state and loss-scaling variants (_optim.pyx).
+_STORED: tuple[Callable[..., Any], ...]
+def _stored_step(kernel: Callable[..., Any], *args: Any, state: str | None = None, key: int = 0,
+                 grad_scale: float | None = None, **kwargs: Any) -> Any: ...

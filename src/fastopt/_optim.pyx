@@ -1,4 +1,5 @@
-# Fused in-place optimizer updates: Adam/AdamW, RMSprop, SGD with momentum.
+# Fused in-place optimizer updates: Adam/AdamW, RMSprop, SGD with momentum,
+# Adagrad, Adamax, NAdam, RAdam, Adadelta, ASGD, Rprop and Lion; Adafactor.
 #
 # Design
 # ------
@@ -26,7 +27,8 @@
 #   Computation is in float32 whatever the storage.  The storage is a
 #   compile-time tag of each loop variant (`segment_range` picks it), so
 #   every variant is the same formulas, vectorized; a float16 parameter's
-#   gradient and copy are converted a block at a time instead (`f16_blocks`).
+#   gradient and copy are converted a block at a time instead (`half_blocks`),
+#   and so is a bfloat16 one for the kinds after Adam, RMSprop and SGD.
 # * Loss scaling: the gradient is multiplied by 1/grad_scale (rounded to the
 #   compute type once per step) as it is read; `g *= 1` when there is none,
 #   which changes no bit.  The inf/NaN check that must precede a scaled step
@@ -35,7 +37,8 @@
 #   kernels see a bad array; nothing is written when a check fails.
 include "_common.pxi"
 
-from libc.math cimport fabs, pow, sqrt
+from libc.math cimport fabs, pow, sqrt, INFINITY
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport INT64_MAX, uint16_t, uint32_t, uint64_t
 
 cdef extern from "_half.h" nogil:
@@ -97,6 +100,129 @@ cdef inline void sgd_coef(Coef *c, double lr, double momentum, double dampening,
     c.one_minus_dampening = 1.0 - dampening
     c.nesterov = nesterov
     c.first = first
+
+
+# The kinds below follow torch.optim's single-tensor code: each scalar is
+# computed as torch computes it in Python (double, the same operations in
+# the same order; x**y is pow), once per step.
+
+cdef inline void kind_coef(Coef *c, int kind, double lr, double weight_decay, bint l2,
+                           bint maximize) noexcept nogil:
+    """The fields every kind sets."""
+    c.kind = kind
+    c.inv_scale = 1.0
+    c.found = NULL
+    c.lr = lr
+    c.weight_decay = weight_decay
+    c.l2 = l2 and weight_decay != 0
+    c.maximize = maximize
+    c.decay = 1.0
+
+
+cdef inline void adagrad_coef(Coef *c, double lr, double lr_decay, double weight_decay,
+                              double eps, bint maximize, double step) noexcept nogil:
+    kind_coef(c, ADAGRAD, lr, weight_decay, True, maximize)
+    c.eps = eps
+    c.step_size = lr / (1.0 + (step - 1.0) * lr_decay)     # torch's clr
+
+
+cdef inline void adamax_coef(Coef *c, double lr, double beta1, double beta2, double eps,
+                             double weight_decay, bint maximize, double step) noexcept nogil:
+    kind_coef(c, ADAMAX, lr, weight_decay, True, maximize)
+    c.eps = eps
+    c.one_minus_beta1 = 1.0 - beta1
+    c.beta2 = beta2
+    c.step_size = lr / (1.0 - pow(beta1, step))
+
+
+cdef inline double nadam_coef(Coef *c, double lr, double beta1, double beta2, double eps,
+                              double weight_decay, double momentum_decay, bint decoupled,
+                              bint maximize, double step, double mu_product) noexcept nogil:
+    """Returns the new mu_product.  torch keeps mu_product as a float32
+    tensor: `mu_product *= mu` is a float32 product of float32 operands."""
+    kind_coef(c, NADAM, lr, weight_decay, not decoupled, maximize)
+    if decoupled:
+        c.decay = 1.0 - lr * weight_decay
+    c.eps = eps
+    c.one_minus_beta1 = 1.0 - beta1
+    c.beta2 = beta2
+    c.one_minus_beta2 = 1.0 - beta2
+    c.bias_correction2 = 1.0 - pow(beta2, step)
+    cdef double mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
+    cdef double mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * momentum_decay))
+    mu_product = <double>(<float>mu_product * <float>mu)
+    c.grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
+    c.avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
+    return mu_product
+
+
+cdef inline void radam_coef(Coef *c, double lr, double beta1, double beta2, double eps,
+                            double weight_decay, bint decoupled, bint maximize,
+                            double step) noexcept nogil:
+    kind_coef(c, RADAM, lr, weight_decay, not decoupled, maximize)
+    if decoupled:
+        c.decay = 1.0 - lr * weight_decay
+    c.eps = eps
+    c.one_minus_beta1 = 1.0 - beta1
+    c.beta2 = beta2
+    c.one_minus_beta2 = 1.0 - beta2
+    c.bias_correction1 = 1.0 - pow(beta1, step)
+    cdef double bc2 = 1.0 - pow(beta2, step)
+    c.bias_correction2_sqrt = pow(bc2, 0.5)
+    # the length of the approximated SMA, and its maximum
+    cdef double rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    cdef double rho_t = rho_inf - 2.0 * step * pow(beta2, step) / bc2
+    c.rectify = rho_t > 5.0
+    c.rect = 1.0
+    if c.rectify:
+        c.rect = pow((rho_t - 4.0) * (rho_t - 2.0) * rho_inf
+                     / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t), 0.5)
+
+
+cdef inline void adadelta_coef(Coef *c, double lr, double rho, double eps, double weight_decay,
+                               bint maximize) noexcept nogil:
+    kind_coef(c, ADADELTA, lr, weight_decay, True, maximize)
+    c.eps = eps
+    c.alpha = rho
+    c.one_minus_alpha = 1.0 - rho
+
+
+cdef inline void asgd_coef(Coef *c, double lambd, double weight_decay, bint maximize,
+                           double eta, double mu) noexcept nogil:
+    """eta and mu: this parameter's values before the step."""
+    kind_coef(c, ASGD, eta, weight_decay, True, maximize)
+    c.eta = eta
+    c.decay = 1.0 - lambd * eta
+    c.mu = mu
+    c.average = mu != 1.0
+
+
+cdef inline void asgd_next(double *eta, double *mu, double lr, double lambd, double alpha,
+                           double t0, double step) noexcept nogil:
+    """eta and mu after step `step`, rounded to float32 (torch keeps them as
+    float32 tensors)."""
+    cdef double d = step - t0
+    eta[0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))
+    mu[0] = <float>(1.0 / (d if d > 1.0 else 1.0))        # 1 / max(1, step - t0)
+
+
+cdef inline void rprop_coef(Coef *c, double etaminus, double etaplus, double step_size_min,
+                            double step_size_max, bint maximize) noexcept nogil:
+    kind_coef(c, RPROP, 0.0, 0.0, False, maximize)
+    c.etaminus = etaminus
+    c.etaplus = etaplus
+    c.step_size_min = step_size_min
+    c.step_size_max = step_size_max
+
+
+cdef inline void lion_coef(Coef *c, double lr, double beta1, double beta2, double weight_decay,
+                           bint maximize) noexcept nogil:
+    kind_coef(c, LION, lr, weight_decay, False, maximize)
+    c.decay = 1.0 - lr * weight_decay
+    c.beta1 = beta1
+    c.one_minus_beta1 = 1.0 - beta1
+    c.beta2 = beta2
+    c.one_minus_beta2 = 1.0 - beta2
 
 
 cdef inline void fill_segment(Segment *s, cnp.ndarray param, cnp.ndarray grad, object s1,
@@ -415,6 +541,704 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
         core.optim.run_segments(&s, 1, s.n)
 
 
+# ------------------------------------------ Adagrad, Adamax ... Lion ---
+# The functional kernels of these kinds share the helpers below.  Their
+# per-parameter scalar state (NAdam's mu_product, ASGD's eta and mu) goes in
+# as keyword numbers and the new values are returned: torch.optim keeps them
+# as float32 tensors, so they are float32 numbers here too (the values given
+# are rounded to float32, those returned are float32 values).
+
+ctypedef struct StateStore:
+    int sk              # Store code of the state arrays (NATIVE; BF16, BF16_SR: `_stored_step`)
+    uint32_t key        # BF16_SR: element i draws hash32(key + i)
+    double inv_scale    # the gradient is multiplied by it as it is read
+
+
+# What a call of these kernels uses; only `_stored_step` changes it, for the
+# length of one call.
+cdef StateStore _store
+_store.sk = NATIVE
+_store.key = 0
+_store.inv_scale = 1.0
+
+
+cdef tuple number_pair(object x, str name):
+    if not isinstance(x, (tuple, list)) or len(x) != 2:
+        raise TypeError(f"{name} must be a tuple of two numbers, got {x!r}")
+    return x[0], x[1]
+
+
+cdef tuple update_arrays(object param, object grad, object master):
+    """(param, the array the kernel updates: param or its float32 master, that
+    array's name, grad), checked."""
+    cdef cnp.ndarray p = writable(any_float_array(param, "param"), "param")
+    cdef cnp.ndarray w = master_array(p, master)
+    return p, w, ("param" if w is p else "master"), grad_for(grad, p, w)
+
+
+cdef cnp.ndarray kind_state(object a, str name, cnp.ndarray w, str wname):
+    """A state array: like `w` (bfloat16 under `_stored_step`)."""
+    if _store.sk == NATIVE:
+        return state_array(a, name, w, wname)
+    cdef cnp.ndarray arr = writable(any_float_array(a, name), name)
+    if dtype_code(arr) != DT_BF16 or cnp.PyArray_TYPE(w) != cnp.NPY_FLOAT32:
+        raise TypeError(f"{name} has dtype {arr.dtype}: bfloat16 state needs a float32 {wname} "
+                        f"and bfloat16 state arrays, but {wname} has dtype {w.dtype}")
+    if not same_shape(arr, w):
+        raise ValueError(f"{name} has shape {(<object>arr).shape} but {wname} has shape "
+                         f"{(<object>w).shape}")
+    return arr
+
+
+cdef double float32_state(object x, str name, double lo, double hi) except? -1.0:
+    """A per-parameter scalar kept in float32: a number in [lo, hi], rounded."""
+    cdef double v = real(x, name)
+    if not (lo <= v <= hi):
+        raise ValueError(f"{name} must be " + (f">= {lo:g}" if hi == INFINITY else
+                                               f"in [{lo:g}, {hi:g}]") + f", got {v!r}")
+    if beyond_float32(v):
+        raise ValueError(f"{name} = {v!r} is too large for float32, the precision it is kept in")
+    return <double><float>v
+
+
+cdef int run_kind(cnp.ndarray p, cnp.ndarray w, cnp.ndarray g, tuple states, tuple names,
+                  Coef *c) except -1:
+    """Check that no two arrays overlap, then update `w` (and a 16-bit `p`)
+    and its one or two state arrays in one threaded pass."""
+    cdef Segment s
+    check_disjoint([p, g, *states, None if w is p else w],
+                   ("param", "grad") + names + ("master",))
+    g = readable(g)
+    c.inv_scale = _store.inv_scale
+    fill_segment(&s, w, g, states[0], states[1] if len(states) > 1 else None, None, c)
+    half_param(&s, p, w, g)
+    s.sk = _store.sk
+    s.key = _store.key
+    with nogil:
+        core.optim.run_segments(&s, 1, s.n)
+    return 0
+
+
+def adagrad_step(param, grad, sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=0.0,
+                 eps=1e-10, maximize=False, master=None):
+    """One Adagrad update of `param`, in place, in a single fused pass.
+
+    Follows ``torch.optim.Adagrad``.  With g the gradient (negated if `maximize`)::
+
+        g += weight_decay * param
+        clr = lr / (1 + (step - 1) * lr_decay)
+        sum += g * g
+        param -= clr * g / (sqrt(sum) + eps)
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`: `param` float32/float64 (float16/bfloat16 through
+        its float32 `master`), updated in place; `grad` like param (float32
+        for a 16-bit param), any layout and byte order.
+    sum : ndarray
+        The sum of the squared gradients, like `param` (float32 for a
+        float16/bfloat16 param); updated in place.  Start it at torch's
+        `initial_accumulator_value` (0 by default).
+    step : int
+        1 for the first update (`lr_decay` uses it); at most 2**63 - 1.
+    lr, lr_decay, weight_decay, eps, maximize
+        As in ``torch.optim.Adagrad``.
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray acc = kind_state(sum, "sum", w, wname)
+    cdef double k = step_count(step)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    cdef double lr_decay_ = at_least(lr_decay, "lr_decay", 0.0)
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    cdef double eps_ = at_least(eps, "eps", 0.0)
+    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
+    cdef Coef c
+    adagrad_coef(&c, lr_, lr_decay_, wd, eps_, maximize, k)
+    run_kind(p, w, g, (acc,), ("sum",), &c)
+
+
+def adamax_step(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
+                weight_decay=0.0, maximize=False, master=None):
+    """One Adamax update of `param`, in place, in a single fused pass.
+
+    Follows ``torch.optim.Adamax``.  With g the gradient (negated if `maximize`)::
+
+        g += weight_decay * param
+        exp_avg = lerp(exp_avg, g, 1 - beta1)       # torch's lerp_
+        exp_inf = maximum(beta2 * exp_inf, abs(g) + eps)
+        param -= lr / (1 - beta1**step) * exp_avg / exp_inf
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`.
+    exp_avg, exp_inf : ndarray
+        The first moment and the exponentially weighted infinity norm, like
+        `param` (float32 for a float16/bfloat16 param); updated in place.
+        Start them at zero.
+    step : int
+        1 for the first update; at most 2**63 - 1.
+    lr, betas, eps, weight_decay, maximize
+        As in ``torch.optim.Adamax``.
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
+    cdef cnp.ndarray u = kind_state(exp_inf, "exp_inf", w, wname)
+    cdef double k = step_count(step)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    b = number_pair(betas, "betas")
+    cdef double b1 = in_unit(b[0], "betas[0]")
+    cdef double b2 = in_unit(b[1], "betas[1]")
+    cdef double eps_ = at_least(eps, "eps", 0.0)
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
+    cdef Coef c
+    adamax_coef(&c, lr_, b1, b2, eps_, wd, maximize, k)
+    run_kind(p, w, g, (m, u), ("exp_avg", "exp_inf"), &c)
+
+
+def nadam_step(param, grad, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3,
+               betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, momentum_decay=4e-3,
+               decoupled_weight_decay=False, maximize=False, master=None):
+    """One NAdam update of `param`, in place, in a single fused pass; returns
+    the new `mu_product`.
+
+    Follows ``torch.optim.NAdam``.  With g the gradient (negated if `maximize`)::
+
+        g += weight_decay * param              # decoupled_weight_decay=False
+        param *= 1 - lr * weight_decay         # decoupled_weight_decay=True
+        mu      = beta1 * (1 - 0.5 * 0.96**(step * momentum_decay))
+        mu_next = beta1 * (1 - 0.5 * 0.96**((step + 1) * momentum_decay))
+        mu_product *= mu                       # in float32
+        exp_avg    = lerp(exp_avg, g, 1 - beta1)          # torch's lerp_
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        denom = sqrt(exp_avg_sq / (1 - beta2**step)) + eps
+        param -= lr * (1 - mu) / (1 - mu_product) * g / denom
+        param -= lr * mu_next / (1 - mu_product * mu_next) * exp_avg / denom
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`.
+    exp_avg, exp_avg_sq : ndarray
+        First and second moment estimates, like `param` (float32 for a
+        float16/bfloat16 param); updated in place.  Start them at zero.
+    step : int
+        1 for the first update; at most 2**63 - 1.
+    mu_product : float
+        The product of the momentum coefficients mu of the earlier steps:
+        1.0 before the first update, then the value the previous call
+        returned.  In [0, 1]; kept in float32 as torch keeps it (the value
+        is rounded to float32).
+    lr, betas, eps, weight_decay, momentum_decay, decoupled_weight_decay, maximize
+        As in ``torch.optim.NAdam``.
+
+    Returns
+    -------
+    float
+        The new mu_product (a float32 value), for the next call.
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
+    cdef cnp.ndarray v = kind_state(exp_avg_sq, "exp_avg_sq", w, wname)
+    cdef double k = step_count(step)
+    cdef double mp = float32_state(mu_product, "mu_product", 0.0, 1.0)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    b = number_pair(betas, "betas")
+    cdef double b1 = in_unit(b[0], "betas[0]")
+    cdef double b2 = in_unit(b[1], "betas[1]")
+    cdef double eps_ = at_least(eps, "eps", 0.0)
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    cdef double md = at_least(momentum_decay, "momentum_decay", 0.0)
+    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
+    cdef Coef c
+    mp = nadam_coef(&c, lr_, b1, b2, eps_, wd, md, decoupled_weight_decay, maximize, k, mp)
+    run_kind(p, w, g, (m, v), ("exp_avg", "exp_avg_sq"), &c)
+    return mp
+
+
+def radam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
+               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, maximize=False,
+               master=None):
+    """One RAdam update of `param`, in place, in a single fused pass.
+
+    Follows ``torch.optim.RAdam``.  With g the gradient (negated if `maximize`)::
+
+        g += weight_decay * param              # decoupled_weight_decay=False
+        param *= 1 - lr * weight_decay         # decoupled_weight_decay=True
+        exp_avg    = lerp(exp_avg, g, 1 - beta1)          # torch's lerp_
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g * g
+        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * beta2**step / bc2
+        if rho_t > 5:
+            rect = sqrt((rho_t - 4) * (rho_t - 2) * rho_inf
+                        / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            param -= exp_avg / bc1 * lr * (sqrt(bc2) / (sqrt(exp_avg_sq) + eps)) * rect
+        else:
+            param -= exp_avg / bc1 * lr
+
+    The branch is taken per step (`rho_t` depends only on `step` and beta2).
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`.
+    exp_avg, exp_avg_sq : ndarray
+        First and second moment estimates, like `param` (float32 for a
+        float16/bfloat16 param); updated in place.  Start them at zero.
+    step : int
+        1 for the first update; at most 2**63 - 1.
+    lr, betas, eps, weight_decay, decoupled_weight_decay, maximize
+        As in ``torch.optim.RAdam``.
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
+    cdef cnp.ndarray v = kind_state(exp_avg_sq, "exp_avg_sq", w, wname)
+    cdef double k = step_count(step)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    b = number_pair(betas, "betas")
+    cdef double b1 = in_unit(b[0], "betas[0]")
+    cdef double b2 = in_unit(b[1], "betas[1]")
+    cdef double eps_ = at_least(eps, "eps", 0.0)
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
+    cdef Coef c
+    radam_coef(&c, lr_, b1, b2, eps_, wd, decoupled_weight_decay, maximize, k)
+    run_kind(p, w, g, (m, v), ("exp_avg", "exp_avg_sq"), &c)
+
+
+def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6,
+                  weight_decay=0.0, maximize=False, master=None):
+    """One Adadelta update of `param`, in place, in a single fused pass.
+
+    Follows ``torch.optim.Adadelta``.  With g the gradient (negated if `maximize`)::
+
+        g += weight_decay * param
+        square_avg = rho * square_avg + (1 - rho) * g * g
+        delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * g
+        acc_delta = rho * acc_delta + (1 - rho) * delta * delta
+        param -= lr * delta
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`.
+    square_avg, acc_delta : ndarray
+        Running averages of the squared gradients and of the squared
+        updates, like `param` (float32 for a float16/bfloat16 param);
+        updated in place.  Start them at zero.
+    lr, rho, eps, weight_decay, maximize
+        As in ``torch.optim.Adadelta`` (`rho` in [0, 1]).
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray sq = kind_state(square_avg, "square_avg", w, wname)
+    cdef cnp.ndarray acc = kind_state(acc_delta, "acc_delta", w, wname)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    cdef double rho_ = real(rho, "rho")
+    if not (0.0 <= rho_ <= 1.0):
+        raise ValueError(f"rho must be in [0, 1], got {rho_!r}")
+    cdef double eps_ = at_least(eps, "eps", 0.0)
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
+    cdef Coef c
+    adadelta_coef(&c, lr_, rho_, eps_, wd, maximize)
+    run_kind(p, w, g, (sq, acc), ("square_avg", "acc_delta"), &c)
+
+
+def asgd_step(param, grad, ax, *, step, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
+              weight_decay=0.0, maximize=False, master=None):
+    """One ASGD update of `param` and its average `ax`, in place, in a single
+    fused pass; returns the new `eta` and `mu`.
+
+    Follows ``torch.optim.ASGD``.  With g the gradient (negated if `maximize`)::
+
+        g += weight_decay * param
+        param *= 1 - lambd * eta
+        param -= eta * g
+        ax += (param - ax) * mu        # ax = param where mu == 1
+        eta = lr / (1 + lambd * lr * step)**alpha      # returned, in float32
+        mu  = 1 / max(1, step - t0)                    # returned, in float32
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`.
+    ax : ndarray
+        The average of the parameter, like `param` (float32 for a
+        float16/bfloat16 param); updated in place.  Start it at zero.
+    step : int
+        1 for the first update (the new eta and mu use it); at most 2**63 - 1.
+    eta, mu : float
+        The step size and the averaging weight: `lr` and 1.0 before the
+        first update, then the values the previous call returned.  eta >= 0,
+        mu in [0, 1]; kept in float32 as torch keeps them (the values are
+        rounded to float32).
+    lr, lambd, alpha, t0, weight_decay, maximize
+        As in ``torch.optim.ASGD`` (`lambd`, `alpha` >= 0; `t0` any number).
+
+    Returns
+    -------
+    (float, float)
+        The new eta and mu (float32 values), for the next call.
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray a = kind_state(ax, "ax", w, wname)
+    cdef double k = step_count(step)
+    cdef double eta_ = float32_state(eta, "eta", 0.0, INFINITY)
+    cdef double mu_ = float32_state(mu, "mu", 0.0, 1.0)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    cdef double lambd_ = at_least(lambd, "lambd", 0.0)
+    cdef double alpha_ = at_least(alpha, "alpha", 0.0)
+    cdef double t0_ = real(t0, "t0")
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    if beyond_float32(lr_):     # eta <= lr, and eta is kept in float32
+        raise ValueError(f"lr = {lr_!r} is too large for float32, the precision eta is kept in")
+    numbers_fit(w, (wd, lambd_), ("weight_decay", "lambd"))
+    cdef Coef c
+    asgd_coef(&c, lambd_, wd, maximize, eta_, mu_)
+    run_kind(p, w, g, (a,), ("ax",), &c)
+    asgd_next(&eta_, &mu_, lr_, lambd_, alpha_, t0_, k)
+    return eta_, mu_
+
+
+def rprop_step(param, grad, prev, step_size, *, etas=(0.5, 1.2), step_sizes=(1e-6, 50),
+               maximize=False, master=None):
+    """One Rprop update of `param`, in place, in a single fused pass.
+
+    Follows ``torch.optim.Rprop``.  With g the gradient (negated if `maximize`)
+    and s = sign(g * prev), elementwise::
+
+        step_size *= etaplus if s > 0, etaminus if s < 0, else 1
+        step_size = clamp(step_size, step_size_min, step_size_max)
+        g = 0 where s < 0
+        param -= sign(g) * step_size
+        prev = g
+
+    As torch.sign, sign(NaN) is 0 (a NaN gradient leaves the parameter
+    where it is).
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`.
+    prev, step_size : ndarray
+        The previous gradient and the per-element step sizes, like `param`
+        (float32 for a float16/bfloat16 param); updated in place.  Start
+        `prev` at zero and `step_size` at torch's `lr` (1e-2 by default).
+    etas : (float, float)
+        (etaminus, etaplus), 0 < etaminus < 1 < etaplus.
+    step_sizes : (float, float)
+        (step_size_min, step_size_max), each >= 0.
+    maximize : bool
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray pv = kind_state(prev, "prev", w, wname)
+    cdef cnp.ndarray ss = kind_state(step_size, "step_size", w, wname)
+    e = number_pair(etas, "etas")
+    cdef double em = real(e[0], "etas[0]"), ep = real(e[1], "etas[1]")
+    if not 0.0 < em < 1.0:
+        raise ValueError(f"etas[0] must be in (0, 1), got {em!r}")
+    if not ep > 1.0:
+        raise ValueError(f"etas[1] must be > 1, got {ep!r}")
+    z = number_pair(step_sizes, "step_sizes")
+    cdef double smin = at_least(z[0], "step_sizes[0]", 0.0)
+    cdef double smax = at_least(z[1], "step_sizes[1]", 0.0)
+    numbers_fit(w, (ep, smin, smax), ("etas[1]", "step_sizes[0]", "step_sizes[1]"))
+    cdef Coef c
+    rprop_coef(&c, em, ep, smin, smax, maximize)
+    run_kind(p, w, g, (pv, ss), ("prev", "step_size"), &c)
+
+
+def lion_step(param, grad, exp_avg, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
+              maximize=False, master=None):
+    """One Lion update of `param`, in place, in a single fused pass.
+
+    Lion (Chen et al., "Symbolic Discovery of Optimization Algorithms",
+    2023; optax.lion), not in torch.optim.  With g the gradient (negated if
+    `maximize`)::
+
+        param *= 1 - lr * weight_decay
+        param -= lr * sign(beta1 * exp_avg + (1 - beta1) * g)
+        exp_avg = beta2 * exp_avg + (1 - beta2) * g
+
+    sign(0) is 0; a NaN stays NaN (as jnp.sign), so a NaN gradient makes
+    the parameter NaN.
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step`.
+    exp_avg : ndarray
+        The momentum, like `param` (float32 for a float16/bfloat16 param);
+        updated in place.  Start it at zero.
+    lr : float
+        >= 0 (1e-4 by default: Lion's steps have norm lr * sqrt(n), so it
+        takes a rate 3-10x smaller than AdamW's).
+    betas : (float, float)
+        Each in [0, 1).
+    weight_decay : float
+        >= 0, decoupled.
+    maximize : bool
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    b = number_pair(betas, "betas")
+    cdef double b1 = in_unit(b[0], "betas[0]")
+    cdef double b2 = in_unit(b[1], "betas[1]")
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    numbers_fit(w, (lr_, wd), ("lr", "weight_decay"))
+    cdef Coef c
+    lion_coef(&c, lr_, b1, b2, wd, maximize)
+    run_kind(p, w, g, (m,), ("exp_avg",), &c)
+
+
+# Adafactor's units (FactorJob): a matrix is cut into blocks of at most
+# FAC_COLS columns by as many rows as make about FAC_UNIT elements, a
+# vector into chunks of FAC_UNIT elements.  The work arrays hold a double
+# per unit, per row and column block: at most about an eighth of the
+# parameter's elements.
+DEF FAC_UNIT = 32768
+DEF FAC_COLS = 4096
+
+
+cdef cnp.ndarray factor_state(object a, str name, cnp.ndarray w, str wname, tuple shape):
+    """Adafactor's row_var / col_var: w's dtype, the given shape, updatable in place."""
+    cdef cnp.ndarray arr = writable(float_array(a, name), name)
+    if cnp.PyArray_TYPE(arr) != cnp.PyArray_TYPE(w):
+        raise TypeError(f"{name} has dtype {arr.dtype} but {wname} has dtype {w.dtype}")
+    if (<object>arr).shape != shape:
+        raise ValueError(f"{name} must have shape {shape} for a {wname} of shape "
+                         f"{(<object>w).shape}, got {(<object>arr).shape}")
+    return arr
+
+
+def adafactor_step(param, grad, *, step, row_var=None, col_var=None, variance=None, lr=1e-2,
+                   beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, maximize=False,
+                   master=None):
+    """One Adafactor update of `param` and its second-moment statistics, in place.
+
+    Follows ``torch.optim.Adafactor`` (Shazeer and Stern, 2018).  With g
+    the gradient (negated if `maximize`) and n the number of elements::
+
+        w = step**beta2_decay
+        alpha = max(eps2, norm(param) / sqrt(n)) * min(lr, 1 / sqrt(step))
+        param *= 1 - lr * weight_decay
+        # param of 2 or more dimensions: B matrices of R x C (its last two axes)
+        row_var = lerp(row_var, sum(g*g, axis=-1) / C, w)       # (..., R, 1)
+        col_var = lerp(col_var, sum(g*g, axis=-2) / R, w)       # (..., 1, C)
+        v = row_var * col_var / max(mean(row_var, axis=-2), eps1)
+        # param of 0 or 1 dimension
+        variance = lerp(variance, g*g, w)
+        v = variance
+        u = g / sqrt(max(v, eps1**2))
+        param -= alpha / max(1, norm(u) / (sqrt(n) * d)) * u
+
+    (`lerp` is torch's lerp_.)  Not elementwise: three threaded passes (the
+    norms and the row and column sums, in double, over blocks fixed by the
+    shape and combined in a fixed order: the same bits on any number of
+    threads), with a work area of a double per block row and column (at
+    most about an eighth of the parameter's elements).
+
+    Parameters
+    ----------
+    param, grad, master
+        As in `adam_step` (a float16/bfloat16 param through its float32
+        master: the update, and eps1, are float32's).
+    step : int
+        1 for the first update; at most 2**63 - 1.
+    row_var, col_var : ndarray, optional
+        For a param of 2 or more dimensions (and only then): the row and
+        column statistics, of shapes ``param.shape[:-1] + (1,)`` and
+        ``param.shape[:-2] + (1, param.shape[-1])``, the param's dtype
+        (float32 for a float16/bfloat16 param); updated in place.  Start
+        them at zero.
+    variance : ndarray, optional
+        For a param of 0 or 1 dimension (and only then): like `param`
+        (float32 for a float16/bfloat16 param), updated in place.  Start it
+        at zero.
+    lr, beta2_decay, d, weight_decay, maximize
+        As in ``torch.optim.Adafactor`` (`beta2_decay` <= 0, `d` >= 1).
+    eps : (float or None, float)
+        (eps1, eps2), each >= 0; eps1 None: the machine epsilon of the
+        dtype the update is computed in.
+
+    Returns
+    -------
+    None
+    """
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef tuple shape = (<object>w).shape
+    cdef int nd = len(shape)
+    cdef list states
+    cdef tuple names
+    cdef tuple rows_shape, cols_shape
+    if nd >= 2:
+        # (explicit indices: wraparound is off)
+        rows_shape = shape[:nd - 1] + (1,)
+        cols_shape = shape[:nd - 2] + (1, shape[nd - 1])
+        if variance is not None:
+            raise ValueError(f"variance is the state of a 0-d or 1-d param; a {nd}-d param has "
+                             "row_var and col_var")
+        if row_var is None or col_var is None:
+            raise ValueError(f"a {nd}-d param needs row_var and col_var (arrays of shapes "
+                             f"{rows_shape} and {cols_shape})")
+        states = [factor_state(row_var, "row_var", w, wname, rows_shape),
+                  factor_state(col_var, "col_var", w, wname, cols_shape)]
+        names = ("row_var", "col_var")
+    else:
+        if row_var is not None or col_var is not None:
+            raise ValueError(f"row_var and col_var are the state of a param of 2 or more "
+                             f"dimensions; a {nd}-d param has variance")
+        if variance is None:
+            raise ValueError(f"a {nd}-d param needs variance (an array like {wname})")
+        states = [state_array(variance, "variance", w, wname)]
+        names = ("variance",)
+    if _store.sk != NATIVE:
+        raise ValueError("adafactor_step keeps its state in the param's dtype")
+    cdef double k = step_count(step)
+    cdef double lr_ = at_least(lr, "lr", 0.0)
+    cdef double b2d = real(beta2_decay, "beta2_decay")
+    if not b2d <= 0.0:
+        raise ValueError(f"beta2_decay must be <= 0, got {b2d!r}")
+    e = number_pair(eps, "eps")
+    cdef bint is_double = cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64
+    cdef double eps1 = ((2.220446049250313e-16 if is_double else 1.1920928955078125e-07)
+                        if e[0] is None else at_least(e[0], "eps[0]", 0.0))
+    cdef double eps2 = at_least(e[1], "eps[1]", 0.0)
+    cdef double d_ = at_least(d, "d", 1.0)
+    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
+    numbers_fit(w, (lr_, eps1, wd), ("lr", "eps[0]", "weight_decay"))
+    check_disjoint([p, g] + states + [None if w is p else w],
+                   ("param", "grad") + names + ("master",))
+    g = readable(g)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
+    if n == 0:
+        return
+    cdef FactorJob j
+    j.is_double = is_double
+    j.maximize = maximize
+    j.factored = nd >= 2
+    j.param = cnp.PyArray_DATA(w)
+    j.grad = cnp.PyArray_DATA(g)
+    j.out = NULL
+    j.gk = j.ok = NATIVE
+    if w is not p:
+        j.out = cnp.PyArray_DATA(p)
+        j.ok = store_of(dtype_code(p))
+        j.gk = store_of(dtype_code(g))
+    j.row_var = cnp.PyArray_DATA(<cnp.ndarray>states[0])
+    j.col_var = cnp.PyArray_DATA(<cnp.ndarray>states[1]) if nd >= 2 else NULL
+    if nd >= 2:
+        j.R = shape[nd - 2]
+        j.C = shape[nd - 1]
+        j.B = n // (j.R * j.C)
+        j.cb = min(j.C, FAC_COLS)
+        j.rb = min(j.R, max(1, FAC_UNIT // j.cb))
+    else:
+        j.B = j.R = j.rb = 1
+        j.C = n
+        j.cb = FAC_UNIT
+    j.nrb = (j.R + j.rb - 1) // j.rb
+    j.ncb = (j.C + j.cb - 1) // j.cb
+    j.nunits = j.B * j.nrb * j.ncb
+    j.inv_scale = _store.inv_scale
+    j.w = pow(k, b2d)
+    j.eps1 = eps1
+    j.eps2 = eps2
+    j.d = d_
+    cdef double r = 1.0 / pow(k, 0.5)
+    j.rho = r if r < lr_ else lr_                                # min(lr, 1/sqrt(step))
+    j.decay = 1.0 - lr_ * wd
+    cdef Py_ssize_t nwork = j.nunits + (j.B * (j.ncb * j.R + j.nrb * j.C + 1) if nd >= 2 else 0)
+    cdef double *work = <double *>PyMem_Malloc(nwork * sizeof(double))
+    if work == NULL:
+        raise MemoryError()
+    j.unit_part = work
+    j.row_part = work + j.nunits
+    j.col_part = j.row_part + j.B * j.ncb * j.R
+    j.mean = j.col_part + j.B * j.nrb * j.C
+    try:
+        with nogil:
+            core.optim.factored(&j)
+    finally:
+        PyMem_Free(work)
+
+
+# The functional kernels that `_stored_step` can run (adafactor_step: with
+# grad_scale only).
+_STORED = (adagrad_step, adamax_step, nadam_step, radam_step, adadelta_step, asgd_step,
+           rprop_step, lion_step, adafactor_step)
+
+
+def _stored_step(kernel, *args, state=None, key=0, grad_scale=None, **kwargs):
+    """`kernel(*args, **kwargs)` as an optimizer's step runs it (a test hook
+    of the loops' storage variants, not for concurrent use): with bfloat16
+    state arrays (`state` "bfloat16": rounded to nearest even;
+    "bfloat16_sr": stochastically, element i with the random bits
+    hash32(key + i); not for adafactor_step) and the gradient multiplied by
+    1/grad_scale as it is read.  `kernel` is one of `_STORED`."""
+    global _store
+    if not any(kernel is k for k in _STORED):
+        raise ValueError(f"kernel must be one of {[k.__name__ for k in _STORED]}")
+    if state not in (None, "bfloat16", "bfloat16_sr"):
+        raise ValueError(f"state must be None, 'bfloat16' or 'bfloat16_sr', got {state!r}")
+    cdef StateStore plain = _store
+    cdef StateStore st = plain
+    st.sk = NATIVE if state is None else BF16 if state == "bfloat16" else BF16_SR
+    st.key = <uint32_t>(integer(key, "key") & 0xffffffff)
+    st.inv_scale = 1.0 if grad_scale is None else reciprocal_scale(grad_scale)
+    _store = st
+    try:
+        return kernel(*args, **kwargs)
+    finally:
+        _store = plain
+
+
 # ======================================================= fused optimizer ===
 #
 # `FusedStep` is the native step of the optimizer objects of `optim.py` and
@@ -592,6 +1416,8 @@ cdef int load_kinds() except -1:
     cdef int k, j
     cdef object h
     for decl in _kinds.KINDS.values():
+        if decl.native not in KINDS:    # a kind with its functional kernel only, so far
+            continue
         k = KINDS[decl.native]
         if SPEC_KEYS[k] is not None:    # AdamW: Adam's kernel and ranges, other defaults
             if [(h.name, h.kind, h.lo, h.hi, h.closed) for h in decl.hypers] != SPEC_KEYS[k][1]:
