@@ -1076,7 +1076,7 @@ def adafactor_step(param, grad, *, step, row_var=None, col_var=None, variance=No
         u = g / sqrt(max(v, eps1**2))
         param -= alpha / max(1, norm(u) / (sqrt(n) * d)) * u
 
-    (`lerp` is torch's lerp_.)  Not elementwise: three threaded passes (the
+    (`lerp` is torch's ``lerp_``.)  Not elementwise: three threaded passes (the
     norms and the row and column sums, in double, over blocks fixed by the
     shape and combined in a fixed order: the same bits on any number of
     threads), with a work area of a double per block row and column (at
