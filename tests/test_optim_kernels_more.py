@@ -699,6 +699,37 @@ def test_bfloat16_state_is_the_float32_step_rounded(case, rounding):
                                           err_msg=f"{s} at step {t}")
 
 
+@needs_bf16
+@pytest.mark.parametrize("case", FULL, ids=case_id)
+@pytest.mark.parametrize("pdtype", HALF)
+@pytest.mark.parametrize("rounding", ["bfloat16", "bfloat16_sr"])
+def test_half_params_with_bfloat16_state(case, pdtype, rounding):
+    """Both at once (a 16-bit param's blocks with bfloat16 state): the master
+    and the state as a float32 param's with the same state."""
+    name, opts = case
+    kind = KINDS[name]
+    ko = kernel_opts(name, opts)
+    pdtype = half(pdtype)
+    n = 3000
+    arrays, scalars = kind.start(n, np.float32, opts, np.random.default_rng(17))
+    kind.randomize(arrays, np.random.default_rng(18))
+    param = arrays["param"].astype(pdtype)
+    master = param.astype(np.float32)
+    states = {s: arrays[s].astype(BF16) for s in kind.states}
+    ref = dict(param=master.copy(), **{s: a.copy() for s, a in states.items()})
+    ref_scalars = dict(scalars)
+    hook = dict(state=rounding, key=12345)
+    for t, g in enumerate(grads(n, np.float32, 3, 19), 1):
+        g16 = g.astype(pdtype)
+        scalars = kind.call(dict(param=param, **states), g16, ko, t, scalars, master=master, **hook)
+        ref_scalars = kind.call(ref, g16.astype(np.float32), ko, t, ref_scalars, **hook)
+        assert scalars == ref_scalars
+        assert_bits(master, ref["param"], f"master at step {t}")
+        np.testing.assert_array_equal(param.view(np.uint16), master.astype(pdtype).view(np.uint16))
+        for s in kind.states:
+            np.testing.assert_array_equal(states[s].view(np.uint16), ref[s].view(np.uint16), s)
+
+
 @pytest.mark.parametrize("case", FULL, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_scale_divides_the_gradient_as_it_is_read(case, dtype):
