@@ -249,7 +249,8 @@ def test_bad_input_raises_and_changes_nothing():
     snap = Snapshot(p, rv, cv, v1, p1)
     f = fastopt.adafactor_step
     cases = [
-        (lambda: f(p, g, step=1, row_var=rv), ValueError, r"^a 2-d param needs row_var and col_var"),
+        (lambda: f(p, g, step=1, row_var=rv), ValueError,
+         r"^a 2-d param needs row_var and col_var"),
         (lambda: f(p, g, step=1, row_var=rv, col_var=cv, variance=v1), ValueError,
          r"^variance is the state of a 0-d or 1-d param"),
         (lambda: f(p1, g[0], step=1, variance=v1, row_var=rv), ValueError,

@@ -13,11 +13,13 @@ trajectories agree to ~1e-12 and float32 ones to a few float32 ulps of the
 values involved.
 """
 import inspect
-import itertools
 import math
+import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastopt
 from conftest import Snapshot, num_threads
@@ -119,7 +121,8 @@ def radam_ref(p, g, m, v, *, step, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight
     rho_inf = 2 / (1 - b2) - 1
     rho_t = rho_inf - 2 * step * (b2 ** step) / bc2
     if rho_t > 5.0:
-        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf
+                / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
         adaptive = (1 / (np.sqrt(v) + eps)) * bc2 ** 0.5      # scalar / tensor: reciprocal * scalar
         p = p - bias_corrected * lr * adaptive * rect
     else:
@@ -184,7 +187,8 @@ class Kind:
     how each starts, the per-parameter scalars it takes and returns, and
     whether it takes `step`."""
 
-    def __init__(self, name, kernel, ref, states, *, init=None, scalars=(), step=True, torch_name=None):
+    def __init__(self, name, kernel, ref, states, *, init=None, scalars=(), step=True,
+                 torch_name=None):
         self.name, self.kernel, self.ref, self.states = name, kernel, ref, states
         self.init = init or {}            # state name -> options -> its initial value
         self.scalars = scalars            # (name, options -> initial value)
@@ -454,7 +458,8 @@ def test_trajectory_matches_torch(case, dtype):
         for k, v in scalars.items():
             assert v == float(tstate[k]), (k, t)
         assert float(tstate["step"]) == t
-    checks = [("param", arrays["param"], q)] + [(s, arrays[s], tstate[s].numpy()) for s in kind.states]
+    checks = [("param", arrays["param"], q)] + [(s, arrays[s], tstate[s].numpy())
+                                                for s in kind.states]
     for what, mine, theirs in checks:
         assert mine.dtype == theirs.dtype == dtype
         np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs))
@@ -501,11 +506,12 @@ def test_nan_and_inf_gradients_as_torch(name):
             scalars = kind.call(arrays, g, {}, t, scalars)
             for key, theirs in [("param", q)] + [(s, tstate[s].numpy()) for s in kind.states]:
                 mine = arrays[key]
-                np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs), err_msg=f"{key} {t}")
-                np.testing.assert_array_equal(np.isinf(mine), np.isinf(theirs), err_msg=f"{key} {t}")
+                what = f"{key} at step {t}"
+                np.testing.assert_array_equal(np.isnan(mine), np.isnan(theirs), err_msg=what)
+                np.testing.assert_array_equal(np.isinf(mine), np.isinf(theirs), err_msg=what)
                 fin = np.isfinite(theirs)
                 np.testing.assert_allclose(mine[fin], theirs[fin], rtol=1e-12, atol=1e-15,
-                                           err_msg=f"{key} {t}")
+                                           err_msg=what)
 
 
 # ---------------------------------------------------- the declarations ---
@@ -581,9 +587,6 @@ def test_kernel_refuses_what_the_declaration_refuses(name):
             snap.assert_unchanged()
         if h.kind == "number" and h.closed and math.isfinite(h.hi):
             kind.call({k: v.copy() for k, v in arrays.items()}, g, {h.name: h.hi}, 1, scalars)
-
-
-import re  # noqa: E402
 
 
 # ------------------------------------------------------------ threads ---
@@ -696,6 +699,37 @@ def test_bfloat16_state_is_the_float32_step_rounded(case, rounding):
                                           err_msg=f"{s} at step {t}")
 
 
+@needs_bf16
+@pytest.mark.parametrize("case", FULL, ids=case_id)
+@pytest.mark.parametrize("pdtype", HALF)
+@pytest.mark.parametrize("rounding", ["bfloat16", "bfloat16_sr"])
+def test_half_params_with_bfloat16_state(case, pdtype, rounding):
+    """Both at once (a 16-bit param's blocks with bfloat16 state): the master
+    and the state as a float32 param's with the same state."""
+    name, opts = case
+    kind = KINDS[name]
+    ko = kernel_opts(name, opts)
+    pdtype = half(pdtype)
+    n = 3000
+    arrays, scalars = kind.start(n, np.float32, opts, np.random.default_rng(17))
+    kind.randomize(arrays, np.random.default_rng(18))
+    param = arrays["param"].astype(pdtype)
+    master = param.astype(np.float32)
+    states = {s: arrays[s].astype(BF16) for s in kind.states}
+    ref = dict(param=master.copy(), **{s: a.copy() for s, a in states.items()})
+    ref_scalars = dict(scalars)
+    hook = dict(state=rounding, key=12345)
+    for t, g in enumerate(grads(n, np.float32, 3, 19), 1):
+        g16 = g.astype(pdtype)
+        scalars = kind.call(dict(param=param, **states), g16, ko, t, scalars, master=master, **hook)
+        ref_scalars = kind.call(ref, g16.astype(np.float32), ko, t, ref_scalars, **hook)
+        assert scalars == ref_scalars
+        assert_bits(master, ref["param"], f"master at step {t}")
+        np.testing.assert_array_equal(param.view(np.uint16), master.astype(pdtype).view(np.uint16))
+        for s in kind.states:
+            np.testing.assert_array_equal(states[s].view(np.uint16), ref[s].view(np.uint16), s)
+
+
 @pytest.mark.parametrize("case", FULL, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_grad_scale_divides_the_gradient_as_it_is_read(case, dtype):
@@ -753,7 +787,8 @@ def bad_calls(kind):
     yield "state read-only", {first: ro}, ValueError, rf"^{first} is read-only"
     yield "param swapped", dict(param=np.zeros(5, ">f8")), TypeError, r"^param has dtype '>f8'"
     yield "param strided", dict(param=np.zeros(10)[::2]), ValueError, r"^param must be C-contiguous"
-    yield "master for float64", dict(master=np.zeros(5, np.float32)), ValueError, r"^master is only for"
+    yield ("master for float64", dict(master=np.zeros(5, np.float32)), ValueError,
+           r"^master is only for")
     yield "overlap", "overlap", ValueError, rf"^param and {first} overlap in memory"
     yield "grad overlaps", "grad overlap", ValueError, rf"^grad and {first} overlap in memory"
     if kind.step:
@@ -806,7 +841,8 @@ def test_bad_per_parameter_scalars_change_nothing():
     with pytest.raises(TypeError, match="mu_product"):
         fastopt.nadam_step(p, g, m, v, step=1)             # required
     ax = np.zeros(4)
-    for kw, msg in [(dict(eta=-1.0), r"^eta must be >= 0"), (dict(eta=1e39), r"^eta = .* too large"),
+    for kw, msg in [(dict(eta=-1.0), r"^eta must be >= 0"),
+                    (dict(eta=1e39), r"^eta = .* too large"),
                     (dict(mu=0.0 - 1e-9), r"^mu must be in"), (dict(mu=2.0), r"^mu must be in")]:
         with pytest.raises(ValueError, match=msg):
             fastopt.asgd_step(p, g, ax, step=1, **dict(dict(eta=0.01, mu=1.0), **kw))
@@ -862,9 +898,6 @@ def test_grad_may_be_strided_or_swapped(name):
 
 
 # ------------------------------------------------------------ hypothesis ---
-
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 unit = st.floats(0.0, 0.9999)
 pos = st.floats(0.0, 2.0)
