@@ -15,7 +15,8 @@ from ._softmax import cross_entropy, log_softmax, softmax
 
 from . import lr_scheduler
 from .amp import GradScaler
-from .optim import SGD, Adam, AdamW, RMSprop, flat_views
+from .optim import (ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam,
+                    RMSprop, Rprop, flat_views)
 from .training import (EWA, bias_corrected, ewa_update, log_uniform, minibatches,
                        sample_beta, take_rows)
 
@@ -23,7 +24,8 @@ __all__ = [
     "adam_step", "adamw_step", "rmsprop_step", "sgd_step", "adagrad_step", "adamax_step",
     "nadam_step", "radam_step", "adadelta_step", "asgd_step", "rprop_step", "lion_step",
     "adafactor_step", "clip_grad_norm_", "clip_grad_value_",
-    "SGD", "RMSprop", "Adam", "AdamW", "flat_views", "lr_scheduler", "GradScaler",
+    "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
+    "ASGD", "Rprop", "Lion", "flat_views", "lr_scheduler", "GradScaler",
     "batch_norm_forward", "batch_norm_backward", "BatchNormContext",
     "log_softmax", "softmax", "cross_entropy",
     "minibatches", "take_rows", "ewa_update", "bias_corrected", "EWA",

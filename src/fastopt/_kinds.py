@@ -122,6 +122,15 @@ class Kind:
         """Which state arrays the parameters of `group` need."""
         return tuple(s.option is None or bool(group[s.option]) for s in self.slots)
 
+    @property
+    def scalar_names(self) -> tuple[str, ...]:
+        return tuple(x.name for x in self.scalars)
+
+    @staticmethod
+    def start(item: Slot | Scalar, group: dict[str, Any]) -> float:
+        """The value a state slot or number of a parameter of `group` starts at."""
+        return float(group[item.init]) if isinstance(item.init, str) else float(item.init)
+
     def counts_steps(self, group: dict[str, Any]) -> bool:
         """Whether an update of `group` advances its parameters' step counts."""
         return self.steps_with is None or bool(group[self.steps_with])

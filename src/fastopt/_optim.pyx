@@ -137,7 +137,8 @@ cdef inline void adamax_coef(Coef *c, double lr, double beta1, double beta2, dou
 
 cdef inline double nadam_coef(Coef *c, double lr, double beta1, double beta2, double eps,
                               double weight_decay, double momentum_decay, bint decoupled,
-                              bint maximize, double step, double mu_product) noexcept nogil:
+                              bint maximize, double step, double mu_product,
+                              bint single=True) noexcept nogil:
     """Returns the new mu_product.  torch keeps mu_product as a float32
     tensor: `mu_product *= mu` is a float32 product of float32 operands."""
     kind_coef(c, NADAM, lr, weight_decay, not decoupled, maximize)
@@ -150,7 +151,10 @@ cdef inline double nadam_coef(Coef *c, double lr, double beta1, double beta2, do
     c.bias_correction2 = 1.0 - pow(beta2, step)
     cdef double mu = beta1 * (1.0 - 0.5 * pow(0.96, step * momentum_decay))
     cdef double mu_next = beta1 * (1.0 - 0.5 * pow(0.96, (step + 1.0) * momentum_decay))
-    mu_product = <double>(<float>mu_product * <float>mu)
+    if single:
+        mu_product = <double>(<float>mu_product * <float>mu)
+    else:                   # (torch under set_default_dtype(torch.float64))
+        mu_product = mu_product * mu
     c.grad_coef = lr * (1.0 - mu) / (1.0 - mu_product)
     c.avg_coef = lr * mu_next / (1.0 - mu_product * mu_next)
     return mu_product
@@ -198,12 +202,15 @@ cdef inline void asgd_coef(Coef *c, double lambd, double weight_decay, bint maxi
 
 
 cdef inline void asgd_next(double *eta, double *mu, double lr, double lambd, double alpha,
-                           double t0, double step) noexcept nogil:
+                           double t0, double step, bint single=True) noexcept nogil:
     """eta and mu after step `step`, rounded to float32 (torch keeps them as
     float32 tensors)."""
     cdef double d = step - t0
-    eta[0] = <float>(lr / pow(1.0 + lambd * lr * step, alpha))
-    mu[0] = <float>(1.0 / (d if d > 1.0 else 1.0))        # 1 / max(1, step - t0)
+    eta[0] = lr / pow(1.0 + lambd * lr * step, alpha)
+    mu[0] = 1.0 / (d if d > 1.0 else 1.0)                  # 1 / max(1, step - t0)
+    if single:
+        eta[0] = <float>eta[0]
+        mu[0] = <float>mu[0]
 
 
 cdef inline void rprop_coef(Coef *c, double etaminus, double etaplus, double step_size_min,
@@ -1283,6 +1290,8 @@ import numpy as np
 
 ctypedef struct Hyper:
     double lr, beta1, beta2, eps, weight_decay, alpha, momentum, dampening
+    double lr_decay, initial_accumulator_value, momentum_decay, rho, lambd, t0
+    double etaminus, etaplus, step_size_min, step_size_max     # (two pairs)
     bint amsgrad, decoupled, centered, nesterov, maximize
 
 
@@ -1372,7 +1381,10 @@ cdef class Written:
 
 from fastopt import _kinds
 
-cdef dict KINDS = {"adam": ADAM, "rmsprop": RMSPROP, "sgd": SGD}
+cdef dict KINDS = {"adam": ADAM, "rmsprop": RMSPROP, "sgd": SGD, "adagrad": ADAGRAD,
+                   "adamax": ADAMAX, "nadam": NADAM, "radam": RADAM, "adadelta": ADADELTA,
+                   "asgd": ASGD, "rprop": RPROP, "lion": LION}
+DEF NKINDS = 13                 # Kind values (CHECK and UNSCALE have no specs)
 
 cdef enum HyperType:
     H_NUMBER = 0
@@ -1381,8 +1393,10 @@ cdef enum HyperType:
 
 ctypedef struct HyperSpec:
     int type
-    double lo, hi
-    bint closed
+    double lo[2]                # the range of each number (a pair's two may differ)
+    double hi[2]
+    bint closed[2]
+    bint lo_open[2]
     Py_ssize_t offset           # of its field in Hyper
 
 DEF MAX_HYPERS = 16
@@ -1400,46 +1414,63 @@ cdef dict HYPER_FIELDS = {      # a declared name -> its field's offset in Hyper
     "dampening": field_of(&_layout.dampening), "amsgrad": field_of(&_layout.amsgrad),
     "decoupled_weight_decay": field_of(&_layout.decoupled),
     "centered": field_of(&_layout.centered), "nesterov": field_of(&_layout.nesterov),
-    "maximize": field_of(&_layout.maximize)}
+    "maximize": field_of(&_layout.maximize), "lr_decay": field_of(&_layout.lr_decay),
+    "initial_accumulator_value": field_of(&_layout.initial_accumulator_value),
+    "momentum_decay": field_of(&_layout.momentum_decay), "rho": field_of(&_layout.rho),
+    "lambd": field_of(&_layout.lambd), "t0": field_of(&_layout.t0),
+    "etas": field_of(&_layout.etaminus), "step_sizes": field_of(&_layout.step_size_min)}
 
-cdef HyperSpec SPECS[3][MAX_HYPERS]
-cdef int NSPECS[3]
-cdef list SPEC_KEYS = [None, None, None]    # per native kind: the keys, in spec order
+cdef HyperSpec SPECS[NKINDS][MAX_HYPERS]
+cdef int NSPECS[NKINDS]
+cdef list SPEC_KEYS = [None] * NKINDS       # per native kind: the keys, in spec order
 # Per native kind: the state slots s1, s2, s3 of a Segment (names as in
 # PyTorch's state; None: no such slot), and for each the option that asks
 # for it: None, or (key, offset of its field in Hyper, whether it is a flag).
-cdef list SLOT_NAMES = [None, None, None]
-cdef list SLOT_OPTIONS = [None, None, None]
+cdef list SLOT_NAMES = [None] * NKINDS
+cdef list SLOT_OPTIONS = [None] * NKINDS
+# Per native kind: the names of its per-parameter numbers besides the
+# arrays (NAdam's mu_product, ASGD's eta and mu), at most 2.
+cdef list SCALAR_NAMES = [()] * NKINDS
+
+
+cdef tuple hyper_ranges(object h):
+    """The ranges of declared hyperparameter h, as (lo, hi, closed, lo_open) per number."""
+    if h.each is not None:
+        return tuple((b.lo, b.hi, b.closed, b.lo_open) for b in h.each)
+    return ((h.lo, h.hi, h.closed, False),) * 2
 
 
 cdef int load_kinds() except -1:
-    cdef int k, j
+    cdef int k, j, e
     cdef object h
     for decl in _kinds.KINDS.values():
-        if decl.native not in KINDS:    # a kind with its functional kernel only, so far
+        if decl.native not in KINDS:    # (Adafactor: no fused kernel family)
             continue
         k = KINDS[decl.native]
+        spec = [(h.name, h.kind, hyper_ranges(h)) for h in decl.hypers]
         if SPEC_KEYS[k] is not None:    # AdamW: Adam's kernel and ranges, other defaults
-            if [(h.name, h.kind, h.lo, h.hi, h.closed) for h in decl.hypers] != SPEC_KEYS[k][1]:
+            if spec != SPEC_KEYS[k][1]:
                 raise ImportError(f"{decl.name} shares the {decl.native} kernel but not its ranges")
             continue
-        if len(decl.hypers) > MAX_HYPERS or len(decl.slots) > 3:
-            raise ImportError(f"{decl.name}: too many hyperparameters or state slots")
+        if len(decl.hypers) > MAX_HYPERS or len(decl.slots) > 3 or len(decl.scalars) > 2:
+            raise ImportError(f"{decl.name}: too many hyperparameters, state slots or scalars")
         for j, h in enumerate(decl.hypers):
             SPECS[k][j].type = {"number": H_NUMBER, "flag": H_FLAG, "pair": H_PAIR}[h.kind]
-            SPECS[k][j].lo = h.lo
-            SPECS[k][j].hi = h.hi
-            SPECS[k][j].closed = h.closed
+            for e, (lo, hi, closed, lo_open) in enumerate(hyper_ranges(h)):
+                SPECS[k][j].lo[e] = lo
+                SPECS[k][j].hi[e] = hi
+                SPECS[k][j].closed[e] = closed
+                SPECS[k][j].lo_open[e] = lo_open
             SPECS[k][j].offset = HYPER_FIELDS[h.name]
         NSPECS[k] = len(decl.hypers)
-        SPEC_KEYS[k] = (tuple(h.name for h in decl.hypers),
-                        [(h.name, h.kind, h.lo, h.hi, h.closed) for h in decl.hypers])
+        SPEC_KEYS[k] = (tuple(h.name for h in decl.hypers), spec)
         names = [s.name for s in decl.slots] + [None] * (3 - len(decl.slots))
         SLOT_NAMES[k] = tuple(names)
         SLOT_OPTIONS[k] = tuple(None if s.option is None else
                                 (s.option, HYPER_FIELDS[s.option],
                                  decl.hyper(s.option).kind == "flag")
                                 for s in decl.slots) + (None,) * (3 - len(decl.slots))
+        SCALAR_NAMES[k] = tuple(x.name for x in decl.scalars)
     return 0
 
 
@@ -1461,23 +1492,25 @@ cdef str hyper_name(Py_ssize_t gi, str key, int k):
     return f"param_groups[{gi}][{key!r}]" + (f"[{k}]" if k >= 0 else "")
 
 
-cdef double hyper_num(object x, Py_ssize_t gi, str key, int k, double lo, double hi,
-                      bint hi_closed) except? -1.0:
-    """x, a finite number in [lo, hi) (or [lo, hi]), for param_groups[gi][key]
+cdef double hyper_num(object x, Py_ssize_t gi, str key, int k, const HyperSpec *spec,
+                      int e) except? -1.0:
+    """x, a finite number in number e's range of `spec`, for param_groups[gi][key]
     (element k if k >= 0); the error message is built only on failure."""
-    cdef double v
+    cdef double v, lo = spec.lo[e], hi = spec.hi[e]
+    cdef bint hi_closed = spec.closed[e], lo_open = spec.lo_open[e]
     if type(x) is float:
         v = <double>x
     else:
         v = real(x, hyper_name(gi, key, k))
-    if isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi)):
+    if isfinite(v) and (lo < v or (not lo_open and lo == v)) and (v < hi or (hi_closed and v == hi)):
         return v
     cdef str name = hyper_name(gi, key, k)
     if not isfinite(v):
         raise ValueError(f"{name} must be finite, got {v!r}")
     if hi == INFINITY:
-        raise ValueError(f"{name} must be >= {lo:g}, got {v!r}")
-    raise ValueError(f"{name} must be in [{lo:g}, {hi:g}{']' if hi_closed else ')'}, got {v!r}")
+        raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+    raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, "
+                     f"{hi:g}{']' if hi_closed else ')'}, got {v!r}")
 
 
 cdef bint group_flag(object x, str key, Py_ssize_t gi) except -1:
@@ -1631,6 +1664,8 @@ ctypedef struct Rec:            # one parameter, as its front bound it
     Py_ssize_t size
     uint32_t key_index          # stochastic rounding: the parameter's index and the
     uint32_t key_offset         # position of its first element (see `step`)
+    void *scal[2]               # its numbers besides the arrays (SCALAR_NAMES), or NULL
+    bint scal_double            # ... float64 (else float32)
 
 
 cdef class FusedStep:
@@ -1684,6 +1719,11 @@ cdef class FusedStep:
         How bfloat16 state is rounded: to nearest even, or stochastically
         with the counter-based generator seeded by `seed` (see `step`).
     seed : int in [0, 2**32)
+    scalars : list of tuple of ndarray, optional
+        For kinds whose state has numbers besides the arrays (NAdam's
+        ``mu_product``, ASGD's ``eta`` and ``mu``: `SCALAR_NAMES`), per
+        parameter one one-element float32 (or float64) array per number,
+        read and written by each step as the step counts are.
     sr_keys : list of (int, int), optional
         Per parameter, the (index j, first element position o) its
         stochastic rounding draws with (see `step`); default (i, 0).  A
@@ -1707,6 +1747,7 @@ cdef class FusedStep:
     cdef list held_steps            # the arrays holding the step counts
     cdef Rec *rec
     cdef int64_t *count             # per active segment: its count, read once per step
+    cdef double *sval               # per active segment: its 2 numbers, likewise
     cdef int skind                  # Store code of the state
     cdef uint32_t seed_hash
     cdef unsigned char found
@@ -1725,6 +1766,7 @@ cdef class FusedStep:
     def __cinit__(self):
         self.rec = NULL
         self.count = NULL
+        self.sval = NULL
         self.act = NULL
         self.has = NULL
         self.hyper = NULL
@@ -1734,6 +1776,7 @@ cdef class FusedStep:
     def __dealloc__(self):
         PyMem_Free(self.rec)
         PyMem_Free(self.count)
+        PyMem_Free(self.sval)
         PyMem_Free(self.act)
         PyMem_Free(self.has)
         PyMem_Free(self.hyper)
@@ -1742,7 +1785,7 @@ cdef class FusedStep:
 
     def __init__(self, str kind, list params, list group_of, Py_ssize_t ngroups, list states,
                  list masters, steps, *, list names=None, state_dtype=None,
-                 state_rounding="nearest", seed=0, list sr_keys=None):
+                 state_rounding="nearest", seed=0, list scalars=None, list sr_keys=None):
         if self.rec != NULL:
             raise RuntimeError("FusedStep is already initialized")
         if kind not in KINDS:
@@ -1756,6 +1799,10 @@ cdef class FusedStep:
             raise ValueError("names must have one entry per parameter")
         if sr_keys is not None and len(sr_keys) != n:
             raise ValueError("sr_keys must have one entry per parameter")
+        cdef tuple scalar_names = SCALAR_NAMES[self.kind]
+        if scalar_names and (scalars is None or len(scalars) != n):
+            raise ValueError(f"this optimizer keeps {', '.join(scalar_names)} per parameter: "
+                             "scalars must have one entry per parameter")
         self.names = None if names is None else [str(x) for x in names]
         for i in range(n):
             g = group_of[i]
@@ -1770,17 +1817,19 @@ cdef class FusedStep:
         cdef Py_ssize_t m = max(n, 1)
         self.rec = <Rec *>PyMem_Malloc(m * sizeof(Rec))
         self.count = <int64_t *>PyMem_Malloc(m * sizeof(int64_t))
+        self.sval = <double *>PyMem_Malloc(2 * m * sizeof(double))
         self.act = <Py_ssize_t *>PyMem_Malloc(m * sizeof(Py_ssize_t))
         self.segs = <Segment *>PyMem_Malloc(m * sizeof(Segment))
         self.coefs = <Coef *>PyMem_Malloc(m * sizeof(Coef))
         self.has = <bint *>PyMem_Malloc(3 * max(ng, 1) * sizeof(bint))
         self.hyper = <Hyper *>PyMem_Malloc(max(ng, 1) * sizeof(Hyper))
-        if (self.rec == NULL or self.count == NULL or self.act == NULL or self.segs == NULL
+        if (self.rec == NULL or self.count == NULL or self.sval == NULL or self.act == NULL
+                or self.segs == NULL
                 or self.coefs == NULL or self.has == NULL or self.hyper == NULL):
             raise MemoryError()
         self.n = n
         self.ngroups = ng
-        self.written = Written(6 * n)
+        self.written = Written(8 * n)
         self.group_single = [False] * ng
         for k in range(3 * ng):
             self.has[k] = True
@@ -1841,6 +1890,15 @@ cdef class FusedStep:
             r.step = cnp.PyArray_DATA(s)
             r.step_type = cnp.PyArray_TYPE(s)
             self.written.add(r.step, cnp.PyArray_ITEMSIZE(s), i, 5)
+            r.scal[0] = r.scal[1] = NULL
+            r.scal_double = False
+            for k in range(len(scalar_names)):
+                s = self.scalar_array(scalars[i][k] if isinstance(scalars[i], (tuple, list))
+                                      and len(scalars[i]) == len(scalar_names) else None, i, k)
+                r.scal[k] = cnp.PyArray_DATA(s)
+                r.scal_double = cnp.PyArray_TYPE(s) == cnp.NPY_FLOAT64
+                self.written.add(r.scal[k], cnp.PyArray_ITEMSIZE(s), i, 6 + k)
+                self.held_steps.append(s)
             self.params.append(p)
             self.states.append(st)
             self.masters.append(w)
@@ -1866,6 +1924,21 @@ cdef class FusedStep:
                              f"{self.param_name(i)} has shape {(<object>p).shape}")
         if not direct(s):
             raise ValueError(f"{name} must be C-contiguous and aligned")
+        return s
+
+    cdef cnp.ndarray scalar_array(self, object a, Py_ssize_t i, int k):
+        """The one-element float32/float64 array of params[i]'s number k, checked."""
+        cdef str name = self.state_name(i, 6 + k)
+        if not cnp.PyArray_Check(a):
+            raise TypeError(f"{name} must be a numpy.ndarray of one number, got "
+                            f"{type(a).__name__}")
+        cdef cnp.ndarray s = <cnp.ndarray>a
+        if cnp.PyArray_TYPE(s) != cnp.NPY_FLOAT32 and cnp.PyArray_TYPE(s) != cnp.NPY_FLOAT64:
+            raise TypeError(f"{name} must have dtype float32 or float64, got {s.dtype}")
+        native(s, name)
+        writable(s, name)
+        if cnp.PyArray_SIZE(s) != 1 or not cnp.PyArray_ISALIGNED(s):
+            raise ValueError(f"{name} must be one aligned number, got shape {(<object>s).shape}")
         return s
 
     cdef cnp.ndarray step_array(self, object a, Py_ssize_t i):
@@ -1895,7 +1968,8 @@ cdef class FusedStep:
         return f"step_counts[{i}]" if self.names is None else f"state['step'] of {self.names[i]}"
 
     cdef str state_name(self, Py_ssize_t i, int slot):
-        cdef str key = "master_param" if slot == 4 else SLOT_NAMES[self.kind][slot - 1]
+        cdef str key = ("master_param" if slot == 4 else SCALAR_NAMES[self.kind][slot - 6]
+                        if slot >= 6 else SLOT_NAMES[self.kind][slot - 1])
         if self.names is None:
             return f"state[{i}][{key!r}]"
         return f"the state of {self.names[i]}[{key!r}]"
@@ -1980,15 +2054,13 @@ cdef class FusedStep:
                 if spec.type == H_FLAG:
                     (<bint *>field)[0] = group_flag(x, key, gi)
                 elif spec.type == H_NUMBER:
-                    (<double *>field)[0] = hyper_num(x, gi, key, -1, spec.lo, spec.hi, spec.closed)
+                    (<double *>field)[0] = hyper_num(x, gi, key, -1, spec, 0)
                 else:
                     if not isinstance(x, (tuple, list)) or len(x) != 2:
                         raise TypeError(f"param_groups[{gi}][{key!r}] must be a tuple of two "
                                         f"numbers, got {x!r}")
-                    (<double *>field)[0] = hyper_num(x[0], gi, key, 0, spec.lo, spec.hi,
-                                                     spec.closed)
-                    (<double *>field)[1] = hyper_num(x[1], gi, key, 1, spec.lo, spec.hi,
-                                                     spec.closed)
+                    (<double *>field)[0] = hyper_num(x[0], gi, key, 0, spec, 0)
+                    (<double *>field)[1] = hyper_num(x[1], gi, key, 1, spec, 1)
                 if spec.type != H_FLAG and single:
                     for k in range(2 if spec.type == H_PAIR else 1):
                         if beyond_float32((<double *>field)[k]):
@@ -2035,17 +2107,40 @@ cdef class FusedStep:
 
     # ----------------------------------------------------------------- step
 
-    cdef void fill_coef(self, Coef *c, const Hyper *h, int64_t step) noexcept nogil:
+    cdef void fill_coef(self, Coef *c, const Hyper *h, int64_t step, double *sc,
+                        bint single) noexcept nogil:
+        """The coefficients of an update at step `step` (sc: the parameter's
+        numbers, replaced by their new values)."""
+        cdef double t = <double>step
         if self.kind == ADAM:
             adam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
-                      h.amsgrad, h.maximize, <double>step)
+                      h.amsgrad, h.maximize, t)
         elif self.kind == RMSPROP:
             rmsprop_coef(c, h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.centered,
                          h.maximize)
-        else:
+        elif self.kind == SGD:
             # `step` counts momentum updates: at 0 the buffer is set to g.
             sgd_coef(c, h.lr, h.momentum, h.dampening, h.nesterov, h.weight_decay,
                      h.maximize, step == 1)
+        elif self.kind == ADAGRAD:
+            adagrad_coef(c, h.lr, h.lr_decay, h.weight_decay, h.eps, h.maximize, t)
+        elif self.kind == ADAMAX:
+            adamax_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.maximize, t)
+        elif self.kind == NADAM:
+            sc[0] = nadam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
+                               h.momentum_decay, h.decoupled, h.maximize, t, sc[0], single)
+        elif self.kind == RADAM:
+            radam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
+                       h.maximize, t)
+        elif self.kind == ADADELTA:
+            adadelta_coef(c, h.lr, h.rho, h.eps, h.weight_decay, h.maximize)
+        elif self.kind == ASGD:
+            asgd_coef(c, h.lambd, h.weight_decay, h.maximize, sc[0], sc[1])
+            asgd_next(&sc[0], &sc[1], h.lr, h.lambd, h.alpha, h.t0, t, single)
+        elif self.kind == RPROP:
+            rprop_coef(c, h.etaminus, h.etaplus, h.step_size_min, h.step_size_max, h.maximize)
+        else:
+            lion_coef(c, h.lr, h.beta1, h.beta2, h.weight_decay, h.maximize)
 
     def step(self, grads, groups, grad_scale=None):
         """Update every parameter whose gradient is not None, in one native call.
@@ -2126,6 +2221,7 @@ cdef class FusedStep:
                 p = <cnp.ndarray>self.params[i]
                 self.check_param(i)
                 self.count[nact] = self.read_count(i)
+                self.read_scalars(i, &self.sval[2 * nact])
                 nb = cnp.PyArray_NBYTES(p)
                 if nb > 0:
                     if a % <uintptr_t>cnp.PyArray_ITEMSIZE(p) != 0:
@@ -2221,12 +2317,35 @@ cdef class FusedStep:
                              "step count can hold")
         return k
 
+    cdef int read_scalars(self, Py_ssize_t i, double *out) except -1:
+        """params[i]'s numbers besides its arrays, read once: finite, >= 0."""
+        cdef const Rec *r = &self.rec[i]
+        cdef int k
+        cdef double v
+        for k in range(2):
+            if r.scal[k] == NULL:
+                break
+            v = (<double *>r.scal[k])[0] if r.scal_double else (<float *>r.scal[k])[0]
+            if not (isfinite(v) and v >= 0):
+                raise ValueError(f"{self.state_name(i, 6 + k)} must be a finite number >= 0, "
+                                 f"got {v!r}")
+            out[k] = v
+        return 0
+
     cdef void write_counts(self, Py_ssize_t nact) noexcept:
-        """The new step counts (self.count after `run`) into the front's arrays."""
+        """The new step counts and numbers (self.count, self.sval after `run`)
+        into the front's arrays."""
         cdef Py_ssize_t k
+        cdef int j
         cdef const Rec *r
         for k in range(nact):
             r = &self.rec[self.act[k]]
+            for j in range(2):
+                if r.scal[j] != NULL:
+                    if r.scal_double:
+                        (<double *>r.scal[j])[0] = self.sval[2 * k + j]
+                    else:
+                        (<float *>r.scal[j])[0] = <float>self.sval[2 * k + j]
             if r.step_type == cnp.NPY_INT64:
                 (<int64_t *>r.step)[0] = self.count[k]
             elif r.step_type == cnp.NPY_FLOAT64:
@@ -2295,6 +2414,7 @@ cdef class FusedStep:
             self.check_param(i)
             if not in_place:
                 self.count[na] = self.read_count(i)
+                self.read_scalars(i, &self.sval[2 * na])
             if not cnp.PyArray_Check(gobj):
                 raise TypeError(f"{self.grad_name(i)} must be a numpy.ndarray or None, "
                                 f"got {type(gobj).__name__}")
@@ -2354,8 +2474,9 @@ cdef class FusedStep:
             g = self.rec[i].group
             h = &self.hyper[g]
             st = self.count[k] + 1 if counts(self.kind, h) else self.count[k]
-            if g != prev_g or st != prev_st:
-                self.fill_coef(&self.coefs[nc], h, st)
+            if g != prev_g or st != prev_st or self.rec[i].scal[0] != NULL:
+                self.fill_coef(&self.coefs[nc], h, st, &self.sval[2 * k],
+                               not self.rec[i].scal_double)
                 self.coefs[nc].inv_scale = inv_scale
                 nc += 1
                 prev_g = g

@@ -89,7 +89,8 @@ if TYPE_CHECKING:
 
     from ._typing import FloatArray, Params
 
-__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "flat_views"]
+__all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adamax", "NAdam",
+           "RAdam", "Adadelta", "ASGD", "Rprop", "Lion", "flat_views"]
 
 def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike | None = None,
                copy: bool = True) -> tuple[FloatArray, list[FloatArray]]:
@@ -240,6 +241,8 @@ class Optimizer:
                              f"(an empty dict restarts a parameter), got {type(state).__name__}")
         arrays = [list(st) for st in current.states]
         masters = list(current.masters)
+        names = self._kind.scalar_names
+        scalars: list[Any] = [None] * n
         resets = []
         for i, entry in enumerate(state):
             if not isinstance(entry, dict):
@@ -252,24 +255,31 @@ class Optimizer:
                     arrays[i][k] = _entry_array(entry, name, i)
             if masters[i] is not None:
                 masters[i] = _entry_array(entry, "master_param", i)
+            scalars[i] = tuple(_entry_array(entry, name, i) for name in names)
         if resets:
             fresh, fresh_masters = _layout.state_arrays(
                 [current.params[i] for i in resets],
                 [tuple(a is not None for a in arrays[i]) for i in resets],
                 _kernels.state_dtype_of(self.state_dtype))
+            started = self._new_scalars(len(resets))
+            self._start(fresh, started, [self.param_groups[self._group_of[i]] for i in resets])
             for j, i in enumerate(resets):
                 arrays[i], masters[i] = fresh[j], fresh_masters[j]
+                if names:
+                    scalars[i] = started[j]
         current.hold("step()")
         try:
             fused = _kernels.FusedStep(self._kind.native, current.params, self._group_of,
                                        len(self.param_groups), arrays, masters, self._steps,
                                        state_dtype=self.state_dtype,
                                        state_rounding=self.state_rounding, seed=self.seed,
+                                       scalars=scalars if names else None,
                                        sr_keys=self._sr_keys)
             # Checked: commit.
             for i in resets:
                 values = {name: arr for name, arr in zip(self._slot_names, arrays[i])
                           if arr is not None}
+                values.update(zip(names, scalars[i] or ()))
                 master = masters[i]
                 if master is not None:
                     _kernels._convert(current.params[i], master)
@@ -310,21 +320,44 @@ class Optimizer:
         states, masters = _layout.state_arrays(flat, [slots[g] for g in group_of],
                                                _kernels.state_dtype_of(config[0]))
         steps = np.zeros(len(flat), np.int64)
+        scalars = self._new_scalars(len(flat))
         self._group_of = group_of
         fused = _kernels.FusedStep(self._kind.native, flat, group_of, len(groups), states,
                                    masters, steps, state_dtype=config[0],
                                    state_rounding=config[1], seed=config[2],
+                                   scalars=scalars or None,
                                    sr_keys=self._sr_keys)
         # Reject bad hyperparameters now, as PyTorch does, not at the first step.
         fused.check_groups(groups)
+        self._start(states, scalars, [groups[g] for g in group_of])
         state = _state.StateList()
-        for p, st, master in zip(flat, states, masters):
+        for i, (p, st, master) in enumerate(zip(flat, states, masters)):
             entry = {name: arr for name, arr in zip(self._slot_names, st) if arr is not None}
+            if scalars:
+                entry.update(zip(self._kind.scalar_names, scalars[i]))
             if master is not None:
                 _kernels._convert(p, master)        # exact: float32 holds every 16-bit value
                 entry["master_param"] = master
             list.append(state, _state.Entry(state, entry))
         return fused, state, steps
+
+    def _new_scalars(self, n: int) -> list[tuple[FloatArray, ...]]:
+        """Per parameter, its numbers besides the arrays (NAdam's mu_product,
+        ASGD's eta and mu: one 0-d float32 array each, as torch keeps them)."""
+        return [tuple(np.zeros((), np.float32) for _ in self._kind.scalars)
+                for _ in range(n)] if self._kind.scalars else []
+
+    def _start(self, states: list[list[Any]], scalars: list[tuple[FloatArray, ...]],
+               groups: list[dict[str, Any]]) -> None:
+        """Set each parameter's state (of group ``groups[i]``, checked) to what
+        it starts at."""
+        kind = self._kind
+        for i, group in enumerate(groups):
+            for arr, slot in zip(states[i], kind.slots):
+                if arr is not None and kind.start(slot, group) != 0:
+                    arr[...] = kind.start(slot, group)
+            for arr, x in zip(scalars[i] if scalars else (), kind.scalars):
+                arr[...] = kind.start(x, group)
 
     @property
     def _slot_names(self) -> tuple[str, ...]:
@@ -903,4 +936,161 @@ class AdamW(Adam):
                  state_rounding: str = "stochastic", seed: int = 0) -> None:
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          amsgrad=amsgrad, maximize=maximize, decoupled_weight_decay=True,
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+# The rest of torch.optim, and Lion: each class is its declaration
+# (fastopt._kinds) and torch's constructor; the formulas are those of the
+# functional kernels (`fastopt.adagrad_step`...).
+
+class Adagrad(Optimizer):
+    """Adagrad, as ``torch.optim.Adagrad`` (see `fastopt.adagrad_step`).
+
+    State per parameter: ``sum``, starting at `initial_accumulator_value`.
+    """
+
+    _kind = _kinds.ADAGRAD
+
+    def __init__(self, params: Params, lr: float = 1e-2, lr_decay: float = 0.0,
+                 weight_decay: float = 0.0, initial_accumulator_value: float = 0.0,
+                 eps: float = 1e-10, *, maximize: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                                      initial_accumulator_value=initial_accumulator_value,
+                                      eps=eps, maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class Adamax(Optimizer):
+    """Adamax, as ``torch.optim.Adamax`` (see `fastopt.adamax_step`).
+
+    State per parameter: ``exp_avg``, ``exp_inf``.
+    """
+
+    _kind = _kinds.ADAMAX
+
+    def __init__(self, params: Params, lr: float = 2e-3,
+                 betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 state_dtype: str | None = None, state_rounding: str = "stochastic",
+                 seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class NAdam(Optimizer):
+    """NAdam, as ``torch.optim.NAdam`` (see `fastopt.nadam_step`).
+
+    State per parameter: ``exp_avg``, ``exp_avg_sq`` and ``mu_product`` (a
+    0-d float32 array, as torch keeps it).
+    """
+
+    _kind = _kinds.NADAM
+
+    def __init__(self, params: Params, lr: float = 2e-3,
+                 betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, momentum_decay: float = 4e-3,
+                 decoupled_weight_decay: bool = False, *, maximize: bool = False,
+                 state_dtype: str | None = None, state_rounding: str = "stochastic",
+                 seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      momentum_decay=momentum_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class RAdam(Optimizer):
+    """RAdam, as ``torch.optim.RAdam`` (see `fastopt.radam_step`).
+
+    State per parameter: ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    _kind = _kinds.RADAM
+
+    def __init__(self, params: Params, lr: float = 1e-3,
+                 betas: tuple[float, float] | list[float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
+                 maximize: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=decoupled_weight_decay,
+                                      maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class Adadelta(Optimizer):
+    """Adadelta, as ``torch.optim.Adadelta`` (see `fastopt.adadelta_step`).
+
+    State per parameter: ``square_avg``, ``acc_delta``.
+    """
+
+    _kind = _kinds.ADADELTA
+
+    def __init__(self, params: Params, lr: float = 1.0, rho: float = 0.9, eps: float = 1e-6,
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 state_dtype: str | None = None, state_rounding: str = "stochastic",
+                 seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay,
+                                      maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class ASGD(Optimizer):
+    """Averaged SGD, as ``torch.optim.ASGD`` (see `fastopt.asgd_step`).
+
+    State per parameter: ``ax`` (the average), and ``eta``, ``mu`` (0-d
+    float32 arrays, as torch keeps them).  With ``state_dtype="bfloat16"``
+    the average is kept in bfloat16 too.
+    """
+
+    _kind = _kinds.ASGD
+
+    def __init__(self, params: Params, lr: float = 1e-2, lambd: float = 1e-4,
+                 alpha: float = 0.75, t0: float = 1e6, weight_decay: float = 0.0, *,
+                 maximize: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+                                      weight_decay=weight_decay, maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class Rprop(Optimizer):
+    """Rprop, as ``torch.optim.Rprop`` (see `fastopt.rprop_step`).
+
+    State per parameter: ``prev`` (the last gradient) and ``step_size``
+    (starting at `lr`).  With ``state_dtype="bfloat16"`` both are bfloat16:
+    only their signs and magnitudes to a few digits matter to the update.
+    """
+
+    _kind = _kinds.RPROP
+
+    def __init__(self, params: Params, lr: float = 1e-2,
+                 etas: tuple[float, float] | list[float] = (0.5, 1.2),
+                 step_sizes: tuple[float, float] | list[float] = (1e-6, 50), *,
+                 maximize: bool = False, state_dtype: str | None = None,
+                 state_rounding: str = "stochastic", seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, etas=etas, step_sizes=step_sizes,
+                                      maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class Lion(Optimizer):
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization
+    Algorithms"; optax's ``lion``), see `fastopt.lion_step`.  Not in
+    torch.optim.
+
+    State per parameter: ``exp_avg``, half of Adam's state.
+    """
+
+    _kind = _kinds.LION
+
+    def __init__(self, params: Params, lr: float = 1e-4,
+                 betas: tuple[float, float] | list[float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 state_dtype: str | None = None, state_rounding: str = "stochastic",
+                 seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
+                                      maximize=maximize),
                          state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
