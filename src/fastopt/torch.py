@@ -105,7 +105,8 @@ from . import _batchnorm as _bn_kernels
 from . import _optim as _optim_kernels
 from . import _softmax as _softmax_kernels
 
-__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "cross_entropy", "batch_norm", "BatchNorm1d",
+__all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
+           "ASGD", "Rprop", "Lion", "cross_entropy", "batch_norm", "BatchNorm1d",
            "BatchNorm2d"]
 
 # torch.optim's registries of hooks for all optimizers (the wrapped step is
@@ -272,20 +273,23 @@ class _Fused:
         counts = np.zeros(n, np.int64)          # SGD: momentum updates (torch keeps none)
         step_arrays = list(steps.numpy().reshape(n, 1)) if steps is not None else list(
             counts.reshape(n, 1))
+        scalars = [self._new_scalars() for _ in range(n)]
+        scalar_arrays = [tuple(_one(t) for t in sc) for sc in scalars]
         # Validate the carried-over state before changing anything.
         carried = {}
         for i, p in enumerate(params):
             old = dict.get(self.state, p)
             if old:
                 carried[i] = self._check_state(old, p, names[i], slots[group_of[i]])
-        fused = self._native(views, group_of, arrays, masters, step_arrays, names)
+        fused = self._native(views, group_of, arrays, masters, step_arrays, scalar_arrays, names)
         fused.check_groups(groups)
         # Stage: the carried values into the fresh arrays (nothing visible yet).
         bound = [None] * n
         new_state = _state.StateMap()
         for i, p in enumerate(params):
+            self._start(arrays[i], scalars[i], groups[group_of[i]])
             entry = self._tensors_of(i, p, arrays[i], masters[i],
-                                     steps[i] if steps is not None else None)
+                                     steps[i] if steps is not None else None, scalars[i])
             bound[i] = entry
             values = carried.get(i)
             if masters[i] is not None:
@@ -301,7 +305,10 @@ class _Fused:
             if "momentum_buffer" in values and "momentum_buffer" in entry:
                 counts[i] = 1           # SGD: the buffer exists, the next step uses it
             for name in [k for k in values if k in entry]:
-                _copy_in(entry[name], values.pop(name))
+                if name in self._decl.scalar_names:
+                    entry[name].fill_(values.pop(name))
+                else:
+                    _copy_in(entry[name], values.pop(name))
             shown = dict(entry)
             if not self._counts_steps and counts[i] == 0:
                 shown.pop("momentum_buffer", None)
@@ -317,6 +324,7 @@ class _Fused:
         self._views = views
         self._built_slots = slots
         self._arrays, self._masters, self._step_arrays = arrays, masters, step_arrays
+        self._scalar_arrays = scalar_arrays
         self._steps, self._counts = steps, counts
         self._bound = bound
         self._half = [i for i in range(n) if masters[i] is not None]
@@ -324,17 +332,33 @@ class _Fused:
         self.state = new_state
         self._edits_seen = new_state.edits
 
-    def _native(self, views, group_of, arrays, masters, step_arrays, names):
+    def _native(self, views, group_of, arrays, masters, step_arrays, scalar_arrays, names):
         state_dtype, rounding, seed = self._lowp
         return _optim_kernels.FusedStep(self._kind, views, group_of, len(self.param_groups),
                                         arrays, masters, step_arrays, names=names,
                                         state_dtype=state_dtype, state_rounding=rounding,
-                                        seed=seed)
+                                        seed=seed,
+                                        scalars=scalar_arrays if self._decl.scalars else None)
 
-    def _tensors_of(self, i, p, arrays, master, step):
+    def _new_scalars(self):
+        """A parameter's numbers besides its arrays (NAdam's mu_product, ASGD's
+        eta and mu): 0-d tensors of torch's scalar dtype, as torch keeps them."""
+        return tuple(torch.zeros((), dtype=_step_dtype()) for _ in self._decl.scalars)
+
+    def _start(self, arrays, scalars, group):
+        """A parameter's fresh state (of `group`, checked) set to what it starts at."""
+        decl = self._decl
+        for arr, slot in zip(arrays, decl.slots):
+            if arr is not None and decl.start(slot, group) != 0:
+                arr[...] = decl.start(slot, group)
+        for t, x in zip(scalars, decl.scalars):
+            t.fill_(decl.start(x, group))
+
+    def _tensors_of(self, i, p, arrays, master, step, scalars=()):
         """torch's state names -> tensors over parameter i's arrays (shaped and
-        strided like p)."""
+        strided like p) and numbers."""
         entry = {} if step is None else {"step": step}
+        entry.update(zip(self._decl.scalar_names, scalars))
         for k, name in enumerate(self._slot_names):
             if name is not None and arrays[k] is not None:
                 entry[name] = _state_view(arrays[k], p)
@@ -354,9 +378,11 @@ class _Fused:
             if "step" not in values:
                 raise ValueError(f"the state of {name} has no 'step'")
             values["step"] = _step_value(values["step"], name)
-        for key in self._required:
+        for key in self._required + self._decl.scalar_names:
             if key not in values:
                 raise ValueError(f"the state of {name} has no {key!r}")
+        for key in self._decl.scalar_names:
+            values[key] = _number_value(values[key], key, name)
         keys = [key for k, key in enumerate(self._slot_names) if key is not None and slots[k]]
         if p.dtype in _HALF_DTYPES:
             keys.append("master_param")
@@ -397,6 +423,7 @@ class _Fused:
             arrays = [list(a) for a in self._arrays]
             masters = list(self._masters)
             step_arrays = list(self._step_arrays)
+            scalar_arrays = list(self._scalar_arrays)
             for i, plan in plans.items():
                 for k, name in enumerate(self._slot_names):
                     if name in plan["use"]:
@@ -405,8 +432,10 @@ class _Fused:
                     masters[i] = plan["use"]["master_param"][1]
                 if "step" in plan["use"]:
                     step_arrays[i] = plan["use"]["step"][1]
+                scalar_arrays[i] = tuple(plan["use"][k][1] if k in plan["use"] else a for k, a in
+                                         zip(self._decl.scalar_names, scalar_arrays[i]))
             fused = self._native(self._views, self._group_of, arrays, masters, step_arrays,
-                                 self._names)
+                                 scalar_arrays, self._names)
             # Checked: commit.
             for i, plan in plans.items():
                 p = self._params[i]
@@ -426,6 +455,7 @@ class _Fused:
                 self._bound[i] = bound
             self._fused = fused
             self._arrays, self._masters, self._step_arrays = arrays, masters, step_arrays
+            self._scalar_arrays = scalar_arrays
         if type(state) is not _state.StateMap:
             self.state = _state.StateMap(state.items())
         self._edits_seen = self.state.edits
@@ -461,7 +491,11 @@ class _Fused:
                                                fresh_master[0], None)
             if self._counts_steps:
                 step = torch.zeros((), dtype=_step_dtype())
-                plan["use"]["step"] = (step, step.numpy().reshape(1), None)
+                plan["use"]["step"] = (step, _one(step), None)
+            scalars = self._new_scalars()
+            self._start(fresh[0], scalars, self.param_groups[gi])
+            for key, t in zip(self._decl.scalar_names, scalars):
+                plan["use"][key] = (t, _one(t), None)
             plan["reset"] = True
             plan["widen"] = half
             plan["count"] = 0 if not self._counts_steps else None
@@ -474,6 +508,12 @@ class _Fused:
             v = entry["step"]
             if v is not bound.get("step"):
                 plan["use"]["step"] = _adopt_step(v, name_i)
+        for key in self._decl.scalar_names:
+            v = entry.get(key)
+            if v is None:
+                raise ValueError(f"the state of {name_i} has no {key!r}")
+            if v is not bound.get(key):
+                plan["use"][key] = _adopt_number(v, key, name_i)
         for k, key in enumerate(self._slot_names):
             if key is None or not slots[k]:
                 continue
@@ -898,6 +938,36 @@ def _adopt(v, p, dtype, name):
     return copy, _memory_order_view(copy), copy
 
 
+def _one(t):
+    """A one-element ndarray over 0-d tensor t's memory."""
+    return t.detach().reshape(1).numpy()
+
+
+def _number_value(v, key, name):
+    """A per-parameter number of the state (mu_product, eta, mu), as given: a
+    finite float >= 0 (a tensor of one element, or a number)."""
+    if isinstance(v, torch.Tensor):
+        if v.numel() != 1 or not v.is_floating_point():
+            raise TypeError(f"state[{key!r}] of {name} must be one floating-point number")
+        v = v.item()
+    if isinstance(v, (bool, str, bytes)) or not isinstance(v, (int, float, np.number)):
+        raise TypeError(f"state[{key!r}] of {name} must be a number, got {type(v).__name__}")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"state[{key!r}] of {name} must be a finite number >= 0, got {v!r}")
+    return float(v)
+
+
+def _adopt_number(v, key, name):
+    """A tensor assigned to ``state[p][key]`` (mu_product, eta, mu), used in place."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"state[{key!r}] of {name} must be a tensor, got {type(v).__name__}")
+    if v.device.type != "cpu" or v.numel() != 1 or v.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"state[{key!r}] of {name} must be one float32 or float64 number on "
+                        f"the CPU, got a {v.dtype} tensor of shape {tuple(v.shape)} on {v.device}")
+    _number_value(v, key, name)
+    return v, _one(v), None
+
+
 def _adopt_step(v, name):
     """A tensor assigned to ``state[p]["step"]`` of parameter `name`, used in place."""
     if not isinstance(v, torch.Tensor):
@@ -908,7 +978,7 @@ def _adopt_step(v, name):
                         f"number on the CPU, got a {v.dtype} tensor of shape {tuple(v.shape)} "
                         f"on {v.device}")
     _step_value(v, name)
-    return v, v.detach().reshape(1).numpy(), None
+    return v, _one(v), None
 
 
 def _scalar_arg(x, name):
@@ -1055,6 +1125,142 @@ class RMSprop(_Fused, torch.optim.RMSprop):
                     differentiable=differentiable)
         self._init_fused(state_dtype, state_rounding, seed)
 
+
+
+class Adagrad(_Fused, torch.optim.Adagrad):
+    """``torch.optim.Adagrad`` with fastopt's fused step (see `Adam`); its state
+    (``step``, ``sum``) exists from construction, as torch's."""
+
+    _decl = _kinds.ADAGRAD
+    _torch_base = torch.optim.Adagrad
+    _has_capturable = False
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
+                 eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
+                 state_dtype=None, state_rounding="stochastic", seed=0):
+        _torch_init(self._torch_base, self, params, lr=lr, lr_decay=lr_decay,
+                    weight_decay=weight_decay,
+                    initial_accumulator_value=initial_accumulator_value, eps=eps,
+                    foreach=foreach, maximize=maximize, differentiable=differentiable,
+                    fused=fused)
+        self._init_fused(state_dtype, state_rounding, seed)
+
+
+class Adamax(_Fused, torch.optim.Adamax):
+    """``torch.optim.Adamax`` with fastopt's fused step (see `Adam`)."""
+
+    _decl = _kinds.ADAMAX
+    _torch_base = torch.optim.Adamax
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 foreach=None, *, maximize=False, differentiable=False, capturable=False,
+                 state_dtype=None, state_rounding="stochastic", seed=0):
+        _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
+                    weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+                    differentiable=differentiable, capturable=capturable)
+        self._init_fused(state_dtype, state_rounding, seed)
+
+
+class NAdam(_Fused, torch.optim.NAdam):
+    """``torch.optim.NAdam`` with fastopt's fused step (see `Adam`);
+    ``state["mu_product"]`` is torch's 0-d tensor."""
+
+    _decl = _kinds.NADAM
+    _torch_base = torch.optim.NAdam
+
+    def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
+                 maximize=False, capturable=False, differentiable=False, state_dtype=None,
+                 state_rounding="stochastic", seed=0):
+        _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
+                    weight_decay=weight_decay, momentum_decay=momentum_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
+                    maximize=maximize, capturable=capturable, differentiable=differentiable)
+        self._init_fused(state_dtype, state_rounding, seed,
+                         decoupled_weight_decay=decoupled_weight_decay)
+
+
+class RAdam(_Fused, torch.optim.RAdam):
+    """``torch.optim.RAdam`` with fastopt's fused step (see `Adam`)."""
+
+    _decl = _kinds.RADAM
+    _torch_base = torch.optim.RAdam
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
+                 decoupled_weight_decay=False, *, foreach=None, maximize=False,
+                 capturable=False, differentiable=False, state_dtype=None,
+                 state_rounding="stochastic", seed=0):
+        _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
+                    weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+                    foreach=foreach, maximize=maximize, capturable=capturable,
+                    differentiable=differentiable)
+        self._init_fused(state_dtype, state_rounding, seed,
+                         decoupled_weight_decay=decoupled_weight_decay)
+
+
+class Adadelta(_Fused, torch.optim.Adadelta):
+    """``torch.optim.Adadelta`` with fastopt's fused step (see `Adam`)."""
+
+    _decl = _kinds.ADADELTA
+    _torch_base = torch.optim.Adadelta
+
+    def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
+                 capturable=False, maximize=False, differentiable=False, state_dtype=None,
+                 state_rounding="stochastic", seed=0):
+        _torch_init(self._torch_base, self, params, lr=lr, rho=rho, eps=eps,
+                    weight_decay=weight_decay, foreach=foreach, capturable=capturable,
+                    maximize=maximize, differentiable=differentiable)
+        self._init_fused(state_dtype, state_rounding, seed)
+
+
+class ASGD(_Fused, torch.optim.ASGD):
+    """``torch.optim.ASGD`` with fastopt's fused step (see `Adam`);
+    ``state["eta"]`` and ``state["mu"]`` are torch's 0-d tensors."""
+
+    _decl = _kinds.ASGD
+    _torch_base = torch.optim.ASGD
+
+    def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
+                 foreach=None, maximize=False, differentiable=False, capturable=False, *,
+                 state_dtype=None, state_rounding="stochastic", seed=0):
+        _torch_init(self._torch_base, self, params, lr=lr, lambd=lambd, alpha=alpha, t0=t0,
+                    weight_decay=weight_decay, foreach=foreach, maximize=maximize,
+                    differentiable=differentiable, capturable=capturable)
+        self._init_fused(state_dtype, state_rounding, seed)
+
+
+class Rprop(_Fused, torch.optim.Rprop):
+    """``torch.optim.Rprop`` with fastopt's fused step (see `Adam`)."""
+
+    _decl = _kinds.RPROP
+    _torch_base = torch.optim.Rprop
+
+    def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
+                 capturable=False, foreach=None, maximize=False, differentiable=False,
+                 state_dtype=None, state_rounding="stochastic", seed=0):
+        _torch_init(self._torch_base, self, params, lr=lr, etas=etas, step_sizes=step_sizes,
+                    capturable=capturable, foreach=foreach, maximize=maximize,
+                    differentiable=differentiable)
+        self._init_fused(state_dtype, state_rounding, seed)
+
+
+class Lion(_Fused, torch.optim.Optimizer):
+    """Lion (Chen et al. 2023; optax's ``lion``; not in torch.optim) as a
+    ``torch.optim.Optimizer`` with fastopt's fused step: ``p *= 1 - lr*wd``;
+    ``p -= lr * sign(b1*m + (1-b1)*g)``; ``m = b2*m + (1-b2)*g``.  State:
+    ``step``, ``exp_avg``."""
+
+    _decl = _kinds.LION
+    _torch_base = torch.optim.Optimizer
+    _has_capturable = False
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
+                 maximize=False, state_dtype=None, state_rounding="stochastic", seed=0):
+        defaults = _kinds.LION.defaults()
+        defaults.update(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+                        maximize=maximize)
+        torch.optim.Optimizer.__init__(self, params, defaults)
+        self._init_fused(state_dtype, state_rounding, seed)
 
 
 # ------------------------------------------------------------- functions ---
