@@ -34,6 +34,16 @@ CASES = [
     ("RMSprop", {"momentum": 0.9, "alpha": 0.9}),
     ("RMSprop", {"centered": True, "weight_decay": 0.1}),
     ("RMSprop", {"centered": True, "momentum": 0.5, "maximize": True, "eps": 1e-4}),
+    ("Adagrad", {"lr_decay": 0.01, "weight_decay": 0.1, "initial_accumulator_value": 0.5}),
+    ("Adamax", {"weight_decay": 0.1, "maximize": True}),
+    ("NAdam", {"weight_decay": 0.1, "momentum_decay": 0.01}),
+    ("NAdam", {"decoupled_weight_decay": True, "weight_decay": 0.1}),
+    ("RAdam", {}),
+    ("RAdam", {"decoupled_weight_decay": True, "weight_decay": 0.1, "betas": (0.8, 0.9)}),
+    ("Adadelta", {"weight_decay": 0.1, "rho": 0.8}),
+    ("ASGD", {"t0": 5, "lr": 0.05, "weight_decay": 0.01}),
+    ("Rprop", {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)}),
+    ("Rprop", {"maximize": True}),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, kw in CASES]
 
@@ -78,9 +88,20 @@ def set_grads(seed, *param_lists, none=()):
             p.grad = torch.empty_like(p, memory_format=torch.preserve_format).copy_(v)
 
 
-def assert_same(ps, qs, dtype=torch.float64):
+# NAdam's update adds two terms, ASGD's average follows the parameter: torch
+# contracts their multiply-adds (FMA) where fastopt rounds each operation
+# (the same bits on every CPU), and over 50 steps that differs by up to
+# ~4e-12 relative on an element whose terms cancel: these two are held to
+# 1e-11 of the tensor's size.
+ATOL_OF_SIZE = {"NAdam": 1e-11, "ASGD": 1e-11}
+
+
+def assert_same(ps, qs, dtype=torch.float64, name=None):
     for p, q in zip(ps, qs):
-        torch.testing.assert_close(p.detach(), q.detach(), **tol(dtype))
+        t = tol(dtype)
+        if name in ATOL_OF_SIZE and q.numel():
+            t["atol"] = ATOL_OF_SIZE[name] * float(q.detach().abs().max())
+        torch.testing.assert_close(p.detach(), q.detach(), **t)
 
 
 def pair(name, kwargs, dtype=torch.float64, shapes=SHAPES, seed=0):
@@ -103,14 +124,14 @@ def run(opts, lists, steps, seed=100, none_every=0):
 def test_50_steps_match_torch_float64(name, kwargs):
     ps, qs, a, b = pair(name, kwargs)
     run((a, b), (ps, qs), 50, none_every=7)
-    assert_same(ps, qs)
+    assert_same(ps, qs, name=name)
     # state in torch's format, with the same values
     for p, q in zip(ps, qs):
         sa, sb = a.state.get(p, {}), b.state.get(q, {})
         assert sa.keys() == sb.keys()
         for k in sa:
             torch.testing.assert_close(sa[k], sb[k], **tol(torch.float64))
-            if k != "step":
+            if k != "step" and k not in ("mu_product", "eta", "mu"):     # (numbers: 0-d)
                 assert sa[k].shape == p.shape and sa[k].stride() == p.stride()
 
 
@@ -428,7 +449,7 @@ def test_checkpoints_move_between_torch_and_fastopt(name, kwargs, direction):
     second.load_state_dict(sd)
     assert second.state_dict()["param_groups"] == first.state_dict()["param_groups"]
     run((a, b), (ps, qs), 10, seed=50, none_every=3)
-    assert_same(ps, qs)
+    assert_same(ps, qs, name=name)
 
 
 def test_state_dict_is_torch_format():
@@ -684,3 +705,28 @@ def test_bridge_classes_read_the_declared_kind(name):
     want = {s.name for s in decl.slots if s.option is None}
     assert want <= set(opt.state[p]), (want, set(opt.state[p]))
     assert ("step" in opt.state[p]) == (decl.steps_with is None)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"lr": 1e-3, "betas": (0.8, 0.95), "weight_decay": 0.1,
+                                     "maximize": True}])
+def test_lion_matches_the_numpy_api(kwargs):
+    # Lion is not in torch.optim: the bridge against fastopt.Lion (itself
+    # tested against a NumPy reference), and its checkpoint round trip.
+    import fastopt
+    ps = make_params(0)
+    arrays = [p.detach().numpy().copy() for p in ps]
+    a, b = fo.Lion(ps, **kwargs), fastopt.Lion(arrays, **kwargs)
+    assert isinstance(a, torch.optim.Optimizer)
+    for t in range(20):
+        set_grads(t, ps)
+        a.step()
+        b.step([p.grad.detach().numpy().copy() for p in ps])
+    for p, arr in zip(ps, arrays):
+        assert torch.equal(p.detach(), torch.from_numpy(arr))
+    qs = twin(ps)
+    c = fo.Lion(qs, **kwargs)
+    c.load_state_dict(copy.deepcopy(a.state_dict()))
+    set_grads(99, ps, qs)
+    a.step()
+    c.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs))
