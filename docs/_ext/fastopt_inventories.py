@@ -61,6 +61,10 @@ OBJECTS = {
         ("torch.optim.AdamW", "py:class", "generated/torch.optim.AdamW.html#"),
         ("torch.optim.SGD", "py:class", "generated/torch.optim.SGD.html#"),
         ("torch.optim.RMSprop", "py:class", "generated/torch.optim.RMSprop.html#"),
+    ] + [
+        (f"torch.optim.{name}", "py:class", f"generated/torch.optim.{name}.html#")
+        for name in ("Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta", "ASGD", "Rprop")
+    ] + [
         ("torch.nn.Module", "py:class", "generated/torch.nn.Module.html#"),
         ("torch.nn.BatchNorm1d", "py:class", "generated/torch.nn.BatchNorm1d.html#"),
         ("torch.nn.BatchNorm2d", "py:class", "generated/torch.nn.BatchNorm2d.html#"),
