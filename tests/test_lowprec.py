@@ -1034,3 +1034,47 @@ def test_sr_keys_make_the_bits_independent_of_how_a_parameter_is_cut(rng):
                                       ws[0][k].view(np.uint16))
     with pytest.raises(ValueError, match=r"sr_keys\[0\] must be a pair"):
         native([p], [(0, -1)])
+
+
+@pytest.mark.parametrize("kind, group, slots", [
+    ("adam", {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1,
+              "amsgrad": False, "maximize": False, "decoupled_weight_decay": True},
+     (True, True, False)),
+    ("sgd", {"lr": 0.1, "momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0,
+             "nesterov": False, "maximize": False}, (True, False, False)),
+])
+@pytest.mark.parametrize("grad16", [True, False])
+def test_split_master_is_the_float32_master(kind, group, slots, grad16, rng):
+    # A bfloat16 parameter whose master is split (the parameter holds its
+    # high 16 bits, a uint16 array the low ones) computes the float32
+    # master's bits exactly; the parameter is that master truncated.
+    from fastopt import _layout, _optim
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    n = 3000                                    # blocks of 1024 and a tail
+    start = rng.standard_normal(n).astype(bf16)
+
+    def native(split):
+        p = start.copy()
+        states, masters = _layout.state_arrays([p], [slots])
+        if split:
+            masters = [np.zeros(n, np.uint16)]  # low bits of an exact master: 0
+        else:
+            _optim._convert(p, masters[0])
+        steps = np.zeros(1, np.int64)
+        f = _optim.FusedStep(kind, [p], [0], 1, states, masters, steps)
+        return f, p, masters[0], states
+
+    a, pa, low, sa = native(True)
+    b, pb, master, sb = native(False)
+    for t in range(5):
+        g = rng.standard_normal(n).astype(np.float32)
+        g = g.astype(bf16) if grad16 else g
+        a.step([g.copy()], [dict(group, params=[pa])])
+        b.step([g.copy()], [dict(group, params=[pb])])
+    whole = (pa.view(np.uint16).astype(np.uint32) << 16) | low
+    np.testing.assert_array_equal(whole.view(np.float32), master)
+    np.testing.assert_array_equal(pa.view(np.uint16), (master.view(np.uint32) >> 16))
+    for x, y in zip(sa[0], sb[0]):
+        if x is not None:
+            np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(pa.view(np.uint16), pb.view(np.uint16))   # truncated vs rounded

@@ -41,6 +41,9 @@ cdef enum Store:
     F16 = 1         # float16, round to nearest even
     BF16 = 2        # bfloat16, round to nearest even
     BF16_SR = 3     # bfloat16, stochastic rounding (reads like BF16)
+    SPLIT = 4       # a bfloat16 parameter holding the high 16 bits of its float32
+                    # master, whose low 16 bits are another uint16 array (`out` of a
+                    # Segment: the parameter; `param`: the low bits)
 
 
 # ------------------------------------------------------------------ train ---

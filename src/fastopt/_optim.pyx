@@ -1702,7 +1702,11 @@ cdef class FusedStep:
         its parameters has it.
     masters : list of (ndarray or None)
         The float32 master of every float16/bfloat16 parameter (its shape,
-        laid out as a state array), None for the others.
+        laid out as a state array), None for the others.  For a bfloat16
+        parameter the master may instead be split: a uint16 array holding
+        the low 16 bits of the float32 master whose high 16 bits are the
+        parameter itself (4 bytes per element instead of 6; the parameter is
+        the master truncated, not rounded).
     steps : ndarray, or list of ndarray
         The step counts (torch's ``state["step"]``): a 1-d array with one
         per parameter, or per parameter a one-element array; int64, float32
@@ -1859,9 +1863,16 @@ cdef class FusedStep:
             r.key_index, r.key_offset = sr_key(sr_keys[i] if sr_keys is not None else (i, 0), i)
             if r.code != DT_F64:
                 self.group_single[r.group] = True
-            # The array the kernels update: the parameter, or its master.
-            w = self.bound_array(masters[i], p, i, 4, np.dtype(np.float32)) \
-                if r.code == DT_F16 or r.code == DT_BF16 else None
+            # The array the kernels update: the parameter, or its master (for
+            # a bfloat16 parameter either float32, or uint16: the low 16 bits
+            # of a master whose high bits the parameter holds, SPLIT).
+            if (r.code == DT_BF16 and cnp.PyArray_Check(masters[i])
+                    and cnp.PyArray_TYPE(<cnp.ndarray>masters[i]) == cnp.NPY_UINT16):
+                r.okind = SPLIT
+                w = self.bound_array(masters[i], p, i, 4, np.dtype(np.uint16), True)
+            else:
+                w = self.bound_array(masters[i], p, i, 4, np.dtype(np.float32)) \
+                    if r.code == DT_F16 or r.code == DT_BF16 else None
             if w is None and masters[i] is not None:
                 raise ValueError(f"{self.state_name(i, 4)} is only for float16/bfloat16 "
                                  f"parameters, but {self.param_name(i)} is {p.dtype}")
@@ -1913,10 +1924,12 @@ cdef class FusedStep:
         _LIVE.add(self)
 
     cdef cnp.ndarray bound_array(self, object a, cnp.ndarray p, Py_ssize_t i, int slot,
-                                 object dtype):
-        """A state array or master of params[i] (slot as in Interval), checked."""
+                                 object dtype, bint bits=False):
+        """A state array or master of params[i] (slot as in Interval), checked
+        (`bits`: a uint16 array, not a float one)."""
         cdef str name = self.state_name(i, slot)
-        cdef cnp.ndarray s = writable(any_float_array(a, name), name)
+        cdef cnp.ndarray s = writable(a if bits else any_float_array(a, name), name)
+        native(s, name)
         if s.dtype != dtype:
             raise TypeError(f"{name} must have dtype {dtype}, got {s.dtype}")
         if not same_shape(s, p):
@@ -1968,7 +1981,8 @@ cdef class FusedStep:
         return f"step_counts[{i}]" if self.names is None else f"state['step'] of {self.names[i]}"
 
     cdef str state_name(self, Py_ssize_t i, int slot):
-        cdef str key = ("master_param" if slot == 4 else SCALAR_NAMES[self.kind][slot - 6]
+        cdef str key = (("master_low_bits" if self.rec[i].okind == SPLIT else "master_param")
+                        if slot == 4 else SCALAR_NAMES[self.kind][slot - 6]
                         if slot >= 6 else SLOT_NAMES[self.kind][slot - 1])
         if self.names is None:
             return f"state[{i}][{key!r}]"
@@ -2231,7 +2245,7 @@ cdef class FusedStep:
                         raise ValueError(f"{self.grad_name(i)} at address {a:#x} wraps "
                                          "around memory")
                     self.refuse_overlap(i, a, a + <uintptr_t>nb)
-                self.fill_segment_of(i, nact, <void *>a, self.rec[i].okind, total)
+                self.fill_segment_of(i, nact, <void *>a, store_of(self.rec[i].code), total)
                 total += self.rec[i].size
                 nact += 1
             self.update(nact, total, grad_scale is not None, inv)
@@ -2506,7 +2520,7 @@ cdef class FusedStep:
         cdef const Rec *r
         for i in range(self.n):
             r = &self.rec[i]
-            if r.out != NULL:
+            if r.out != NULL and r.okind != SPLIT:     # (SPLIT: the parameter is the master's top)
                 self.check_param(i)
                 with nogil:
                     core.optim.narrow(<const float *>r.param, <uint16_t *>r.out, r.size,
