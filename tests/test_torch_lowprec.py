@@ -206,3 +206,41 @@ def test_step_takes_grad_scale_and_found_inf():
         a.step(grad_scale=0.0)
     with pytest.raises(TypeError, match="grad_scale must be a number"):
         a.step(grad_scale="2")
+
+
+# ------------------------------------------------------------ split master ---
+
+@pytest.mark.parametrize("name, kwargs", KINDS)
+def test_split_master_keeps_the_float32_masters_bits(name, kwargs):
+    # split_master=True: a bfloat16 parameter holds the high 16 bits of its
+    # float32 master, state["master_low_bits"] (int16) the low ones: the
+    # same float32 master bit for bit as the float32 master, 4 bytes per
+    # element instead of 6; the parameter is the master truncated.
+    ps, qs = params(torch.bfloat16), params(torch.bfloat16)
+    a = getattr(fo, name)(ps, **kwargs, split_master=True)
+    b = getattr(fo, name)(qs, **kwargs)
+    for t in range(6):
+        grads(ps, t)
+        grads(qs, t)
+        a.step()
+        b.step()
+    for p, q in zip(ps, qs):
+        low = a.state[p]["master_low_bits"]
+        assert low.dtype == torch.int16 and low.stride() == p.stride()
+        whole = (p.detach().view(torch.int16).to(torch.int32) << 16) | \
+            (low.to(torch.int32) & 0xFFFF)
+        assert torch.equal(whole.view(torch.float32), b.state[q]["master_param"])
+    # checkpoints (with their models' weights: a split master's high bits
+    # are the parameter): split <-> float32 master, both ways
+    sd = copy.deepcopy(a.state_dict())
+    rs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    c = getattr(fo, name)(rs, **kwargs)
+    c.load_state_dict(sd)
+    for r, q in zip(rs, qs):
+        assert torch.equal(c.state[r]["master_param"], b.state[q]["master_param"])
+    us = [torch.nn.Parameter(q.detach().clone()) for q in qs]
+    d = getattr(fo, name)(us, **kwargs, split_master=True)
+    d.load_state_dict(copy.deepcopy(b.state_dict()))
+    for u, p in zip(us, ps):
+        assert torch.equal(u.detach().view(torch.int16), p.detach().view(torch.int16))
+        assert torch.equal(d.state[u]["master_low_bits"], a.state[p]["master_low_bits"])

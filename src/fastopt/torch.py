@@ -62,7 +62,9 @@ plain dicts; ``load_state_dict`` copies a checkpoint into fresh state (so a
 A float16/bfloat16 parameter is updated through a float32 master,
 ``state["master_param"]``, which the step updates and rounds into the
 parameter; a parameter changed in place between steps (its version counter
-moved) gives its values to its master first.  ``state_dtype="bfloat16"``
+moved) gives its values to its master first.  ``split_master=True`` keeps a
+bfloat16 parameter's master split instead: the parameter holds its high 16
+bits, ``state["master_low_bits"]`` (int16) the low ones.  ``state_dtype="bfloat16"``
 keeps the state in bfloat16, as in the NumPy API.
 
 Param groups may be edited between steps as with torch: hyperparameters,
@@ -195,6 +197,7 @@ class _Fused:
         self = super().__new__(cls)
         self._lock = threading.Lock()
         self._lowp = (None, "stochastic", 0)
+        self._split = False
         self._uncast = None
         _LIVE.add(self)
         return self
@@ -211,7 +214,7 @@ class _Fused:
                                "(or another change to it) in another thread")
         return _Release(self._lock)
 
-    def _init_fused(self, state_dtype, state_rounding, seed, **group_keys):
+    def _init_fused(self, state_dtype, state_rounding, seed, split_master=False, **group_keys):
         # Keys that older torch versions do not put in the groups (Adam's
         # decoupled_weight_decay): FusedStep reads them.
         for key, value in group_keys.items():
@@ -223,6 +226,7 @@ class _Fused:
                              "differentiable=True (autograd through the step)")
         _optim_kernels.check_low_precision(state_dtype, state_rounding, seed)
         self._lowp = (state_dtype, state_rounding, seed)
+        self._split = bool(split_master)
         # torch's GradScaler hands the scale and its inf check to the step
         # (read as the gradients are, nothing written to them).
         self._step_supports_amp_scaling = True
@@ -269,6 +273,7 @@ class _Fused:
         n = len(params)
         sdt = _optim_kernels.state_dtype_of(self._lowp[0])
         arrays, masters = _layout.state_arrays(views, [slots[g] for g in group_of], sdt)
+        masters = [self._split_master(p, m) for p, m in zip(params, masters)]
         steps = torch.zeros(n, dtype=_step_dtype()) if self._counts_steps else None
         counts = np.zeros(n, np.int64)          # SGD: momentum updates (torch keeps none)
         step_arrays = list(steps.numpy().reshape(n, 1)) if steps is not None else list(
@@ -293,11 +298,7 @@ class _Fused:
             bound[i] = entry
             values = carried.get(i)
             if masters[i] is not None:
-                src = values.pop("master_param", None) if values else None
-                if src is None:
-                    _widen_into(masters[i], views[i])
-                else:
-                    _copy_in(entry["master_param"], src)
+                _load_master(masters[i], views[i], values or {}, p)
             if values is None:
                 continue
             if steps is not None:
@@ -363,8 +364,14 @@ class _Fused:
             if name is not None and arrays[k] is not None:
                 entry[name] = _state_view(arrays[k], p)
         if master is not None:
-            entry["master_param"] = _state_view(master, p)
+            entry[_master_key(master)] = _state_view(master, p)
         return entry
+
+    def _split_master(self, p, master):
+        """With split_master, a bfloat16 parameter's master: the uint16 low bits."""
+        if master is None or not self._split or p.dtype != torch.bfloat16:
+            return master
+        return _layout.aligned_views([master.shape], [np.uint16])[1][0]
 
     def _check_state(self, old, p, name, slots):
         """The state values of one parameter to carry over, checked: {key: value}."""
@@ -386,7 +393,7 @@ class _Fused:
         keys = [key for k, key in enumerate(self._slot_names) if key is not None and slots[k]]
         if p.dtype in _HALF_DTYPES:
             keys.append("master_param")
-        for key in keys:
+        for key in keys + ["master_low_bits"]:
             if key not in values:
                 continue
             v = values[key]
@@ -396,7 +403,8 @@ class _Fused:
             if tuple(v.shape) != tuple(p.shape):
                 raise ValueError(f"state[{key!r}] of {name} has shape {tuple(v.shape)} but "
                                  f"the parameter has shape {tuple(p.shape)}")
-            if not v.is_floating_point():
+            if v.is_floating_point() != (key != "master_low_bits") or (
+                    key == "master_low_bits" and v.dtype != torch.int16):
                 raise TypeError(f"state[{key!r}] of {name} has dtype {v.dtype}")
         return values
 
@@ -428,8 +436,9 @@ class _Fused:
                 for k, name in enumerate(self._slot_names):
                     if name in plan["use"]:
                         arrays[i][k] = plan["use"][name][1]
-                if "master_param" in plan["use"]:
-                    masters[i] = plan["use"]["master_param"][1]
+                key = _master_key(self._masters[i]) if self._masters[i] is not None else None
+                if key in plan["use"]:
+                    masters[i] = plan["use"][key][1]
                 if "step" in plan["use"]:
                     step_arrays[i] = plan["use"]["step"][1]
                 scalar_arrays[i] = tuple(plan["use"][k][1] if k in plan["use"] else a for k, a in
@@ -487,8 +496,8 @@ class _Fused:
                 if key is not None and fresh[0][k] is not None:
                     plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None)
             if half:
-                plan["use"]["master_param"] = (_state_view(fresh_master[0], p),
-                                               fresh_master[0], None)
+                m = self._split_master(p, fresh_master[0])
+                plan["use"][_master_key(m)] = (_state_view(m, p), m, None)
             if self._counts_steps:
                 step = torch.zeros((), dtype=_step_dtype())
                 plan["use"]["step"] = (step, _one(step), None)
@@ -538,16 +547,19 @@ class _Fused:
             if not self._counts_steps:
                 plan["count"] = 1       # SGD: the next momentum step uses this buffer
         if half:
-            v = entry.get("master_param")
+            key = _master_key(self._masters[i])
+            v = entry.get(key)
             if v is None:
                 # (a torch.optim checkpoint has none: the master is the parameter)
                 fresh, fresh_master = _layout.state_arrays([self._views[i]], [(False,) * 3])
-                plan["use"]["master_param"] = (_state_view(fresh_master[0], p), fresh_master[0],
-                                               _state_view(fresh_master[0], p))
+                m = self._split_master(p, fresh_master[0])
+                plan["use"][key] = (_state_view(m, p), m, _state_view(m, p))
                 plan["widen"] = True
-            elif v is not bound.get("master_param"):
-                plan["use"]["master_param"] = _adopt(v, p, torch.float32,
-                                                     f"state['master_param'] of {name_i}")
+            elif v is not bound.get(key):
+                t, arr, value = _adopt(v, p, torch.int16 if key == "master_low_bits" else
+                                       torch.float32, f"state[{key!r}] of {name_i}")
+                plan["use"][key] = (t, arr.view(np.uint16) if key == "master_low_bits" else arr,
+                                    value)
         if not plan["use"] and self._reader.is_seen(i):
             return None
         return plan
@@ -772,7 +784,8 @@ class _Fused:
             if pid not in names or not isinstance(entry, dict):
                 continue
             for key, v in entry.items():
-                if key != "step" and isinstance(v, torch.Tensor) and not v.is_floating_point():
+                if key not in ("step", "master_low_bits") and isinstance(v, torch.Tensor) \
+                        and not v.is_floating_point():
                     raise TypeError(f"state[{key!r}] of {names[pid]} has dtype {v.dtype}; "
                                     "state tensors are floating point")
             if params[pid].dtype in _HALF_DTYPES:
@@ -781,7 +794,7 @@ class _Fused:
         return uncast
 
     def __getstate__(self):
-        return {**super().__getstate__(), "_lowp": self._lowp}
+        return {**super().__getstate__(), "_lowp": self._lowp, "_split": self._split}
 
     def __setstate__(self, state):
         # Called by load_state_dict (after torch's checks and casts) and by
@@ -790,6 +803,7 @@ class _Fused:
         self._check_entries(state)
         state = dict(state)
         lowp = state.pop("_lowp", None)
+        self._split = state.pop("_split", self._split)
         before = {k: self.__dict__[k] for k in ("state", "param_groups", "_lowp")
                   if k in self.__dict__}
         super().__setstate__(state)
@@ -891,14 +905,55 @@ def _check_params(params, names):
 
 
 def _state_view(arr, p):
-    """A torch view of a state array (memory order of p) shaped and strided like p."""
+    """A torch view of a state array (memory order of p) shaped and strided like
+    p (a split master's uint16 low bits as int16, the dtype torch computes with)."""
+    if arr.dtype == np.uint16:
+        arr = arr.view(np.int16)
     return _from_numpy(arr).as_strided(p.shape, p.stride())
 
 
 def _widen_into(master, view):
     """A float16/bfloat16 parameter's values (`view`, in memory order) into its
-    float32 master: exact."""
-    _optim_kernels._convert(view, master)
+    master: exact (a split master's low bits are then zero)."""
+    if master.dtype == np.uint16:
+        master[...] = 0
+    else:
+        _optim_kernels._convert(view, master)
+
+
+def _master_key(master):
+    """The state key of a master array: a float32 master, or a split one's low bits."""
+    return "master_low_bits" if master.dtype == np.uint16 else "master_param"
+
+
+def _load_master(master, view, values, p):
+    """A 16-bit parameter's master (`master`; `view`: parameter p in memory
+    order) from the state `values` being loaded: "master_param" (float32) or
+    "master_low_bits" (int16), whichever the checkpoint has, converted to
+    the kind of master this optimizer keeps (a float32 master loaded into a
+    split one writes its high bits into the parameter); none: the
+    parameter's values."""
+    full = values.pop("master_param", None)
+    low = values.pop("master_low_bits", None)
+    if full is None and low is None:
+        _widen_into(master, view)
+        return
+
+    def laid_out(t, dtype):         # t's values in p's memory order
+        tmp = torch.empty_like(p, dtype=dtype)
+        _copy_in(tmp, t)
+        return _memory_order_view(tmp)
+
+    if low is not None:
+        bits = (view.view(np.uint16).astype(np.uint32) << 16) | \
+            laid_out(low, torch.int16).view(np.uint16)
+    else:
+        bits = laid_out(full, torch.float32).view(np.uint32)
+    if master.dtype == np.uint16:
+        view.view(np.uint16)[...] = bits >> 16
+        master[...] = bits & 0xffff
+    else:
+        master[...] = bits.view(np.float32)
 
 
 def _copy_in(tensor, src):
@@ -1059,12 +1114,12 @@ class Adam(_Fused, torch.optim.Adam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
                  differentiable=False, fused=None, decoupled_weight_decay=False,
-                 state_dtype=None, state_rounding="stochastic", seed=0):
+                 state_dtype=None, state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, foreach=foreach,
                     maximize=maximize, capturable=capturable, differentiable=differentiable,
                     fused=fused, decoupled_weight_decay=decoupled_weight_decay)
-        self._init_fused(state_dtype, state_rounding, seed,
+        self._init_fused(state_dtype, state_rounding, seed, split_master,
                          decoupled_weight_decay=decoupled_weight_decay)
 
 
@@ -1079,12 +1134,13 @@ class AdamW(_Fused, torch.optim.AdamW):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, state_dtype=None, state_rounding="stochastic",
-                 seed=0):
+                 seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                     foreach=foreach, capturable=capturable, differentiable=differentiable,
                     fused=fused)
-        self._init_fused(state_dtype, state_rounding, seed, decoupled_weight_decay=True)
+        self._init_fused(state_dtype, state_rounding, seed, split_master,
+                         decoupled_weight_decay=True)
 
 
 
@@ -1100,12 +1156,13 @@ class SGD(_Fused, torch.optim.SGD):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None, state_dtype=None, state_rounding="stochastic", seed=0):
+                 fused=None, state_dtype=None, state_rounding="stochastic", seed=0,
+                 split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, momentum=momentum,
                     dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                     maximize=maximize, foreach=foreach, differentiable=differentiable,
                     fused=fused)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 
@@ -1118,12 +1175,13 @@ class RMSprop(_Fused, torch.optim.RMSprop):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0,
                  centered=False, capturable=False, foreach=None, maximize=False,
-                 differentiable=False, *, state_dtype=None, state_rounding="stochastic", seed=0):
+                 differentiable=False, *, state_dtype=None, state_rounding="stochastic", seed=0,
+                 split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, alpha=alpha, eps=eps,
                     weight_decay=weight_decay, momentum=momentum, centered=centered,
                     capturable=capturable, foreach=foreach, maximize=maximize,
                     differentiable=differentiable)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 
@@ -1137,13 +1195,13 @@ class Adagrad(_Fused, torch.optim.Adagrad):
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0,
                  eps=1e-10, foreach=None, *, maximize=False, differentiable=False, fused=None,
-                 state_dtype=None, state_rounding="stochastic", seed=0):
+                 state_dtype=None, state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, lr_decay=lr_decay,
                     weight_decay=weight_decay,
                     initial_accumulator_value=initial_accumulator_value, eps=eps,
                     foreach=foreach, maximize=maximize, differentiable=differentiable,
                     fused=fused)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 class Adamax(_Fused, torch.optim.Adamax):
@@ -1154,11 +1212,11 @@ class Adamax(_Fused, torch.optim.Adamax):
 
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  foreach=None, *, maximize=False, differentiable=False, capturable=False,
-                 state_dtype=None, state_rounding="stochastic", seed=0):
+                 state_dtype=None, state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                     differentiable=differentiable, capturable=capturable)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 class NAdam(_Fused, torch.optim.NAdam):
@@ -1171,12 +1229,12 @@ class NAdam(_Fused, torch.optim.NAdam):
     def __init__(self, params, lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  momentum_decay=4e-3, decoupled_weight_decay=False, *, foreach=None,
                  maximize=False, capturable=False, differentiable=False, state_dtype=None,
-                 state_rounding="stochastic", seed=0):
+                 state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, momentum_decay=momentum_decay,
                     decoupled_weight_decay=decoupled_weight_decay, foreach=foreach,
                     maximize=maximize, capturable=capturable, differentiable=differentiable)
-        self._init_fused(state_dtype, state_rounding, seed,
+        self._init_fused(state_dtype, state_rounding, seed, split_master,
                          decoupled_weight_decay=decoupled_weight_decay)
 
 
@@ -1189,12 +1247,12 @@ class RAdam(_Fused, torch.optim.RAdam):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0,
                  decoupled_weight_decay=False, *, foreach=None, maximize=False,
                  capturable=False, differentiable=False, state_dtype=None,
-                 state_rounding="stochastic", seed=0):
+                 state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
                     foreach=foreach, maximize=maximize, capturable=capturable,
                     differentiable=differentiable)
-        self._init_fused(state_dtype, state_rounding, seed,
+        self._init_fused(state_dtype, state_rounding, seed, split_master,
                          decoupled_weight_decay=decoupled_weight_decay)
 
 
@@ -1206,11 +1264,11 @@ class Adadelta(_Fused, torch.optim.Adadelta):
 
     def __init__(self, params, lr=1.0, rho=0.9, eps=1e-6, weight_decay=0, foreach=None, *,
                  capturable=False, maximize=False, differentiable=False, state_dtype=None,
-                 state_rounding="stochastic", seed=0):
+                 state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, rho=rho, eps=eps,
                     weight_decay=weight_decay, foreach=foreach, capturable=capturable,
                     maximize=maximize, differentiable=differentiable)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 class ASGD(_Fused, torch.optim.ASGD):
@@ -1222,11 +1280,11 @@ class ASGD(_Fused, torch.optim.ASGD):
 
     def __init__(self, params, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, weight_decay=0,
                  foreach=None, maximize=False, differentiable=False, capturable=False, *,
-                 state_dtype=None, state_rounding="stochastic", seed=0):
+                 state_dtype=None, state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, lambd=lambd, alpha=alpha, t0=t0,
                     weight_decay=weight_decay, foreach=foreach, maximize=maximize,
                     differentiable=differentiable, capturable=capturable)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 class Rprop(_Fused, torch.optim.Rprop):
@@ -1237,11 +1295,11 @@ class Rprop(_Fused, torch.optim.Rprop):
 
     def __init__(self, params, lr=1e-2, etas=(0.5, 1.2), step_sizes=(1e-6, 50), *,
                  capturable=False, foreach=None, maximize=False, differentiable=False,
-                 state_dtype=None, state_rounding="stochastic", seed=0):
+                 state_dtype=None, state_rounding="stochastic", seed=0, split_master=False):
         _torch_init(self._torch_base, self, params, lr=lr, etas=etas, step_sizes=step_sizes,
                     capturable=capturable, foreach=foreach, maximize=maximize,
                     differentiable=differentiable)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 class Lion(_Fused, torch.optim.Optimizer):
@@ -1255,12 +1313,13 @@ class Lion(_Fused, torch.optim.Optimizer):
     _has_capturable = False
 
     def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, *,
-                 maximize=False, state_dtype=None, state_rounding="stochastic", seed=0):
+                 maximize=False, state_dtype=None, state_rounding="stochastic", seed=0,
+                 split_master=False):
         defaults = _kinds.LION.defaults()
         defaults.update(lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                         maximize=maximize)
         torch.optim.Optimizer.__init__(self, params, defaults)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 # ------------------------------------------------------------- functions ---
