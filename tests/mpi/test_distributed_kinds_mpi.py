@@ -192,3 +192,32 @@ def test_a_bad_number_in_a_checkpoint_raises_everywhere_and_changes_nothing():
     if RANK == 0:
         problems += sd_differences(state_after, state_before, "state_dict")
     assert_none(problems)
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "shard"])
+@pytest.mark.parametrize("cls,kw", WITH_NUMBERS + [KINDS[8]])
+def test_bfloat16_parameters_and_state_give_one_processs_bits(cls, kw, shard):
+    """bfloat16 parameters with float32 masters and bfloat16 state rounded
+    stochastically (its bits drawn by each element's place in the model): on
+    1, 2, ..., P ranks the bits of one process."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    kw = dict(kw, state_dtype="bfloat16", seed=5)
+    ref_p = make_params(dtypes=(bf16,))
+    ref = with_groups(cls, kw, ref_p)
+    run(ref, ref_p, range(10), MPI.COMM_SELF)
+    ref_sd = ref.state_dict()
+    problems = []
+    for n in range(1, P + 1):
+        comm = sub(n)
+        if comm == MPI.COMM_NULL:
+            continue
+        params = make_params(dtypes=(bf16,))
+        dopt = DistributedOptimizer(with_groups(cls, kw, params), comm, shard=shard)
+        run(dopt, params, range(10), comm)
+        sd = dopt.state_dict()
+        comm.Free()
+        problems += differences(params, ref_p, f"{n} rank(s): params")
+        if sd is not None:
+            problems += sd_differences(sd, ref_sd, f"{n} rank(s): state_dict")
+    assert_none(problems)
