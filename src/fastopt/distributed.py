@@ -45,7 +45,7 @@ deterministic.  A bandwidth-optimal Allreduce is itself a reduce-scatter
 plus an allgather, so this costs no extra bytes: each rank sends and
 receives about 2 (P-1)/P times the gradient bytes per step, in both modes.
 
-Every optimizer class of `fastopt.optim` works in both modes: their updates
+Every optimizer class of ``fastopt.optim`` works in both modes: their updates
 are elementwise, so a slice steps as the whole would.  The numbers of a
 parameter's state besides its arrays (NAdam's ``mu_product``, ASGD's
 ``eta`` and ``mu``: one 0-d float32 array each) are not cut: in shard mode
