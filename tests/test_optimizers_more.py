@@ -856,6 +856,24 @@ def test_bad_scalar_edits_are_refused_and_change_nothing(name, k):
     np.testing.assert_array_equal(a.steps, count)
 
 
+@pytest.mark.xfail(strict=True, reason="FusedStep accepts a float64 0-d array assigned to "
+                   "mu_product/eta/mu (it has a double path for such numbers), so the NumPy "
+                   "optimizer then computes it in double, not float32, and its state dict no "
+                   "longer loads into an optimizer of the same kind (dtype float32 expected); "
+                   "optim.Optimizer._sync_state says an assigned array must have the state's "
+                   "dtype")
+@pytest.mark.parametrize("name", ["NAdam", "ASGD"])
+def test_a_scalar_of_another_dtype_is_refused(name):
+    ps, _, a, _ = edit_setup(name, {})
+    both_steps([(a, ps)], 2, 1)
+    key = KERNELS[name].scalars[0][0]
+    snap = Snapshot(*ps, *[v for st in a.state for v in st.values()])
+    a.state[1][key] = np.array(0.5)
+    with pytest.raises(TypeError, match=re.escape(f"state[1][{key!r}]")):
+        a.step(make_grads(np.random.default_rng(5), ps, 0))
+    snap.assert_unchanged()
+
+
 # ------------------------------------------------------------------ the rest ---
 
 @pytest.mark.parametrize("case", FULL, ids=case_id)
