@@ -1,8 +1,11 @@
 """One-array optimizer updates: fastopt against NumPy, float32, 1e3 ... 1e7 elements.
 
-The ``adam``, ``adamw``, ``rmsprop`` and ``sgd`` (course Momentum) cases of
-``python -m fastopt bench``: one group per (kernel, size) with the members
-``numpy``, ``numpy_inplace`` and ``fastopt`` (see conftest.py).  The
+The one-array optimizer cases of ``python -m fastopt bench``
+(`fastopt.bench.ELEMENTWISE`: ``adam``, ``adamw``, ``rmsprop``, ``sgd`` --
+the course's Momentum --, ``adagrad``, ``adamax``, ``nadam``, ``radam``,
+``adadelta``, ``asgd``, ``rprop``, ``lion``): one group per (kernel, size)
+with the members ``numpy``, ``numpy_inplace`` and ``fastopt`` (see
+conftest.py).  The
 ``memory copy`` group is a bandwidth probe: compare its bytes / median with
 a group's ``extra_info["bytes"]`` / median.
 

@@ -242,12 +242,39 @@ def test_every_family_runs_when_its_api_is_present(monkeypatch, small, tmp_path,
     assert bench.main(["--quick", "--sizes", "50", "--dtype", dtype, "--json", str(path)]) == 0
     data = json.loads(path.read_text())
     families = [r["family"] for r in data["results"]]
-    assert families == ["adam", "adamw", "rmsprop", "sgd", "optimizer", "batchnorm",
+    assert families == ["adam", "adamw", "rmsprop", "sgd", "adagrad", "adamax", "nadam",
+                        "radam", "adadelta", "asgd", "rprop", "lion", "optimizer", "batchnorm",
                         "batchnorm", "batchnorm", "cross_entropy", "cross_entropy",
                         "log_softmax", "log_softmax"]
     assert data["notes"] == [] or all("skipped" not in n for n in data["notes"])
-    model = data["results"][4]
+    model = data["results"][12]
     assert model["extras"]["loop of adam_step calls"]["error"] is None
+    for r in data["results"][4:12]:               # the class, checked as the kernel is
+        (extra,) = r["extras"].values()
+        assert extra["error"] is None and extra["time_s"] > 0, r["family"]
+
+
+@pytest.mark.parametrize("family", bench.ELEMENTWISE)
+def test_every_implementation_of_an_optimizer_takes_the_same_steps(family):
+    """The NumPy baselines, the kernel loop and the class of every declared
+    optimizer agree over 12 float64 steps (RAdam's both branches among
+    them), more than the report compares."""
+    from fastopt.bench import cases
+    spec = bench.OPTIMIZERS[family]
+    impls = cases.optimizer_impls(spec, with_state=True)
+    inputs = cases._optimizer_inputs([(37,)], np.float64, spec)
+    makers = {"numpy": impls.numpy, "inplace": impls.inplace, "kernel": impls.kernel}
+    if impls.cls:
+        makers["class"] = impls.cls
+    results = {}
+    for name, make in makers.items():
+        step = make(bench.fresh(inputs))
+        for _ in range(12):
+            out = step()
+        results[name] = [np.array(a) for a in out]
+    for name, out in results.items():
+        for a, b, what in zip(out, results["kernel"], ("param",) + spec.slots):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15, err_msg=f"{name}: {what}")
 
 
 def test_missing_family_is_skipped_with_a_note(monkeypatch, small, capsys):

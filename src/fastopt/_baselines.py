@@ -111,6 +111,256 @@ def momentum_inplace(p, g, v, lr=1e-2, beta=0.9, *, work):
     return p, v
 
 
+# The rest of torch.optim, and Lion (torch's defaults, no weight decay).
+# NAdam's mu_product and ASGD's eta and mu are kept in float32, as torch
+# keeps them, in a caller-owned dict `ws` (they start at 1, lr and 1).
+
+def adagrad_numpy(p, g, s, t, lr=1e-2, lr_decay=0.0, eps=1e-10):
+    """Adagrad at step `t` >= 1; returns the new ``(p, s)``."""
+    s = s + g**2
+    p = p - lr / (1 + (t - 1) * lr_decay) * g / (np.sqrt(s) + eps)
+    return p, s
+
+
+def adagrad_inplace(p, g, s, t, lr=1e-2, lr_decay=0.0, eps=1e-10, *, work):
+    """`adagrad_numpy` in place; `work` is a scratch array like `p`."""
+    np.multiply(g, g, out=work)
+    s += work
+    np.sqrt(s, out=work)
+    work += eps
+    np.divide(g, work, out=work)
+    work *= lr / (1 + (t - 1) * lr_decay)
+    p -= work
+    return p, s
+
+
+def adamax_numpy(p, g, m, u, t, lr=2e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """Adamax (the infinity norm) at step `t` >= 1; returns the new ``(p, m, u)``."""
+    m = b1 * m + (1 - b1) * g
+    u = np.maximum(b2 * u, np.abs(g) + eps)
+    p = p - lr / (1 - b1**t) * m / u
+    return p, m, u
+
+
+def adamax_inplace(p, g, m, u, t, lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, *, work):
+    """`adamax_numpy` in place; `work` is a scratch array like `p`."""
+    m *= b1
+    np.multiply(g, 1 - b1, out=work)
+    m += work
+    u *= b2
+    np.abs(g, out=work)
+    work += eps
+    np.maximum(u, work, out=u)
+    np.divide(m, u, out=work)
+    work *= lr / (1 - b1**t)
+    p -= work
+    return p, m, u
+
+
+def _nadam_coefs(t, lr, b1, momentum_decay, ws):
+    """NAdam's two step sizes at step t (updates ws["mu_product"])."""
+    mu = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))
+    mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * momentum_decay))
+    mu_product = float(np.float32(ws.get("mu_product", 1.0)) * np.float32(mu))
+    ws["mu_product"] = mu_product
+    return lr * (1 - mu) / (1 - mu_product), lr * mu_next / (1 - mu_product * mu_next)
+
+
+def nadam_numpy(p, g, m, v, t, lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, momentum_decay=4e-3, *,
+                ws):
+    """NAdam (Adam with Nesterov momentum) at step `t` >= 1; returns the new
+    ``(p, m, v)``; `ws` keeps mu_product."""
+    c_grad, c_avg = _nadam_coefs(t, lr, b1, momentum_decay, ws)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g**2
+    denom = np.sqrt(v / (1 - b2**t)) + eps
+    p = p - c_grad * g / denom - c_avg * m / denom
+    return p, m, v
+
+
+def nadam_inplace(p, g, m, v, t, lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, momentum_decay=4e-3, *,
+                  work, ws):
+    """`nadam_numpy` in place; `work` is a scratch array like `p`, `ws` also
+    keeps a second one."""
+    c_grad, c_avg = _nadam_coefs(t, lr, b1, momentum_decay, ws)
+    work2 = _buf(ws, "work2", p.shape, p.dtype)
+    m *= b1
+    np.multiply(g, 1 - b1, out=work)
+    m += work
+    v *= b2
+    np.multiply(g, g, out=work)
+    work *= 1 - b2
+    v += work
+    np.multiply(v, 1 / (1 - b2**t), out=work)
+    np.sqrt(work, out=work)
+    work += eps                                 # denom
+    np.multiply(g, c_grad, out=work2)
+    np.divide(work2, work, out=work2)
+    p -= work2
+    np.multiply(m, c_avg, out=work2)
+    np.divide(work2, work, out=work2)
+    p -= work2
+    return p, m, v
+
+
+def _radam_rect(t, b2):
+    """RAdam's rectification at step t, or None while the variance is not tractable."""
+    rho_inf = 2 / (1 - b2) - 1
+    rho_t = rho_inf - 2 * t * b2**t / (1 - b2**t)
+    if rho_t <= 5:
+        return None
+    return math.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+
+
+def radam_numpy(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """RAdam at step `t` >= 1; returns the new ``(p, m, v)``."""
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g**2
+    m_hat = m / (1 - b1**t)
+    rect = _radam_rect(t, b2)
+    if rect is None:
+        p = p - lr * m_hat
+    else:
+        p = p - lr * rect * m_hat * math.sqrt(1 - b2**t) / (np.sqrt(v) + eps)
+    return p, m, v
+
+
+def radam_inplace(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, *, work):
+    """`radam_numpy` in place; `work` is a scratch array like `p`."""
+    m *= b1
+    np.multiply(g, 1 - b1, out=work)
+    m += work
+    v *= b2
+    np.multiply(g, g, out=work)
+    work *= 1 - b2
+    v += work
+    rect = _radam_rect(t, b2)
+    if rect is None:
+        np.multiply(m, lr / (1 - b1**t), out=work)
+    else:
+        np.sqrt(v, out=work)
+        work += eps
+        np.divide(m, work, out=work)
+        work *= lr * rect * math.sqrt(1 - b2**t) / (1 - b1**t)
+    p -= work
+    return p, m, v
+
+
+def adadelta_numpy(p, g, sq, acc, lr=1.0, rho=0.9, eps=1e-6):
+    """Adadelta; returns the new ``(p, sq, acc)``."""
+    sq = rho * sq + (1 - rho) * g**2
+    delta = np.sqrt(acc + eps) / np.sqrt(sq + eps) * g
+    acc = rho * acc + (1 - rho) * delta**2
+    p = p - lr * delta
+    return p, sq, acc
+
+
+def adadelta_inplace(p, g, sq, acc, lr=1.0, rho=0.9, eps=1e-6, *, work, ws):
+    """`adadelta_numpy` in place; `work` is a scratch array like `p`, `ws`
+    keeps a second one."""
+    work2 = _buf(ws, "work2", p.shape, p.dtype)
+    sq *= rho
+    np.multiply(g, g, out=work)
+    work *= 1 - rho
+    sq += work
+    np.add(acc, eps, out=work)
+    np.sqrt(work, out=work)
+    np.add(sq, eps, out=work2)
+    np.sqrt(work2, out=work2)
+    np.divide(work, work2, out=work)
+    work *= g                                   # delta
+    acc *= rho
+    np.multiply(work, work, out=work2)
+    work2 *= 1 - rho
+    acc += work2
+    work *= lr
+    p -= work
+    return p, sq, acc
+
+
+def _asgd_next(t, lr, lambd, alpha, t0, ws):
+    """ASGD's eta and mu for step t (from ws), and those of step t + 1 into ws."""
+    eta, mu = ws.get("eta", float(np.float32(lr))), ws.get("mu", 1.0)
+    ws["eta"] = float(np.float32(lr / (1 + lambd * lr * t) ** alpha))
+    ws["mu"] = float(np.float32(1 / max(1, t - t0)))
+    return eta, mu
+
+
+def asgd_numpy(p, g, ax, t, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, *, ws):
+    """Averaged SGD at step `t` >= 1; returns the new ``(p, ax)``; `ws` keeps
+    eta and mu."""
+    eta, mu = _asgd_next(t, lr, lambd, alpha, t0, ws)
+    p = p * (1 - lambd * eta) - eta * g
+    ax = ax + mu * (p - ax) if mu != 1 else p.copy()
+    return p, ax
+
+
+def asgd_inplace(p, g, ax, t, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6, *, work, ws):
+    """`asgd_numpy` in place; `work` is a scratch array like `p`."""
+    eta, mu = _asgd_next(t, lr, lambd, alpha, t0, ws)
+    p *= 1 - lambd * eta
+    np.multiply(g, eta, out=work)
+    p -= work
+    if mu != 1:
+        np.subtract(p, ax, out=work)
+        work *= mu
+        ax += work
+    else:
+        np.copyto(ax, p)
+    return p, ax
+
+
+def rprop_numpy(p, g, prev, step_size, etaminus=0.5, etaplus=1.2, step_min=1e-6,
+                step_max=50.0):
+    """Rprop (signs only); returns the new ``(p, prev, step_size)``."""
+    s = np.sign(g * prev)
+    factor = np.where(s > 0, etaplus, np.where(s < 0, etaminus, 1.0)).astype(p.dtype)
+    step_size = np.clip(step_size * factor, step_min, step_max)
+    g = np.where(s < 0, 0, g)             # after a sign change: no move, no memory
+    p = p - np.sign(g) * step_size
+    return p, g, step_size
+
+
+def rprop_inplace(p, g, prev, step_size, etaminus=0.5, etaplus=1.2, step_min=1e-6,
+                  step_max=50.0, *, work, ws):
+    """`rprop_numpy` in place; `work` is a scratch array like `p`, `ws`
+    keeps a boolean one."""
+    mask = _buf(ws, "mask", p.shape, np.bool_)
+    np.multiply(g, prev, out=work)
+    np.greater(work, 0, out=mask)
+    np.multiply(step_size, etaplus, out=step_size, where=mask)
+    np.less(work, 0, out=mask)
+    np.multiply(step_size, etaminus, out=step_size, where=mask)
+    np.clip(step_size, step_min, step_max, out=step_size)
+    np.copyto(prev, g)
+    np.copyto(prev, 0, where=mask)
+    np.sign(prev, out=work)
+    work *= step_size
+    p -= work
+    return p, prev, step_size
+
+
+def lion_numpy(p, g, m, lr=1e-4, b1=0.9, b2=0.99):
+    """Lion (signs of an interpolated momentum); returns the new ``(p, m)``."""
+    p = p - lr * np.sign(b1 * m + (1 - b1) * g)
+    m = b2 * m + (1 - b2) * g
+    return p, m
+
+
+def lion_inplace(p, g, m, lr=1e-4, b1=0.9, b2=0.99, *, work):
+    """`lion_numpy` in place; `work` is a scratch array like `p`."""
+    np.subtract(g, m, out=work)
+    work *= 1 - b1
+    work += m                                   # b1 * m + (1 - b1) * g
+    np.sign(work, out=work)
+    work *= lr
+    p -= work
+    m *= b2
+    np.multiply(g, 1 - b2, out=work)
+    m += work
+    return p, m
+
+
 # --------------------------------------------------------------- batchnorm ---
 
 def _bn_axes(x, axis):

@@ -45,6 +45,14 @@ deterministic.  A bandwidth-optimal Allreduce is itself a reduce-scatter
 plus an allgather, so this costs no extra bytes: each rank sends and
 receives about 2 (P-1)/P times the gradient bytes per step, in both modes.
 
+Every optimizer class of ``fastopt.optim`` works in both modes: their updates
+are elementwise, so a slice steps as the whole would.  The numbers of a
+parameter's state besides its arrays (NAdam's ``mu_product``, ASGD's
+``eta`` and ``mu``: one 0-d float32 array each) are not cut: in shard mode
+every rank keeps the whole of each and updates it at every step of the
+parameter, even when it owns none of its elements, so they are the same on
+every rank; checkpoints carry them as the single-process format does.
+
 Low precision (float16/bfloat16 parameters, ``state_dtype="bfloat16"``)
 works in both modes, with the bits of one process stepping with the mean
 gradient, on every rank and for any P:
@@ -561,12 +569,14 @@ class DistributedOptimizer:
                 keys.append((i, lo))        # stochastic rounding: the bits of the whole model
             self.local_optimizer = local = optimizer.with_params(views, _sr_keys=keys)
             # Continue from the wrapped optimizer's state (master copies
-            # included), as the replicated mode does: each rank its slice.
+            # included), as the replicated mode does: each rank its slice of
+            # the arrays, and the whole of each per-parameter number.
+            scalars = self._scalar_names
             for i, st in enumerate(optimizer.state):
                 f, k = self._where[i]
                 lo, hi = f.pieces[k]
                 for name, arr in local.state[i].items():
-                    arr[...] = st[name].reshape(-1)[lo:hi]
+                    arr[...] = st[name] if name in scalars else st[name].reshape(-1)[lo:hi]
             local._steps[...] = optimizer.steps
         else:
             self.local_optimizer = optimizer
@@ -869,12 +879,13 @@ class DistributedOptimizer:
             full[f.dtype, name] = recv
         if self.rank != 0:
             return None
-        sd = local.state_dict()
+        sd = local.state_dict()         # the per-parameter numbers: rank 0's, everyone's
         for i, p in enumerate(self._params):
             f, k = self._where[i]
             o = f.offsets[k]
             for name in local.state[i]:
-                sd[f"state.{i}.{name}"] = full[f.dtype, name][o:o + p.size].reshape(p.shape)
+                if name not in self._scalar_names:
+                    sd[f"state.{i}.{name}"] = full[f.dtype, name][o:o + p.size].reshape(p.shape)
         return sd
 
     def load_state_dict(self, state_dict):
@@ -902,9 +913,14 @@ class DistributedOptimizer:
         `arrays` and `rounding`."""
         if self.rank == 0:
             hypers = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+            # The per-parameter numbers (NAdam's mu_product, ASGD's eta and
+            # mu): every rank keeps the whole of each, in either mode.
+            numbers = {key: arrays[key] for key in arrays
+                       if key.rsplit(".", 1)[1] in self._scalar_names}
         else:
-            hypers, steps = None, None
-        hypers, steps, rounding = self.comm.bcast((hypers, steps, rounding), root=0)
+            hypers, steps, numbers = None, None, None
+        hypers, steps, rounding, numbers = self.comm.bcast((hypers, steps, rounding, numbers),
+                                                           root=0)
         for g, new in zip(self.optimizer.param_groups, hypers):
             params = g["params"]
             g.clear()
@@ -914,6 +930,7 @@ class DistributedOptimizer:
         mine = local.state_dict()
         for i in range(len(self._params)):
             mine[f"state.{i}.step"] = int(steps[i])
+        mine.update(numbers)
         if "state_dtype" in mine:
             mine["state_rounding"], mine["seed"] = rounding
         for f, name, dtype in self._slots():
@@ -942,6 +959,13 @@ class DistributedOptimizer:
             self.optimizer._fused.set_rounding(*rounding)     # checked; cannot fail
             # Each rank wrote its slice of the 16-bit parameters: share them.
             self._allgather_params([f for f in self._flats if f.half])
+
+    @property
+    def _scalar_names(self):
+        """The per-parameter numbers of the optimizer's state besides its
+        arrays (NAdam's mu_product, ASGD's eta and mu): not sliced, each rank
+        keeps the whole of each (they are the same on every rank)."""
+        return self.optimizer._kind.scalar_names
 
     def _slots(self):
         """(flat, state name, dtype) for every kind of state array (float32

@@ -12,6 +12,7 @@ from fastopt.distributed import DistributedOptimizer
 from test_optimizers import CASE_IDS, CASES
 
 WORLD = MPI.COMM_WORLD
+RANK = WORLD.rank
 
 # 0-d, empty, tiny and SIMD-tail arrays and two larger ones: with 2 or 3
 # ranks the slice boundaries fall inside arrays, and some ranks own no
@@ -79,6 +80,23 @@ def with_groups(cls, kw, params):
                 {"params": params[4:], "lr": lr / 2}], **kw)
 
 
+def exact(params, t, comm, grad_dtype=None):
+    """This rank's gradients at step t (None at `none_at`): their mean over
+    the ranks of `comm` is exact, the same for any number of ranks."""
+    gs = exact_grads(params, t, comm.rank, comm.size)
+    return [None if i in none_at(t, len(params)) else
+            (g if grad_dtype is None else g.astype(grad_dtype)) for i, g in enumerate(gs)]
+
+
+def run(opt, params, ts, comm, grads=exact, **kw):
+    """Steps `ts` of `opt` (an optimizer: comm is one rank; or a wrapper),
+    halving the lr at step 7 (it must be in checkpoints)."""
+    for t in ts:
+        if t == 7:
+            opt.param_groups[0]["lr"] *= 0.5
+        opt.step(grads(params, t, comm, **kw))
+
+
 def digest(arrays):
     h = hashlib.sha256()
     for a in arrays:
@@ -95,6 +113,48 @@ def state_nbytes(opt):
     return sum(a.nbytes for st in opt.state for a in st.values())
 
 
-__all__ = ["WORLD", "SHAPES", "CASES", "CASE_IDS", "make_params", "copies", "rank_grads",
-           "mean_grads", "exact_grads", "none_at", "with_groups", "digest",
-           "same_on_every_rank", "state_nbytes", "DistributedOptimizer", "MPI"]
+def bits(a):
+    a = np.ascontiguousarray(a)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def differences(got, want, what):
+    """What differs between two lists of arrays, bit for bit (dtypes too)."""
+    out = []
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(bits(a), bits(b)):
+            out.append(f"{what}[{i}] differs")
+    return out
+
+
+def sd_differences(got, want, what):
+    """What differs between two state dicts, bit for bit."""
+    if got.keys() != want.keys():
+        return [f"{what}: keys {sorted(set(got) ^ set(want))}"]
+    out = []
+    for k in want:
+        a, b = got[k], want[k]
+        if isinstance(b, np.ndarray) and b.dtype.kind in "fV" and b.ndim:
+            out += differences([a], [b], f"{what}[{k!r}]")
+        elif not np.array_equal(a, b):
+            out.append(f"{what}[{k!r}]: {a!r} != {b!r}")
+    return out
+
+
+def assert_none(problems):
+    """Every rank's `problems`, gathered: the test fails on every rank or on none."""
+    everyone = [p for r, mine in enumerate(WORLD.allgather(problems)) for p in
+                (f"rank {r}: {x}" for x in mine)]
+    assert not everyone, "\n".join(everyone[:20])
+
+
+def sub(n):
+    """A communicator of ranks 0..n-1 (MPI.COMM_NULL on the others)."""
+    return WORLD.Split(0 if RANK < n else MPI.UNDEFINED)
+
+
+__all__ = ["WORLD", "RANK", "SHAPES", "CASES", "CASE_IDS", "make_params", "copies",
+           "rank_grads", "mean_grads", "exact_grads", "none_at", "with_groups", "exact", "run",
+           "digest",
+           "same_on_every_rank", "state_nbytes", "bits", "differences", "sd_differences",
+           "assert_none", "sub", "DistributedOptimizer", "MPI"]

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import fastopt
-from .mpihelp import (MPI, WORLD, DistributedOptimizer, copies, exact_grads, make_params,
-                      none_at, rank_grads, same_on_every_rank, state_nbytes, with_groups)
+from .mpihelp import (MPI, RANK, WORLD, DistributedOptimizer, assert_none, bits, copies,
+                      differences, make_params, rank_grads, run, same_on_every_rank,
+                      sd_differences, state_nbytes, sub, with_groups)
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -28,7 +29,6 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 F32 = np.dtype(np.float32)
 P = WORLD.size
-RANK = WORLD.rank
 LAST = P - 1
 SEED = 11
 
@@ -57,63 +57,6 @@ def build(cls, kw, prec, params, seed=SEED):
     _, state_dtype, rounding = prec
     return with_groups(cls, {**kw, "state_dtype": state_dtype, "state_rounding": rounding,
                              "seed": seed}, params)
-
-
-def exact(params, t, comm, grad_dtype=None):
-    """This rank's gradients at step t (None at `none_at`): their mean over
-    the ranks of `comm` is exact, the same for any number of ranks."""
-    gs = exact_grads(params, t, comm.rank, comm.size)
-    return [None if i in none_at(t, len(params)) else
-            (g if grad_dtype is None else g.astype(grad_dtype)) for i, g in enumerate(gs)]
-
-
-def run(opt, params, ts, comm, grads=exact, **kw):
-    """Steps `ts` of `opt` (an optimizer: comm is one rank; or a wrapper),
-    halving the lr at step 7 (it must be in checkpoints)."""
-    for t in ts:
-        if t == 7:
-            opt.param_groups[0]["lr"] *= 0.5
-        opt.step(grads(params, t, comm, **kw))
-
-
-def bits(a):
-    a = np.ascontiguousarray(a)
-    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
-
-
-def differences(got, want, what):
-    """What differs between two lists of arrays, bit for bit (dtypes too)."""
-    out = []
-    for i, (a, b) in enumerate(zip(got, want)):
-        if a.dtype != b.dtype or a.shape != b.shape or not np.array_equal(bits(a), bits(b)):
-            out.append(f"{what}[{i}] differs")
-    return out
-
-
-def sd_differences(got, want, what):
-    """What differs between two state dicts, bit for bit."""
-    if got.keys() != want.keys():
-        return [f"{what}: keys {sorted(set(got) ^ set(want))}"]
-    out = []
-    for k in want:
-        a, b = got[k], want[k]
-        if isinstance(b, np.ndarray) and b.dtype.kind in "fV" and b.ndim:
-            out += differences([a], [b], f"{what}[{k!r}]")
-        elif not np.array_equal(a, b):
-            out.append(f"{what}[{k!r}]: {a!r} != {b!r}")
-    return out
-
-
-def assert_none(problems):
-    """Every rank's `problems`, gathered: the test fails on every rank or on none."""
-    everyone = [p for r, mine in enumerate(WORLD.allgather(problems)) for p in
-                (f"rank {r}: {x}" for x in mine)]
-    assert not everyone, "\n".join(everyone[:20])
-
-
-def sub(n):
-    """A communicator of ranks 0..n-1 (MPI.COMM_NULL on the others)."""
-    return WORLD.Split(0 if RANK < n else MPI.UNDEFINED)
 
 
 # ------------------------------------------------------- bit for bit ---

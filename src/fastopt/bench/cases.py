@@ -4,6 +4,7 @@ The optimizers are declared once, in `OPTIMIZERS`; `optimizer_impls` makes
 every implementation of one (NumPy, in-place NumPy, the functional kernel,
 fastopt's optimizer class, the peers) from its declaration.
 """
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional
@@ -74,7 +75,12 @@ class OptimizerSpec:
     counts_steps: bool      # the kernel (step=t) and the baselines (t) take the step number
     cls: Optional[str] = None       # fastopt's (and fastopt.torch's) optimizer class
     torch: Optional[str] = None     # the torch.optim class timed with --peers
+    torch_kw: dict = field(default_factory=lambda: {"fused": True})   # ... with these options
     numba: Optional[Callable] = None    # numba_hp -> factory timed with --peers (one array)
+    starts: tuple = ()      # what each state array starts at (default 0): `_starts`
+    not_kernel: tuple = ()  # keys of `hp` the kernel does not take (they start the state)
+    scalars: dict = field(default_factory=dict)   # the kernel's per-array numbers: their starts
+    calls: int = 2          # steps before the result is compared with NumPy's
 
     @property
     def traffic(self):
@@ -88,6 +94,35 @@ def _state(kind, hp):
     rest at their defaults), in its argument order: as `kind` declares them."""
     needs = kind.needs({**kind.defaults(), **hp})
     return tuple(slot.name for slot, need in zip(kind.slots, needs) if need)
+
+
+def _starts(kind, hp):
+    """What those state arrays start at (Rprop's step sizes: lr), as declared."""
+    group = {**kind.defaults(), **hp}
+    return tuple(kind.start(slot, group) for slot, need in zip(kind.slots, kind.needs(group))
+                 if need)
+
+
+def _scalars(kind, hp):
+    """The per-parameter numbers of `kind` (NAdam's mu_product, ASGD's eta
+    and mu), which its kernel takes and returns: {name: start}."""
+    group = {**kind.defaults(), **hp}
+    return {x.name: kind.start(x, group) for x in kind.scalars}
+
+
+def _declared(kind, *names):
+    """The declared defaults (torch's) of hyperparameters `names` of `kind`."""
+    defaults = kind.defaults()
+    return {k: defaults[k] for k in names}
+
+
+def _kind_spec(kind, hp, numpy, inplace, numpy_hp, **kw):
+    """The `OptimizerSpec` of one of the other kinds: its kernel, class and
+    torch.optim class by name, its state as declared."""
+    return OptimizerSpec(
+        kernel=f"{kind.native}_step", hp=hp, numpy=numpy, inplace=inplace, numpy_hp=numpy_hp,
+        slots=_state(kind, hp), starts=_starts(kind, hp), scalars=_scalars(kind, hp),
+        counts_steps="t" in inspect.signature(numpy).parameters, cls=kind.name, **kw)
 
 
 _ADAM_HP = dict(lr=LR_ADAM, betas=BETAS, eps=EPS_ADAM)
@@ -120,15 +155,62 @@ OPTIMIZERS = {
         numpy_hp=dict(lr=LR_SGD, beta=MOMENTUM),
         slots=_state(_kinds.SGD, _SGD_HP), counts_steps=False),
 }
+
+
+def _betas(hp):
+    return dict(b1=hp["betas"][0], b2=hp["betas"][1])
+
+
+_ADAGRAD_HP = _declared(_kinds.ADAGRAD, "lr", "lr_decay", "eps")
+_ADAMAX_HP = _declared(_kinds.ADAMAX, "lr", "betas", "eps")
+_NADAM_HP = _declared(_kinds.NADAM, "lr", "betas", "eps", "momentum_decay")
+_RADAM_HP = _declared(_kinds.RADAM, "lr", "betas", "eps")
+_ADADELTA_HP = _declared(_kinds.ADADELTA, "lr", "rho", "eps")
+_ASGD_HP = _declared(_kinds.ASGD, "lr", "lambd", "alpha", "t0")
+_RPROP_HP = _declared(_kinds.RPROP, "lr", "etas", "step_sizes")
+_LION_HP = _declared(_kinds.LION, "lr", "betas")
+_ETAS, _STEP_SIZES = _RPROP_HP["etas"], _RPROP_HP["step_sizes"]
+
+# torch.optim has a fused CPU implementation of Adagrad only; the others
+# are timed with their default one (a loop over the tensors: one, here).
+OPTIMIZERS.update({
+    "adagrad": _kind_spec(_kinds.ADAGRAD, _ADAGRAD_HP, B.adagrad_numpy, B.adagrad_inplace,
+                          dict(_ADAGRAD_HP), torch="Adagrad"),
+    "adamax": _kind_spec(_kinds.ADAMAX, _ADAMAX_HP, B.adamax_numpy, B.adamax_inplace,
+                         dict(lr=_ADAMAX_HP["lr"], eps=_ADAMAX_HP["eps"], **_betas(_ADAMAX_HP)),
+                         torch="Adamax", torch_kw={}),
+    "nadam": _kind_spec(_kinds.NADAM, _NADAM_HP, B.nadam_numpy, B.nadam_inplace,
+                        dict(lr=_NADAM_HP["lr"], eps=_NADAM_HP["eps"],
+                             momentum_decay=_NADAM_HP["momentum_decay"], **_betas(_NADAM_HP)),
+                        torch="NAdam", torch_kw={}),
+    "radam": _kind_spec(_kinds.RADAM, _RADAM_HP, B.radam_numpy, B.radam_inplace,
+                        dict(lr=_RADAM_HP["lr"], eps=_RADAM_HP["eps"], **_betas(_RADAM_HP)),
+                        torch="RAdam", torch_kw={}),
+    "adadelta": _kind_spec(_kinds.ADADELTA, _ADADELTA_HP, B.adadelta_numpy, B.adadelta_inplace,
+                           dict(_ADADELTA_HP), torch="Adadelta", torch_kw={}),
+    "asgd": _kind_spec(_kinds.ASGD, _ASGD_HP, B.asgd_numpy, B.asgd_inplace, dict(_ASGD_HP),
+                       torch="ASGD", torch_kw={}),
+    "rprop": _kind_spec(_kinds.RPROP, _RPROP_HP, B.rprop_numpy, B.rprop_inplace,
+                        dict(etaminus=_ETAS[0], etaplus=_ETAS[1], step_min=_STEP_SIZES[0],
+                             step_max=_STEP_SIZES[1]),
+                        not_kernel=("lr",), torch="Rprop", torch_kw={}),
+    # Not in torch.optim.  One step is compared: from the second on, an
+    # element whose momentum is within rounding of 0 may take the other
+    # sign in float32 than in the float64 reference.
+    "lion": _kind_spec(_kinds.LION, _LION_HP, B.lion_numpy, B.lion_inplace,
+                       dict(lr=_LION_HP["lr"], **_betas(_LION_HP)), calls=1),
+})
 MODEL_OPTIMIZER = "adam"        # the `optimizer` family: fastopt.Adam over a model's arrays
 
 
-def _optimizer_inputs(shapes, dtype, nstate):
-    """Parameters, two gradients (alternating between steps), zero state."""
+def _optimizer_inputs(shapes, dtype, spec):
+    """Parameters, two gradients (alternating between steps), the state at
+    its start (zero, or Rprop's step sizes at lr)."""
     rng = _rng()
     params = [_uniform(rng, s, dtype, 0.1) for s in shapes]
     grads = [[_const(_uniform(rng, s, dtype, 0.01)) for s in shapes] for _ in range(2)]
-    state = [[np.zeros(s, dtype) for s in shapes] for _ in range(nstate)]
+    starts = spec.starts or (0.0,) * len(spec.slots)
+    state = [[np.full(s, v, dtype) for s in shapes] for v in starts]
     return {"p": params, "g": grads, "s": state}
 
 
@@ -165,6 +247,8 @@ def optimizer_impls(spec, with_state):
         sts = [tuple(st[i] for st in s["s"]) for i in range(len(ps))]   # of array i, now
         (g0, g1), fn, kw = s["g"], spec.numpy, dict(spec.numpy_hp)
         indices = range(len(ps))
+        # NAdam's and ASGD's numbers: a dict per array
+        wss = [{"ws": {}} if "ws" in inspect.signature(fn).parameters else {} for _ in ps]
         t = 0
 
         def step():
@@ -174,7 +258,7 @@ def optimizer_impls(spec, with_state):
             if steps:
                 kw["t"] = t
             for i in indices:
-                new = fn(ps[i], grads[i], *sts[i], **kw)
+                new = fn(ps[i], grads[i], *sts[i], **kw, **wss[i])
                 ps[i], sts[i] = new[0], new[1:]
             return (ps[0], *sts[0]) if with_state else tuple(ps)
         return step
@@ -183,6 +267,9 @@ def optimizer_impls(spec, with_state):
         ps = s["p"]
         flat = np.empty(max(p.size for p in ps), ps[0].dtype)    # one workspace, reused
         kws = [dict(spec.numpy_hp, work=flat[:p.size].reshape(p.shape)) for p in ps]
+        if "ws" in inspect.signature(spec.inplace).parameters:     # numbers, more scratch
+            for kw in kws:
+                kw["ws"] = {}
         calls = [list(zip(args, kws)) for args in arguments(s)]
         fn, out = spec.inplace, result(s)
         t = 0
@@ -198,7 +285,10 @@ def optimizer_impls(spec, with_state):
 
     def kernel(s):
         fn = getattr(fastopt, spec.kernel)
-        kw, calls, out = dict(spec.hp), arguments(s), result(s)
+        kw = {k: v for k, v in spec.hp.items() if k not in spec.not_kernel}
+        calls, out = arguments(s), result(s)
+        names = tuple(spec.scalars)
+        numbers = [dict(spec.scalars) for _ in s["p"]]      # each array's, as its kernel returns
         t = 0
 
         def step():
@@ -206,8 +296,13 @@ def optimizer_impls(spec, with_state):
             t += 1
             if steps:
                 kw["step"] = t
-            for args in calls[t & 1]:
-                fn(*args, **kw)
+            if names:
+                for k, args in enumerate(calls[t & 1]):
+                    new = fn(*args, **kw, **numbers[k])
+                    numbers[k] = dict(zip(names, new if isinstance(new, tuple) else (new,)))
+            else:
+                for args in calls[t & 1]:
+                    fn(*args, **kw)
             return out
         return step
 
@@ -226,8 +321,10 @@ def optimizer_impls(spec, with_state):
 
     others = {}
     if spec.torch:
-        others[f"torch {spec.torch}(fused=True)"] = (
-            "torch", peers.torch_optimizer(spec.torch, spec.hp, spec.slots if with_state else ()))
+        options = ", ".join(f"{k}={v}" for k, v in spec.torch_kw.items())
+        others[f"torch {spec.torch}({options})"] = (
+            "torch", peers.torch_optimizer(spec.torch, spec.hp, spec.slots if with_state else (),
+                                           spec.torch_kw))
     if spec.numba and with_state:       # a loop over one array
         others["numba parallel loop"] = ("numba", spec.numba(spec.numpy_hp))
     bridge = peers.fastopt_torch(spec.cls, spec.hp) if spec.cls else None
@@ -246,8 +343,10 @@ def _elementwise_case(family, n):
     impls = optimizer_impls(spec, with_state=True)
 
     def make(dtype, peers_):
-        work = Work(_optimizer_inputs([(n,)], dtype, len(spec.slots)), impls.numpy,
-                    impls.inplace, impls.kernel, ("param",) + spec.slots)
+        work = Work(_optimizer_inputs([(n,)], dtype, spec), impls.numpy,
+                    impls.inplace, impls.kernel, ("param",) + spec.slots, calls=spec.calls)
+        if spec.cls in FAMILIES[family][0]:     # the class too (one array here)
+            work.extras[f"{spec.cls}(params).step(grads)"] = impls.cls
         _add_peers(work, impls, peers_)
         return work
 
@@ -262,7 +361,7 @@ def _model_case(label, shapes):
     impls = optimizer_impls(spec, with_state=False)
 
     def make(dtype, peers_):
-        work = Work(_optimizer_inputs(shapes, dtype, len(spec.slots)), impls.numpy,
+        work = Work(_optimizer_inputs(shapes, dtype, spec), impls.numpy,
                     impls.inplace, impls.cls, tuple(f"param[{i}]" for i in range(len(shapes))))
         work.extras[f"loop of {spec.kernel} calls"] = impls.kernel
         if "torch" in peers_:

@@ -64,13 +64,16 @@ def _torch_stepper(s, make_opt, slots):
     return step
 
 
-def torch_optimizer(name, hp, slots=()):
-    """``torch.optim.<name>(params, **hp, fused=True)``; the step returns the
-    parameters and the state arrays named `slots` (see `_torch_stepper`)."""
+def torch_optimizer(name, hp, slots=(), options=None):
+    """``torch.optim.<name>(params, **hp, **options)`` (options: ``fused=True``
+    by default); the step returns the parameters and the state arrays named
+    `slots` (see `_torch_stepper`)."""
+    options = {"fused": True} if options is None else options
+
     def impl(s):
         import torch
         cls = getattr(torch.optim, name)
-        return _torch_stepper(s, lambda ps: cls(ps, **hp, fused=True), slots)
+        return _torch_stepper(s, lambda ps: cls(ps, **hp, **options), slots)
     return impl
 
 

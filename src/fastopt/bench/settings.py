@@ -13,13 +13,22 @@ FAMILIES = {
     "adamw": (("adamw_step",), "AdamW step on one array (weight_decay=1e-2)"),
     "rmsprop": (("rmsprop_step",), "RMSprop step on one array (torch defaults, lr=1e-2)"),
     "sgd": (("sgd_step",), "SGD momentum=0.9 on one array (course Momentum: dampening=0.9)"),
+    "adagrad": (("adagrad_step", "Adagrad"), "Adagrad step on one array (torch defaults)"),
+    "adamax": (("adamax_step", "Adamax"), "Adamax step on one array (torch defaults)"),
+    "nadam": (("nadam_step", "NAdam"), "NAdam step on one array (torch defaults)"),
+    "radam": (("radam_step", "RAdam"), "RAdam step on one array (torch defaults)"),
+    "adadelta": (("adadelta_step", "Adadelta"), "Adadelta step on one array (torch defaults)"),
+    "asgd": (("asgd_step", "ASGD"), "averaged SGD step on one array (torch defaults)"),
+    "rprop": (("rprop_step", "Rprop"), "Rprop step on one array (torch defaults)"),
+    "lion": (("lion_step", "Lion"), "Lion step on one array (lr=1e-4, betas=(0.9, 0.99))"),
     "optimizer": (("Adam",), "fastopt.Adam(params).step(grads) over a model's arrays"),
     "batchnorm": (("batch_norm_forward", "batch_norm_backward"),
                   "BatchNorm training forward + backward"),
     "cross_entropy": (("cross_entropy",), "cross-entropy loss + gradient (int targets, mean)"),
     "log_softmax": (("log_softmax",), "log-softmax over the last axis"),
 }
-ELEMENTWISE = ("adam", "adamw", "rmsprop", "sgd")
+ELEMENTWISE = ("adam", "adamw", "rmsprop", "sgd", "adagrad", "adamax", "nadam", "radam",
+               "adadelta", "asgd", "rprop", "lion")
 
 SIZES = (1_000, 100_000, 1_000_000, 10_000_000)
 QUICK_SIZES = (1_000, 1_000_000)
@@ -60,6 +69,8 @@ SOFTMAX_SHAPES = [((64, 50257), True), ((512, 1000), True), ((4096, 10), False)]
 LR_ADAM, BETAS, EPS_ADAM, WD_ADAMW = 1e-3, (0.9, 0.999), 1e-8, 1e-2
 LR_RMS, ALPHA, EPS_RMS = 1e-2, 0.99, 1e-8
 LR_SGD, MOMENTUM = 1e-2, 0.9
+# The other kinds: their declared (torch's; Lion's: optax's) defaults, see
+# `cases.OPTIMIZERS`.
 EPS_BN = 1e-5
 
 
