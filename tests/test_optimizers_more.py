@@ -638,18 +638,11 @@ def test_bad_arguments_are_refused_at_construction(name, key, value, msg):
     snap.assert_unchanged()
 
 
-@pytest.mark.xfail(strict=True, reason="optim._check_hypers checks each number of a pair "
-                   "against the pair's common range only, not the ranges of Hyper.each: "
-                   "Rprop's etas outside (0, 1) / (1, inf) are refused by the native group "
-                   "check, which names param_groups[0]['etas'][k] instead of the argument")
 def test_constructor_errors_name_rprops_etas_as_the_argument():
     with pytest.raises(ValueError, match=r"^etas\[0\] must be in \(0, 1\), got 1.5"):
         fastopt.Rprop([np.zeros(3)], etas=(1.5, 1.2))
 
 
-@pytest.mark.xfail(strict=True, reason="optim._number words the range of a number without "
-                   "lower bound as '>= -inf': a NaN or infinite t0 is refused with "
-                   "'t0 must be >= -inf, got nan', which does not say what is wrong")
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_t0_is_refused_as_not_finite(value):
     with pytest.raises(ValueError, match=r"^t0 must be finite"):
@@ -856,12 +849,6 @@ def test_bad_scalar_edits_are_refused_and_change_nothing(name, k):
     np.testing.assert_array_equal(a.steps, count)
 
 
-@pytest.mark.xfail(strict=True, reason="FusedStep accepts a float64 0-d array assigned to "
-                   "mu_product/eta/mu (it has a double path for such numbers), so the NumPy "
-                   "optimizer then computes it in double, not float32, and its state dict no "
-                   "longer loads into an optimizer of the same kind (dtype float32 expected); "
-                   "optim.Optimizer._sync_state says an assigned array must have the state's "
-                   "dtype")
 @pytest.mark.parametrize("name", ["NAdam", "ASGD"])
 def test_a_scalar_of_another_dtype_is_refused(name):
     ps, _, a, _ = edit_setup(name, {})

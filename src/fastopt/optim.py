@@ -256,6 +256,10 @@ class Optimizer:
             if masters[i] is not None:
                 masters[i] = _entry_array(entry, "master_param", i)
             scalars[i] = tuple(_entry_array(entry, name, i) for name in names)
+            for name, a in zip(names, scalars[i]):
+                if isinstance(a, np.ndarray) and a.dtype != np.float32:
+                    raise TypeError(f"state[{i}][{name!r}] must be a float32 array of one "
+                                    f"number (torch keeps it in float32), got {_describe(a)}")
         if resets:
             fresh, fresh_masters = _layout.state_arrays(
                 [current.params[i] for i in resets],
@@ -826,13 +830,14 @@ def _check_hypers(kind: _kinds.Kind, values: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(v, (tuple, list)) or len(v) != 2:
                 raise TypeError(f"{h.name} must be a tuple of two numbers, got {v!r}")
             for k in range(2):
-                _number(f"{h.name}[{k}]", v[k], h.lo, h.hi, h.closed)
+                b = h.each[k] if h.each is not None else _kinds.Bound(h.lo, h.hi, h.closed)
+                _number(f"{h.name}[{k}]", v[k], b.lo, b.hi, b.closed, b.lo_open)
             values[h.name] = tuple(v)
     return values
 
 
 def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf,
-            hi_closed: bool = False) -> float:
+            hi_closed: bool = False, lo_open: bool = False) -> float:
     """Validate a constructor argument (PyTorch raises "Invalid ..." here too)."""
     if isinstance(value, (str, bytes, bytearray)) or (
             isinstance(value, np.ndarray) and value.ndim != 0):
@@ -843,9 +848,12 @@ def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf,
         raise ValueError(f"{name} must be finite, got a number too large for a float") from None
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {_describe(value)}") from None
-    ok = math.isfinite(v) and lo <= v and (v < hi or (hi_closed and v == hi))
-    if not ok:
-        rng = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if not ((lo < v or (not lo_open and lo == v)) and (v < hi or (hi_closed and v == hi))):
+        low = f"{'>' if lo_open else '>='} {lo:g}"
+        rng = low if hi == math.inf else \
+            f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
         raise ValueError(f"{name} must be {rng}, got {value!r}")
     return value
 
@@ -1061,7 +1069,9 @@ class Rprop(Optimizer):
 
     State per parameter: ``prev`` (the last gradient) and ``step_size``
     (starting at `lr`).  With ``state_dtype="bfloat16"`` both are bfloat16:
-    only their signs and magnitudes to a few digits matter to the update.
+    the step sizes then keep 3 significant digits and drift from float32
+    state's over many steps (tens of percent after 100); use float32 state
+    where Rprop's step sizes matter.
     """
 
     _kind = _kinds.RPROP
