@@ -27,8 +27,8 @@ median step times after the warm-up:
 An update smaller than half a bfloat16 unit of its weight (8 significant
 bits) is lost when added to the 16-bit weight: late in training and for
 weight decay most of them are.  In float16, torch.optim.AdamW's default eps
-(1e-8) and small squared gradients round to zero in its float16 state, so
-its updates become 0/0 (NaN).  CPUs without float16 arithmetic run float16
+(1e-8) and the squares of small gradients round to zero in its float16
+state, so its first update divides by zero (the loss is NaN after it).  CPUs without float16 arithmetic run float16
 convolutions slowly (a ResNet-18 step takes seconds): ``--model mlp``.
 
 The ResNet-18 is torchvision's (7x7 stride-2 stem and max pool, four stages
@@ -213,7 +213,7 @@ def ms(t):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="torch_resnet.py", description=__doc__.splitlines()[1])
+    p = argparse.ArgumentParser(prog="torch_resnet.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["all"] + list(MODELS), default="all")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="float32: time three optimizers; bfloat16, float16: train the "
