@@ -6,8 +6,10 @@ for a few steps on their halves of each batch; the parameters must be the same
 bits on both ranks, and equal (to rtol 1e-12) to those of one process trained
 on the whole batches with the same optimizer.  DDP averages the ranks'
 gradients of their mean losses, which is the gradient of the whole batch's
-mean loss: the runs differ only by the order of additions.  Skipped without
-torch.distributed or its gloo backend.  The processes are started once for all
+mean loss: the runs differ only by the order of additions.  With
+ZeroRedundancyOptimizer, the consolidated state dict is the one process's
+optimizer state, and resuming from it gives the bits of training on.
+Skipped without torch.distributed or its gloo backend.  The processes are started once for all
 the tests here (about 5 s, most of it importing torch).
 """
 import copy
@@ -50,15 +52,15 @@ def make_model():
                                torch.nn.Linear(16, 4)).double()
 
 
-def batches():
-    g = torch.Generator().manual_seed(1)
+def batches(seed=1):
+    g = torch.Generator().manual_seed(seed)
     return [(torch.randn(WORLD * BATCH, 8, generator=g, dtype=torch.float64),
              torch.randn(WORLD * BATCH, 4, generator=g, dtype=torch.float64))
             for _ in range(STEPS)]
 
 
-def train(model, opt, part=slice(None)):
-    for x, y in batches():
+def train(model, opt, part=slice(None), seed=1):
+    for x, y in batches(seed):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x[part]), y[part]).backward()
         opt.step()
@@ -78,15 +80,32 @@ def worker(rank, store, out):
         seen["ddp"] = train(model, fo.Adam(model.parameters(), lr=LR), part)
 
         for view in (False, True):
+            def zero(model):
+                return ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fo.Adam,
+                                               lr=LR, parameters_as_bucket_view=view)
             model = DDP(make_model())
-            opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fo.Adam, lr=LR,
-                                          parameters_as_bucket_view=view)
+            opt = zero(model)
             seen[f"zero view={view}"] = train(model, opt, part)
             seen[f"zero view={view} local"] = (type(opt.optim).__name__,
                                                len(opt.optim.param_groups[0]["params"]))
+            # A checkpoint: the whole state gathered on rank 0 (a copy: the
+            # state dict holds the live tensors), then given to every rank.
             opt.consolidate_state_dict(to=0)
-            if rank == 0:
-                seen[f"zero view={view} state"] = copy.deepcopy(opt.state_dict())
+            ckpt = [copy.deepcopy(opt.state_dict()) if rank == 0 else None]
+            dist.broadcast_object_list(ckpt, src=0)
+            # (a copy again: load_state_dict sets the entries other ranks own to None)
+            seen[f"zero view={view} state"] = copy.deepcopy(ckpt[0])
+            # Training on, and resumed from the checkpoint in a new model and
+            # optimizer (ZeroRedundancyOptimizer.load_state_dict assigns each
+            # rank's share into its optimizer's state), must give the same bits.
+            weights = copy.deepcopy(model.module.state_dict())
+            went_on = train(model, opt, part, seed=2)
+            resumed = make_model()
+            resumed.load_state_dict(weights)
+            resumed = DDP(resumed)
+            opt = zero(resumed)
+            opt.load_state_dict(ckpt[0])
+            seen[f"zero view={view} resumed"] = (went_on, train(resumed, opt, part, seed=2))
 
         model = DDP(make_model())
         try:
@@ -161,6 +180,11 @@ def test_zero_redundancy_optimizer_with_fastopt_adam(ranks, single, view):
             np.testing.assert_allclose(got["state"][i][name].numpy(), st[name].numpy(),
                                        rtol=1e-10, atol=0)
         assert float(got["state"][i]["step"]) == STEPS
+    # resuming from it gives the bits of training on
+    for r in ranks:
+        went_on, resumed = r[f"{key} resumed"]
+        for a, b in zip(went_on, resumed):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_zero_overlap_with_ddp_is_refused_clearly(ranks):
