@@ -22,14 +22,16 @@ strays from the float32 one over the last 50 steps, the final losses and the
 median step times after the warm-up:
 
     python examples/torch_resnet.py --dtype bfloat16
+    python examples/torch_resnet.py --dtype bfloat16 --model mlp --lr 1e-4
     python examples/torch_resnet.py --dtype float16 --model mlp
 
 An update smaller than half a bfloat16 unit of its weight (8 significant
 bits) is lost when added to the 16-bit weight: late in training and for
 weight decay most of them are.  In float16, torch.optim.AdamW's default eps
 (1e-8) and the squares of small gradients round to zero in its float16
-state, so its first update divides by zero (the loss is NaN after it).  CPUs without float16 arithmetic run float16
-convolutions slowly (a ResNet-18 step takes seconds): ``--model mlp``.
+state, so its first update divides by zero (the loss is NaN after it).
+CPUs without float16 arithmetic run float16 convolutions slowly (a ResNet-18
+step takes seconds): ``--model mlp``.
 
 The ResNet-18 is torchvision's (7x7 stride-2 stem and max pool, four stages
 of two basic blocks, 1000 classes: 11.7M parameters in 62 tensors), built
