@@ -1,21 +1,44 @@
 #!/usr/bin/env python
-"""Train small PyTorch models on the CPU with fastopt.torch.Adam and torch.optim.Adam.
+"""Train small PyTorch models on the CPU with fastopt.torch and torch.optim.
 
-Times one training step (zero_grad, forward, backward, optimizer step) of
-the same model with three optimizers -- torch.optim.Adam (default: the
-for-loop over tensors on the CPU), torch.optim.Adam(fused=True) and
-fastopt.torch.Adam -- the optimizer's share of it, and the speed-up of the
-training step over torch.optim.Adam's default:
+In float32 (the default) it times one training step (zero_grad, forward,
+backward, optimizer step) of the same model with three optimizers --
+torch.optim.Adam (default: the for-loop over tensors on the CPU),
+torch.optim.Adam(fused=True) and fastopt.torch.Adam -- the optimizer's share
+of it, and the speed-up of the training step over torch.optim.Adam's
+default:
 
     python examples/torch_resnet.py                    # MLP 784-512-512-10 and ResNet-18
     python examples/torch_resnet.py --model resnet18 --batch 32 --steps 40
     python examples/torch_resnet.py --threads 1
 
+With ``--dtype bfloat16`` (or ``float16``) it trains the model in that dtype
+for 200 steps (``--steps``) with fastopt.torch.AdamW, which updates float32
+masters of the 16-bit weights, and with torch.optim.AdamW, which updates the
+16-bit weights (and keeps its state) in 16 bits, next to a float32 run of
+torch.optim.AdamW from the same initial weights (the 16-bit runs start from
+them rounded) on the same batches; it prints how far each 16-bit loss curve
+strays from the float32 one over the last 50 steps, the final losses and the
+median step times after the warm-up:
+
+    python examples/torch_resnet.py --dtype bfloat16
+    python examples/torch_resnet.py --dtype bfloat16 --model mlp --lr 1e-4
+    python examples/torch_resnet.py --dtype float16 --model mlp
+
+An update smaller than half a bfloat16 unit of its weight (8 significant
+bits) is lost when added to the 16-bit weight: late in training and for
+weight decay most of them are.  In float16, torch.optim.AdamW's default eps
+(1e-8) and the squares of small gradients round to zero in its float16
+state, so its first update divides by zero (the loss is NaN after it).
+CPUs without float16 arithmetic run float16 convolutions slowly (a ResNet-18
+step takes seconds): ``--model mlp``.
+
 The ResNet-18 is torchvision's (7x7 stride-2 stem and max pool, four stages
 of two basic blocks, 1000 classes: 11.7M parameters in 62 tensors), built
-here from torch.nn layers; inputs are random 32x32 images.  Rounds alternate the three optimizers,
-so machine noise hits them alike; times are medians.  Needs
-``pip install "fastopt[torch]"``.
+here from torch.nn layers; inputs are random 32x32 images (in the 16-bit
+runs, a fixed set of 16 batches labelled by a random linear map, cycled).
+Rounds alternate the optimizers, so machine noise hits them alike; times are
+medians.  Needs ``pip install "fastopt[torch]"``.
 """
 import argparse
 import copy
@@ -123,6 +146,70 @@ def time_model(key, batch, steps, warmup):
     return label, len(list(base.parameters())), n, times, diff
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAST = 50       # the loss curves are compared over the last LAST steps
+
+
+def train_16bit(key, dtype, batch, steps, warmup, lr):
+    """Train the model in `dtype` with fastopt.torch.AdamW and torch.optim.AdamW,
+    and in float32 with torch.optim.AdamW, all from the same initial weights on
+    the same batches.  {run: (losses, training step times, optimizer.step
+    times)}, the times after `warmup` steps."""
+    label, make, data = MODELS[key]
+    torch.manual_seed(0)
+    base = make()
+    classes = base[-1].out_features
+    # A fixed set of batches labelled by a random linear map: a task the
+    # models can learn, so the loss keeps falling over the run.
+    xs = [data(batch) for _ in range(16)]
+    teacher = torch.randn(xs[0][0].numel(), classes)
+    ys = [(x.flatten(1) @ teacher).argmax(1) for x in xs]
+    name = str(dtype).removeprefix("torch.")
+    runs = {}
+    for run, dt, make_opt in ((f"fastopt.torch.AdamW, {name}", dtype, fo.AdamW),
+                              (f"torch.optim.AdamW, {name}", dtype, torch.optim.AdamW),
+                              ("torch.optim.AdamW, float32", torch.float32, torch.optim.AdamW)):
+        model = copy.deepcopy(base).to(dt)
+        runs[run] = (model, make_opt(model.parameters(), lr=lr), dt, [], [], [])
+    for t in range(steps):
+        x, y = xs[t % len(xs)], ys[t % len(xs)]
+        for model, opt, dt, losses, total, in_step in runs.values():
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            # The loss in float32 (as autocast computes it): the curves then
+            # differ by the training, not by rounding the loss to 16 bits.
+            loss = F.cross_entropy(model(x.to(dt)).float(), y)
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            losses.append(loss.item())
+            if t >= warmup:
+                total.append(t2 - t0)
+                in_step.append(t2 - t1)
+    n = sum(p.numel() for p in base.parameters())
+    return label, len(list(base.parameters())), n, {
+        run: (losses, total, in_step) for run, (_, _, _, losses, total, in_step) in runs.items()}
+
+
+def report_16bit(key, dtype, batch, steps, warmup, lr):
+    label, ntensors, n, runs = train_16bit(key, dtype, batch, steps, warmup, lr)
+    last = min(LAST, steps)
+    print(f"\n{label}, batch {batch}: {n / 1e6:.2f}M parameters in {ntensors} tensors, "
+          f"{steps} steps, lr {lr:g}")
+    print(f"  {'optimizer, model dtype':32s} {'final loss':>10s} "
+          f"{'max |loss - float32 loss|':>26s} {'mean':>7s} {'train step':>11s} {'opt.step':>10s}")
+    ref = runs["torch.optim.AdamW, float32"][0]
+    for run, (losses, total, in_step) in runs.items():
+        gaps = [abs(a - b) for a, b in zip(losses[-last:], ref[-last:])]
+        times = (f"{ms(statistics.median(total)):>11s} {ms(statistics.median(in_step)):>10s}"
+                 if total else "")
+        print(f"  {run:32s} {losses[-1]:10.4f} {max(gaps):26.1e} {sum(gaps) / last:7.1e} {times}")
+    timed = (f"step times: medians after {warmup} steps" if steps > warmup
+             else "no step times: --steps is not above --warmup")
+    print(f"  (loss gaps over the last {last} steps; {timed})")
+
+
 def ms(t):
     return f"{t * 1e3:.2f} ms"
 
@@ -130,10 +217,16 @@ def ms(t):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="torch_resnet.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["all"] + list(MODELS), default="all")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="float32: time three optimizers; bfloat16, float16: train the "
+                        "model in that dtype and compare the loss with float32's")
     p.add_argument("--batch", type=int, default=None,
                    help="batch size (default: 64 for the MLP, 16 for the ResNet)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per optimizer")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per optimizer in float32 (default 30), training steps "
+                        "in 16 bits (default 200)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW's lr in 16 bits (default 1e-3)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for torch and fastopt (default: torch's default)")
     args = p.parse_args(argv)
@@ -145,7 +238,10 @@ def main(argv=None):
     keys = list(MODELS) if args.model == "all" else [args.model]
     for key in keys:
         batch = args.batch or (64 if key == "mlp" else 16)
-        label, ntensors, n, times, diff = time_model(key, batch, args.steps, args.warmup)
+        if args.dtype != "float32":
+            report_16bit(key, DTYPES[args.dtype], batch, args.steps or 200, args.warmup, args.lr)
+            continue
+        label, ntensors, n, times, diff = time_model(key, batch, args.steps or 30, args.warmup)
         print(f"\n{label}, batch {batch}: {n / 1e6:.2f}M parameters in {ntensors} tensors")
         print(f"  {'optimizer':30s} {'train step':>11s} {'fwd+bwd':>11s} {'opt.step':>11s} "
               f"{'share':>6s} {'speed-up':>9s}")
