@@ -5,6 +5,8 @@
 #   sudo tools/mpi_netns.sh                 # the MPI tests (2 and 3 ranks) and a traffic check
 #   sudo tools/mpi_netns.sh --bench         # then benchmarks/distributed.py across the hosts
 #   sudo tools/mpi_netns.sh --bench-quick   # the same, a smoke run on 2 ranks (CI)
+#   sudo tools/mpi_netns.sh --bench --state-dtype bfloat16   # (arguments after --bench
+#                                           # go to benchmarks/distributed.py)
 #
 # Run it with the Python environment that has fastopt, mpi4py and MPICH
 # (the mpi extra) first on PATH.  What it does:
@@ -68,8 +70,11 @@ case "${1:-}" in
   "") ;;
   --bench) bench=full ;;
   --bench-quick) bench=quick ;;
-  *) echo "usage: $0 [--bench | --bench-quick]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--bench | --bench-quick] [benchmarks/distributed.py's options]" >&2
+     exit 2 ;;
 esac
+[ $# -gt 0 ] && shift
+bench_args=("$@")
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 started=$SECONDS
@@ -228,6 +233,7 @@ if [ -n "$bench" ]; then
   say "benchmarks/distributed.py across the two hosts ($bench run)"
   quick=""
   [ "$bench" = quick ] && quick="--quick --ranks 2"
-  OMP_NUM_THREADS=1 python "$repo/benchmarks/distributed.py" --mpiexec "$tmp/mpiexec" $quick
+  OMP_NUM_THREADS=1 python "$repo/benchmarks/distributed.py" --mpiexec "$tmp/mpiexec" $quick \
+    "${bench_args[@]}"
 fi
 say "done"
