@@ -15,8 +15,8 @@ from ._softmax import cross_entropy, log_softmax, softmax
 
 from . import lr_scheduler
 from .amp import GradScaler
-from .optim import (ASGD, SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Lion, NAdam, RAdam,
-                    RMSprop, Rprop, flat_views)
+from .optim import (ASGD, SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Lion, NAdam,
+                    RAdam, RMSprop, Rprop, flat_views)
 from .training import (EWA, bias_corrected, ewa_update, log_uniform, minibatches,
                        sample_beta, take_rows)
 
@@ -25,7 +25,7 @@ __all__ = [
     "nadam_step", "radam_step", "adadelta_step", "asgd_step", "rprop_step", "lion_step",
     "adafactor_step", "clip_grad_norm_", "clip_grad_value_",
     "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
-    "ASGD", "Rprop", "Lion", "flat_views", "lr_scheduler", "GradScaler",
+    "ASGD", "Rprop", "Lion", "Adafactor", "flat_views", "lr_scheduler", "GradScaler",
     "batch_norm_forward", "batch_norm_backward", "BatchNormContext",
     "log_softmax", "softmax", "cross_entropy",
     "minibatches", "take_rows", "ewa_update", "bias_corrected", "EWA",

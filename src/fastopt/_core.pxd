@@ -76,6 +76,7 @@ cdef enum Kind:
     ASGD = 10
     RPROP = 11
     LION = 12
+    FACTORED = 13   # Adafactor: not a segment kind (its steps run as FactorJobs)
 
 
 ctypedef struct Coef:
@@ -176,6 +177,12 @@ ctypedef struct FactorJob:
     double param_norm        # |p|, before the step (torch's param.norm(2), in the loop's type)
     double update_norm       # |u| (torch's update.norm(2), in the loop's type)
     double alpha, scale      # the step: p -= scale * u, scale = alpha / max(1, |u|/(sqrt(n)*d))
+    Py_ssize_t first         # its first unit in the numbering of the step's units
+
+
+ctypedef struct FactorBatch:  # the jobs of one step (the core's context)
+    FactorJob **jobs
+    Py_ssize_t njobs
 
 
 cdef inline double max_nan(double a, double b) noexcept nogil:
@@ -194,8 +201,9 @@ ctypedef struct OptimCore:
     # 16-bit <-> float32 (code F16, BF16 or, for narrow, BF16_SR with r_i = hash32(key + i))
     void (*widen)(const uint16_t *h, float *f, Py_ssize_t n, int code) noexcept nogil
     void (*narrow)(const float *f, uint16_t *h, Py_ssize_t n, int code, uint32_t key) noexcept nogil
-    # one Adafactor step (the job's work arrays allocated, its numbers set)
-    void (*factored)(FactorJob *j) noexcept nogil
+    # one Adafactor step of each of the jobs (their work arrays allocated,
+    # their numbers set): three threaded passes over all their units
+    void (*factored)(FactorJob **jobs, Py_ssize_t njobs) noexcept nogil
 
 # -------------------------------------------------------------- batchnorm ---
 # x viewed as (outer, C, inner), cut into boxes: a fixed partition that

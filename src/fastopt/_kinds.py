@@ -9,9 +9,7 @@ arrays, and when its step count advances.  Read by:
 * the native group parser (``FusedStep`` in ``_optim.pyx``), which checks
   every group against these ranges at every step and knows from the slots
   which options need state that may not exist (the kinds it has a kernel
-  family for: SGD, RMSprop, Adam, AdamW; the others have their functional
-  kernels, ``adagrad_step``... ``adafactor_step``, and no optimizer class
-  yet);
+  family for);
 * the NumPy classes (`fastopt.optim`): their defaults, the checks of their
   constructor arguments, their ``state`` names;
 * the PyTorch bridge (`fastopt.torch`): the same, and torch's state names;
@@ -80,6 +78,20 @@ class Slot:
     init: float | str = 0.0
     shape: str = "param"
 
+    def shape_for(self, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+        """This slot's shape for a parameter of shape `shape` (None: such a
+        parameter has no such slot)."""
+        nd = len(shape)
+        if self.shape == "param":
+            return tuple(shape)
+        if self.shape == "vector":
+            return tuple(shape) if nd < 2 else None
+        if nd < 2:
+            return None
+        if self.shape == "rows":
+            return tuple(shape[:-1]) + (1,)
+        return tuple(shape[:-2]) + (1, shape[-1])
+
 
 @dataclass(frozen=True)
 class Scalar:
@@ -119,8 +131,14 @@ class Kind:
         return tuple(s.name for s in self.slots)
 
     def needs(self, group: dict[str, Any]) -> tuple[bool, ...]:
-        """Which state arrays the parameters of `group` need."""
+        """Which state arrays the parameters of `group` need (if their shape
+        has them: `Slot.shape_for`)."""
         return tuple(s.option is None or bool(group[s.option]) for s in self.slots)
+
+    @property
+    def shaped(self) -> bool:
+        """Whether some state array is not shaped like its parameter (Adafactor's)."""
+        return any(s.shape != "param" for s in self.slots)
 
     @property
     def scalar_names(self) -> tuple[str, ...]:
@@ -225,7 +243,9 @@ LION = Kind(
     (Slot("exp_avg"),))
 
 # Its update is not elementwise (norms, row and column sums): the kernel
-# family "factored".
+# family "factored".  torch's eps[0] None is the machine epsilon of the
+# dtype the update is computed in (float32 for 16-bit parameters, which are
+# updated through float32 masters).
 ADAFACTOR = Kind(
     "Adafactor", "factored",
     (Hyper("lr", 1e-2), Hyper("beta2_decay", -0.8, lo=-math.inf, hi=0.0, closed=True),

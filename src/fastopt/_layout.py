@@ -38,14 +38,17 @@ def aligned_views(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[Any],
 
 
 def state_arrays(params: Sequence[Any], slots: Sequence[Sequence[bool]], state_dtype: Any = None,
-                 ) -> tuple[list[list[Any]], list[Any]]:
+                 kind: Any = None) -> tuple[list[list[Any]], list[Any]]:
     """Zeroed state arrays and float32 masters for `params` (ndarrays).
 
     ``slots[i][k]``: whether parameter i has state slot k (of 3).  A state
     array has its parameter's shape and compute dtype (float64 for float64,
     else float32, or `state_dtype` (bfloat16) if given); a float16/bfloat16
     parameter gets a float32 master (zeroed: its front copies the parameter
-    in).  Returns (per parameter [s0, s1, s2] with None where absent, the
+    in).  With `kind` (a `fastopt._kinds.Kind`), slot k has the shape its
+    declaration gives for the parameter's shape, and a parameter whose shape
+    has no such slot gets none (Adafactor's).  Returns (per parameter
+    [s0, s1, s2] with None where absent, the
     masters with None for float32/float64 parameters).  Anything that is not
     a float ndarray gets nothing (the native step names what is wrong).
     """
@@ -57,13 +60,16 @@ def state_arrays(params: Sequence[Any], slots: Sequence[Sequence[bool]], state_d
         name = p.dtype.name if isinstance(p, np.ndarray) else None
         kinds.append(name if name in ("float32", "float64", "float16", "bfloat16") else None)
     for k in range(4):          # slots 0-2, then the masters
-        owners = [i for i in range(n) if kinds[i] is not None
+        shapes = [None if kinds[i] is None else
+                  params[i].shape if k == 3 or kind is None or k >= len(kind.slots)
+                  else kind.slots[k].shape_for(params[i].shape) for i in range(n)]
+        owners = [i for i in range(n) if shapes[i] is not None
                   and (slots[i][k] if k < 3 else kinds[i] in ("float16", "bfloat16"))]
         if not owners:
             continue
         dts = [np.float32 if k == 3 else np.float64 if kinds[i] == "float64"
                else state_dtype if state_dtype is not None else np.float32 for i in owners]
-        _, views = aligned_views([params[i].shape for i in owners], dts)
+        _, views = aligned_views([shapes[i] for i in owners], dts)
         for i, v in zip(owners, views):
             if k < 3:
                 states[i][k] = v

@@ -37,7 +37,7 @@
 #   kernels see a bad array; nothing is written when a check fails.
 include "_common.pxi"
 
-from libc.math cimport fabs, pow, sqrt, INFINITY
+from libc.math cimport fabs, pow, sqrt, INFINITY, NAN
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from libc.stdint cimport INT64_MAX, uint16_t, uint32_t, uint64_t
 
@@ -1153,67 +1153,94 @@ def adafactor_step(param, grad, *, step, row_var=None, col_var=None, variance=No
     if not b2d <= 0.0:
         raise ValueError(f"beta2_decay must be <= 0, got {b2d!r}")
     e = number_pair(eps, "eps")
-    cdef bint is_double = cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64
-    cdef double eps1 = ((2.220446049250313e-16 if is_double else 1.1920928955078125e-07)
-                        if e[0] is None else at_least(e[0], "eps[0]", 0.0))
+    cdef double eps1 = NAN if e[0] is None else at_least(e[0], "eps[0]", 0.0)
     cdef double eps2 = at_least(e[1], "eps[1]", 0.0)
     cdef double d_ = at_least(d, "d", 1.0)
     cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (lr_, eps1, wd), ("lr", "eps[0]", "weight_decay"))
+    numbers_fit(w, (lr_, 0.0 if e[0] is None else eps1, wd), ("lr", "eps[0]", "weight_decay"))
     check_disjoint([p, g] + states + [None if w is p else w],
                    ("param", "grad") + names + ("master",))
     g = readable(g)
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(w)
-    if n == 0:
+    if cnp.PyArray_SIZE(w) == 0:
         return
     cdef FactorJob j
-    j.is_double = is_double
-    j.maximize = maximize
-    j.factored = nd >= 2
-    j.param = cnp.PyArray_DATA(w)
+    fac_arrays(&j, w, p, store_of(dtype_code(g)), <cnp.ndarray>states[0],
+               <cnp.ndarray>states[1] if nd >= 2 else None)
     j.grad = cnp.PyArray_DATA(g)
+    j.maximize = maximize
+    j.inv_scale = _store.inv_scale
+    fac_numbers(&j, k, lr_, b2d, eps1, eps2, d_, wd)
+    cdef double *work = <double *>PyMem_Malloc(fac_work_size(&j) * sizeof(double))
+    if work == NULL:
+        raise MemoryError()
+    fac_work(&j, work)
+    cdef FactorJob *jp = &j
+    try:
+        with nogil:
+            core.optim.factored(&jp, 1)
+    finally:
+        PyMem_Free(work)
+
+
+cdef void fac_arrays(FactorJob *j, cnp.ndarray w, cnp.ndarray p, int gk, cnp.ndarray rv,
+                     cnp.ndarray cv):
+    """The arrays of a job and its units: w the array updated (the parameter
+    or its float32 master), p the parameter, gk the Store code of its
+    gradient, rv/cv row_var/col_var (cv None: rv is the variance of a 0-d or
+    1-d parameter).  w is not empty."""
+    cdef tuple shape = (<object>w).shape
+    cdef int nd = len(shape)
+    j.is_double = cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64
+    j.factored = cv is not None
+    j.param = cnp.PyArray_DATA(w)
     j.out = NULL
     j.gk = j.ok = NATIVE
     if w is not p:
         j.out = cnp.PyArray_DATA(p)
         j.ok = store_of(dtype_code(p))
-        j.gk = store_of(dtype_code(g))
-    j.row_var = cnp.PyArray_DATA(<cnp.ndarray>states[0])
-    j.col_var = cnp.PyArray_DATA(<cnp.ndarray>states[1]) if nd >= 2 else NULL
-    if nd >= 2:
+        j.gk = gk
+    j.row_var = cnp.PyArray_DATA(rv)
+    j.col_var = cnp.PyArray_DATA(cv) if cv is not None else NULL
+    if j.factored:
         j.R = shape[nd - 2]
         j.C = shape[nd - 1]
-        j.B = n // (j.R * j.C)
+        j.B = cnp.PyArray_SIZE(w) // (j.R * j.C)
         j.cb = min(j.C, FAC_COLS)
         j.rb = min(j.R, max(1, FAC_UNIT // j.cb))
     else:
         j.B = j.R = j.rb = 1
-        j.C = n
+        j.C = cnp.PyArray_SIZE(w)
         j.cb = FAC_UNIT
     j.nrb = (j.R + j.rb - 1) // j.rb
     j.ncb = (j.C + j.cb - 1) // j.cb
     j.nunits = j.B * j.nrb * j.ncb
-    j.inv_scale = _store.inv_scale
-    j.w = pow(k, b2d)
-    j.eps1 = eps1
-    j.eps2 = eps2
-    j.d = d_
-    cdef double r = 1.0 / pow(k, 0.5)
-    j.rho = r if r < lr_ else lr_                                # min(lr, 1/sqrt(step))
-    j.decay = 1.0 - lr_ * wd
-    cdef Py_ssize_t nwork = j.nunits + (j.B * (j.ncb * j.R + j.nrb * j.C + 1) if nd >= 2 else 0)
-    cdef double *work = <double *>PyMem_Malloc(nwork * sizeof(double))
-    if work == NULL:
-        raise MemoryError()
+
+
+cdef inline Py_ssize_t fac_work_size(const FactorJob *j) noexcept:
+    """The doubles of a job's work area."""
+    return j.nunits + (j.B * (j.ncb * j.R + j.nrb * j.C + 1) if j.factored else 0)
+
+
+cdef inline void fac_work(FactorJob *j, double *work) noexcept:
     j.unit_part = work
     j.row_part = work + j.nunits
     j.col_part = j.row_part + j.B * j.ncb * j.R
     j.mean = j.col_part + j.B * j.nrb * j.C
-    try:
-        with nogil:
-            core.optim.factored(&j)
-    finally:
-        PyMem_Free(work)
+
+
+cdef inline void fac_numbers(FactorJob *j, double step, double lr, double beta2_decay,
+                             double eps1, double eps2, double d, double weight_decay) noexcept nogil:
+    """A job's numbers at step `step` (eps1 NaN: None, the machine epsilon of
+    the job's compute dtype, as torch's finfo(param.dtype).eps)."""
+    if eps1 != eps1:
+        eps1 = 2.220446049250313e-16 if j.is_double else 1.1920928955078125e-07
+    j.w = pow(step, beta2_decay)
+    j.eps1 = eps1
+    j.eps2 = eps2
+    j.d = d
+    cdef double r = 1.0 / pow(step, 0.5)
+    j.rho = r if r < lr else lr                                  # min(lr, 1/sqrt(step))
+    j.decay = 1.0 - lr * weight_decay
 
 
 # The functional kernels that `_stored_step` can run (adafactor_step: with
@@ -1283,7 +1310,7 @@ def _stored_step(kernel, *args, state=None, key=0, grad_scale=None, **kwargs):
 
 from libc.stdlib cimport qsort
 from libc.stdint cimport int64_t, uintptr_t, INT64_MAX
-from libc.math cimport fabs, floor, INFINITY, NAN
+from libc.math cimport floor
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 import numpy as np
@@ -1292,6 +1319,7 @@ ctypedef struct Hyper:
     double lr, beta1, beta2, eps, weight_decay, alpha, momentum, dampening
     double lr_decay, initial_accumulator_value, momentum_decay, rho, lambd, t0
     double etaminus, etaplus, step_size_min, step_size_max     # (two pairs)
+    double beta2_decay, eps1, eps2, d               # Adafactor (eps1 NaN: None)
     bint amsgrad, decoupled, centered, nesterov, maximize
 
 
@@ -1383,8 +1411,8 @@ from fastopt import _kinds
 
 cdef dict KINDS = {"adam": ADAM, "rmsprop": RMSPROP, "sgd": SGD, "adagrad": ADAGRAD,
                    "adamax": ADAMAX, "nadam": NADAM, "radam": RADAM, "adadelta": ADADELTA,
-                   "asgd": ASGD, "rprop": RPROP, "lion": LION}
-DEF NKINDS = 13                 # Kind values (CHECK and UNSCALE have no specs)
+                   "asgd": ASGD, "rprop": RPROP, "lion": LION, "factored": FACTORED}
+DEF NKINDS = 14                 # Kind values (CHECK and UNSCALE have no specs)
 
 cdef enum HyperType:
     H_NUMBER = 0
@@ -1397,6 +1425,7 @@ ctypedef struct HyperSpec:
     double hi[2]
     bint closed[2]
     bint lo_open[2]
+    bint none_ok[2]             # None is allowed (stored as NaN)
     Py_ssize_t offset           # of its field in Hyper
 
 DEF MAX_HYPERS = 16
@@ -1418,7 +1447,11 @@ cdef dict HYPER_FIELDS = {      # a declared name -> its field's offset in Hyper
     "initial_accumulator_value": field_of(&_layout.initial_accumulator_value),
     "momentum_decay": field_of(&_layout.momentum_decay), "rho": field_of(&_layout.rho),
     "lambd": field_of(&_layout.lambd), "t0": field_of(&_layout.t0),
-    "etas": field_of(&_layout.etaminus), "step_sizes": field_of(&_layout.step_size_min)}
+    "etas": field_of(&_layout.etaminus), "step_sizes": field_of(&_layout.step_size_min),
+    "beta2_decay": field_of(&_layout.beta2_decay), "d": field_of(&_layout.d)}
+# A name whose field differs by kind: (kind family, name) -> offset
+# (Adafactor's eps is a pair, (eps1, eps2)).
+cdef dict KIND_FIELDS = {("factored", "eps"): field_of(&_layout.eps1)}
 
 cdef HyperSpec SPECS[NKINDS][MAX_HYPERS]
 cdef int NSPECS[NKINDS]
@@ -1431,21 +1464,21 @@ cdef list SLOT_OPTIONS = [None] * NKINDS
 # Per native kind: the names of its per-parameter numbers besides the
 # arrays (NAdam's mu_product, ASGD's eta and mu), at most 2.
 cdef list SCALAR_NAMES = [()] * NKINDS
+# Per native kind: its declared slots (fastopt._kinds.Slot: their shapes).
+cdef list SLOT_DECLS = [()] * NKINDS
 
 
 cdef tuple hyper_ranges(object h):
     """The ranges of declared hyperparameter h, as (lo, hi, closed, lo_open) per number."""
     if h.each is not None:
-        return tuple((b.lo, b.hi, b.closed, b.lo_open) for b in h.each)
-    return ((h.lo, h.hi, h.closed, False),) * 2
+        return tuple((b.lo, b.hi, b.closed, b.lo_open, b.none_ok) for b in h.each)
+    return ((h.lo, h.hi, h.closed, False, False),) * 2
 
 
 cdef int load_kinds() except -1:
     cdef int k, j, e
     cdef object h
     for decl in _kinds.KINDS.values():
-        if decl.native not in KINDS:    # (Adafactor: no fused kernel family)
-            continue
         k = KINDS[decl.native]
         spec = [(h.name, h.kind, hyper_ranges(h)) for h in decl.hypers]
         if SPEC_KEYS[k] is not None:    # AdamW: Adam's kernel and ranges, other defaults
@@ -1456,12 +1489,13 @@ cdef int load_kinds() except -1:
             raise ImportError(f"{decl.name}: too many hyperparameters, state slots or scalars")
         for j, h in enumerate(decl.hypers):
             SPECS[k][j].type = {"number": H_NUMBER, "flag": H_FLAG, "pair": H_PAIR}[h.kind]
-            for e, (lo, hi, closed, lo_open) in enumerate(hyper_ranges(h)):
+            for e, (lo, hi, closed, lo_open, none_ok) in enumerate(hyper_ranges(h)):
                 SPECS[k][j].lo[e] = lo
                 SPECS[k][j].hi[e] = hi
                 SPECS[k][j].closed[e] = closed
                 SPECS[k][j].lo_open[e] = lo_open
-            SPECS[k][j].offset = HYPER_FIELDS[h.name]
+                SPECS[k][j].none_ok[e] = none_ok
+            SPECS[k][j].offset = KIND_FIELDS.get((decl.native, h.name), HYPER_FIELDS[h.name])
         NSPECS[k] = len(decl.hypers)
         SPEC_KEYS[k] = (tuple(h.name for h in decl.hypers), spec)
         names = [s.name for s in decl.slots] + [None] * (3 - len(decl.slots))
@@ -1471,6 +1505,7 @@ cdef int load_kinds() except -1:
                                  decl.hyper(s.option).kind == "flag")
                                 for s in decl.slots) + (None,) * (3 - len(decl.slots))
         SCALAR_NAMES[k] = tuple(x.name for x in decl.scalars)
+        SLOT_DECLS[k] = decl.slots
     return 0
 
 
@@ -1681,7 +1716,13 @@ cdef class FusedStep:
 
     Parameters
     ----------
-    kind : {"adam", "rmsprop", "sgd"}
+    kind : str
+        The native kernel family (`fastopt._kinds`: "adam", "rmsprop",
+        "sgd", "adagrad", ..., "lion", "factored").  "factored"
+        (Adafactor) is not elementwise: its step is three threaded passes
+        over all the parameters, its state arrays are shaped as its
+        declaration says, it keeps no bfloat16 state and takes no split
+        masters.
     params : list of ndarray
         float32/float64/float16/bfloat16, C-contiguous, aligned, writeable,
         native byte order, each at most once.  Updated in place by `step`,
@@ -1763,6 +1804,9 @@ cdef class FusedStep:
     cdef Segment *segs
     cdef Coef *coefs
     cdef Written written
+    cdef FactorJob *jobs            # Adafactor: per parameter, its job (nunits 0: empty)
+    cdef FactorJob **jptr           # ... the active ones of a step
+    cdef double *work               # ... their work areas
     cdef bint busy                  # a step (or hold()) is running
     cdef bint held                  # ... a hold(): its owner may set the rounding
     cdef object __weakref__         # (_LIVE: the optimizers a forked child sets idle)
@@ -1776,6 +1820,9 @@ cdef class FusedStep:
         self.hyper = NULL
         self.segs = NULL
         self.coefs = NULL
+        self.jobs = NULL
+        self.jptr = NULL
+        self.work = NULL
 
     def __dealloc__(self):
         PyMem_Free(self.rec)
@@ -1786,6 +1833,9 @@ cdef class FusedStep:
         PyMem_Free(self.hyper)
         PyMem_Free(self.segs)
         PyMem_Free(self.coefs)
+        PyMem_Free(self.jobs)
+        PyMem_Free(self.jptr)
+        PyMem_Free(self.work)
 
     def __init__(self, str kind, list params, list group_of, Py_ssize_t ngroups, list states,
                  list masters, steps, *, list names=None, state_dtype=None,
@@ -1815,6 +1865,10 @@ cdef class FusedStep:
         # Low-precision options.
         cdef object sdt = state_dtype_name(state_dtype)
         check_rounding(state_rounding, seed)
+        if sdt is not None and self.kind == FACTORED:
+            raise ValueError("Adafactor keeps its state in the compute dtype: state_dtype="
+                             "'bfloat16' is not supported (its factored statistics are a row "
+                             "and a column per matrix, a small fraction of the parameters)")
         cdef object bf16 = bfloat16_dtype("state_dtype='bfloat16'") if sdt is not None else None
         cdef list steps_of = step_arrays(steps, n)
         # Allocate before checking, so that a MemoryError leaves nothing half-made.
@@ -1838,6 +1892,8 @@ cdef class FusedStep:
         for k in range(3 * ng):
             self.has[k] = True
         cdef tuple slot_names = SLOT_NAMES[self.kind]
+        cdef tuple slot_decls = SLOT_DECLS[self.kind]
+        cdef object shape_k
         cdef Rec *r
         cdef cnp.ndarray p, w, s
         cdef object want
@@ -1873,6 +1929,9 @@ cdef class FusedStep:
             else:
                 w = self.bound_array(masters[i], p, i, 4, np.dtype(np.float32)) \
                     if r.code == DT_F16 or r.code == DT_BF16 else None
+            if r.okind == SPLIT and self.kind == FACTORED:
+                raise ValueError(f"{self.state_name(i, 4)}: Adafactor takes a float32 master, "
+                                 "not a split one")
             if w is None and masters[i] is not None:
                 raise ValueError(f"{self.state_name(i, 4)} is only for float16/bfloat16 "
                                  f"parameters, but {self.param_name(i)} is {p.dtype}")
@@ -1890,7 +1949,18 @@ cdef class FusedStep:
             for k in range(3):
                 if st[k] is not None and slot_names[k] is None:
                     raise ValueError(f"states[{i}][{k}]: this optimizer has no state slot {k}")
-                s = self.bound_array(st[k], p, i, 1 + k, want) if st[k] is not None else None
+                shape_k = None
+                if self.kind == FACTORED:       # (the slots a parameter has follow its shape)
+                    shape_k = slot_decls[k].shape_for((<object>p).shape)
+                    if shape_k is None and st[k] is not None:
+                        raise ValueError(f"{self.param_name(i)} has shape {(<object>p).shape}: "
+                                         f"its state has no {slot_names[k]!r}")
+                    if shape_k is not None and st[k] is None:
+                        raise ValueError(f"{self.param_name(i)} (shape {(<object>p).shape}) "
+                                         f"needs {self.state_name(i, 1 + k)}, of shape "
+                                         f"{shape_k}")
+                s = (self.bound_array(st[k], p, i, 1 + k, want, False, shape_k)
+                     if st[k] is not None else None)
                 r.s[k] = cnp.PyArray_DATA(s) if s is not None else NULL
                 if s is not None:
                     self.written.add(r.s[k], cnp.PyArray_NBYTES(s), i, 1 + k)
@@ -1915,6 +1985,8 @@ cdef class FusedStep:
             self.masters.append(w)
             self.held_steps.append(s)
         self.written.seal(self.array_name)
+        if self.kind == FACTORED:
+            self.factor_jobs()
         self.state_dtype = sdt
         self.state_rounding = state_rounding
         self.seed = seed.__index__()
@@ -1923,16 +1995,53 @@ cdef class FusedStep:
         self.found_inf = False
         _LIVE.add(self)
 
+    cdef int factor_jobs(self) except -1:
+        """Adafactor: each parameter's job (arrays, units) and work area."""
+        cdef Py_ssize_t i, m = max(self.n, 1), nwork = 0
+        cdef cnp.ndarray p, w
+        cdef list st
+        self.jobs = <FactorJob *>PyMem_Malloc(m * sizeof(FactorJob))
+        self.jptr = <FactorJob **>PyMem_Malloc(m * sizeof(FactorJob *))
+        if self.jobs == NULL or self.jptr == NULL:
+            raise MemoryError()
+        for i in range(self.n):
+            p = <cnp.ndarray>self.params[i]
+            w = p if self.masters[i] is None else <cnp.ndarray>self.masters[i]
+            st = <list>self.states[i]
+            self.jobs[i].nunits = 0
+            if cnp.PyArray_SIZE(p) == 0:        # (nothing to update; its count advances)
+                continue
+            if st[2] is not None:
+                fac_arrays(&self.jobs[i], w, p, NATIVE, <cnp.ndarray>st[2], None)
+            else:
+                fac_arrays(&self.jobs[i], w, p, NATIVE, <cnp.ndarray>st[0],
+                           <cnp.ndarray>st[1])
+            nwork += fac_work_size(&self.jobs[i])
+        self.work = <double *>PyMem_Malloc(max(nwork, 1) * sizeof(double))
+        if self.work == NULL:
+            raise MemoryError()
+        nwork = 0
+        for i in range(self.n):
+            if self.jobs[i].nunits:
+                fac_work(&self.jobs[i], self.work + nwork)
+                nwork += fac_work_size(&self.jobs[i])
+        return 0
+
     cdef cnp.ndarray bound_array(self, object a, cnp.ndarray p, Py_ssize_t i, int slot,
-                                 object dtype, bint bits=False):
+                                 object dtype, bint bits=False, object shape=None):
         """A state array or master of params[i] (slot as in Interval), checked
-        (`bits`: a uint16 array, not a float one)."""
+        (`bits`: a uint16 array, not a float one; `shape`: its shape, if not
+        the parameter's)."""
         cdef str name = self.state_name(i, slot)
         cdef cnp.ndarray s = writable(a if bits else any_float_array(a, name), name)
         native(s, name)
         if s.dtype != dtype:
             raise TypeError(f"{name} must have dtype {dtype}, got {s.dtype}")
-        if not same_shape(s, p):
+        if shape is not None:
+            if (<object>s).shape != shape:
+                raise ValueError(f"{name} must have shape {shape} for {self.param_name(i)} of "
+                                 f"shape {(<object>p).shape}, got {(<object>s).shape}")
+        elif not same_shape(s, p):
             raise ValueError(f"{name} has shape {(<object>s).shape} but "
                              f"{self.param_name(i)} has shape {(<object>p).shape}")
         if not direct(s):
@@ -2073,8 +2182,9 @@ cdef class FusedStep:
                     if not isinstance(x, (tuple, list)) or len(x) != 2:
                         raise TypeError(f"param_groups[{gi}][{key!r}] must be a tuple of two "
                                         f"numbers, got {x!r}")
-                    (<double *>field)[0] = hyper_num(x[0], gi, key, 0, spec, 0)
-                    (<double *>field)[1] = hyper_num(x[1], gi, key, 1, spec, 1)
+                    for k in range(2):
+                        (<double *>field)[k] = (NAN if x[k] is None and spec.none_ok[k]
+                                                else hyper_num(x[k], gi, key, k, spec, k))
                 if spec.type != H_FLAG and single:
                     for k in range(2 if spec.type == H_PAIR else 1):
                         if beyond_float32((<double *>field)[k]):
@@ -2483,6 +2593,9 @@ cdef class FusedStep:
         cdef int g, prev_g = -1
         cdef int64_t st, prev_st = -1
         cdef const Hyper *h
+        if self.kind == FACTORED:
+            self.run_factored(nact, inv_scale)
+            return
         for k in range(nact):
             i = self.act[k]
             g = self.rec[i].group
@@ -2501,6 +2614,28 @@ cdef class FusedStep:
                                               ^ <uint32_t>st) + self.rec[i].key_offset
             self.count[k] = st
         core.optim.run_segments(self.segs, nact, total)
+
+    cdef void run_factored(self, Py_ssize_t nact, double inv_scale) noexcept nogil:
+        """Adafactor: the jobs of the active parameters, their numbers set,
+        and their new step counts; then the step (three threaded passes)."""
+        cdef Py_ssize_t k, nj = 0
+        cdef const Hyper *h
+        cdef FactorJob *j
+        for k in range(nact):
+            self.count[k] += 1
+            j = &self.jobs[self.act[k]]
+            if j.nunits == 0:
+                continue
+            h = &self.hyper[self.rec[self.act[k]].group]
+            j.grad = self.segs[k].grad
+            j.gk = self.segs[k].gk
+            j.maximize = h.maximize
+            j.inv_scale = inv_scale
+            fac_numbers(j, <double>self.count[k], h.lr, h.beta2_decay, h.eps1, h.eps2, h.d,
+                        h.weight_decay)
+            self.jptr[nj] = j
+            nj += 1
+        core.optim.factored(self.jptr, nj)
 
     def set_rounding(self, state_rounding, seed):
         """Change how bfloat16 state is rounded (arguments as at construction)."""

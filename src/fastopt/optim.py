@@ -90,7 +90,7 @@ if TYPE_CHECKING:
     from ._typing import FloatArray, Params
 
 __all__ = ["Optimizer", "SGD", "RMSprop", "Adam", "AdamW", "Adagrad", "Adamax", "NAdam",
-           "RAdam", "Adadelta", "ASGD", "Rprop", "Lion", "flat_views"]
+           "RAdam", "Adadelta", "ASGD", "Rprop", "Lion", "Adafactor", "flat_views"]
 
 def flat_views(arrays: Iterable[FloatArray | tuple[int, ...]], dtype: DTypeLike | None = None,
                copy: bool = True) -> tuple[FloatArray, list[FloatArray]]:
@@ -264,7 +264,7 @@ class Optimizer:
             fresh, fresh_masters = _layout.state_arrays(
                 [current.params[i] for i in resets],
                 [tuple(a is not None for a in arrays[i]) for i in resets],
-                _kernels.state_dtype_of(self.state_dtype))
+                _kernels.state_dtype_of(self.state_dtype), self._kind)
             started = self._new_scalars(len(resets))
             self._start(fresh, started, [self.param_groups[self._group_of[i]] for i in resets])
             for j, i in enumerate(resets):
@@ -297,8 +297,9 @@ class Optimizer:
 
     def _with_defaults(self, group: dict[str, Any]) -> dict[str, Any]:
         group = {**self.defaults, **group}
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
+        for h in self._kind.hypers:
+            if h.kind == "pair" and isinstance(group.get(h.name), list):
+                group[h.name] = tuple(group[h.name])
         return group
 
     def _build(self, groups: list[dict[str, Any]],
@@ -322,7 +323,7 @@ class Optimizer:
         if config is None:
             config = (self.state_dtype, self.state_rounding, self.seed)
         states, masters = _layout.state_arrays(flat, [slots[g] for g in group_of],
-                                               _kernels.state_dtype_of(config[0]))
+                                               _kernels.state_dtype_of(config[0]), self._kind)
         steps = np.zeros(len(flat), np.int64)
         scalars = self._new_scalars(len(flat))
         self._group_of = group_of
@@ -569,6 +570,8 @@ class Optimizer:
                 if k == "params":
                     v = np.arange(index, index + len(v), dtype=np.int64)
                     index += len(g["params"])
+                elif isinstance(v, tuple) and None in v:    # Adafactor's eps: None as NaN
+                    v = np.array([math.nan if x is None else x for x in v])
                 out[f"param_groups.{gi}.{k}"] = v
         for i, st in enumerate(self.state):
             out[f"state.{i}.step"] = int(self._steps[i])
@@ -637,6 +640,8 @@ class Optimizer:
         expected = {"optimizer"}
         rounding = self._load_state_config(sd, expected)
         # Param groups: same number, same parameter indices, same keys.
+        none_ok = {h.name: [b.none_ok for b in h.each] for h in self._kind.hypers
+                   if h.each is not None and any(b.none_ok for b in h.each)}
         new_groups = []
         index = 0
         for gi, g in enumerate(self.param_groups):
@@ -658,6 +663,9 @@ class Optimizer:
             new = {"params": g["params"]}
             for k in keys - {"params"}:
                 new[k] = _value(sd[prefix + k], prefix + k)
+                if isinstance(new[k], tuple) and k in none_ok:
+                    new[k] = tuple(None if isinstance(x, float) and math.isnan(x) and none_ok[k][e]
+                                   else x for e, x in enumerate(new[k]))
             new_groups.append(new)
             expected |= {prefix + k for k in keys}
         extra_groups = {k for k in sd if k.startswith("param_groups.") and k not in expected}
@@ -831,6 +839,8 @@ def _check_hypers(kind: _kinds.Kind, values: dict[str, Any]) -> dict[str, Any]:
                 raise TypeError(f"{h.name} must be a tuple of two numbers, got {v!r}")
             for k in range(2):
                 b = h.each[k] if h.each is not None else _kinds.Bound(h.lo, h.hi, h.closed)
+                if v[k] is None and b.none_ok:
+                    continue
                 _number(f"{h.name}[{k}]", v[k], b.lo, b.hi, b.closed, b.lo_open)
             values[h.name] = tuple(v)
     return values
@@ -1103,4 +1113,35 @@ class Lion(Optimizer):
                  seed: int = 0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay,
                                       maximize=maximize),
+                         state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
+
+
+class Adafactor(Optimizer):
+    """Adafactor, as ``torch.optim.Adafactor`` (Shazeer and Stern 2018; see
+    `fastopt.adafactor_step`).
+
+    State per parameter: for one of 2 or more dimensions, ``row_var`` and
+    ``col_var`` (shapes ``shape[:-1] + (1,)`` and ``shape[:-2] + (1,
+    shape[-1])``: a row and a column per matrix of its last two axes,
+    8192 floats for a 4096 x 4096 weight instead of Adam's 33.5 M); for a
+    0-d or 1-d one, ``variance`` (its shape).  Not elementwise: a step is
+    three threaded passes over the whole model (the norms, and the row and
+    column sums, in double, in a fixed order: the same bits on any number
+    of threads).  ``eps=(None, 1e-3)``: eps[0] None is the machine epsilon
+    of the compute dtype (float32 for float16/bfloat16 parameters, which
+    have float32 masters).  No ``state_dtype="bfloat16"`` (the factored
+    statistics are already a small fraction of the parameters).  In
+    `state_dict`, eps[0] None is saved as NaN (so that the dict saves with
+    ``np.savez`` without pickling) and loads back as None.
+    """
+
+    _kind = _kinds.ADAFACTOR
+
+    def __init__(self, params: Params, lr: float = 1e-2, beta2_decay: float = -0.8,
+                 eps: tuple[float | None, float] | list[float | None] = (None, 1e-3),
+                 d: float = 1.0, weight_decay: float = 0.0, *, maximize: bool = False,
+                 state_dtype: str | None = None, state_rounding: str = "stochastic",
+                 seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d,
+                                      weight_decay=weight_decay, maximize=maximize),
                          state_dtype=state_dtype, state_rounding=state_rounding, seed=seed)
