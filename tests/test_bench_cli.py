@@ -45,6 +45,7 @@ def small(monkeypatch):
     monkeypatch.setattr(bench.settings, "BN_SHAPES", [((4, 3, 5, 5), 1, True),
                                                       ((6, 2, 3, 4), -1, True), ((16, 5), 1, True)])
     monkeypatch.setattr(bench.settings, "SOFTMAX_SHAPES", [((8, 13), True), ((3, 1), True)])
+    monkeypatch.setattr(bench.settings, "ADAFACTOR_SHAPES", [((9, 70), True)])
     real_probe = bench.probe_bandwidth
     monkeypatch.setattr(bench.timing, "probe_bandwidth",
                         lambda threads, mib, budget: real_probe(threads, 4, budget))
@@ -243,11 +244,14 @@ def test_every_family_runs_when_its_api_is_present(monkeypatch, small, tmp_path,
     data = json.loads(path.read_text())
     families = [r["family"] for r in data["results"]]
     assert families == ["adam", "adamw", "rmsprop", "sgd", "adagrad", "adamax", "nadam",
-                        "radam", "adadelta", "asgd", "rprop", "lion", "optimizer", "batchnorm",
-                        "batchnorm", "batchnorm", "cross_entropy", "cross_entropy",
+                        "radam", "adadelta", "asgd", "rprop", "lion", "adafactor", "optimizer",
+                        "batchnorm", "batchnorm", "batchnorm", "cross_entropy", "cross_entropy",
                         "log_softmax", "log_softmax"]
     assert data["notes"] == [] or all("skipped" not in n for n in data["notes"])
-    model = data["results"][12]
+    factored = data["results"][12]
+    assert factored["ok"] and factored["errors"] == {}
+    assert factored["extras"]["Adafactor(params).step(grads)"]["error"] is None
+    model = data["results"][13]
     assert model["extras"]["loop of adam_step calls"]["error"] is None
     for r in data["results"][4:12]:               # the class, checked as the kernel is
         (extra,) = r["extras"].values()

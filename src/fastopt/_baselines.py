@@ -361,6 +361,43 @@ def lion_inplace(p, g, m, lr=1e-4, b1=0.9, b2=0.99, *, work):
     return p, m
 
 
+def adafactor_numpy(p, g, row_var, col_var, t, lr=1e-2, beta2_decay=-0.8, eps1=None, eps2=1e-3,
+                    d=1.0):
+    """Adafactor on a matrix (torch.optim.Adafactor's formulas); returns the
+    new ``(p, row_var, col_var)``.  eps1 None: the dtype's machine epsilon."""
+    eps1 = float(np.finfo(p.dtype).eps) if eps1 is None else eps1
+    w = t ** beta2_decay
+    rho = min(lr, 1 / t ** 0.5)
+    alpha = max(eps2, float(np.linalg.norm(p)) / p.size ** 0.5) * rho
+    row_var = row_var + w * ((g * g).mean(axis=-1, keepdims=True) - row_var)
+    col_var = col_var + w * ((g * g).mean(axis=-2, keepdims=True) - col_var)
+    v = row_var * col_var / np.maximum(row_var.mean(axis=-2, keepdims=True), eps1)
+    u = g / np.sqrt(np.maximum(v, eps1 * eps1))
+    denom = max(1.0, float(np.linalg.norm(u)) / (u.size ** 0.5 * d))
+    return p - (alpha / denom) * u, row_var, col_var
+
+
+def adafactor_inplace(p, g, row_var, col_var, t, lr=1e-2, beta2_decay=-0.8, eps1=None,
+                      eps2=1e-3, d=1.0, *, work):
+    """`adafactor_numpy` in place; `work` is a scratch array like `p`."""
+    eps1 = float(np.finfo(p.dtype).eps) if eps1 is None else eps1
+    w = t ** beta2_decay
+    rho = min(lr, 1 / t ** 0.5)
+    alpha = max(eps2, float(np.linalg.norm(p)) / p.size ** 0.5) * rho
+    np.multiply(g, g, out=work)
+    row_var += w * (work.mean(axis=-1, keepdims=True) - row_var)
+    col_var += w * (work.mean(axis=-2, keepdims=True) - col_var)
+    np.multiply(row_var, col_var, out=work)
+    work /= np.maximum(row_var.mean(axis=-2, keepdims=True), eps1)
+    np.maximum(work, eps1 * eps1, out=work)
+    np.sqrt(work, out=work)
+    np.divide(g, work, out=work)
+    denom = max(1.0, float(np.linalg.norm(work)) / (work.size ** 0.5 * d))
+    work *= alpha / denom
+    p -= work
+    return p, row_var, col_var
+
+
 # --------------------------------------------------------------- batchnorm ---
 
 def _bn_axes(x, axis):

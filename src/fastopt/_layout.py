@@ -60,9 +60,9 @@ def state_arrays(params: Sequence[Any], slots: Sequence[Sequence[bool]], state_d
         name = p.dtype.name if isinstance(p, np.ndarray) else None
         kinds.append(name if name in ("float32", "float64", "float16", "bfloat16") else None)
     for k in range(4):          # slots 0-2, then the masters
-        shapes = [None if kinds[i] is None else
-                  params[i].shape if k == 3 or kind is None or k >= len(kind.slots)
-                  else kind.slots[k].shape_for(params[i].shape) for i in range(n)]
+        shapes: list[Any] = [None if kinds[i] is None else
+                             params[i].shape if k == 3 or kind is None or k >= len(kind.slots)
+                             else kind.slots[k].shape_for(params[i].shape) for i in range(n)]
         owners = [i for i in range(n) if shapes[i] is not None
                   and (slots[i][k] if k < 3 else kinds[i] in ("float16", "bfloat16"))]
         if not owners:

@@ -473,6 +473,76 @@ def _softmax_case(family, shape):
     return Case(family, f"{shape}", make, None, math.prod(shape))
 
 
+def _adafactor_case(shape):
+    """Adafactor on one matrix: the functional kernel, the class, NumPy, torch's
+    foreach path (its fastest on the CPU), and fastopt.torch's class."""
+    kind = _kinds.ADAFACTOR
+    hp = dict(lr=kind.hyper("lr").default)
+    np_hp = dict(hp, beta2_decay=kind.hyper("beta2_decay").default, eps2=kind.hyper("eps").default[1],
+                 d=kind.hyper("d").default)
+    rows, cols = shape[:-1] + (1,), shape[:-2] + (1, shape[-1])
+
+    def inputs(dtype):
+        rng = _rng()
+        return {"p": [_uniform(rng, shape, dtype, 0.1)],
+                "g": [[_const(_uniform(rng, shape, dtype, 0.01))] for _ in range(2)],
+                "s": [[np.zeros(rows, dtype)], [np.zeros(cols, dtype)]]}
+
+    def stepper(update):
+        def impl(s):
+            p, (rv,), (cv,) = s["p"][0], *s["s"]
+            grads = [g[0] for g in s["g"]]
+            t = 0
+
+            def step():
+                nonlocal t, p, rv, cv
+                t += 1
+                p, rv, cv = update(p, grads[t & 1], rv, cv, t)
+                return p, rv, cv
+            return step
+        return impl
+
+    def numpy_(p, g, rv, cv, t):
+        return B.adafactor_numpy(p, g, rv, cv, t, **np_hp)
+
+    def inplace(s):
+        work = np.empty_like(s["p"][0])
+        return stepper(lambda p, g, rv, cv, t: B.adafactor_inplace(p, g, rv, cv, t, **np_hp,
+                                                                   work=work))(s)
+
+    def kernel(p, g, rv, cv, t):
+        fastopt.adafactor_step(p, g, step=t, row_var=rv, col_var=cv, **hp)
+        return p, rv, cv
+
+    def cls(s):
+        opt = fastopt.Adafactor(s["p"], **hp)
+        grads = [g for g in s["g"]]
+        st = opt.state[0]
+        t = 0
+
+        def step():
+            nonlocal t
+            t += 1
+            opt.step(grads[t & 1])
+            return s["p"][0], st["row_var"], st["col_var"]
+        return step
+
+    def make(dtype, peers_):
+        work = Work(inputs(dtype), stepper(numpy_), inplace, stepper(kernel),
+                    ("param", "row_var", "col_var"))
+        work.extras["Adafactor(params).step(grads)"] = cls
+        if "torch" in peers_:
+            work.peers["torch Adafactor(foreach=True)"] = peers.torch_optimizer(
+                "Adafactor", hp, ("row_var", "col_var"), {"foreach": True})
+            work.extras["fastopt.torch.Adafactor on torch tensors (incl. setting .grad)"] = \
+                peers.fastopt_torch("Adafactor", hp)
+        return work
+
+    n = math.prod(shape)
+    # compulsory: read param and grad, write param (the kernel makes 3 passes)
+    return Case("adafactor", f"{shape}", make, 3 * n, n)
+
+
 def build_cases(families, sizes, quick):
     """The cases of `families`, in the order of FAMILIES."""
     cases = []
@@ -486,6 +556,9 @@ def build_cases(families, sizes, quick):
                       if q or not quick]
         elif family == "batchnorm":
             cases += [_batchnorm_case(sh, ax) for sh, ax, q in settings.BN_SHAPES
+                      if q or not quick]
+        elif family == "adafactor":
+            cases += [_adafactor_case(sh) for sh, q in settings.ADAFACTOR_SHAPES
                       if q or not quick]
         else:
             cases += [_softmax_case(family, sh) for sh, q in settings.SOFTMAX_SHAPES

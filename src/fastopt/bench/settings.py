@@ -21,6 +21,8 @@ FAMILIES = {
     "asgd": (("asgd_step", "ASGD"), "averaged SGD step on one array (torch defaults)"),
     "rprop": (("rprop_step", "Rprop"), "Rprop step on one array (torch defaults)"),
     "lion": (("lion_step", "Lion"), "Lion step on one array (lr=1e-4, betas=(0.9, 0.99))"),
+    "adafactor": (("adafactor_step", "Adafactor"),
+                  "Adafactor step on one matrix (torch defaults; factored statistics)"),
     "optimizer": (("Adam",), "fastopt.Adam(params).step(grads) over a model's arrays"),
     "batchnorm": (("batch_norm_forward", "batch_norm_backward"),
                   "BatchNorm training forward + backward"),
@@ -54,6 +56,8 @@ MODELS = [
     ("500 x 1000", [(1000,)] * 500, True),
     ("10 x 1M", [(1_000_000,)] * 10, False),
 ]
+# Adafactor's matrices: (shape, in --quick)
+ADAFACTOR_SHAPES = [((1024, 1024), True), ((4096, 4096), False)]
 # (shape, channel axis, in --quick)
 BN_SHAPES = [
     ((32, 64, 56, 56), 1, False),
