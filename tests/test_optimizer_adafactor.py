@@ -301,7 +301,7 @@ def test_add_param_group_continues_like_one_optimizer_built_with_both(rng):
 
 @pytest.mark.parametrize("kw, err, msg", [
     (dict(lr=-1.0), ValueError, "lr"),
-    (dict(beta2_decay=0.1), ValueError, "beta2_decay"),
+    (dict(beta2_decay=0.1), ValueError, "beta2_decay must be <= 0"),
     (dict(eps=(-1e-3, 1e-3)), ValueError, r"eps\[0\]"),
     (dict(eps=(None, -1.0)), ValueError, r"eps\[1\]"),
     (dict(eps=(None, None)), TypeError, r"eps\[1\]"),
@@ -325,7 +325,7 @@ def test_bad_group_value_at_step_changes_nothing(rng):
     steps = opt.steps.copy()
     for key, bad, msg in [("d", 0.0, r"\['d'\] must be >= 1"),
                           ("eps", (None, -1.0), r"\['eps'\]\[1\] must be >= 0"),
-                          ("beta2_decay", 0.5, r"\['beta2_decay'\] must be in")]:
+                          ("beta2_decay", 0.5, r"\['beta2_decay'\] must be <= 0")]:
         good = opt.param_groups[0][key]
         opt.param_groups[0][key] = bad
         with pytest.raises(ValueError, match=msg):

@@ -201,6 +201,16 @@ cdef inline void asgd_coef(Coef *c, double lambd, double weight_decay, bint maxi
     c.average = mu != 1.0
 
 
+cdef extern from *:
+    """
+    /* (double)(float)x.  Through a volatile: gcc 12's SLP vectorizer (-O2 and
+       up) drops two such roundings stored side by side, e.g.
+       p[0] = (float)p[0]; p[1] = (float)p[1]; compiles to nothing. */
+    static inline double fastopt_round_f32(double x) { volatile float f = (float)x; return f; }
+    """
+    double round_f32 "fastopt_round_f32"(double x) noexcept nogil
+
+
 cdef inline void asgd_next(double *eta, double *mu, double lr, double lambd, double alpha,
                            double t0, double step, bint single=True) noexcept nogil:
     """eta and mu after step `step`, rounded to float32 (torch keeps them as
@@ -209,8 +219,8 @@ cdef inline void asgd_next(double *eta, double *mu, double lr, double lambd, dou
     eta[0] = lr / pow(1.0 + lambd * lr * step, alpha)
     mu[0] = 1.0 / (d if d > 1.0 else 1.0)                  # 1 / max(1, step - t0)
     if single:
-        eta[0] = <float>eta[0]
-        mu[0] = <float>mu[0]
+        eta[0] = round_f32(eta[0])
+        mu[0] = round_f32(mu[0])
 
 
 cdef inline void rprop_coef(Coef *c, double etaminus, double etaplus, double step_size_min,
@@ -311,18 +321,6 @@ cdef int too_large_for_float32(double v, str name, str updated) except -1:
                      "updated in")
 
 
-cdef int numbers_fit(cnp.ndarray w, tuple values, tuple names) except -1:
-    """The hyperparameters `values` of an update of `w` (the array the kernel
-    updates) fit its compute precision."""
-    cdef Py_ssize_t k
-    if cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64:
-        return 0
-    for k in range(len(values)):
-        if beyond_float32(<double>values[k]):
-            too_large_for_float32(values[k], names[k], f"{w.dtype} arrays are")
-    return 0
-
-
 cdef inline double step_count(object step) except -1.0:
     """A step number in [1, 2**63 - 1] (int64, as PyTorch's state["step"])."""
     cdef object k = integer(step, "step")
@@ -334,40 +332,6 @@ cdef inline double step_count(object step) except -1.0:
 
 
 # ----------------------------------------------------------- functional API ---
-
-cdef _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
-           bint decoupled, bint amsgrad, max_exp_avg_sq, bint maximize, master):
-    cdef cnp.ndarray p = writable(any_float_array(param, "param"), "param")
-    cdef cnp.ndarray w = master_array(p, master)
-    cdef str wname = "param" if w is p else "master"
-    cdef cnp.ndarray g = grad_for(grad, p, w)
-    cdef cnp.ndarray m = state_array(exp_avg, "exp_avg", w, wname)
-    cdef cnp.ndarray v = state_array(exp_avg_sq, "exp_avg_sq", w, wname)
-    cdef object vmax = None
-    if amsgrad:
-        if max_exp_avg_sq is None:
-            raise ValueError("amsgrad=True requires max_exp_avg_sq (an array like param)")
-        vmax = state_array(max_exp_avg_sq, "max_exp_avg_sq", w, wname)
-    cdef double k = step_count(step)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise TypeError(f"betas must be a tuple of two numbers, got {betas!r}")
-    cdef double b1 = in_unit(betas[0], "betas[0]")
-    cdef double b2 = in_unit(betas[1], "betas[1]")
-    cdef double eps_ = at_least(eps, "eps", 0.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
-    check_disjoint([p, g, m, v, vmax, None if w is p else w],
-                   ("param", "grad", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master"))
-    g = readable(g)
-    cdef Coef c
-    cdef Segment s
-    adam_coef(&c, lr_, b1, b2, eps_, wd, decoupled, amsgrad, maximize, k)
-    fill_segment(&s, w, g, m, v, vmax, &c)
-    half_param(&s, p, w, g)
-    with nogil:
-        core.optim.run_segments(&s, 1, s.n)
-
 
 def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
               eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False, amsgrad=False,
@@ -412,8 +376,9 @@ def adam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.
     -------
     None
     """
-    _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
-          decoupled_weight_decay, amsgrad, max_exp_avg_sq, maximize, master)
+    functional(ADAM, param, grad, master, (exp_avg, exp_avg_sq, max_exp_avg_sq), step_count(step),
+               dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    maximize=maximize, decoupled_weight_decay=decoupled_weight_decay))
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -424,8 +389,9 @@ def adamw_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0
     Follows ``torch.optim.AdamW``: ``param *= 1 - lr * weight_decay`` before the
     Adam update.  See `adam_step` for the parameters.
     """
-    _adam(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay,
-          True, amsgrad, max_exp_avg_sq, maximize, master)
+    functional(ADAM, param, grad, master, (exp_avg, exp_avg_sq, max_exp_avg_sq), step_count(step),
+               dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                    maximize=maximize, decoupled_weight_decay=True))
 
 
 def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
@@ -455,36 +421,9 @@ def rmsprop_step(param, grad, square_avg, *, lr=1e-2, alpha=0.99, eps=1e-8,
     -------
     None
     """
-    cdef cnp.ndarray p = writable(any_float_array(param, "param"), "param")
-    cdef cnp.ndarray w = master_array(p, master)
-    cdef str wname = "param" if w is p else "master"
-    cdef cnp.ndarray g = grad_for(grad, p, w)
-    cdef cnp.ndarray sq = state_array(square_avg, "square_avg", w, wname)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    cdef double a = in_unit(alpha, "alpha")
-    cdef double eps_ = at_least(eps, "eps", 0.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    cdef double mu = at_least(momentum, "momentum", 0.0)
-    numbers_fit(w, (lr_, eps_, wd, mu), ("lr", "eps", "weight_decay", "momentum"))
-    cdef object buf = None, gavg = None
-    if mu > 0:
-        if momentum_buffer is None:
-            raise ValueError("momentum > 0 requires momentum_buffer (an array like param)")
-        buf = state_array(momentum_buffer, "momentum_buffer", w, wname)
-    if centered:
-        if grad_avg is None:
-            raise ValueError("centered=True requires grad_avg (an array like param)")
-        gavg = state_array(grad_avg, "grad_avg", w, wname)
-    check_disjoint([p, g, sq, buf, gavg, None if w is p else w],
-                   ("param", "grad", "square_avg", "momentum_buffer", "grad_avg", "master"))
-    g = readable(g)
-    cdef Coef c
-    cdef Segment s
-    rmsprop_coef(&c, lr_, a, eps_, wd, mu, centered, maximize)
-    fill_segment(&s, w, g, sq, buf, gavg, &c)
-    half_param(&s, p, w, g)
-    with nogil:
-        core.optim.run_segments(&s, 1, s.n)
+    functional(RMSPROP, param, grad, master, (square_avg, momentum_buffer, grad_avg), 1.0,
+               dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+                    centered=centered, maximize=maximize))
 
 
 def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0.0,
@@ -518,34 +457,11 @@ def sgd_step(param, grad, momentum_buffer=None, *, lr, momentum=0.0, dampening=0
     -------
     None
     """
-    cdef cnp.ndarray p = writable(any_float_array(param, "param"), "param")
-    cdef cnp.ndarray w = master_array(p, master)
-    cdef str wname = "param" if w is p else "master"
-    cdef cnp.ndarray g = grad_for(grad, p, w)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    cdef double mu = at_least(momentum, "momentum", 0.0)
-    cdef double damp = real(dampening, "dampening")
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    if not (0.0 <= damp <= 1.0):
-        raise ValueError(f"dampening must be in [0, 1], got {damp!r}")
-    if nesterov and (mu <= 0 or damp != 0):
-        raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
-    numbers_fit(w, (lr_, mu, wd), ("lr", "momentum", "weight_decay"))
-    cdef object buf = None
-    if mu > 0:
-        if momentum_buffer is None:
-            raise ValueError("momentum > 0 requires momentum_buffer (an array like param)")
-        buf = state_array(momentum_buffer, "momentum_buffer", w, wname)
-    check_disjoint([p, g, buf, None if w is p else w],
-                   ("param", "grad", "momentum_buffer", "master"))
-    g = readable(g)
-    cdef Coef c
-    cdef Segment s
-    sgd_coef(&c, lr_, mu, damp, nesterov, wd, maximize, first_step)
-    fill_segment(&s, w, g, buf, None, None, &c)
-    half_param(&s, p, w, g)
-    with nogil:
-        core.optim.run_segments(&s, 1, s.n)
+    # (the coefficients take the buffer's first update as step 1)
+    functional(SGD, param, grad, master, (momentum_buffer, None, None),
+               1.0 if first_step else 2.0,
+               dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                    nesterov=nesterov, maximize=maximize))
 
 
 # ------------------------------------------ Adagrad, Adamax ... Lion ---
@@ -567,12 +483,6 @@ cdef StateStore _store
 _store.sk = NATIVE
 _store.key = 0
 _store.inv_scale = 1.0
-
-
-cdef tuple number_pair(object x, str name):
-    if not isinstance(x, (tuple, list)) or len(x) != 2:
-        raise TypeError(f"{name} must be a tuple of two numbers, got {x!r}")
-    return x[0], x[1]
 
 
 cdef tuple update_arrays(object param, object grad, object master):
@@ -605,19 +515,19 @@ cdef double float32_state(object x, str name, double lo, double hi) except? -1.0
                                                f"in [{lo:g}, {hi:g}]") + f", got {v!r}")
     if beyond_float32(v):
         raise ValueError(f"{name} = {v!r} is too large for float32, the precision it is kept in")
-    return <double><float>v
+    return round_f32(v)
 
 
-cdef int run_kind(cnp.ndarray p, cnp.ndarray w, cnp.ndarray g, tuple states, tuple names,
+cdef int run_kind(cnp.ndarray p, cnp.ndarray w, cnp.ndarray g, list states, tuple names,
                   Coef *c) except -1:
     """Check that no two arrays overlap, then update `w` (and a 16-bit `p`)
-    and its one or two state arrays in one threaded pass."""
+    and its state arrays (3 slots, None where absent) in one threaded pass."""
     cdef Segment s
     check_disjoint([p, g, *states, None if w is p else w],
                    ("param", "grad") + names + ("master",))
     g = readable(g)
     c.inv_scale = _store.inv_scale
-    fill_segment(&s, w, g, states[0], states[1] if len(states) > 1 else None, None, c)
+    fill_segment(&s, w, g, states[0], states[1], states[2], c)
     half_param(&s, p, w, g)
     s.sk = _store.sk
     s.key = _store.key
@@ -656,19 +566,9 @@ def adagrad_step(param, grad, sum, *, step, lr=1e-2, lr_decay=0.0, weight_decay=
     -------
     None
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray acc = kind_state(sum, "sum", w, wname)
-    cdef double k = step_count(step)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    cdef double lr_decay_ = at_least(lr_decay, "lr_decay", 0.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    cdef double eps_ = at_least(eps, "eps", 0.0)
-    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
-    cdef Coef c
-    adagrad_coef(&c, lr_, lr_decay_, wd, eps_, maximize, k)
-    run_kind(p, w, g, (acc,), ("sum",), &c)
+    functional(ADAGRAD, param, grad, master, (sum, None, None), step_count(step),
+               dict(lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+                    maximize=maximize))
 
 
 def adamax_step(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.999), eps=1e-8,
@@ -699,22 +599,8 @@ def adamax_step(param, grad, exp_avg, exp_inf, *, step, lr=2e-3, betas=(0.9, 0.9
     -------
     None
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
-    cdef cnp.ndarray u = kind_state(exp_inf, "exp_inf", w, wname)
-    cdef double k = step_count(step)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    b = number_pair(betas, "betas")
-    cdef double b1 = in_unit(b[0], "betas[0]")
-    cdef double b2 = in_unit(b[1], "betas[1]")
-    cdef double eps_ = at_least(eps, "eps", 0.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
-    cdef Coef c
-    adamax_coef(&c, lr_, b1, b2, eps_, wd, maximize, k)
-    run_kind(p, w, g, (m, u), ("exp_avg", "exp_inf"), &c)
+    functional(ADAMAX, param, grad, master, (exp_avg, exp_inf, None), step_count(step),
+               dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize))
 
 
 def nadam_step(param, grad, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3,
@@ -758,25 +644,13 @@ def nadam_step(param, grad, exp_avg, exp_avg_sq, *, step, mu_product, lr=2e-3,
     float
         The new mu_product (a float32 value), for the next call.
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
-    cdef cnp.ndarray v = kind_state(exp_avg_sq, "exp_avg_sq", w, wname)
-    cdef double k = step_count(step)
-    cdef double mp = float32_state(mu_product, "mu_product", 0.0, 1.0)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    b = number_pair(betas, "betas")
-    cdef double b1 = in_unit(b[0], "betas[0]")
-    cdef double b2 = in_unit(b[1], "betas[1]")
-    cdef double eps_ = at_least(eps, "eps", 0.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    cdef double md = at_least(momentum_decay, "momentum_decay", 0.0)
-    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
-    cdef Coef c
-    mp = nadam_coef(&c, lr_, b1, b2, eps_, wd, md, decoupled_weight_decay, maximize, k, mp)
-    run_kind(p, w, g, (m, v), ("exp_avg", "exp_avg_sq"), &c)
-    return mp
+    cdef double sc[2]
+    sc[0] = float32_state(mu_product, "mu_product", 0.0, 1.0)
+    functional(NADAM, param, grad, master, (exp_avg, exp_avg_sq, None), step_count(step),
+               dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                    momentum_decay=momentum_decay, decoupled_weight_decay=decoupled_weight_decay,
+                    maximize=maximize), sc)
+    return sc[0]
 
 
 def radam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0.999),
@@ -818,22 +692,9 @@ def radam_step(param, grad, exp_avg, exp_avg_sq, *, step, lr=1e-3, betas=(0.9, 0
     -------
     None
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
-    cdef cnp.ndarray v = kind_state(exp_avg_sq, "exp_avg_sq", w, wname)
-    cdef double k = step_count(step)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    b = number_pair(betas, "betas")
-    cdef double b1 = in_unit(b[0], "betas[0]")
-    cdef double b2 = in_unit(b[1], "betas[1]")
-    cdef double eps_ = at_least(eps, "eps", 0.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
-    cdef Coef c
-    radam_coef(&c, lr_, b1, b2, eps_, wd, decoupled_weight_decay, maximize, k)
-    run_kind(p, w, g, (m, v), ("exp_avg", "exp_avg_sq"), &c)
+    functional(RADAM, param, grad, master, (exp_avg, exp_avg_sq, None), step_count(step),
+               dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                    decoupled_weight_decay=decoupled_weight_decay, maximize=maximize))
 
 
 def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e-6,
@@ -863,21 +724,8 @@ def adadelta_step(param, grad, square_avg, acc_delta, *, lr=1.0, rho=0.9, eps=1e
     -------
     None
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray sq = kind_state(square_avg, "square_avg", w, wname)
-    cdef cnp.ndarray acc = kind_state(acc_delta, "acc_delta", w, wname)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    cdef double rho_ = real(rho, "rho")
-    if not (0.0 <= rho_ <= 1.0):
-        raise ValueError(f"rho must be in [0, 1], got {rho_!r}")
-    cdef double eps_ = at_least(eps, "eps", 0.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (lr_, eps_, wd), ("lr", "eps", "weight_decay"))
-    cdef Coef c
-    adadelta_coef(&c, lr_, rho_, eps_, wd, maximize)
-    run_kind(p, w, g, (sq, acc), ("square_avg", "acc_delta"), &c)
+    functional(ADADELTA, param, grad, master, (square_avg, acc_delta, None), 1.0,
+               dict(lr=lr, rho=rho, eps=eps, weight_decay=weight_decay, maximize=maximize))
 
 
 def asgd_step(param, grad, ax, *, step, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75, t0=1e6,
@@ -916,26 +764,13 @@ def asgd_step(param, grad, ax, *, step, eta, mu, lr=1e-2, lambd=1e-4, alpha=0.75
     (float, float)
         The new eta and mu (float32 values), for the next call.
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray a = kind_state(ax, "ax", w, wname)
-    cdef double k = step_count(step)
-    cdef double eta_ = float32_state(eta, "eta", 0.0, INFINITY)
-    cdef double mu_ = float32_state(mu, "mu", 0.0, 1.0)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    cdef double lambd_ = at_least(lambd, "lambd", 0.0)
-    cdef double alpha_ = at_least(alpha, "alpha", 0.0)
-    cdef double t0_ = real(t0, "t0")
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    if beyond_float32(lr_):     # eta <= lr, and eta is kept in float32
-        raise ValueError(f"lr = {lr_!r} is too large for float32, the precision eta is kept in")
-    numbers_fit(w, (wd, lambd_), ("weight_decay", "lambd"))
-    cdef Coef c
-    asgd_coef(&c, lambd_, wd, maximize, eta_, mu_)
-    run_kind(p, w, g, (a,), ("ax",), &c)
-    asgd_next(&eta_, &mu_, lr_, lambd_, alpha_, t0_, k)
-    return eta_, mu_
+    cdef double sc[2]
+    sc[0] = float32_state(eta, "eta", 0.0, INFINITY)
+    sc[1] = float32_state(mu, "mu", 0.0, 1.0)
+    functional(ASGD, param, grad, master, (ax, None, None), step_count(step),
+               dict(lr=lr, lambd=lambd, alpha=alpha, t0=t0, weight_decay=weight_decay,
+                    maximize=maximize), sc)
+    return sc[0], sc[1]
 
 
 def rprop_step(param, grad, prev, step_size, *, etas=(0.5, 1.2), step_sizes=(1e-6, 50),
@@ -972,24 +807,9 @@ def rprop_step(param, grad, prev, step_size, *, etas=(0.5, 1.2), step_sizes=(1e-
     -------
     None
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray pv = kind_state(prev, "prev", w, wname)
-    cdef cnp.ndarray ss = kind_state(step_size, "step_size", w, wname)
-    e = number_pair(etas, "etas")
-    cdef double em = real(e[0], "etas[0]"), ep = real(e[1], "etas[1]")
-    if not 0.0 < em < 1.0:
-        raise ValueError(f"etas[0] must be in (0, 1), got {em!r}")
-    if not ep > 1.0:
-        raise ValueError(f"etas[1] must be > 1, got {ep!r}")
-    z = number_pair(step_sizes, "step_sizes")
-    cdef double smin = at_least(z[0], "step_sizes[0]", 0.0)
-    cdef double smax = at_least(z[1], "step_sizes[1]", 0.0)
-    numbers_fit(w, (ep, smin, smax), ("etas[1]", "step_sizes[0]", "step_sizes[1]"))
-    cdef Coef c
-    rprop_coef(&c, em, ep, smin, smax, maximize)
-    run_kind(p, w, g, (pv, ss), ("prev", "step_size"), &c)
+    # (torch's lr is only where step_size starts: not an argument here)
+    functional(RPROP, param, grad, master, (prev, step_size, None), 1.0,
+               dict(etas=etas, step_sizes=step_sizes, maximize=maximize))
 
 
 def lion_step(param, grad, exp_avg, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0,
@@ -1027,19 +847,8 @@ def lion_step(param, grad, exp_avg, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=
     -------
     None
     """
-    cdef cnp.ndarray p, w, g
-    cdef str wname
-    p, w, wname, g = update_arrays(param, grad, master)
-    cdef cnp.ndarray m = kind_state(exp_avg, "exp_avg", w, wname)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    b = number_pair(betas, "betas")
-    cdef double b1 = in_unit(b[0], "betas[0]")
-    cdef double b2 = in_unit(b[1], "betas[1]")
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (lr_, wd), ("lr", "weight_decay"))
-    cdef Coef c
-    lion_coef(&c, lr_, b1, b2, wd, maximize)
-    run_kind(p, w, g, (m,), ("exp_avg",), &c)
+    functional(LION, param, grad, master, (exp_avg, None, None), 1.0,
+               dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
 
 
 # Adafactor's units (FactorJob): a matrix is cut into blocks of at most
@@ -1148,16 +957,9 @@ def adafactor_step(param, grad, *, step, row_var=None, col_var=None, variance=No
     if _store.sk != NATIVE:
         raise ValueError("adafactor_step keeps its state in the param's dtype")
     cdef double k = step_count(step)
-    cdef double lr_ = at_least(lr, "lr", 0.0)
-    cdef double b2d = real(beta2_decay, "beta2_decay")
-    if not b2d <= 0.0:
-        raise ValueError(f"beta2_decay must be <= 0, got {b2d!r}")
-    e = number_pair(eps, "eps")
-    cdef double eps1 = NAN if e[0] is None else at_least(e[0], "eps[0]", 0.0)
-    cdef double eps2 = at_least(e[1], "eps[1]", 0.0)
-    cdef double d_ = at_least(d, "d", 1.0)
-    cdef double wd = at_least(weight_decay, "weight_decay", 0.0)
-    numbers_fit(w, (lr_, 0.0 if e[0] is None else eps1, wd), ("lr", "eps[0]", "weight_decay"))
+    cdef Hyper h
+    read_hypers(&h, dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay,
+                         maximize=maximize), FACTORED, -1, compute_name(w))
     check_disjoint([p, g] + states + [None if w is p else w],
                    ("param", "grad") + names + ("master",))
     g = readable(g)
@@ -1167,9 +969,9 @@ def adafactor_step(param, grad, *, step, row_var=None, col_var=None, variance=No
     fac_arrays(&j, w, p, store_of(dtype_code(g)), <cnp.ndarray>states[0],
                <cnp.ndarray>states[1] if nd >= 2 else None)
     j.grad = cnp.PyArray_DATA(g)
-    j.maximize = maximize
+    j.maximize = h.maximize
     j.inv_scale = _store.inv_scale
-    fac_numbers(&j, k, lr_, b2d, eps1, eps2, d_, wd)
+    fac_numbers(&j, k, h.lr, h.beta2_decay, h.eps1, h.eps2, h.d, h.weight_decay)
     cdef double *work = <double *>PyMem_Malloc(fac_work_size(&j) * sizeof(double))
     if work == NULL:
         raise MemoryError()
@@ -1311,6 +1113,7 @@ def _stored_step(kernel, *args, state=None, key=0, grad_scale=None, **kwargs):
 from libc.stdlib cimport qsort
 from libc.stdint cimport int64_t, uintptr_t, INT64_MAX
 from libc.math cimport floor
+from libc.string cimport memset
 from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 import numpy as np
@@ -1523,8 +1326,9 @@ cdef object group_get(dict g, str key, Py_ssize_t gi):
 
 
 cdef str hyper_name(Py_ssize_t gi, str key, int k):
-    """How errors name param_groups[gi][key] (k >= 0: its element k)."""
-    return f"param_groups[{gi}][{key!r}]" + (f"[{k}]" if k >= 0 else "")
+    """How errors name param_groups[gi][key] (k >= 0: its element k); gi < 0:
+    a functional kernel's argument `key`."""
+    return (key if gi < 0 else f"param_groups[{gi}][{key!r}]") + (f"[{k}]" if k >= 0 else "")
 
 
 cdef double hyper_num(object x, Py_ssize_t gi, str key, int k, const HyperSpec *spec,
@@ -1544,6 +1348,8 @@ cdef double hyper_num(object x, Py_ssize_t gi, str key, int k, const HyperSpec *
         raise ValueError(f"{name} must be finite, got {v!r}")
     if hi == INFINITY:
         raise ValueError(f"{name} must be {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+    if lo == -INFINITY:
+        raise ValueError(f"{name} must be {'<=' if hi_closed else '<'} {hi:g}, got {v!r}")
     raise ValueError(f"{name} must be in {'(' if lo_open else '['}{lo:g}, "
                      f"{hi:g}{']' if hi_closed else ')'}, got {v!r}")
 
@@ -1552,7 +1358,7 @@ cdef bint group_flag(object x, str key, Py_ssize_t gi) except -1:
     """x, the value of param_groups[gi][key], as a bool."""
     if isinstance(x, (tuple, list, str, bytes)) or (
             cnp.PyArray_Check(x) and cnp.PyArray_SIZE(<cnp.ndarray>x) != 1):
-        raise TypeError(f"param_groups[{gi}][{key!r}] must be a bool, got {kind_of(x)}")
+        raise TypeError(f"{hyper_name(gi, key, -1)} must be a bool, got {kind_of(x)}")
     return bool(x)
 
 
@@ -1565,6 +1371,142 @@ cdef double reciprocal_scale(object grad_scale) except? -1.0:
         raise ValueError(f"grad_scale must be >= 2**-127 (1/grad_scale must be a finite "
                          f"float32), got {sc!r}")
     return 1.0 / sc
+
+
+# ---------------------------------------------- what every update checks ---
+# The hyperparameters of an update, checked against the ranges its kind
+# declares (fastopt._kinds), and its coefficients: one place for the
+# optimizer objects (FusedStep) and the functional kernels.
+
+cdef str SINGLE_GROUP = "the group's float32, float16 and bfloat16 parameters are"
+
+
+cdef inline str compute_name(cnp.ndarray w):
+    """How errors name what a functional kernel computes in float32 (None: float64)."""
+    return None if cnp.PyArray_TYPE(w) == cnp.NPY_FLOAT64 else f"{w.dtype} arrays are"
+
+
+cdef int read_hypers(Hyper *h, dict g, int kind, Py_ssize_t gi, str single) except -1:
+    """The hyperparameters of kind `kind` in `g`, checked, into h.
+
+    gi >= 0: g is param_groups[gi] (every declared key must be there;
+    errors name param_groups[gi][key]); gi < 0: the arguments of a
+    functional kernel (a key it does not take is skipped; errors name the
+    argument).  `single`: what is computed in float32, for the error that
+    refuses a number beyond float32's range (None: computed in float64).
+    """
+    cdef tuple keys = SPEC_KEYS[kind][0]
+    cdef const HyperSpec *spec
+    cdef char *field
+    cdef str key
+    cdef object x
+    cdef int j, k
+    for j in range(NSPECS[kind]):
+        spec = &SPECS[kind][j]
+        key = <str>keys[j]
+        if gi < 0 and key not in g:
+            continue
+        field = <char *>h + spec.offset
+        x = group_get(g, key, gi)
+        if spec.type == H_FLAG:
+            (<bint *>field)[0] = group_flag(x, key, gi)
+            continue
+        if spec.type == H_NUMBER:
+            (<double *>field)[0] = hyper_num(x, gi, key, -1, spec, 0)
+        else:
+            if not isinstance(x, (tuple, list)) or len(x) != 2:
+                raise TypeError(f"{hyper_name(gi, key, -1)} must be a tuple of two numbers, "
+                                f"got {x!r}")
+            for k in range(2):
+                (<double *>field)[k] = (NAN if x[k] is None and spec.none_ok[k]
+                                        else hyper_num(x[k], gi, key, k, spec, k))
+        if single is not None:
+            for k in range(2 if spec.type == H_PAIR else 1):
+                if beyond_float32((<double *>field)[k]):
+                    too_large_for_float32((<double *>field)[k],
+                                          hyper_name(gi, key, k if spec.type == H_PAIR else -1),
+                                          single)
+    if kind == SGD and h.nesterov and (h.momentum <= 0 or h.dampening != 0):
+        raise ValueError(("" if gi < 0 else f"param_groups[{gi}]: ")
+                         + "nesterov=True requires momentum > 0 and dampening == 0")
+    if kind == ASGD and beyond_float32(h.lr):     # eta <= lr, and eta is kept in float32
+        raise ValueError(f"{hyper_name(gi, 'lr', -1)} = {h.lr!r} is too large for float32, "
+                         "the precision eta is kept in")
+    return 0
+
+
+cdef inline bint slot_on(const Hyper *h, object opt) noexcept:
+    """Whether the option `opt` (an entry of SLOT_OPTIONS) is on in h."""
+    cdef const char *field = <const char *>h + <Py_ssize_t>opt[1]
+    return (<const bint *>field)[0] if opt[2] else (<const double *>field)[0] != 0
+
+
+cdef void kind_coef_of(int kind, Coef *c, const Hyper *h, double t, double *sc,
+                       bint single) noexcept nogil:
+    """The coefficients of an update of kind `kind` at step t (SGD: of the
+    momentum buffer, whose first update is step 1), from the checked
+    hyperparameters h; sc: the parameter's numbers besides its arrays (NAdam's
+    mu_product, ASGD's eta and mu), replaced by their new values, kept in
+    float32 if `single`.  Every elementwise update, of the optimizer objects
+    and of the functional kernels, gets its coefficients here."""
+    if kind == ADAM:
+        adam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
+                  h.amsgrad, h.maximize, t)
+    elif kind == RMSPROP:
+        rmsprop_coef(c, h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.centered,
+                     h.maximize)
+    elif kind == SGD:
+        # t counts momentum updates: at the first the buffer is set to g
+        sgd_coef(c, h.lr, h.momentum, h.dampening, h.nesterov, h.weight_decay,
+                 h.maximize, t == 1.0)
+    elif kind == ADAGRAD:
+        adagrad_coef(c, h.lr, h.lr_decay, h.weight_decay, h.eps, h.maximize, t)
+    elif kind == ADAMAX:
+        adamax_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.maximize, t)
+    elif kind == NADAM:
+        sc[0] = nadam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
+                           h.momentum_decay, h.decoupled, h.maximize, t, sc[0], single)
+    elif kind == RADAM:
+        radam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
+                   h.maximize, t)
+    elif kind == ADADELTA:
+        adadelta_coef(c, h.lr, h.rho, h.eps, h.weight_decay, h.maximize)
+    elif kind == ASGD:
+        asgd_coef(c, h.lambd, h.weight_decay, h.maximize, sc[0], sc[1])
+        asgd_next(&sc[0], &sc[1], h.lr, h.lambd, h.alpha, h.t0, t, single)
+    elif kind == RPROP:
+        rprop_coef(c, h.etaminus, h.etaplus, h.step_size_min, h.step_size_max, h.maximize)
+    else:
+        lion_coef(c, h.lr, h.beta1, h.beta2, h.weight_decay, h.maximize)
+
+
+cdef int functional(int kind, object param, object grad, object master, tuple states,
+                    double t, dict hypers, double *sc=NULL) except -1:
+    """A functional kernel's update of `param` by kind `kind` at step t:
+    `states` its 3 state slots (None where absent), `hypers` its arguments,
+    `sc` its numbers besides the arrays (replaced by their new values)."""
+    cdef cnp.ndarray p, w, g
+    cdef str wname
+    p, w, wname, g = update_arrays(param, grad, master)
+    cdef Hyper h
+    memset(&h, 0, sizeof(Hyper))
+    read_hypers(&h, hypers, kind, -1, compute_name(w))
+    cdef tuple names = SLOT_NAMES[kind], options = SLOT_OPTIONS[kind]
+    cdef list arrays = [None, None, None]
+    cdef int k
+    for k in range(3):
+        opt = options[k]
+        if names[k] is None or (opt is not None and not slot_on(&h, opt)):
+            continue
+        if states[k] is None and opt is not None:
+            raise ValueError(f"{opt[0]}{'=True' if opt[2] else ' > 0'} requires {names[k]} "
+                             "(an array like param)")
+        arrays[k] = kind_state(states[k], names[k], w, wname)
+    cdef Coef c
+    cdef double unused[2]
+    kind_coef_of(kind, &c, &h, t, sc if sc != NULL else unused, True)
+    run_kind(p, w, g, arrays, names, &c)
+    return 0
 
 
 cdef int disjoint_arrays(list arrays, list names) except -1:
@@ -2149,16 +2091,11 @@ cdef class FusedStep:
         if len(gl) != self.ngroups:
             raise ValueError(f"expected {self.ngroups} param groups, got {len(gl)} "
                              "(add a group with add_param_group)")
-        cdef Py_ssize_t gi, j, k, i = 0
+        cdef Py_ssize_t gi, j, i = 0
         cdef dict g
         cdef Hyper *h
-        cdef object x, opt
-        cdef str key
-        cdef char *field
-        cdef const HyperSpec *spec
+        cdef object opt
         cdef bint *has
-        cdef bint on, single
-        cdef tuple keys = SPEC_KEYS[self.kind][0]
         cdef tuple options = SLOT_OPTIONS[self.kind]
         for gi in range(self.ngroups):
             if type(gl[gi]) is not dict:
@@ -2166,43 +2103,13 @@ cdef class FusedStep:
             g = <dict>gl[gi]
             h = &self.hyper[gi]
             has = &self.has[3 * gi]
-            single = self.group_single[gi]
             if same_params:
                 i = self.check_group_params(g, gi, i)
-            for j in range(NSPECS[self.kind]):
-                spec = &SPECS[self.kind][j]
-                key = <str>keys[j]
-                field = <char *>h + spec.offset
-                x = group_get(g, key, gi)
-                if spec.type == H_FLAG:
-                    (<bint *>field)[0] = group_flag(x, key, gi)
-                elif spec.type == H_NUMBER:
-                    (<double *>field)[0] = hyper_num(x, gi, key, -1, spec, 0)
-                else:
-                    if not isinstance(x, (tuple, list)) or len(x) != 2:
-                        raise TypeError(f"param_groups[{gi}][{key!r}] must be a tuple of two "
-                                        f"numbers, got {x!r}")
-                    for k in range(2):
-                        (<double *>field)[k] = (NAN if x[k] is None and spec.none_ok[k]
-                                                else hyper_num(x[k], gi, key, k, spec, k))
-                if spec.type != H_FLAG and single:
-                    for k in range(2 if spec.type == H_PAIR else 1):
-                        if beyond_float32((<double *>field)[k]):
-                            too_large_for_float32(
-                                (<double *>field)[k],
-                                hyper_name(gi, key, k if spec.type == H_PAIR else -1),
-                                "the group's float32, float16 and bfloat16 parameters are")
-            if self.kind == SGD and h.nesterov and (h.momentum <= 0 or h.dampening != 0):
-                raise ValueError(f"param_groups[{gi}]: nesterov=True requires "
-                                 "momentum > 0 and dampening == 0")
+            read_hypers(h, g, self.kind, gi, SINGLE_GROUP if self.group_single[gi] else None)
             # An option that needs a state array the parameters were built without.
             for j in range(3):
                 opt = options[j]
-                if opt is None or has[j]:
-                    continue
-                field = <char *>h + <Py_ssize_t>opt[1]
-                on = (<bint *>field)[0] if opt[2] else (<double *>field)[0] != 0
-                if on:
+                if opt is not None and not has[j] and slot_on(h, opt):
                     raise ValueError(
                         f"param_groups[{gi}][{opt[0]!r}] was {'False' if opt[2] else 0} at "
                         f"construction, so there is no {SLOT_NAMES[self.kind][j]} state: "
@@ -2230,41 +2137,6 @@ cdef class FusedStep:
         self.parse_groups(groups)
 
     # ----------------------------------------------------------------- step
-
-    cdef void fill_coef(self, Coef *c, const Hyper *h, int64_t step, double *sc,
-                        bint single) noexcept nogil:
-        """The coefficients of an update at step `step` (sc: the parameter's
-        numbers, replaced by their new values)."""
-        cdef double t = <double>step
-        if self.kind == ADAM:
-            adam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
-                      h.amsgrad, h.maximize, t)
-        elif self.kind == RMSPROP:
-            rmsprop_coef(c, h.lr, h.alpha, h.eps, h.weight_decay, h.momentum, h.centered,
-                         h.maximize)
-        elif self.kind == SGD:
-            # `step` counts momentum updates: at 0 the buffer is set to g.
-            sgd_coef(c, h.lr, h.momentum, h.dampening, h.nesterov, h.weight_decay,
-                     h.maximize, step == 1)
-        elif self.kind == ADAGRAD:
-            adagrad_coef(c, h.lr, h.lr_decay, h.weight_decay, h.eps, h.maximize, t)
-        elif self.kind == ADAMAX:
-            adamax_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.maximize, t)
-        elif self.kind == NADAM:
-            sc[0] = nadam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay,
-                               h.momentum_decay, h.decoupled, h.maximize, t, sc[0], single)
-        elif self.kind == RADAM:
-            radam_coef(c, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
-                       h.maximize, t)
-        elif self.kind == ADADELTA:
-            adadelta_coef(c, h.lr, h.rho, h.eps, h.weight_decay, h.maximize)
-        elif self.kind == ASGD:
-            asgd_coef(c, h.lambd, h.weight_decay, h.maximize, sc[0], sc[1])
-            asgd_next(&sc[0], &sc[1], h.lr, h.lambd, h.alpha, h.t0, t, single)
-        elif self.kind == RPROP:
-            rprop_coef(c, h.etaminus, h.etaplus, h.step_size_min, h.step_size_max, h.maximize)
-        else:
-            lion_coef(c, h.lr, h.beta1, h.beta2, h.weight_decay, h.maximize)
 
     def step(self, grads, groups, grad_scale=None):
         """Update every parameter whose gradient is not None, in one native call.
@@ -2602,8 +2474,8 @@ cdef class FusedStep:
             h = &self.hyper[g]
             st = self.count[k] + 1 if counts(self.kind, h) else self.count[k]
             if g != prev_g or st != prev_st or self.rec[i].scal[0] != NULL:
-                self.fill_coef(&self.coefs[nc], h, st, &self.sval[2 * k],
-                               not self.rec[i].scal_double)
+                kind_coef_of(self.kind, &self.coefs[nc], h, <double>st, &self.sval[2 * k],
+                             not self.rec[i].scal_double)
                 self.coefs[nc].inv_scale = inv_scale
                 nc += 1
                 prev_g = g

@@ -862,8 +862,9 @@ def _number(name: str, value: float, lo: float = 0.0, hi: float = math.inf,
         raise ValueError(f"{name} must be finite, got {value!r}")
     if not ((lo < v or (not lo_open and lo == v)) and (v < hi or (hi_closed and v == hi))):
         low = f"{'>' if lo_open else '>='} {lo:g}"
-        rng = low if hi == math.inf else \
-            f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+        rng = (low if hi == math.inf else
+               f"{'<=' if hi_closed else '<'} {hi:g}" if lo == -math.inf else
+               f"in {'(' if lo_open else '['}{lo:g}, {hi:g}{']' if hi_closed else ')'}")
         raise ValueError(f"{name} must be {rng}, got {value!r}")
     return value
 
