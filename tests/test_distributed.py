@@ -1,7 +1,8 @@
 """fastopt.distributed in one process, and the launch of its MPI tests.
 
 The pieces that need no MPI are tested here directly (the sampler, the
-optimizer hooks, the clipping hook, the thread cap, the lazy import).  The
+optimizer hooks, the clipping hook, the thread cap, the lazy import; on one
+rank in a subprocess, shard mode's refusal of Adafactor).  The
 tests that need several ranks are in tests/mpi; the last tests here run
 them under ``mpiexec -n 2`` and ``-n 3`` through tools/run_mpi_tests.py,
 and jobs with a fault on one rank (tests/mpi/cases/faults.py), which must
@@ -209,6 +210,56 @@ def test_check_param_groups(rng):
     opt.param_groups[0]["alpha"] = 1.5
     with pytest.raises(ValueError, match="alpha"):
         opt.check_param_groups()
+
+
+def test_shard_mode_refuses_adafactor_and_changes_nothing():
+    """One rank (MPI's singleton start, in a subprocess: no mpiexec needed):
+    shard=True refuses Adafactor, whose factored state does not cut into
+    element slices, with a ValueError saying why and what to use, and
+    changes nothing; replicated mode then steps as one process does."""
+    pytest.importorskip("mpi4py")
+    code = """
+import numpy as np, fastopt
+from fastopt.distributed import DistributedOptimizer
+
+def model():
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(s) for s in [(), (4,), (3, 5), (2, 3, 4)]]
+
+def same(a, b):         # bit for bit (eps[0] None is saved as NaN)
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+def grads(t):
+    rng = np.random.default_rng(t)
+    return [rng.standard_normal(p.shape) for p in params]
+
+params, ref_p = model(), model()
+opt, ref = fastopt.Adafactor(params, lr=0.05), fastopt.Adafactor(ref_p, lr=0.05)
+opt.step(grads(0)); ref.step(grads(0))
+before_p, before_sd = [p.copy() for p in params], opt.state_dict()
+try:
+    DistributedOptimizer(opt, shard=True)
+except ValueError as e:
+    print(e)
+after = opt.state_dict()
+print(all(same(a, b) for a, b in zip(params, before_p)) and after.keys() == before_sd.keys()
+      and all(same(after[k], before_sd[k]) for k in after))
+dopt = DistributedOptimizer(opt, shard=False)
+for t in range(1, 6):
+    dopt.step(grads(t)); ref.step(grads(t))
+print(all(same(a, b) for a, b in zip(params, ref_p)),
+      dopt.local_optimizer.state[3]["row_var"].shape)
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("shard=True does not support Adafactor: its second-moment "
+                               "statistics (row_var, col_var) are factored over whole rows "
+                               "and columns of each parameter")
+    assert "use shard=False (replicated mode" in lines[0]
+    assert lines[0].endswith("(on rank 0)")
+    assert lines[1:] == ["True", "True (2, 3, 1)"]
 
 
 # --------------------------------------------------------- clip across ---

@@ -40,13 +40,23 @@ into P contiguous slices, slice r belonging to rank r.  A step is:
 Every element of the mean gradient is summed once, by its owner, and then
 copied, so every rank gets the same bits whatever the MPI library's
 reduction order (the MPI standard only recommends, for Allreduce, that all
-ranks get the same result); the update kernels are elementwise and
-deterministic.  A bandwidth-optimal Allreduce is itself a reduce-scatter
-plus an allgather, so this costs no extra bytes: each rank sends and
-receives about 2 (P-1)/P times the gradient bytes per step, in both modes.
+ranks get the same result); the update kernels are deterministic
+(elementwise, or, Adafactor's, summing in a fixed order).  A
+bandwidth-optimal Allreduce is itself a reduce-scatter plus an allgather,
+so this costs no extra bytes: each rank sends and receives about 2 (P-1)/P
+times the gradient bytes per step, in both modes.
 
-Every optimizer class of ``fastopt.optim`` works in both modes: their updates
-are elementwise, so a slice steps as the whole would.  The numbers of a
+Every optimizer class of ``fastopt.optim`` but Adafactor works in both
+modes: their updates are elementwise, so a slice steps as the whole would.
+Adafactor works replicated only (``shard=True`` refuses it with a
+ValueError): its second-moment statistics are factored over whole rows and
+columns of each parameter (``row_var``, ``col_var``) and its update takes
+norms of whole parameters, so neither its state nor its step cuts into
+element slices.  Replicated, every rank steps the wrapped Adafactor over
+the whole model, each parameter in its own shape, with the mean gradient:
+the bits of one process (16-bit parameters and their float32 masters
+included); its factored state is small anyway (a row and a column per
+matrix), so sharding it would save little.  The numbers of a
 parameter's state besides its arrays (NAdam's ``mu_product``, ASGD's
 ``eta`` and ``mu``: one 0-d float32 array each) are not cut: in shard mode
 every rank keeps the whole of each and updates it at every step of the
@@ -450,6 +460,19 @@ def _cap_threads(comm):
 
 # ------------------------------------------------------------ optimizer ---
 
+def _no_shard(opt):
+    """Why `opt` (of a kind whose state is not shaped like its parameters,
+    `fastopt._kinds.Kind.shaped`) cannot be sharded, and what to do."""
+    kind = opt._kind
+    factored = [s.name for s in kind.slots if s.shape in ("rows", "cols")]
+    return (f"shard=True does not support {type(opt).__name__}: its second-moment "
+            f"statistics ({', '.join(factored)}) are factored over whole rows and columns "
+            "of each parameter, and its update needs the norms of whole parameters, so its "
+            "state does not cut into the contiguous element slices that shard=True gives "
+            "each rank; use shard=False (replicated mode: every rank keeps the whole, "
+            "small, factored state and steps the whole model with the mean gradient)")
+
+
 class DistributedOptimizer:
     """Data-parallel steps of a fastopt optimizer over MPI ranks.
 
@@ -476,7 +499,10 @@ class DistributedOptimizer:
         False: every rank keeps the whole optimizer state and steps the
         whole model.  True: every rank keeps the state of its slice of the
         parameters only (1/P of it) and steps only that slice.  Both give
-        the same parameters, bit for bit.
+        the same parameters, bit for bit.  Only for optimizers whose state is
+        elementwise: Adafactor's (factored over whole rows and columns) is
+        not, and ``shard=True`` raises ValueError for it, with nothing
+        changed; use ``shard=False``.
 
     Attributes
     ----------
@@ -520,6 +546,8 @@ class DistributedOptimizer:
                                 f"got {type(optimizer).__name__}")
             if not isinstance(shard, (bool, np.bool_)):
                 raise TypeError(f"shard must be True or False, got {shard!r}")
+            if shard and optimizer._kind.shaped:
+                raise ValueError(_no_shard(optimizer))
             params = [p for g in optimizer.param_groups for p in g["params"]]
             optimizer._bound()          # its state as its next step would use it (edits applied)
             facts = self._describe(optimizer, params, bool(shard))
@@ -561,6 +589,8 @@ class DistributedOptimizer:
         self._name = (f"{type(optimizer).__name__} over {len(params)} parameters "
                       f"({n} elements), {'shard' if self.shard else 'replicated'}")
         if self.shard:
+            # Elementwise kinds only (a `shaped` one was refused): each rank's
+            # optimizer steps 1-D views of its slices as the whole would.
             views, keys = [], []
             for i, p in enumerate(params):
                 f, k = self._where[i]
@@ -934,24 +964,24 @@ class DistributedOptimizer:
         if "state_dtype" in mine:
             mine["state_rounding"], mine["seed"] = rounding
         for f, name, dtype in self._slots():
-            whole = np.zeros(f.length, dtype) if self.rank == 0 else None
+            length, offsets, sizes = self._state_layout(f, name)
+            whole = np.zeros(length, dtype) if self.rank == 0 else None
             if self.rank == 0:
                 for k, i in enumerate(f.index):
                     key = f"state.{i}.{name}"
                     if key in arrays:
-                        o = f.offsets[k]
-                        whole[o:o + f.sizes[k]] = arrays[key].reshape(-1)
+                        whole[offsets[k]:offsets[k] + sizes[k]] = arrays[key].reshape(-1)
             if self.shard:
                 part = np.empty(f.counts[self.rank], dtype)
                 self.comm.Scatterv(f.vspec(_bits(whole)) if self.rank == 0 else None,
                                    _bits(part), root=0)
             else:
-                part = whole if self.rank == 0 else np.empty(f.length, dtype)
+                part = whole if self.rank == 0 else np.empty(length, dtype)
                 self.comm.Bcast(_bits(part), root=0)
             for k, i in enumerate(f.index):
                 if name in local.state[i]:
-                    lo, hi = f.pieces[k] if self.shard else (0, f.sizes[k])
-                    start = f.offsets[k] + lo - (f.lo if self.shard else 0)
+                    lo, hi = f.pieces[k] if self.shard else (0, sizes[k])
+                    start = offsets[k] + lo - (f.lo if self.shard else 0)
                     piece = part[start:start + hi - lo]
                     mine[f"state.{i}.{name}"] = piece.reshape(local.state[i][name].shape)
         local.load_state_dict(mine)     # writes 16-bit parameters from their masters
@@ -979,6 +1009,21 @@ class DistributedOptimizer:
                 if have:
                     out.append((f, name, have[0].dtype))
         return out
+
+    def _state_layout(self, f, name):
+        """Where the state arrays `name` of the parameters of flat `f` lie in
+        the one buffer that carries them: ``(length, offsets, sizes)``, by
+        position in the flat.  Shard: as the parameters lie in the flat (the
+        state of a kind that shards is shaped like its parameter, and the
+        buffer is cut into the ranks' slices).  Replicated: one after the
+        other, by the arrays' own sizes, which need not be their
+        parameters' (Adafactor's row and column statistics)."""
+        if self.shard:
+            return f.length, f.offsets, f.sizes
+        state = self.local_optimizer.state
+        sizes = [state[i][name].size if name in state[i] else 0 for i in f.index]
+        offsets = np.cumsum([0] + sizes[:-1]).tolist()
+        return sum(sizes), offsets, sizes
 
     def _sync_groups(self):
         if self.shard:
