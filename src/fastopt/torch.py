@@ -11,12 +11,15 @@ Change one import::
         loss.backward()
         opt.step()
 
-* `Adam`, `AdamW`, `SGD`, `RMSprop` subclass their ``torch.optim`` classes
-  (so they are ``torch.optim.Optimizer`` s, with the same constructor
-  arguments, defaults, param groups, hooks, ``state_dict`` format and
-  ``lr_scheduler`` support) but run ``step()`` as one native call over
-  every parameter: fastopt's fused step (`FusedStep`, the same as
-  `fastopt.Adam`...), on the tensors' own memory.
+* `Adam`, `AdamW`, `SGD`, `RMSprop`, `Adagrad`, `Adamax`, `NAdam`,
+  `RAdam`, `Adadelta`, `ASGD`, `Rprop`, `Adafactor` subclass their
+  ``torch.optim`` classes (so they are ``torch.optim.Optimizer`` s, with the
+  same constructor arguments, defaults, param groups, hooks,
+  ``state_dict`` format and ``lr_scheduler`` support) but run ``step()``
+  as one native call over every parameter: fastopt's fused step
+  (`FusedStep`, the same as `fastopt.Adam`...), on the tensors' own
+  memory.  `Lion` (not in ``torch.optim``) is a ``torch.optim.Optimizer``
+  of the same kind.
 * `cross_entropy`, `batch_norm` (and the `BatchNorm1d`, `BatchNorm2d`
   modules) are ``torch.autograd.Function`` s over fastopt's kernels with the
   signatures, shape rules, errors and gradients of ``torch.nn.functional``,
@@ -30,7 +33,10 @@ Every parameter must be a float32, float64, float16 or bfloat16 CPU tensor
 whose elements fill one block of memory in some order of dimensions
 (contiguous, channels_last or any other permutation): the update is
 elementwise, so it runs over that block in memory order, and each state
-tensor is laid out exactly like its parameter.  At each step a C loop
+tensor is laid out exactly like its parameter.  `Adafactor`'s is not: it
+factors each parameter's last two dimensions, so its parameters must be
+contiguous (row-major), and its ``row_var`` and ``col_var`` have the shapes
+torch gives them.  At each step a C loop
 (`fastopt._tensors.GradReader`) reads every ``p.grad`` through DLPack's C
 exchange API (data address, device, dtype, shape and strides in one call per
 tensor) and checks it against its parameter; a gradient with other strides
