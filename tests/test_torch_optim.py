@@ -49,10 +49,11 @@ CASES = [
     ("ASGD", {"t0": 5, "lr": 0.05, "weight_decay": 0.01}),
     ("Rprop", {"etas": (0.4, 1.3), "step_sizes": (1e-5, 1.0)}),
     ("Rprop", {"maximize": True}),
+] + ([
     ("Adafactor", {}),
     ("Adafactor", {"weight_decay": 0.1, "maximize": True, "eps": (1e-20, 1e-2)}),
     ("Adafactor", {"lr": 0.05, "beta2_decay": -0.5, "d": 2.0}),
-]
+] if hasattr(torch.optim, "Adafactor") else [])     # (torch 2.5 on)
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in kw.items()) or 'default'}" for name, kw in CASES]
 
 

@@ -984,7 +984,8 @@ def _load_master(master, view, values, p):
     if full is None and low is None:
         _widen_into(master, view)
         return
-    master, view = master.reshape(-1), view.reshape(-1)     # (a shaped kind's: contiguous)
+    # (a shaped kind's arrays have the parameter's shape, which is contiguous)
+    master, view = master.reshape(-1), view.reshape(-1)
 
     def laid_out(t, dtype):         # t's values in p's memory order
         tmp = torch.empty_like(p, dtype=dtype)
