@@ -16,9 +16,10 @@ import pytest
 torch = pytest.importorskip("torch")
 fo = pytest.importorskip("fastopt.torch")
 
-NAMES = ["SGD", "RMSprop", "Adam", "AdamW"]
+NAMES = ["SGD", "RMSprop", "Adam", "AdamW"] + (["Adafactor"] if hasattr(torch.optim, "Adafactor")
+                                               else [])         # (torch 2.5 on)
 KWARGS = {"SGD": {"lr": 0.1, "momentum": 0.9}, "RMSprop": {"momentum": 0.5, "centered": True},
-          "Adam": {"amsgrad": True}, "AdamW": {}}
+          "Adam": {"amsgrad": True}, "AdamW": {}, "Adafactor": {"weight_decay": 0.1}}
 DTYPES = [torch.float32, torch.float64]
 SHAPES = [(3, 4), (5,), (2, 3, 4)]
 
@@ -278,8 +279,8 @@ def test_param_storage_shrunk_at_construction_is_refused():
 def _bad_entries(name):
     """(label, edit of a state entry) that load_state_dict must refuse."""
     nan = float("nan")
-    shape_bad = ("exp_avg" if name.startswith("Adam") else
-                 "momentum_buffer" if name == "SGD" else "square_avg")
+    shape_bad = {"SGD": "momentum_buffer", "RMSprop": "square_avg",
+                 "Adafactor": "row_var"}.get(name, "exp_avg")       # (of a 2-d or 3-d param)
     cases = [
         ("not-a-dict-list", lambda st, k: [1, 2]),
         ("not-a-dict-string", lambda st, k: "state"),

@@ -11,12 +11,15 @@ Change one import::
         loss.backward()
         opt.step()
 
-* `Adam`, `AdamW`, `SGD`, `RMSprop` subclass their ``torch.optim`` classes
-  (so they are ``torch.optim.Optimizer`` s, with the same constructor
-  arguments, defaults, param groups, hooks, ``state_dict`` format and
-  ``lr_scheduler`` support) but run ``step()`` as one native call over
-  every parameter: fastopt's fused step (`FusedStep`, the same as
-  `fastopt.Adam`...), on the tensors' own memory.
+* `Adam`, `AdamW`, `SGD`, `RMSprop`, `Adagrad`, `Adamax`, `NAdam`,
+  `RAdam`, `Adadelta`, `ASGD`, `Rprop`, `Adafactor` subclass their
+  ``torch.optim`` classes (so they are ``torch.optim.Optimizer`` s, with the
+  same constructor arguments, defaults, param groups, hooks,
+  ``state_dict`` format and ``lr_scheduler`` support) but run ``step()``
+  as one native call over every parameter: fastopt's fused step
+  (`FusedStep`, the same as `fastopt.Adam`...), on the tensors' own
+  memory.  `Lion` (not in ``torch.optim``) is a ``torch.optim.Optimizer``
+  of the same kind.
 * `cross_entropy`, `batch_norm` (and the `BatchNorm1d`, `BatchNorm2d`
   modules) are ``torch.autograd.Function`` s over fastopt's kernels with the
   signatures, shape rules, errors and gradients of ``torch.nn.functional``,
@@ -30,7 +33,10 @@ Every parameter must be a float32, float64, float16 or bfloat16 CPU tensor
 whose elements fill one block of memory in some order of dimensions
 (contiguous, channels_last or any other permutation): the update is
 elementwise, so it runs over that block in memory order, and each state
-tensor is laid out exactly like its parameter.  At each step a C loop
+tensor is laid out exactly like its parameter.  `Adafactor`'s is not: it
+factors each parameter's last two dimensions, so its parameters must be
+contiguous (row-major), and its ``row_var`` and ``col_var`` have the shapes
+torch gives them.  At each step a C loop
 (`fastopt._tensors.GradReader`) reads every ``p.grad`` through DLPack's C
 exchange API (data address, device, dtype, shape and strides in one call per
 tensor) and checks it against its parameter; a gradient with other strides
@@ -108,7 +114,7 @@ from . import _optim as _optim_kernels
 from . import _softmax as _softmax_kernels
 
 __all__ = ["Adam", "AdamW", "SGD", "RMSprop", "Adagrad", "Adamax", "NAdam", "RAdam", "Adadelta",
-           "ASGD", "Rprop", "Lion", "cross_entropy", "batch_norm", "BatchNorm1d",
+           "ASGD", "Rprop", "Lion", "Adafactor", "cross_entropy", "batch_norm", "BatchNorm1d",
            "BatchNorm2d"]
 
 # torch.optim's registries of hooks for all optimizers (the wrapped step is
@@ -179,6 +185,7 @@ class _Fused:
     _slot_names: tuple[str | None, ...] = ()    # FusedStep's state slots, in torch's names
     _counts_steps = True        # torch keeps state["step"] (Adam, RMSprop)
     _required: tuple[str, ...] = ()     # state every stepped parameter has (besides "step")
+    _shaped = False             # some state is shaped by the parameter's dimensions (Adafactor)
     _torch_base: type           # the torch.optim class, bound when the class is made
     _has_capturable = True      # the torch class takes capturable=
 
@@ -190,6 +197,7 @@ class _Fused:
             cls._slot_names = decl.slot_names + (None,) * (3 - len(decl.slots))
             cls._counts_steps = decl.steps_with is None
             cls._required = tuple(s.name for s in decl.slots if s.option is None)
+            cls._shaped = decl.shaped
 
     def __new__(cls, *args, **kwargs):
         # The lock exists before torch's __init__ calls add_param_group, and
@@ -259,9 +267,48 @@ class _Fused:
                 names.append(f"param_groups[{gi}]['params'][{k}]")
                 group_of.append(gi)
         _check_params(params, names)
+        if self._shaped:
+            for p, name in zip(params, names):
+                if not p.is_contiguous():
+                    raise ValueError(
+                        f"{name} (shape {tuple(p.shape)}, strides {p.stride()}) is not "
+                        f"contiguous: {type(self).__name__}'s state factors a parameter's last "
+                        "two dimensions, so it updates contiguous (row-major) parameters only "
+                        "(a channels_last weight: keep it in torch.contiguous_format)")
         # Checks that each parameter lies within its storage (before a view of it is made).
         reader = _tensors.GradReader(params, names, torch.Tensor, _USE_EXCHANGE_API)
-        return params, names, group_of, [_memory_order_view(p) for p in params], reader
+        return params, names, group_of, [self._param_view(p) for p in params], reader
+
+    def _param_view(self, p):
+        """Parameter p as the native step takes it: a 1-d ndarray over its
+        memory in memory order (an elementwise update runs over it whatever
+        the layout), or, for a kind whose state is shaped by the parameter's
+        dimensions (Adafactor's), the same in p's shape (p is contiguous)."""
+        view = _memory_order_view(p)
+        return view.reshape(tuple(p.shape)) if self._shaped else view
+
+    def _state_view(self, arr, p):
+        """A torch tensor over state array `arr` of parameter p (a split
+        master's uint16 low bits as int16, the dtype torch computes with):
+        an elementwise kind's array (p's memory order) shaped and strided
+        like p; a shaped kind's array (row-major, in the shape its slot
+        gives) as it is."""
+        if arr.dtype == np.uint16:
+            arr = arr.view(np.int16)
+        t = _from_numpy(arr)
+        return t if self._shaped else t.as_strided(p.shape, p.stride())
+
+    def _slot_shapes(self, p, slots):
+        """{k: shape} of the native state slots parameter p has when its group
+        needs `slots`: those of the group's options that p's shape has
+        (`fastopt._kinds.Slot.shape_for`), in the shape the declaration
+        gives (p's own; Adafactor's: factors of its last two dimensions)."""
+        shape = tuple(p.shape)
+        shapes = {}
+        for k, (slot, needed) in enumerate(zip(self._decl.slots, slots)):
+            if needed and slot.shape_for(shape) is not None:
+                shapes[k] = slot.shape_for(shape)
+        return shapes
 
     def _rebuild(self):
         """(Re)make everything for the current param groups: fresh state
@@ -272,7 +319,8 @@ class _Fused:
         slots = [tuple(self._slots(g)) for g in groups]
         n = len(params)
         sdt = _optim_kernels.state_dtype_of(self._lowp[0])
-        arrays, masters = _layout.state_arrays(views, [slots[g] for g in group_of], sdt)
+        arrays, masters = _layout.state_arrays(views, [slots[g] for g in group_of], sdt,
+                                               self._decl)
         masters = [self._split_master(p, m) for p, m in zip(params, masters)]
         steps = torch.zeros(n, dtype=_step_dtype()) if self._counts_steps else None
         counts = np.zeros(n, np.int64)          # SGD: momentum updates (torch keeps none)
@@ -362,9 +410,9 @@ class _Fused:
         entry.update(zip(self._decl.scalar_names, scalars))
         for k, name in enumerate(self._slot_names):
             if name is not None and arrays[k] is not None:
-                entry[name] = _state_view(arrays[k], p)
+                entry[name] = self._state_view(arrays[k], p)
         if master is not None:
-            entry[_master_key(master)] = _state_view(master, p)
+            entry[_master_key(master)] = self._state_view(master, p)
         return entry
 
     def _split_master(self, p, master):
@@ -385,24 +433,26 @@ class _Fused:
             if "step" not in values:
                 raise ValueError(f"the state of {name} has no 'step'")
             values["step"] = _step_value(values["step"], name)
-        for key in self._required + self._decl.scalar_names:
+        # The state tensors p has (by its group's options and its shape), their shapes.
+        shapes = {self._slot_names[k]: shape for k, shape in self._slot_shapes(p, slots).items()}
+        required = [key for key in shapes if key in self._required]
+        for key in required + list(self._decl.scalar_names):
             if key not in values:
                 raise ValueError(f"the state of {name} has no {key!r}")
         for key in self._decl.scalar_names:
             values[key] = _number_value(values[key], key, name)
-        keys = [key for k, key in enumerate(self._slot_names) if key is not None and slots[k]]
         if p.dtype in _HALF_DTYPES:
-            keys.append("master_param")
-        for key in keys + ["master_low_bits"]:
+            shapes["master_param"] = tuple(p.shape)
+        shapes["master_low_bits"] = tuple(p.shape)
+        for key, shape in shapes.items():
             if key not in values:
                 continue
             v = values[key]
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"state[{key!r}] of {name} must be a tensor, got "
                                 f"{type(v).__name__}")
-            if tuple(v.shape) != tuple(p.shape):
-                raise ValueError(f"state[{key!r}] of {name} has shape {tuple(v.shape)} but "
-                                 f"the parameter has shape {tuple(p.shape)}")
+            if tuple(v.shape) != shape:
+                raise _wrong_shape(f"state[{key!r}] of {name}", v, shape, p)
             if v.is_floating_point() != (key != "master_low_bits") or (
                     key == "master_low_bits" and v.dtype != torch.int16):
                 raise TypeError(f"state[{key!r}] of {name} has dtype {v.dtype}")
@@ -491,13 +541,14 @@ class _Fused:
                 return None             # no state yet, and none shown
             # Reset: fresh zero state and step 0, as torch's lazy init.
             fresh, fresh_master = _layout.state_arrays(
-                [self._views[i]], [slots], _optim_kernels.state_dtype_of(self._lowp[0]))
+                [self._views[i]], [slots], _optim_kernels.state_dtype_of(self._lowp[0]),
+                self._decl)
             for k, key in enumerate(self._slot_names):
                 if key is not None and fresh[0][k] is not None:
-                    plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None)
+                    plan["use"][key] = (self._state_view(fresh[0][k], p), fresh[0][k], None)
             if half:
                 m = self._split_master(p, fresh_master[0])
-                plan["use"][_master_key(m)] = (_state_view(m, p), m, None)
+                plan["use"][_master_key(m)] = (self._state_view(m, p), m, None)
             if self._counts_steps:
                 step = torch.zeros((), dtype=_step_dtype())
                 plan["use"]["step"] = (step, _one(step), None)
@@ -523,9 +574,8 @@ class _Fused:
                 raise ValueError(f"the state of {name_i} has no {key!r}")
             if v is not bound.get(key):
                 plan["use"][key] = _adopt_number(v, key, name_i)
-        for k, key in enumerate(self._slot_names):
-            if key is None or not slots[k]:
-                continue
+        for k, shape in self._slot_shapes(p, slots).items():
+            key = self._slot_names[k]
             v = entry.get(key)
             if v is not None and v is bound.get(key):
                 continue
@@ -537,13 +587,15 @@ class _Fused:
                 # SGD: no momentum buffer yet; the next momentum step sets it
                 # to the gradient, as torch's does, in a fresh tensor.
                 fresh, _ = _layout.state_arrays([self._views[i]], [slots],
-                                                _optim_kernels.state_dtype_of(self._lowp[0]))
-                plan["use"][key] = (_state_view(fresh[0][k], p), fresh[0][k], None)
+                                                _optim_kernels.state_dtype_of(self._lowp[0]),
+                                                self._decl)
+                plan["use"][key] = (self._state_view(fresh[0][k], p), fresh[0][k], None)
                 plan["count"] = 0
                 continue
             dtype = (p.dtype if p.dtype == torch.float64 else
                      torch.bfloat16 if self._lowp[0] is not None else torch.float32)
-            plan["use"][key] = _adopt(v, p, dtype, f"state[{key!r}] of {name_i}")
+            plan["use"][key] = _adopt(v, p, dtype, f"state[{key!r}] of {name_i}",
+                                      shape if self._shaped else None)
             if not self._counts_steps:
                 plan["count"] = 1       # SGD: the next momentum step uses this buffer
         if half:
@@ -551,13 +603,15 @@ class _Fused:
             v = entry.get(key)
             if v is None:
                 # (a torch.optim checkpoint has none: the master is the parameter)
-                fresh, fresh_master = _layout.state_arrays([self._views[i]], [(False,) * 3])
+                fresh, fresh_master = _layout.state_arrays([self._views[i]], [(False,) * 3],
+                                                           kind=self._decl)
                 m = self._split_master(p, fresh_master[0])
-                plan["use"][key] = (_state_view(m, p), m, _state_view(m, p))
+                plan["use"][key] = (self._state_view(m, p), m, self._state_view(m, p))
                 plan["widen"] = True
             elif v is not bound.get(key):
                 t, arr, value = _adopt(v, p, torch.int16 if key == "master_low_bits" else
-                                       torch.float32, f"state[{key!r}] of {name_i}")
+                                       torch.float32, f"state[{key!r}] of {name_i}",
+                                       tuple(p.shape) if self._shaped else None)
                 plan["use"][key] = (t, arr.view(np.uint16) if key == "master_low_bits" else arr,
                                     value)
         if not plan["use"] and self._reader.is_seen(i):
@@ -904,14 +958,6 @@ def _check_params(params, names):
             raise ValueError(f"{a} and {b} overlap in memory")
 
 
-def _state_view(arr, p):
-    """A torch view of a state array (memory order of p) shaped and strided like
-    p (a split master's uint16 low bits as int16, the dtype torch computes with)."""
-    if arr.dtype == np.uint16:
-        arr = arr.view(np.int16)
-    return _from_numpy(arr).as_strided(p.shape, p.stride())
-
-
 def _widen_into(master, view):
     """A float16/bfloat16 parameter's values (`view`, in memory order) into its
     master: exact (a split master's low bits are then zero)."""
@@ -938,6 +984,8 @@ def _load_master(master, view, values, p):
     if full is None and low is None:
         _widen_into(master, view)
         return
+    # (a shaped kind's arrays have the parameter's shape, which is contiguous)
+    master, view = master.reshape(-1), view.reshape(-1)
 
     def laid_out(t, dtype):         # t's values in p's memory order
         tmp = torch.empty_like(p, dtype=dtype)
@@ -966,13 +1014,17 @@ def _same_layout(v, p):
     return all(a == b for a, b, n in zip(v.stride(), p.stride(), p.shape) if n != 1)
 
 
-def _adopt(v, p, dtype, name):
+def _adopt(v, p, dtype, name, shape=None):
     """A tensor assigned to ``state[p][key]`` (`name`), checked: (the tensor the
-    step uses, its memory-order array, the value the entry must then hold
-    or None).  One laid out like p is used in place (its NumPy view makes
-    torch refuse to resize its storage, and the view holds the storage if
-    the tensor is re-pointed); another's values are copied into a tensor
-    laid out like p, which replaces it in the entry."""
+    step uses, its array, the value the entry must then hold or None).
+
+    `shape` None: the tensor has p's shape and its array is in p's memory
+    order (an elementwise kind's state); a shape: the tensor has that shape
+    and its array is row-major in it (a shaped kind's state, Adafactor's).
+    One so laid out (like p; row-major) is used in place (its NumPy view
+    makes torch refuse to resize its storage, and the view holds the
+    storage if the tensor is re-pointed); another's values are copied into
+    a tensor so laid out, which replaces it in the entry."""
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(v).__name__}")
     if v.device.type != "cpu":
@@ -981,16 +1033,31 @@ def _adopt(v, p, dtype, name):
         raise TypeError(f"{name} is a {v.layout} tensor; state tensors are dense")
     if v.dtype != dtype:
         raise TypeError(f"{name} has dtype {v.dtype}; this parameter's state is {dtype}")
-    if tuple(v.shape) != tuple(p.shape):
-        raise ValueError(f"{name} has shape {tuple(v.shape)} but the parameter has shape "
-                         f"{tuple(p.shape)}")
+    want = tuple(p.shape) if shape is None else tuple(shape)
+    if tuple(v.shape) != want:
+        raise _wrong_shape(name, v, want, p)
+
+    def array(t):           # t (laid out as wanted) as the native step takes it
+        return _memory_order_view(t) if shape is None else _memory_order_view(t).reshape(want)
+
     alias = v.detach()
-    if (not (alias.is_neg() or alias.is_conj()) and _is_dense(alias) and _same_layout(alias, p)
+    laid_out = (_is_dense(alias) and _same_layout(alias, p) if shape is None
+                else alias.is_contiguous())
+    if (not (alias.is_neg() or alias.is_conj()) and laid_out
             and alias.data_ptr() % alias.element_size() == 0):
-        return v, _memory_order_view(alias), None
-    copy = torch.empty_like(p, dtype=dtype)
+        return v, array(alias), None
+    copy = torch.empty_like(p, dtype=dtype) if shape is None else torch.empty(want, dtype=dtype)
     _copy_in(copy, v)
-    return copy, _memory_order_view(copy), copy
+    return copy, array(copy), copy
+
+
+def _wrong_shape(name, v, shape, p):
+    """The error for state tensor `name` (v) of parameter p, whose shape must be `shape`."""
+    if shape == tuple(p.shape):
+        return ValueError(f"{name} has shape {tuple(v.shape)} but the parameter has shape "
+                          f"{shape}")
+    return ValueError(f"{name} has shape {tuple(v.shape)} but must have shape {shape} (its "
+                      f"parameter's shape is {tuple(p.shape)})")
 
 
 def _one(t):
@@ -1320,6 +1387,57 @@ class Lion(_Fused, torch.optim.Optimizer):
                         maximize=maximize)
         torch.optim.Optimizer.__init__(self, params, defaults)
         self._init_fused(state_dtype, state_rounding, seed, split_master)
+
+
+# torch.optim.Adafactor is new in torch 2.5 (fastopt.torch runs on 2.1 on).
+_TorchAdafactor = getattr(torch.optim, "Adafactor", None)
+
+
+class Adafactor(_Fused, _TorchAdafactor or torch.optim.Optimizer):
+    """``torch.optim.Adafactor`` with fastopt's fused step (see `Adam`; torch
+    2.5 or later).
+
+    Same arguments and defaults: ``lr``, ``beta2_decay``, ``eps`` (eps[0]
+    None is the machine epsilon of the dtype the update is computed in),
+    ``d``, ``weight_decay``, ``maximize``; ``foreach`` is accepted and
+    ignored.  State as torch's: ``step``, and for a parameter of 2 or more
+    dimensions ``row_var`` and ``col_var`` (shapes ``shape[:-1] + (1,)``
+    and ``shape[:-2] + (1, shape[-1])``), for a 0-d or 1-d one
+    ``variance``; so checkpoints move both ways between this class and
+    ``torch.optim.Adafactor``.  The step is `fastopt.Adafactor`'s: three
+    threaded passes over the whole model, sums in double in a fixed order
+    (the same bits on any number of threads).
+
+    The update factors each parameter's last two dimensions: parameters
+    must be contiguous (row-major; a channels_last one raises ValueError).
+    A float16/bfloat16 parameter is updated through a float32 master and
+    computes in float32 (eps[0] None: float32's epsilon, where torch would
+    compute in the parameter's dtype).  ``state_dtype="bfloat16"`` and
+    ``split_master=True`` raise ValueError: the factored statistics are
+    already a small fraction of the parameters.
+    """
+
+    _decl = _kinds.ADAFACTOR
+    _torch_base = _TorchAdafactor
+    _has_capturable = False
+
+    def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
+                 weight_decay=0.0, *, foreach=None, maximize=False, state_dtype=None,
+                 state_rounding="stochastic", seed=0, split_master=False):
+        if self._torch_base is None:
+            raise RuntimeError("fastopt.torch.Adafactor subclasses torch.optim.Adafactor, "
+                               f"which needs torch 2.5 or later (this is {torch.__version__})")
+        if state_dtype is not None:
+            raise ValueError("Adafactor keeps its state in the compute dtype: state_dtype "
+                             f"must be None, got {state_dtype!r} (its factored statistics are "
+                             "a row and a column per matrix, a small fraction of the "
+                             "parameters)")
+        if split_master:
+            raise ValueError("Adafactor keeps a float32 master for a 16-bit parameter: "
+                             "split_master=True is not supported")
+        _torch_init(self._torch_base, self, params, lr=lr, beta2_decay=beta2_decay, eps=eps,
+                    d=d, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
+        self._init_fused(state_dtype, state_rounding, seed)
 
 
 # ------------------------------------------------------------- functions ---
