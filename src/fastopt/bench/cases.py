@@ -535,7 +535,7 @@ def _adafactor_case(shape):
             work.peers["torch Adafactor(foreach=True)"] = peers.torch_optimizer(
                 "Adafactor", hp, ("row_var", "col_var"), {"foreach": True})
             work.extras["fastopt.torch.Adafactor on torch tensors (incl. setting .grad)"] = \
-                peers.fastopt_torch("Adafactor", hp)
+                peers.fastopt_torch("Adafactor", hp, ("row_var", "col_var"))
         return work
 
     n = math.prod(shape)

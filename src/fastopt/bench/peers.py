@@ -77,12 +77,13 @@ def torch_optimizer(name, hp, slots=(), options=None):
     return impl
 
 
-def fastopt_torch(name, hp):
+def fastopt_torch(name, hp, slots=()):
     """``fastopt.torch.<name>(params, **hp)``, the bridge: it reads ``p.grad``
-    and makes one native step."""
+    and makes one native step; the step returns the parameters and the state
+    arrays named `slots` (see `_torch_stepper`)."""
     def impl(s):
         import fastopt.torch as fo
-        return _torch_stepper(s, lambda ps: getattr(fo, name)(ps, **hp), ())
+        return _torch_stepper(s, lambda ps: getattr(fo, name)(ps, **hp), slots)
     return impl
 
 
