@@ -161,8 +161,10 @@ ctypedef struct FactorJob:
     Py_ssize_t B, R, C       # unfactored: B = R = 1, C elements
     Py_ssize_t rb, cb        # rows and columns per unit (unfactored: cb elements)
     Py_ssize_t nrb, ncb      # units per matrix along R and C
-    Py_ssize_t nunits        # B * nrb * ncb
-    double *unit_part        # (nunits,) work: each unit's sum
+    Py_ssize_t mb            # > 0: a unit is mb whole matrices (each fits a unit), else 0
+    Py_ssize_t nunits        # mb: ceil(B / mb); else B * nrb * ncb (unfactored: ncb)
+    Py_ssize_t nparts        # partial sums: B (mb), else nunits
+    double *unit_part        # (nparts,) work: each matrix's (mb) or unit's sum
     double *row_part         # (B, ncb, R) work (factored)
     double *col_part         # (B, nrb, C) work (factored)
     double *mean             # (B,) work: max(mean of row_var, eps1), in the loop's type

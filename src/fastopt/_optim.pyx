@@ -1016,16 +1016,25 @@ cdef void fac_arrays(FactorJob *j, cnp.ndarray w, cnp.ndarray p, int gk, cnp.nda
     j.nrb = (j.R + j.rb - 1) // j.rb
     j.ncb = (j.C + j.cb - 1) // j.cb
     j.nunits = j.B * j.nrb * j.ncb
+    # Small matrices (a 3 x 3 convolution's 9 elements) a unit at a time would
+    # cost more to schedule than to update: units of mb whole matrices then,
+    # each matrix keeping its own sum (so the results are those of one
+    # matrix per unit).
+    j.mb = 0
+    if j.factored and j.nrb == 1 and j.ncb == 1 and j.R * j.C < FAC_UNIT:
+        j.mb = FAC_UNIT // (j.R * j.C)
+        j.nunits = (j.B + j.mb - 1) // j.mb
+    j.nparts = j.B if j.mb else j.nunits
 
 
 cdef inline Py_ssize_t fac_work_size(const FactorJob *j) noexcept:
     """The doubles of a job's work area."""
-    return j.nunits + (j.B * (j.ncb * j.R + j.nrb * j.C + 1) if j.factored else 0)
+    return j.nparts + (j.B * (j.ncb * j.R + j.nrb * j.C + 1) if j.factored else 0)
 
 
 cdef inline void fac_work(FactorJob *j, double *work) noexcept:
     j.unit_part = work
-    j.row_part = work + j.nunits
+    j.row_part = work + j.nparts
     j.col_part = j.row_part + j.B * j.ncb * j.R
     j.mean = j.col_part + j.B * j.nrb * j.C
 
