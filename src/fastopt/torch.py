@@ -103,6 +103,7 @@ import os
 import re
 import threading
 import weakref
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -1390,10 +1391,14 @@ class Lion(_Fused, torch.optim.Optimizer):
 
 
 # torch.optim.Adafactor is new in torch 2.5 (fastopt.torch runs on 2.1 on).
-_TorchAdafactor = getattr(torch.optim, "Adafactor", None)
+_HAS_ADAFACTOR = hasattr(torch.optim, "Adafactor")
+if TYPE_CHECKING:
+    _AdafactorBase = torch.optim.Adafactor
+else:
+    _AdafactorBase = torch.optim.Adafactor if _HAS_ADAFACTOR else torch.optim.Optimizer
 
 
-class Adafactor(_Fused, _TorchAdafactor or torch.optim.Optimizer):
+class Adafactor(_Fused, _AdafactorBase):
     """``torch.optim.Adafactor`` with fastopt's fused step (see `Adam`; torch
     2.5 or later).
 
@@ -1418,13 +1423,13 @@ class Adafactor(_Fused, _TorchAdafactor or torch.optim.Optimizer):
     """
 
     _decl = _kinds.ADAFACTOR
-    _torch_base = _TorchAdafactor
+    _torch_base = _AdafactorBase
     _has_capturable = False
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0,
                  weight_decay=0.0, *, foreach=None, maximize=False, state_dtype=None,
                  state_rounding="stochastic", seed=0, split_master=False):
-        if self._torch_base is None:
+        if not _HAS_ADAFACTOR:
             raise RuntimeError("fastopt.torch.Adafactor subclasses torch.optim.Adafactor, "
                                f"which needs torch 2.5 or later (this is {torch.__version__})")
         if state_dtype is not None:
