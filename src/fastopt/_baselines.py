@@ -40,6 +40,17 @@ def adam_numpy(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=
     return p, m, v
 
 
+def _moments_inplace(g, m, v, b1, b2, work):
+    """Adam's moments in place: ``m = b1*m + (1-b1)*g``, ``v = b2*v + (1-b2)*g*g``."""
+    m *= b1
+    np.multiply(g, 1 - b1, out=work)
+    m += work
+    v *= b2
+    np.multiply(g, g, out=work)
+    work *= 1 - b2
+    v += work
+
+
 def adam_inplace(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                  decoupled=False, *, work, work2=None):
     """`adam_numpy` in place (p, m, v updated; returned for convenience).
@@ -53,13 +64,7 @@ def adam_inplace(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_deca
         np.multiply(p, weight_decay, out=work2)
         work2 += g
         g = work2
-    m *= b1
-    np.multiply(g, 1 - b1, out=work)
-    m += work
-    v *= b2
-    np.multiply(g, g, out=work)
-    work *= 1 - b2
-    v += work
+    _moments_inplace(g, m, v, b1, b2, work)
     # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps): the scalars folded once
     np.sqrt(v, out=work)
     work *= 1 / math.sqrt(1 - b2**t)
@@ -184,13 +189,7 @@ def nadam_inplace(p, g, m, v, t, lr=2e-3, b1=0.9, b2=0.999, eps=1e-8, momentum_d
     keeps a second one."""
     c_grad, c_avg = _nadam_coefs(t, lr, b1, momentum_decay, ws)
     work2 = _buf(ws, "work2", p.shape, p.dtype)
-    m *= b1
-    np.multiply(g, 1 - b1, out=work)
-    m += work
-    v *= b2
-    np.multiply(g, g, out=work)
-    work *= 1 - b2
-    v += work
+    _moments_inplace(g, m, v, b1, b2, work)
     np.multiply(v, 1 / (1 - b2**t), out=work)
     np.sqrt(work, out=work)
     work += eps                                 # denom
@@ -227,13 +226,7 @@ def radam_numpy(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
 
 def radam_inplace(p, g, m, v, t, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, *, work):
     """`radam_numpy` in place; `work` is a scratch array like `p`."""
-    m *= b1
-    np.multiply(g, 1 - b1, out=work)
-    m += work
-    v *= b2
-    np.multiply(g, g, out=work)
-    work *= 1 - b2
-    v += work
+    _moments_inplace(g, m, v, b1, b2, work)
     rect = _radam_rect(t, b2)
     if rect is None:
         np.multiply(m, lr / (1 - b1**t), out=work)

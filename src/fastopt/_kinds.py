@@ -115,6 +115,9 @@ class Kind:
     # the buffer's first-step rule)
     steps_with: str | None = None
     scalars: tuple[Scalar, ...] = ()
+    # Why the kind keeps its state in the compute dtype and float32 masters
+    # (refusing state_dtype="bfloat16" and split masters); "": it takes them.
+    full_precision: str = ""
 
     def defaults(self) -> dict[str, Any]:
         """The hyperparameters' defaults (a new dict)."""
@@ -252,7 +255,9 @@ ADAFACTOR = Kind(
      Hyper("eps", (None, 1e-3), "pair", each=(Bound(none_ok=True), Bound())),
      Hyper("d", 1.0, lo=1.0), _WEIGHT_DECAY, _MAXIMIZE),
     (Slot("row_var", shape="rows"), Slot("col_var", shape="cols"),
-     Slot("variance", shape="vector")))
+     Slot("variance", shape="vector")),
+    full_precision="its factored statistics are a row and a column per matrix, a small "
+                   "fraction of the parameters")
 
 KINDS = {k.name: k for k in (SGD, RMSPROP, ADAM, ADAMW, ADAGRAD, ADAMAX, NADAM, RADAM,
                              ADADELTA, ASGD, RPROP, LION, ADAFACTOR)}

@@ -1276,8 +1276,13 @@ cdef list SLOT_OPTIONS = [None] * NKINDS
 # Per native kind: the names of its per-parameter numbers besides the
 # arrays (NAdam's mu_product, ASGD's eta and mu), at most 2.
 cdef list SCALAR_NAMES = [()] * NKINDS
-# Per native kind: its declared slots (fastopt._kinds.Slot: their shapes).
-cdef list SLOT_DECLS = [()] * NKINDS
+# Per native kind: its declaration (fastopt._kinds.Kind: the slots' shapes,
+# whether it takes low-precision state).
+cdef list KIND_DECL = [None] * NKINDS
+# Per native kind: (hyperparameter, its field's offset, number) for each of
+# its numbers that starts at a hyperparameter's value (ASGD's eta at lr):
+# kept in float32, so that hyperparameter must fit float32.
+cdef list SCALAR_FROM = [()] * NKINDS
 
 
 cdef tuple hyper_ranges(object h):
@@ -1317,7 +1322,9 @@ cdef int load_kinds() except -1:
                                  decl.hyper(s.option).kind == "flag")
                                 for s in decl.slots) + (None,) * (3 - len(decl.slots))
         SCALAR_NAMES[k] = tuple(x.name for x in decl.scalars)
-        SLOT_DECLS[k] = decl.slots
+        KIND_DECL[k] = decl
+        SCALAR_FROM[k] = tuple((x.init, HYPER_FIELDS[x.init], x.name) for x in decl.scalars
+                               if isinstance(x.init, str))
     return 0
 
 
@@ -1438,9 +1445,12 @@ cdef int read_hypers(Hyper *h, dict g, int kind, Py_ssize_t gi, str single) exce
     if kind == SGD and h.nesterov and (h.momentum <= 0 or h.dampening != 0):
         raise ValueError(("" if gi < 0 else f"param_groups[{gi}]: ")
                          + "nesterov=True requires momentum > 0 and dampening == 0")
-    if kind == ASGD and beyond_float32(h.lr):     # eta <= lr, and eta is kept in float32
-        raise ValueError(f"{hyper_name(gi, 'lr', -1)} = {h.lr!r} is too large for float32, "
-                         "the precision eta is kept in")
+    cdef double v
+    for key, offset, number in SCALAR_FROM[kind]:
+        v = (<double *>(<char *>h + <Py_ssize_t>offset))[0]
+        if beyond_float32(v):
+            raise ValueError(f"{hyper_name(gi, key, -1)} = {v!r} is too large for float32, "
+                             f"the precision {number} is kept in")
     return 0
 
 
@@ -1570,10 +1580,27 @@ def state_dtype_of(state_dtype):
     return None if name is None else bfloat16_dtype("state_dtype='bfloat16'")
 
 
-def check_low_precision(state_dtype, state_rounding, seed):
-    """Check the low-precision options (as FusedStep takes them)."""
+def check_low_precision(state_dtype, state_rounding, seed, kind=None, split_master=False):
+    """Check the low-precision options (as FusedStep takes them) of an
+    optimizer of `kind` (a `fastopt._kinds.Kind`), with split masters if
+    `split_master`."""
+    refuse_low_precision(kind, state_dtype, split_master)
     state_dtype_of(state_dtype)
     check_rounding(state_rounding, seed)
+
+
+cdef int refuse_low_precision(object kind, object state_dtype, bint split) except -1:
+    """A kind that keeps full-precision state (`Kind.full_precision`)
+    refuses bfloat16 state and split masters."""
+    if kind is None or not kind.full_precision:
+        return 0
+    if state_dtype is not None:
+        raise ValueError(f"{kind.name} keeps its state in the compute dtype: state_dtype must "
+                         f"be None, got {state_dtype!r} ({kind.full_precision})")
+    if split:
+        raise ValueError(f"{kind.name} keeps a float32 master for a 16-bit parameter: "
+                         f"split_master=True is not supported ({kind.full_precision})")
+    return 0
 
 
 def _convert(src, dst, stochastic_key=None):
@@ -1816,10 +1843,7 @@ cdef class FusedStep:
         # Low-precision options.
         cdef object sdt = state_dtype_name(state_dtype)
         check_rounding(state_rounding, seed)
-        if sdt is not None and self.kind == FACTORED:
-            raise ValueError("Adafactor keeps its state in the compute dtype: state_dtype="
-                             "'bfloat16' is not supported (its factored statistics are a row "
-                             "and a column per matrix, a small fraction of the parameters)")
+        refuse_low_precision(KIND_DECL[self.kind], state_dtype, False)
         cdef object bf16 = bfloat16_dtype("state_dtype='bfloat16'") if sdt is not None else None
         cdef list steps_of = step_arrays(steps, n)
         # Allocate before checking, so that a MemoryError leaves nothing half-made.
@@ -1843,7 +1867,7 @@ cdef class FusedStep:
         for k in range(3 * ng):
             self.has[k] = True
         cdef tuple slot_names = SLOT_NAMES[self.kind]
-        cdef tuple slot_decls = SLOT_DECLS[self.kind]
+        cdef tuple slot_decls = KIND_DECL[self.kind].slots
         cdef object shape_k
         cdef Rec *r
         cdef cnp.ndarray p, w, s
@@ -1880,9 +1904,8 @@ cdef class FusedStep:
             else:
                 w = self.bound_array(masters[i], p, i, 4, np.dtype(np.float32)) \
                     if r.code == DT_F16 or r.code == DT_BF16 else None
-            if r.okind == SPLIT and self.kind == FACTORED:
-                raise ValueError(f"{self.state_name(i, 4)}: Adafactor takes a float32 master, "
-                                 "not a split one")
+            if r.okind == SPLIT:
+                refuse_low_precision(KIND_DECL[self.kind], None, True)
             if w is None and masters[i] is not None:
                 raise ValueError(f"{self.state_name(i, 4)} is only for float16/bfloat16 "
                                  f"parameters, but {self.param_name(i)} is {p.dtype}")

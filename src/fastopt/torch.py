@@ -233,7 +233,8 @@ class _Fused:
         if self.defaults.get("differentiable"):
             raise ValueError(f"fastopt.torch.{type(self).__name__} does not support "
                              "differentiable=True (autograd through the step)")
-        _optim_kernels.check_low_precision(state_dtype, state_rounding, seed)
+        _optim_kernels.check_low_precision(state_dtype, state_rounding, seed, self._decl,
+                                           split_master)
         self._lowp = (state_dtype, state_rounding, seed)
         self._split = bool(split_master)
         # torch's GradScaler hands the scale and its inf check to the step
@@ -806,7 +807,7 @@ class _Fused:
                         raise TypeError("state_dict['fastopt'] must be a dict")
                     rounding = config.get("state_rounding", lowp[1])
                     seed = config.get("seed", lowp[2])
-                    _optim_kernels.check_low_precision(lowp[0], rounding, seed)
+                    _optim_kernels.check_low_precision(lowp[0], rounding, seed, self._decl)
                     self._lowp = (lowp[0], rounding, seed)
             try:
                 super().load_state_dict(state_dict)
@@ -1432,17 +1433,9 @@ class Adafactor(_Fused, _AdafactorBase):
         if not _HAS_ADAFACTOR:
             raise RuntimeError("fastopt.torch.Adafactor subclasses torch.optim.Adafactor, "
                                f"which needs torch 2.5 or later (this is {torch.__version__})")
-        if state_dtype is not None:
-            raise ValueError("Adafactor keeps its state in the compute dtype: state_dtype "
-                             f"must be None, got {state_dtype!r} (its factored statistics are "
-                             "a row and a column per matrix, a small fraction of the "
-                             "parameters)")
-        if split_master:
-            raise ValueError("Adafactor keeps a float32 master for a 16-bit parameter: "
-                             "split_master=True is not supported")
         _torch_init(self._torch_base, self, params, lr=lr, beta2_decay=beta2_decay, eps=eps,
                     d=d, weight_decay=weight_decay, foreach=foreach, maximize=maximize)
-        self._init_fused(state_dtype, state_rounding, seed)
+        self._init_fused(state_dtype, state_rounding, seed, split_master)
 
 
 # ------------------------------------------------------------- functions ---

@@ -1,6 +1,7 @@
 """Helpers of the MPI tests: the same model on every rank, each rank's
 gradients, and the single-process reference (the mean over ranks)."""
 import hashlib
+import io
 
 import numpy as np
 from mpi4py import MPI
@@ -153,8 +154,47 @@ def sub(n):
     return WORLD.Split(0 if RANK < n else MPI.UNDEFINED)
 
 
+def saved_on(n, make, params, ts, shard=False):
+    """Steps `ts` of DistributedOptimizer(make(params)) on ranks 0..n-1, then
+    its state dict saved through np.savez: (the bytes, `params` as saved),
+    rank 0's, on every rank."""
+    saved = None
+    comm = sub(n)
+    if comm != MPI.COMM_NULL:
+        dopt = DistributedOptimizer(make(params), comm, shard=shard)
+        run(dopt, params, ts, comm)
+        sd = dopt.state_dict()
+        comm.Free()
+        if sd is not None:
+            buf = io.BytesIO()
+            np.savez(buf, **sd)
+            saved = buf.getvalue()
+    return WORLD.bcast((saved, params if RANK == 0 else None), root=0)
+
+
+def load_saved(dopt, saved, comm):
+    """`saved` (of `saved_on`) loaded into `dopt` (rank 0 reads it)."""
+    dopt.load_state_dict(dict(np.load(io.BytesIO(saved))) if comm.rank == 0 else None)
+
+
+def goes_on_as(dopt, params, ts, comm, ref, ref_params):
+    """Steps `ts` of `dopt` over `params` on `comm` (freed after), then what
+    differs from the one-process run `ref` over `ref_params` (parameters and
+    state dict, bit for bit) and across the ranks."""
+    run(dopt, params, ts, comm)
+    final = dopt.state_dict()
+    everywhere = same_on_every_rank(params, comm)
+    comm.Free()
+    problems = [] if everywhere else ["the parameters differ across ranks"]
+    problems += differences(params, ref_params, "params")
+    if final is not None:
+        problems += sd_differences(final, ref.state_dict(), "state_dict")
+    return problems
+
+
 __all__ = ["WORLD", "RANK", "SHAPES", "CASES", "CASE_IDS", "make_params", "copies",
            "rank_grads", "mean_grads", "exact_grads", "none_at", "with_groups", "exact", "run",
            "digest",
            "same_on_every_rank", "state_nbytes", "bits", "differences", "sd_differences",
-           "assert_none", "sub", "DistributedOptimizer", "MPI"]
+           "assert_none", "sub", "saved_on", "load_saved", "goes_on_as", "DistributedOptimizer",
+           "MPI"]

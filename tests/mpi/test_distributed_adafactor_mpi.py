@@ -13,15 +13,13 @@ in NumPy.  Shard mode refuses Adafactor on every rank, with nothing changed.
 As in the other MPI tests, every rank runs every test and the assertions
 come after the test's collectives, on values gathered from every rank.
 """
-import io
-
 import numpy as np
 import pytest
 
 import fastopt
-from .mpihelp import (MPI, RANK, WORLD, DistributedOptimizer, assert_none, differences,
-                      make_params, mean_grads, rank_grads, run, same_on_every_rank,
-                      sd_differences, sub, with_groups)
+from .mpihelp import (MPI, RANK, WORLD, assert_none, differences, DistributedOptimizer,
+                      goes_on_as, load_saved, make_params, mean_grads, rank_grads, run,
+                      same_on_every_rank, saved_on, sd_differences, sub, with_groups)
 
 P = WORLD.size
 
@@ -155,31 +153,14 @@ def test_checkpoint_resumes_on_another_number_of_ranks(before, after, dtype):
     ref_p = params_(dtype)
     ref = build(kw, ref_p)
     run(ref, ref_p, range(16), MPI.COMM_SELF)
-    saved, params, problems = None, None, []
-    comm = sub(before)
-    if comm != MPI.COMM_NULL:
-        params = params_(dtype)
-        dopt = DistributedOptimizer(build(kw, params), comm)
-        run(dopt, params, range(8), comm)
-        sd = dopt.state_dict()
-        comm.Free()
-        buf = io.BytesIO()
-        np.savez(buf, **sd)
-        saved = buf.getvalue()
-    saved, params = WORLD.bcast((saved, params if RANK == 0 else None), root=0)
+    problems = []
+    saved, params = saved_on(before, lambda ps: build(kw, ps), params_(dtype), range(8))
     comm = sub(after)
     if comm != MPI.COMM_NULL:
         fresh = [q.copy() for q in params]          # the parameters saved with it
         dopt = DistributedOptimizer(build(kw, fresh), comm)
-        dopt.load_state_dict(dict(np.load(io.BytesIO(saved))) if comm.rank == 0 else None)
-        run(dopt, fresh, range(8, 16), comm)
-        final = dopt.state_dict()
-        everywhere = same_on_every_rank(fresh, comm)
-        comm.Free()
-        if not everywhere:
-            problems.append("the parameters differ across ranks")
-        problems += differences(fresh, ref_p, "params")
-        problems += sd_differences(final, ref.state_dict(), "state_dict")
+        load_saved(dopt, saved, comm)
+        problems += goes_on_as(dopt, fresh, range(8, 16), comm, ref, ref_p)
     assert_none(problems)
 
 

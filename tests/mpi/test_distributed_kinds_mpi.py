@@ -12,15 +12,13 @@ numbers of ranks.
 As in the other MPI tests, every rank runs every test and the assertions
 come after the test's collectives, on values gathered from every rank.
 """
-import io
-
 import numpy as np
 import pytest
 
 import fastopt
-from .mpihelp import (MPI, RANK, WORLD, DistributedOptimizer, assert_none, differences,
-                      make_params, run, same_on_every_rank, sd_differences, state_nbytes, sub,
-                      with_groups)
+from .mpihelp import (MPI, RANK, WORLD, assert_none, differences, DistributedOptimizer,
+                      goes_on_as, load_saved, make_params, run, same_on_every_rank, saved_on,
+                      sd_differences, state_nbytes, sub, with_groups)
 
 P = WORLD.size
 DTYPES = (np.float32, np.float64)          # cycled over the parameters
@@ -147,33 +145,15 @@ def test_checkpoint_resumes_on_another_number_of_ranks(cls, kw, before, after, m
     ref_p = params_()
     ref = with_groups(cls, kw, ref_p)
     run(ref, ref_p, range(16), MPI.COMM_SELF)
-    saved, problems = None, []
-    comm = sub(before)
-    if comm != MPI.COMM_NULL:
-        params = params_()
-        dopt = DistributedOptimizer(with_groups(cls, kw, params), comm, shard=modes[0])
-        run(dopt, params, range(8), comm)
-        sd = dopt.state_dict()
-        comm.Free()
-        if sd is not None:
-            buf = io.BytesIO()
-            np.savez(buf, **sd)
-            saved = buf.getvalue()
-    saved, params = WORLD.bcast((saved, params if RANK == 0 else None), root=0)
+    problems = []
+    saved, params = saved_on(before, lambda ps: with_groups(cls, kw, ps), params_(), range(8),
+                             shard=modes[0])
     comm = sub(after)
     if comm != MPI.COMM_NULL:
         fresh = [q.copy() for q in params]          # the parameters saved with it
         dopt = DistributedOptimizer(with_groups(cls, kw, fresh), comm, shard=modes[1])
-        dopt.load_state_dict(dict(np.load(io.BytesIO(saved))) if comm.rank == 0 else None)
-        run(dopt, fresh, range(8, 16), comm)
-        final = dopt.state_dict()
-        everywhere = same_on_every_rank(fresh, comm)
-        comm.Free()
-        if not everywhere:
-            problems.append("the parameters differ across ranks")
-        problems += differences(fresh, ref_p, "params")
-        if final is not None:
-            problems += sd_differences(final, ref.state_dict(), "state_dict")
+        load_saved(dopt, saved, comm)
+        problems += goes_on_as(dopt, fresh, range(8, 16), comm, ref, ref_p)
     assert_none(problems)
 
 
