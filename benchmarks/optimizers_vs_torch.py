@@ -8,14 +8,17 @@ For each optimizer kind, on float32:
   element, with the memory probe of ``python -m fastopt bench``);
 * Adafactor also on one 4096 x 4096 matrix.
 
-Variants: ``fastopt`` (``fastopt.<Kind>.step(grads)`` on NumPy arrays),
+Variants: ``numpy`` (a loop of the careful in-place NumPy update over the
+arrays, ``python -m fastopt bench``'s "in-place" baseline; its SGD is the
+course's Momentum, dampening = momentum), ``fastopt``
+(``fastopt.<Kind>.step(grads)`` on NumPy arrays),
 ``bridge`` (``fastopt.torch.<Kind>.step()``, gradients set as ``.grad``),
 ``torch`` (``torch.optim.<Kind>`` with ``fused=True`` for Adagrad, Adam,
 AdamW and SGD (torch's fused CPU kernels), else ``foreach=True``).  Lion is
 not in torch.optim: fastopt only.  Rounds alternate the variants in one
 process, so machine noise hits them alike; the table gives medians and the
-ratios torch / fastopt.  The machine's load average is printed before and
-after.  Needs torch::
+ratios torch / fastopt and NumPy / fastopt.  The machine's load average is
+printed before and after.  Needs torch::
 
     PYTHONPATH=src python benchmarks/optimizers_vs_torch.py
     PYTHONPATH=src python benchmarks/optimizers_vs_torch.py --kinds Adam Lion --rounds 9
@@ -32,7 +35,8 @@ import torch
 import fastopt
 import fastopt.torch as fo
 from fastopt import _kinds
-from fastopt.bench import probe_bandwidth, resnet18_shapes
+from fastopt.bench import OPTIMIZERS, fresh, probe_bandwidth, resnet18_shapes
+from fastopt.bench.cases import _optimizer_inputs, optimizer_impls
 
 FUSED = {"Adagrad", "Adam", "AdamW", "SGD"}
 # The state each kind keeps per element in its default configuration, and
@@ -60,6 +64,10 @@ def variants(kind, shapes, rng):
     grads = [[rng.standard_normal(s).astype(np.float32) * 0.01 for s in shapes]
              for _ in range(2)]
     out = {}
+    spec = OPTIMIZERS.get(kind.lower())
+    if spec is not None:                # (Adafactor: its NumPy baseline is for one matrix)
+        out["numpy"] = optimizer_impls(spec, with_state=False).inplace(
+            fresh(_optimizer_inputs(shapes, np.float32, spec)))
     ps = [p.copy() for p in params]
     opt = getattr(fastopt, kind)(ps, **options(kind))
     t = [0]
@@ -127,20 +135,22 @@ def main(argv=None):
     cases = [("resnet18", resnet18_shapes()), ("500x1000", [(1000,)] * 500),
              ("1e7", [(10_000_000,)])]
     rng = np.random.default_rng(0)
-    print(f"{'kind':10} {'case':10} {'fastopt':>10} {'bridge':>10} {'torch':>10} "
-          f"{'torch/fo':>9} {'torch/bridge':>12} {'GB/s':>6} {'%probe':>7}")
+    print(f"{'kind':10} {'case':10} {'numpy':>10} {'fastopt':>10} {'bridge':>10} {'torch':>10} "
+          f"{'numpy/fo':>9} {'torch/fo':>9} {'torch/bridge':>12} {'GB/s':>6} {'%probe':>7}")
     for kind in args.kinds:
         kcases = cases + ([("4096x4096", [(4096, 4096)])] if kind == "Adafactor" else [])
         for label, shapes in kcases:
             med = time_rounds(variants(kind, shapes, rng), args.rounds, args.budget)
-            fo_t, br, th = med["fastopt"], med.get("bridge"), med.get("torch")
+            fo_t, br, th, npy = med["fastopt"], med.get("bridge"), med.get("torch"), \
+                med.get("numpy")
             gbps = pct = ""
             if len(shapes) == 1:
                 b = step_bytes(kind, shapes[0])
                 gbps = f"{b / fo_t / 1e9:.1f}"
                 pct = f"{100 * b / fo_t / probe:.0f}%"
-            print(f"{kind:10} {label:10} {fmt(fo_t):>10} {fmt(br) if br else '-':>10} "
-                  f"{fmt(th) if th else '-':>10} {th / fo_t if th else 0:>8.2f}x "
+            print(f"{kind:10} {label:10} {fmt(npy) if npy else '-':>10} {fmt(fo_t):>10} "
+                  f"{fmt(br) if br else '-':>10} {fmt(th) if th else '-':>10} "
+                  f"{npy / fo_t if npy else 0:>8.2f}x {th / fo_t if th else 0:>8.2f}x "
                   f"{th / br if th and br else 0:>11.2f}x {gbps:>6} {pct:>7}", flush=True)
     print(f"load average after: {os.getloadavg()}")
     return 0
